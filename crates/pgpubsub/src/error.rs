@@ -1,0 +1,142 @@
+//! The library's one error type, named after causes so callers can branch on
+//! what matters: a lost connection is retried, bad input is reported.
+
+use std::fmt;
+
+/// Everything the library can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The connection string could not be parsed.
+    #[error("invalid connection string: {0}")]
+    Config(String),
+
+    /// The database could not be reached or the connection was lost.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// Where we tried to connect (password hidden).
+        target: String,
+        /// What the driver said.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// The listener's connection closed; the stream ends after this.
+    #[error("the listening connection was lost: {0}")]
+    ConnectionLost(String),
+
+    /// A channel name that LISTEN/NOTIFY cannot carry.
+    #[error(transparent)]
+    InvalidChannel(#[from] InvalidChannel),
+
+    /// The `pubsub` schema is missing: `pgpubsub migrate` has not been run.
+    #[error("the pubsub schema is not installed in this database: run `pgpubsub migrate` first")]
+    NotMigrated,
+
+    /// A migration could not be applied or reverted.
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        /// The migration's version (its file name prefix).
+        version: String,
+        /// The migration's name.
+        name: String,
+        /// What the database said.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// The database refused a statement.
+    #[error("{context}: {source}")]
+    Db {
+        /// What we were doing.
+        context: &'static str,
+        /// What the database said (its message, detail and hint).
+        #[source]
+        source: DbMessage,
+    },
+}
+
+/// A database error rendered with its message, detail and hint, since the
+/// driver's own `Display` only says "db error".
+#[derive(Debug)]
+pub struct DbMessage {
+    /// SQLSTATE, e.g. `42P01` for an unknown table.
+    pub code: Option<String>,
+    message: String,
+    inner: tokio_postgres::Error,
+}
+
+impl DbMessage {
+    /// Wraps a driver error.
+    pub fn new(inner: tokio_postgres::Error) -> Self {
+        let (code, message) = match inner.as_db_error() {
+            Some(db) => {
+                let mut m = db.message().to_string();
+                if let Some(d) = db.detail() {
+                    m.push_str(&format!(" ({d})"));
+                }
+                if let Some(h) = db.hint() {
+                    m.push_str(&format!("; hint: {h}"));
+                }
+                (Some(db.code().code().to_string()), m)
+            }
+            None => (None, inner.to_string()),
+        };
+        DbMessage { code, message, inner }
+    }
+}
+
+impl fmt::Display for DbMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for DbMessage {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.inner)
+    }
+}
+
+impl Error {
+    /// Wraps a driver error from a statement, turning "schema pubsub does not
+    /// exist" into [`Error::NotMigrated`].
+    pub(crate) fn db(context: &'static str, source: tokio_postgres::Error) -> Self {
+        let msg = DbMessage::new(source);
+        let missing_schema = [
+            "schema \"pubsub\" does not exist",
+            "function pubsub.",
+            "relation \"pubsub.events\"",
+            "relation \"pubsub.snapshots\"",
+            "relation \"pubsub.history\"",
+            "relation \"pubsub.watches\"",
+        ]
+        .iter()
+        .any(|m| msg.message.contains(m));
+        if missing_schema {
+            return Error::NotMigrated;
+        }
+        Error::Db { context, source: msg }
+    }
+
+    /// The SQLSTATE of a database error, if this is one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::Db { source, .. } => source.code.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Why a channel name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid channel name {name:?}: {reason}")]
+pub struct InvalidChannel {
+    /// The name as given.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,319 @@
+//! Events: what a subscriber receives, decoded from the JSON text that
+//! arrived (whole, reassembled from chunks, or fetched from the log).
+//!
+//! Three kinds arrive on a channel:
+//! - [`Body::Change`]: a row change captured by `pubsub.watch`;
+//! - [`Body::Message`]: a message sent with `pubsub.publish`;
+//! - [`Body::Notify`]: any other JSON someone sent with `pg_notify`
+//!   (for instance the seed's `job_channel`), passed on as it is.
+//!
+//! Row values are kept as raw JSON text and parsed only when asked
+//! ([`Change::new_as`] and friends), so decoding costs one scan of the text.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// One event, as delivered.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Event {
+    /// The channel it arrived on.
+    pub channel: String,
+    /// Its sequence in `pubsub.events`; `None` for foreign notifications,
+    /// which are not logged.
+    pub seq: Option<i64>,
+    /// When it was written (the database clock), ISO 8601; `None` for
+    /// foreign notifications.
+    pub time: Option<String>,
+    /// What it carries.
+    pub body: Body,
+    /// The event as one line of JSON: the exact text that was sent for our
+    /// events, an envelope `{"seq":null,"kind":"notify",...}` for foreign ones.
+    json: String,
+}
+
+/// What an event carries.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Body {
+    /// A row change on a watched table.
+    Change(Change),
+    /// A published message.
+    Message(Message),
+    /// A foreign JSON notification.
+    Notify(Box<RawValue>),
+}
+
+/// The operation of a row change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+#[non_exhaustive]
+pub enum Op {
+    /// A row was inserted: `new` is set.
+    Insert,
+    /// A row was updated: `new` and `old` are set.
+    Update,
+    /// A row was deleted: `old` is set.
+    Delete,
+    /// The table was truncated: no row, no key.
+    Truncate,
+}
+
+impl Op {
+    /// The SQL name: `INSERT`, `UPDATE`, `DELETE` or `TRUNCATE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+            Op::Truncate => "TRUNCATE",
+        }
+    }
+}
+
+/// A row change.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Change {
+    /// What happened.
+    pub op: Op,
+    /// Schema of the table.
+    pub schema: String,
+    /// Name of the table.
+    pub table: String,
+    /// Primary-key columns and values, as a JSON object; `None` for a table
+    /// without a primary key, and for TRUNCATE.
+    pub key: Option<Box<RawValue>>,
+    /// The row after the change (INSERT, UPDATE), as a JSON object.
+    pub new: Option<Box<RawValue>>,
+    /// The row before the change (UPDATE, DELETE), as a JSON object.
+    pub old: Option<Box<RawValue>>,
+}
+
+impl Change {
+    /// The new row deserialized into `T`; `Ok(None)` when there is none.
+    ///
+    /// # Errors
+    /// When the row does not fit `T`.
+    pub fn new_as<T: DeserializeOwned>(&self) -> serde_json::Result<Option<T>> {
+        self.new.as_deref().map(|r| serde_json::from_str(r.get())).transpose()
+    }
+
+    /// The old row deserialized into `T`; `Ok(None)` when there is none.
+    ///
+    /// # Errors
+    /// When the row does not fit `T`.
+    pub fn old_as<T: DeserializeOwned>(&self) -> serde_json::Result<Option<T>> {
+        self.old.as_deref().map(|r| serde_json::from_str(r.get())).transpose()
+    }
+}
+
+/// A published message.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Message {
+    /// The payload, byte for byte as published.
+    pub payload: String,
+}
+
+impl Message {
+    /// The payload parsed as JSON into `T`.
+    ///
+    /// # Errors
+    /// When the payload is not JSON of that shape.
+    pub fn json<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(&self.payload)
+    }
+}
+
+/// Why a payload could not be turned into an event.
+#[derive(Debug, thiserror::Error)]
+#[error("not a JSON event: {0}")]
+pub struct DecodeError(#[from] serde_json::Error);
+
+/// The fields of our envelope; anything may be missing in a foreign payload.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    seq: Option<i64>,
+    #[serde(borrow)]
+    kind: Option<&'a str>,
+    #[serde(borrow)]
+    channel: Option<&'a str>,
+    time: Option<String>,
+    op: Option<Op>,
+    schema: Option<String>,
+    table: Option<String>,
+    key: Option<Box<RawValue>>,
+    new: Option<Box<RawValue>>,
+    old: Option<Box<RawValue>>,
+    payload: Option<String>,
+}
+
+impl Event {
+    /// Decodes the text of one event received on `channel`.
+    ///
+    /// Our envelope is recognised by `seq`, `kind` and a `channel` equal to
+    /// the one it arrived on; any other JSON is a [`Body::Notify`].
+    ///
+    /// # Errors
+    /// When the text is not JSON at all.
+    pub fn decode(channel: &str, text: String) -> Result<Event, DecodeError> {
+        if let Some((seq, time, body)) = ours(channel, &text) {
+            let json = one_line(text);
+            return Ok(Event { channel: channel.to_string(), seq: Some(seq), time, body, json });
+        }
+        let raw: Box<RawValue> = serde_json::from_str(&text)?;
+        Ok(Event::notify(channel, raw))
+    }
+
+    fn notify(channel: &str, raw: Box<RawValue>) -> Event {
+        #[derive(serde::Serialize)]
+        struct Wrapped<'a> {
+            seq: Option<i64>,
+            kind: &'static str,
+            channel: &'a str,
+            payload: &'a RawValue,
+        }
+        let raw = compact(raw);
+        let json = serde_json::to_string(&Wrapped { seq: None, kind: "notify", channel, payload: &raw })
+            .unwrap_or_default();
+        Event { channel: channel.to_string(), seq: None, time: None, body: Body::Notify(raw), json }
+    }
+
+    /// The event as one line of JSON (no newline in it), for logs and pipes.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// The kind: `change`, `message` or `notify`.
+    pub fn kind(&self) -> &'static str {
+        match self.body {
+            Body::Change(_) => "change",
+            Body::Message(_) => "message",
+            Body::Notify(_) => "notify",
+        }
+    }
+
+    /// The row change, if this is one.
+    pub fn change(&self) -> Option<&Change> {
+        match &self.body {
+            Body::Change(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The message, if this is one.
+    pub fn message(&self) -> Option<&Message> {
+        match &self.body {
+            Body::Message(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// Our envelope's sequence, time and body, if `text` is one of our events
+/// for `channel`.
+fn ours(channel: &str, text: &str) -> Option<(i64, Option<String>, Body)> {
+    let env = serde_json::from_str::<Envelope<'_>>(text).ok()?;
+    if env.kind.is_none() || env.channel != Some(channel) {
+        return None;
+    }
+    let body = match (env.kind?, env.op, env.payload) {
+        ("change", Some(op), _) => Body::Change(Change {
+            op,
+            schema: env.schema.unwrap_or_default(),
+            table: env.table.unwrap_or_default(),
+            key: non_null(env.key),
+            new: non_null(env.new),
+            old: non_null(env.old),
+        }),
+        ("message", _, Some(payload)) => Body::Message(Message { payload }),
+        _ => return None,
+    };
+    Some((env.seq?, env.time, body))
+}
+
+fn non_null(v: Option<Box<RawValue>>) -> Option<Box<RawValue>> {
+    v.filter(|r| r.get() != "null")
+}
+
+/// JSON text may contain newlines between tokens (never inside strings); our
+/// own events never do, so this only costs for foreign pretty-printed JSON.
+fn one_line(text: String) -> String {
+    if !text.contains('\n') {
+        return text;
+    }
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => v.to_string(),
+        Err(_) => text.replace(['\n', '\r'], " "),
+    }
+}
+
+fn compact(raw: Box<RawValue>) -> Box<RawValue> {
+    if !raw.get().contains('\n') {
+        return raw;
+    }
+    let text = one_line(raw.get().to_string());
+    RawValue::from_string(text).unwrap_or(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_change() {
+        let text = r#"{"seq" : 7, "kind" : "change", "channel" : "t", "time" : "2026-01-01T00:00:00+00:00", "op" : "UPDATE", "schema" : "public", "table" : "t", "key" : {"id": 1}, "new" : {"id": 1, "name": "b"}, "old" : {"id": 1, "name": "a"}}"#;
+        let e = Event::decode("t", text.to_string()).unwrap();
+        assert_eq!((e.seq, e.kind(), e.json()), (Some(7), "change", text));
+        let c = e.change().unwrap();
+        assert_eq!((c.op, c.table.as_str()), (Op::Update, "t"));
+        #[derive(Deserialize, PartialEq, Debug)]
+        struct Row {
+            id: i64,
+            name: String,
+        }
+        assert_eq!(c.new_as::<Row>().unwrap(), Some(Row { id: 1, name: "b".into() }));
+        assert_eq!(c.old_as::<Row>().unwrap().unwrap().name, "a");
+    }
+
+    #[test]
+    fn delete_has_no_new() {
+        let text = r#"{"seq":1,"kind":"change","channel":"t","op":"DELETE","key":null,"new":null,"old":{"id":1}}"#;
+        let c = Event::decode("t", text.into()).unwrap();
+        let c = c.change().unwrap();
+        assert!(c.new.is_none() && c.key.is_none() && c.old.is_some());
+    }
+
+    #[test]
+    fn message_payload_is_exact() {
+        let text = r#"{"seq":3,"kind":"message","channel":"m","payload":"a\"b\nc\u00e9"}"#;
+        let e = Event::decode("m", text.into()).unwrap();
+        assert_eq!(e.message().unwrap().payload, "a\"b\nc\u{e9}");
+        assert!(!e.json().contains('\n'));
+    }
+
+    #[test]
+    fn foreign_json_is_notify_on_one_line() {
+        let e = Event::decode("job_channel", "{\n \"job_id\": 1,\n \"status\": \"new\"\n}".into()).unwrap();
+        assert_eq!(e.kind(), "notify");
+        assert_eq!(e.seq, None);
+        let v: serde_json::Value = serde_json::from_str(e.json()).unwrap();
+        assert_eq!(v["payload"]["job_id"], 1);
+        assert!(!e.json().contains('\n'));
+        // An envelope for another channel is not ours: passed on untouched.
+        let e = Event::decode("x", r#"{"seq":1,"kind":"message","channel":"y","payload":"p"}"#.into()).unwrap();
+        assert_eq!(e.kind(), "notify");
+        for scalar in ["42", "\"s\"", "[1,2]", "null"] {
+            assert_eq!(Event::decode("x", scalar.into()).unwrap().kind(), "notify");
+        }
+    }
+
+    #[test]
+    fn non_json_is_an_error() {
+        for bad in ["hello", "", "{", "{\"seq\":1", "\u{0}"] {
+            assert!(Event::decode("x", bad.into()).is_err(), "{bad:?}");
+        }
+    }
+}

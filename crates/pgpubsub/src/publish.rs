@@ -1,0 +1,62 @@
+//! Publishing messages and watching tables: the statement side of pub/sub.
+
+use tokio_postgres::Client;
+
+use crate::channel::Channel;
+use crate::error::{Error, Result};
+
+/// Publishes `payload` on `channel` through `pubsub.publish`: logged, then
+/// notified whole, in chunks or by reference depending on its size. Any size
+/// and any text; it arrives byte for byte. Returns the event's sequence.
+///
+/// Runs in the client's current transaction if one is open, so the message
+/// is delivered only if that transaction commits.
+///
+/// # Errors
+/// [`Error::NotMigrated`] without the `pubsub` schema; [`Error::Db`] otherwise.
+pub async fn publish(client: &Client, channel: &Channel, payload: &str) -> Result<i64> {
+    let row = client
+        .query_one("SELECT pubsub.publish($1, $2)", &[&channel.as_str(), &payload])
+        .await
+        .map_err(|e| Error::db("publishing", e))?;
+    Ok(row.get(0))
+}
+
+/// Attaches the capture trigger to `table` (a name, optionally
+/// schema-qualified, parsed by Postgres) so its changes are events on
+/// `channel`, by default the table's own name. Returns the channel.
+///
+/// # Errors
+/// [`Error::Db`] when the table does not exist (SQLSTATE `42P01`) or is not a
+/// table, or the channel name is invalid.
+pub async fn watch(client: &Client, table: &str, channel: Option<&Channel>) -> Result<Channel> {
+    let row = client
+        .query_one("SELECT pubsub.watch($1::text::regclass, $2)", &[&table, &channel.map(Channel::as_str)])
+        .await
+        .map_err(|e| Error::db("watching the table", e))?;
+    Ok(Channel::new(row.get::<_, String>(0))?)
+}
+
+/// Detaches the capture trigger; returns whether the table was watched.
+///
+/// # Errors
+/// [`Error::Db`] when the table does not exist.
+pub async fn unwatch(client: &Client, table: &str) -> Result<bool> {
+    let row = client
+        .query_one("SELECT pubsub.unwatch($1::text::regclass)", &[&table])
+        .await
+        .map_err(|e| Error::db("unwatching the table", e))?;
+    Ok(row.get(0))
+}
+
+/// Every watched table and its channel.
+///
+/// # Errors
+/// [`Error::NotMigrated`] without the `pubsub` schema.
+pub async fn watches(client: &Client) -> Result<Vec<(String, String)>> {
+    let rows = client
+        .query("SELECT \"table\"::text, channel FROM pubsub.watches ORDER BY 1", &[])
+        .await
+        .map_err(|e| Error::db("listing watched tables", e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}

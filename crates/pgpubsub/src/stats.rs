@@ -1,0 +1,62 @@
+//! Counters a listener keeps, shared with whoever wants to read them
+//! (the CLI's summary, later `/metrics`). Relaxed atomics: each is an
+//! independent tally, read for reporting only.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Live counters of one listener.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+        }
+
+        /// A copy of [`Stats`] at one moment.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        #[non_exhaustive]
+        pub struct StatsSnapshot {
+            $( $(#[$doc])* pub $name: u64, )*
+        }
+
+        impl Stats {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Notifications received from Postgres.
+    notifications,
+    /// Events delivered to the subscriber.
+    events,
+    /// Chunks received (ours and seed-format).
+    chunks,
+    /// Events fetched from the log by reference.
+    fetched,
+    /// Chunks received twice with the same content, ignored.
+    duplicate_chunks,
+    /// Payloads that start like a frame but do not parse.
+    malformed,
+    /// Payloads that are not JSON (or not an event), skipped.
+    not_json,
+    /// Messages whose chunks disagree, or whose size or digest is wrong.
+    corrupt,
+    /// Incomplete messages dropped after `max_age`.
+    expired,
+    /// Incomplete messages evicted to stay under the message or byte limit.
+    evicted,
+    /// Events refused for being larger than `max_event_bytes`.
+    oversize,
+    /// References whose event could not be read from the log.
+    fetch_failed,
+}
+
+impl Stats {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
