@@ -1,1 +1,70 @@
-fn main() {}
+//! The `pgpubsub` binary: a thin shell over the library. It alone uses
+//! `anyhow`; `main` prints the error chain and chooses the exit code.
+
+mod cli;
+mod cmd;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    // .env first: it only fills in what the environment does not set.
+    let dotenv = match dotenvy::from_path(".env") {
+        Err(e) if e.not_found() => Ok(()),
+        other => other,
+    };
+    let cli = Cli::parse();
+    init_tracing();
+    if let Err(e) = dotenv {
+        eprintln!("error: cannot read .env: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = pgpubsub::db::parse_config(&cli.database_url)
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not usable: {e}"))?;
+    let debug = cli.debug;
+    match cli.command {
+        None => cmd::listen::run(&config, &cli.listen, debug).await,
+        Some(Command::Listen(args)) => cmd::listen::run(&config, &args, debug).await,
+        Some(Command::Migrate(args)) => cmd::migrate::run(&config, &args).await,
+        Some(Command::Watch(args)) => {
+            cmd::watch::run(&config, args.table.as_deref(), args.channel.as_ref()).await
+        }
+        Some(Command::Unwatch { table }) => cmd::watch::unwatch(&config, &table).await,
+        Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,
+        Some(Command::Demo) => cmd::demo::run(&config, debug).await,
+    }
+}
+
+/// Logs go to stderr, filtered by RUST_LOG (default: info for pgpubsub).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pgpubsub=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

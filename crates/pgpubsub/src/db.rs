@@ -50,7 +50,10 @@ pub async fn connect(config: &Config) -> Result<Client> {
     let (client, connection) = config
         .connect(NoTls)
         .await
-        .map_err(|source| Error::Connect { target: describe(config), source })?;
+        .map_err(|source| Error::Connect {
+            target: describe(config),
+            source,
+        })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "statement connection closed");
@@ -74,7 +77,11 @@ mod tests {
 
     #[test]
     fn bad_urls_are_config_errors() {
-        for bad in ["postgres://h:notaport/db", "nonsense=1", "postgres://u@h/db?sslmode=bogus"] {
+        for bad in [
+            "postgres://h:notaport/db",
+            "nonsense=1",
+            "postgres://u@h/db?sslmode=bogus",
+        ] {
             assert!(matches!(parse_config(bad), Err(Error::Config(_))), "{bad}");
         }
     }

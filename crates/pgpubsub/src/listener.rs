@@ -48,7 +48,10 @@ pub struct ListenerOptions {
 
 impl Default for ListenerOptions {
     fn default() -> Self {
-        ListenerOptions { limits: Limits::default(), buffer: 1024 }
+        ListenerOptions {
+            limits: Limits::default(),
+            buffer: 1024,
+        }
     }
 }
 
@@ -78,7 +81,9 @@ pub struct Listener {
 
 impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Listener").field("channels", &self.channels).finish_non_exhaustive()
+        f.debug_struct("Listener")
+            .field("channels", &self.channels)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,11 +96,19 @@ impl Listener {
     /// # Errors
     /// [`Error::Connect`] when the database cannot be reached;
     /// [`Error::Db`] when LISTEN is refused.
-    pub async fn connect(config: &Config, channels: &[Channel], options: ListenerOptions) -> Result<Listener> {
-        let (client, mut connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|source| Error::Connect { target: crate::db::describe(config), source })?;
+    pub async fn connect(
+        config: &Config,
+        channels: &[Channel],
+        options: ListenerOptions,
+    ) -> Result<Listener> {
+        let (client, mut connection) =
+            config
+                .connect(NoTls)
+                .await
+                .map_err(|source| Error::Connect {
+                    target: crate::db::describe(config),
+                    source,
+                })?;
 
         let (notify_tx, notify_rx) = mpsc::channel::<Result<Notification, String>>(NOTIFY_QUEUE);
         tokio::spawn(async move {
@@ -122,9 +135,15 @@ impl Listener {
             }
         });
 
-        let sql: String = channels.iter().map(|c| format!("LISTEN {};", c.quoted())).collect();
+        let sql: String = channels
+            .iter()
+            .map(|c| format!("LISTEN {};", c.quoted()))
+            .collect();
         if !sql.is_empty() {
-            client.batch_execute(&sql).await.map_err(|e| Error::db("LISTEN", e))?;
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| Error::db("LISTEN", e))?;
         }
         tracing::info!(target = %crate::db::describe(config), channels = ?channels, "listening");
 
@@ -140,7 +159,11 @@ impl Listener {
             out: events_tx,
         };
         tokio::spawn(decoder.run(notify_rx));
-        Ok(Listener { events, stats, channels: channels.to_vec() })
+        Ok(Listener {
+            events,
+            stats,
+            channels: channels.to_vec(),
+        })
     }
 
     /// The next event; `None` once the stream has ended.
@@ -223,7 +246,9 @@ impl Decoder {
         let text = match wire::parse(payload) {
             Ok(Frame::Whole(text)) => text.to_string(),
             Ok(Frame::Chunk(c)) => self.reassembler.push_chunk(channel, &c, now)?,
-            Ok(Frame::SeedPart { id, offset, data }) => self.reassembler.push_seed_part(channel, id, offset, data, now)?,
+            Ok(Frame::SeedPart { id, offset, data }) => self
+                .reassembler
+                .push_seed_part(channel, id, offset, data, now)?,
             Ok(Frame::SeedEof { id }) => self.reassembler.push_seed_eof(channel, id, now)?,
             Ok(Frame::Ref { seq, bytes }) => self.fetch(channel, seq, bytes).await?,
             Err(e) => {
@@ -246,7 +271,12 @@ impl Decoder {
     async fn fetch(&mut self, channel: &str, seq: i64, bytes: u64) -> Option<String> {
         if bytes > self.max_event_bytes {
             Stats::bump(&self.stats.oversize);
-            tracing::warn!(channel, seq, bytes, "referenced event over max_event_bytes; dropped");
+            tracing::warn!(
+                channel,
+                seq,
+                bytes,
+                "referenced event over max_event_bytes; dropped"
+            );
             return None;
         }
         match self.read_log(channel, seq).await {
@@ -257,7 +287,13 @@ impl Decoder {
             Ok(found) => {
                 Stats::bump(&self.stats.fetch_failed);
                 let found = found.map(|b| b.len());
-                tracing::warn!(channel, seq, bytes, ?found, "referenced event missing from the log or of another size");
+                tracing::warn!(
+                    channel,
+                    seq,
+                    bytes,
+                    ?found,
+                    "referenced event missing from the log or of another size"
+                );
                 None
             }
             Err(e) => {
@@ -273,9 +309,14 @@ impl Decoder {
         if self.log.as_ref().is_none_or(Client::is_closed) {
             self.log = Some(crate::db::connect(&self.config).await?);
         }
-        let Some(log) = &self.log else { return Ok(None) };
+        let Some(log) = &self.log else {
+            return Ok(None);
+        };
         let row = log
-            .query_opt("SELECT body FROM pubsub.events WHERE seq = $1 AND channel = $2", &[&seq, &channel])
+            .query_opt(
+                "SELECT body FROM pubsub.events WHERE seq = $1 AND channel = $2",
+                &[&seq, &channel],
+            )
             .await
             .map_err(|e| Error::db("reading a referenced event", e))?;
         Ok(row.map(|r| r.get(0)))

@@ -29,7 +29,11 @@ pub struct Migration {
 
 macro_rules! embed {
     ($example:expr, $dir:literal, $file:literal) => {
-        ($example, $file, include_str!(concat!("../../../db/", $dir, "/", $file)))
+        (
+            $example,
+            $file,
+            include_str!(concat!("../../../db/", $dir, "/", $file)),
+        )
     };
 }
 
@@ -47,7 +51,9 @@ const FILES: &[(bool, &str, &str)] = &[
 pub fn all() -> Vec<Migration> {
     FILES
         .iter()
-        .map(|&(example, file, text)| parse(file, text, example).expect("embedded migrations parse (tested)"))
+        .map(|&(example, file, text)| {
+            parse(file, text, example).expect("embedded migrations parse (tested)")
+        })
         .collect()
 }
 
@@ -60,7 +66,13 @@ fn parse(file: &'static str, text: &'static str, example: bool) -> Option<Migrat
     if down_at < up_at || !version.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(Migration { version, name, example, up: &text[up_at..down_at], down: &text[down_at..] })
+    Some(Migration {
+        version,
+        name,
+        example,
+        up: &text[up_at..down_at],
+        down: &text[down_at..],
+    })
 }
 
 /// A migration and whether it is applied.
@@ -74,7 +86,8 @@ pub struct Status {
 }
 
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('pgpubsub migrate'))";
-const TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version varchar(128) PRIMARY KEY)";
+const TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version varchar(128) PRIMARY KEY)";
 
 /// Applies every pending migration: the core schema, and the examples too
 /// when `examples` is set. Returns those applied now (none when all were).
@@ -82,14 +95,24 @@ const TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version varch
 /// # Errors
 /// [`Error::Migration`] naming the step that failed; earlier steps stay applied.
 pub async fn up(client: &mut Client, examples: bool) -> Result<Vec<Migration>> {
-    client.batch_execute(TABLE).await.map_err(|e| Error::db("creating schema_migrations", e))?;
+    client
+        .batch_execute(TABLE)
+        .await
+        .map_err(|e| Error::db("creating schema_migrations", e))?;
     let mut applied = Vec::new();
     for m in all().into_iter().filter(|m| examples || !m.example) {
-        let fail = |source| Error::Migration { version: m.version.into(), name: m.name.into(), source };
+        let fail = |source| Error::Migration {
+            version: m.version.into(),
+            name: m.name.into(),
+            source,
+        };
         let tx = client.transaction().await.map_err(fail)?;
         tx.batch_execute(LOCK).await.map_err(fail)?;
         let done = tx
-            .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[&m.version])
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[&m.version],
+            )
             .await
             .map_err(fail)?
             .is_some();
@@ -97,9 +120,12 @@ pub async fn up(client: &mut Client, examples: bool) -> Result<Vec<Migration>> {
             continue;
         }
         tx.batch_execute(m.up).await.map_err(fail)?;
-        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&m.version])
-            .await
-            .map_err(fail)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[&m.version],
+        )
+        .await
+        .map_err(fail)?;
         tx.commit().await.map_err(fail)?;
         tracing::info!(version = m.version, name = m.name, "applied migration");
         applied.push(m);
@@ -115,12 +141,21 @@ pub async fn up(client: &mut Client, examples: bool) -> Result<Vec<Migration>> {
 /// [`Error::Migration`] when the down section fails; nothing is changed then.
 pub async fn down(client: &mut Client) -> Result<Option<Migration>> {
     let last = status(client).await?.into_iter().rev().find(|s| s.applied);
-    let Some(Status { migration: m, .. }) = last else { return Ok(None) };
-    let fail = |source| Error::Migration { version: m.version.into(), name: m.name.into(), source };
+    let Some(Status { migration: m, .. }) = last else {
+        return Ok(None);
+    };
+    let fail = |source| Error::Migration {
+        version: m.version.into(),
+        name: m.name.into(),
+        source,
+    };
     let tx = client.transaction().await.map_err(fail)?;
     tx.batch_execute(LOCK).await.map_err(fail)?;
     let deleted = tx
-        .execute("DELETE FROM schema_migrations WHERE version = $1", &[&m.version])
+        .execute(
+            "DELETE FROM schema_migrations WHERE version = $1",
+            &[&m.version],
+        )
         .await
         .map_err(fail)?;
     if deleted == 0 {
@@ -156,7 +191,10 @@ pub async fn status(client: &Client) -> Result<Vec<Status>> {
     };
     Ok(all()
         .into_iter()
-        .map(|m| Status { applied: versions.iter().any(|v| v == m.version), migration: m })
+        .map(|m| Status {
+            applied: versions.iter().any(|v| v == m.version),
+            migration: m,
+        })
         .collect())
 }
 
@@ -169,12 +207,23 @@ mod tests {
         let all = all();
         assert_eq!(all.len(), FILES.len());
         for m in &all {
-            assert!(m.up.starts_with("-- migrate:up") && m.up.len() > 20, "{}", m.version);
-            assert!(m.down.starts_with("-- migrate:down") && m.down.len() > 20, "{}", m.version);
+            assert!(
+                m.up.starts_with("-- migrate:up") && m.up.len() > 20,
+                "{}",
+                m.version
+            );
+            assert!(
+                m.down.starts_with("-- migrate:down") && m.down.len() > 20,
+                "{}",
+                m.version
+            );
             assert_eq!(m.version.len(), 14);
         }
         assert!(all.windows(2).all(|w| w[0].version < w[1].version));
-        assert!(all.iter().filter(|m| m.example).all(|m| !m.up.contains("pubsub.")));
+        assert!(all
+            .iter()
+            .filter(|m| m.example)
+            .all(|m| !m.up.contains("pubsub.")));
     }
 
     #[test]

@@ -75,7 +75,12 @@ pub struct Reassembler {
 impl Reassembler {
     /// An empty reassembler that counts into `stats`.
     pub fn new(limits: Limits, stats: Arc<Stats>) -> Self {
-        Reassembler { limits, stats, pending: HashMap::new(), held: 0 }
+        Reassembler {
+            limits,
+            stats,
+            pending: HashMap::new(),
+            held: 0,
+        }
     }
 
     /// Incomplete events held now.
@@ -96,11 +101,19 @@ impl Reassembler {
             // Count the event once, on its first chunk, not once per chunk.
             if chunk.index == 0 {
                 Stats::bump(&self.stats.oversize);
-                tracing::warn!(channel, seq = chunk.seq, bytes = chunk.bytes, "event over max_event_bytes dropped");
+                tracing::warn!(
+                    channel,
+                    seq = chunk.seq,
+                    bytes = chunk.bytes,
+                    "event over max_event_bytes dropped"
+                );
             }
             return None;
         }
-        let key = Key { channel: channel.into(), id: MsgId::Seq(chunk.seq) };
+        let key = Key {
+            channel: channel.into(),
+            id: MsgId::Seq(chunk.seq),
+        };
         let entry = self.entry(key.clone(), now);
         let agrees = match &entry.header {
             None => {
@@ -124,16 +137,30 @@ impl Reassembler {
         let digest = format!("{:x}", Md5::digest(text.as_bytes()));
         if text.len() as u64 != chunk.bytes || digest != chunk.md5 {
             Stats::bump(&self.stats.corrupt);
-            tracing::warn!(channel, seq = chunk.seq, "reassembled event fails its size or digest check; dropped");
+            tracing::warn!(
+                channel,
+                seq = chunk.seq,
+                "reassembled event fails its size or digest check; dropped"
+            );
             return None;
         }
         Some(text)
     }
 
     /// Adds a seed-format part.
-    pub fn push_seed_part(&mut self, channel: &str, id: &str, offset: u64, data: &str, now: Instant) -> Option<String> {
+    pub fn push_seed_part(
+        &mut self,
+        channel: &str,
+        id: &str,
+        offset: u64,
+        data: &str,
+        now: Instant,
+    ) -> Option<String> {
         Stats::bump(&self.stats.chunks);
-        let key = Key { channel: channel.into(), id: MsgId::Seed(id.into()) };
+        let key = Key {
+            channel: channel.into(),
+            id: MsgId::Seed(id.into()),
+        };
         self.entry(key.clone(), now);
         if !self.insert_part(&key, offset, data) {
             return None;
@@ -143,7 +170,10 @@ impl Reassembler {
 
     /// Marks a seed-format message as ended.
     pub fn push_seed_eof(&mut self, channel: &str, id: &str, now: Instant) -> Option<String> {
-        let key = Key { channel: channel.into(), id: MsgId::Seed(id.into()) };
+        let key = Key {
+            channel: channel.into(),
+            id: MsgId::Seed(id.into()),
+        };
         self.entry(key.clone(), now).eof = true;
         self.try_finish_seed(&key)
     }
@@ -184,7 +214,9 @@ impl Reassembler {
     /// event over its size limit drops the whole event. Returns whether the
     /// event is still pending.
     fn insert_part(&mut self, key: &Key, at: u64, data: &str) -> bool {
-        let Some(p) = self.pending.get_mut(key) else { return false };
+        let Some(p) = self.pending.get_mut(key) else {
+            return false;
+        };
         if let Some(existing) = p.parts.get(&at) {
             if **existing == *data {
                 Stats::bump(&self.stats.duplicate_chunks);
@@ -225,7 +257,11 @@ impl Reassembler {
     }
 
     fn evict_oldest(&mut self) {
-        let oldest = self.pending.iter().min_by_key(|(_, p)| p.started).map(|(k, _)| k.clone());
+        let oldest = self
+            .pending
+            .iter()
+            .min_by_key(|(_, p)| p.started)
+            .map(|(k, _)| k.clone());
         if let Some(key) = oldest {
             self.remove(&key);
             Stats::bump(&self.stats.evicted);
@@ -271,7 +307,11 @@ mod tests {
 
     fn chunks(text: &str, size: usize, seq: i64) -> Vec<String> {
         let md5 = format!("{:x}", Md5::digest(text.as_bytes()));
-        let pieces: Vec<&str> = text.as_bytes().chunks(size).map(|c| std::str::from_utf8(c).unwrap()).collect();
+        let pieces: Vec<&str> = text
+            .as_bytes()
+            .chunks(size)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
         let n = pieces.len();
         pieces
             .iter()
@@ -283,7 +323,9 @@ mod tests {
     fn push(r: &mut Reassembler, payload: &str, now: Instant) -> Option<String> {
         match crate::wire::parse(payload).unwrap() {
             crate::wire::Frame::Chunk(c) => r.push_chunk("ch", &c, now),
-            crate::wire::Frame::SeedPart { id, offset, data } => r.push_seed_part("ch", id, offset, data, now),
+            crate::wire::Frame::SeedPart { id, offset, data } => {
+                r.push_seed_part("ch", id, offset, data, now)
+            }
             crate::wire::Frame::SeedEof { id } => r.push_seed_eof("ch", id, now),
             other => panic!("{other:?}"),
         }
@@ -334,18 +376,28 @@ mod tests {
 
     #[test]
     fn missing_chunk_expires() {
-        let (mut r, stats) = new(Limits { max_age: Duration::from_secs(5), ..Limits::default() });
+        let (mut r, stats) = new(Limits {
+            max_age: Duration::from_secs(5),
+            ..Limits::default()
+        });
         let cs = chunks("0123456789", 3, 4);
         let t0 = Instant::now();
         assert!(push(&mut r, &cs[0], t0).is_none());
         assert_eq!(r.expire(t0 + Duration::from_secs(1)), 0);
         assert_eq!(r.expire(t0 + Duration::from_secs(6)), 1);
-        assert_eq!((stats.snapshot().expired, r.pending(), r.held_bytes()), (1, 0, 0));
+        assert_eq!(
+            (stats.snapshot().expired, r.pending(), r.held_bytes()),
+            (1, 0, 0)
+        );
     }
 
     #[test]
     fn limits_evict_oldest_and_refuse_oversize() {
-        let (mut r, stats) = new(Limits { max_messages: 2, max_event_bytes: 100, ..Limits::default() });
+        let (mut r, stats) = new(Limits {
+            max_messages: 2,
+            max_event_bytes: 100,
+            ..Limits::default()
+        });
         let t0 = Instant::now();
         for seq in 0..3 {
             let cs = chunks("0123456789", 5, seq);
@@ -359,7 +411,10 @@ mod tests {
 
     #[test]
     fn byte_bound_holds() {
-        let (mut r, stats) = new(Limits { max_bytes: 25, ..Limits::default() });
+        let (mut r, stats) = new(Limits {
+            max_bytes: 25,
+            ..Limits::default()
+        });
         let t0 = Instant::now();
         for seq in 0..10 {
             let cs = chunks(&"y".repeat(40), 10, seq);
@@ -379,7 +434,10 @@ mod tests {
         let mut at = 1000;
         while at <= chars.len() {
             let end = (at - 1 + 1000).min(chars.len());
-            frames.push(format!("{id}{at}:{}", chars[at - 1..end].iter().collect::<String>()));
+            frames.push(format!(
+                "{id}{at}:{}",
+                chars[at - 1..end].iter().collect::<String>()
+            ));
             at += 1000;
         }
         frames.push(format!("{id}EOF"));
@@ -392,14 +450,20 @@ mod tests {
         assert_eq!(out, vec![text.clone()]);
 
         let numbered = [format!("{id}0:ab"), format!("{id}1:cd"), format!("{id}EOF")];
-        let out: Vec<String> = numbered.iter().filter_map(|f| push(&mut r, f, now)).collect();
+        let out: Vec<String> = numbered
+            .iter()
+            .filter_map(|f| push(&mut r, f, now))
+            .collect();
         assert_eq!(out, vec!["abcd".to_string()]);
     }
 
     #[test]
     fn seed_gap_waits_then_expires() {
         let id = "abcdefabcdefabcdefabcdefabcdefabcdef";
-        let (mut r, stats) = new(Limits { max_age: Duration::from_secs(1), ..Limits::default() });
+        let (mut r, stats) = new(Limits {
+            max_age: Duration::from_secs(1),
+            ..Limits::default()
+        });
         let t0 = Instant::now();
         assert!(push(&mut r, &format!("{id}0:abc"), t0).is_none());
         assert!(push(&mut r, &format!("{id}2000:xyz"), t0).is_none());

@@ -42,9 +42,18 @@ pub struct HistoryEntry {
 ///
 /// # Errors
 /// [`Error::Db`] with SQLSTATE [`VERSION_CONFLICT`] on a version mismatch.
-pub async fn put(client: &Client, bucket: &str, id: &str, val: &Value, expected: Option<i32>) -> Result<i32> {
+pub async fn put(
+    client: &Client,
+    bucket: &str,
+    id: &str,
+    val: &Value,
+    expected: Option<i32>,
+) -> Result<i32> {
     let row = client
-        .query_one("SELECT pubsub.put($1, $2, $3::text::jsonb, 'put', $4)", &[&bucket, &id, &val.to_string(), &expected])
+        .query_one(
+            "SELECT pubsub.put($1, $2, $3::text::jsonb, 'put', $4)",
+            &[&bucket, &id, &val.to_string(), &expected],
+        )
         .await
         .map_err(|e| Error::db("writing to the store", e))?;
     Ok(row.get(0))
@@ -56,10 +65,16 @@ pub async fn put(client: &Client, bucket: &str, id: &str, val: &Value, expected:
 /// [`Error::NotMigrated`] without the schema.
 pub async fn get(client: &Client, bucket: &str, id: &str) -> Result<Option<Snapshot>> {
     let row = client
-        .query_opt("SELECT version, val::text FROM pubsub.snapshots WHERE bucket = $1 AND id = $2", &[&bucket, &id])
+        .query_opt(
+            "SELECT version, val::text FROM pubsub.snapshots WHERE bucket = $1 AND id = $2",
+            &[&bucket, &id],
+        )
         .await
         .map_err(|e| Error::db("reading the store", e))?;
-    Ok(row.map(|r| Snapshot { version: r.get(0), val: json(r.get(1)) }))
+    Ok(row.map(|r| Snapshot {
+        version: r.get(0),
+        val: json(r.get(1)),
+    }))
 }
 
 /// Deletes; returns the deleting version, `None` when there was nothing.

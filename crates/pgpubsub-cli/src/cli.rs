@@ -1,0 +1,157 @@
+//! The command line: flags, their environment variables and defaults.
+//!
+//! Precedence: flags, then the environment, then `.env` in the working
+//! directory (loaded into the environment first, never overriding it), then
+//! the defaults below.
+
+use clap::{Args, Parser, Subcommand};
+use pgpubsub::Channel;
+
+/// PostgreSQL as a pub/sub service: row changes and messages, typed, complete
+/// and in order, over LISTEN/NOTIFY.
+#[derive(Debug, Parser)]
+#[command(name = "pgpubsub", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// Connection string (URL or key=value). Read after parsing so that an
+    /// invalid one is reported without echoing its password.
+    #[arg(long, env = "DATABASE_URL", global = true, default_value = pgpubsub::db::DEFAULT_DATABASE_URL,
+          value_name = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Pretty, multi-line output of each event.
+    #[arg(long, env = "DEBUG", global = true, value_name = "DEBUG", value_parser = parse_bool,
+          default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    pub debug: bool,
+
+    /// What to do; without one, `listen`.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// `listen`'s options, for a bare `pgpubsub`.
+    #[command(flatten)]
+    pub listen: ListenArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print every event on the channels, one line each (the logging mode).
+    Listen(ListenArgs),
+    /// Apply (default), revert or list the schema migrations.
+    Migrate(MigrateArgs),
+    /// Capture a table's changes as events (no table: list watched tables).
+    Watch(WatchArgs),
+    /// Stop capturing a table's changes.
+    Unwatch {
+        /// The table, optionally schema-qualified.
+        table: String,
+    },
+    /// Publish a message of any size.
+    Publish(PublishArgs),
+    /// Run the whole flow once: migrate, watch a demo table, write rows,
+    /// print the events that arrive.
+    Demo,
+}
+
+/// Options of `listen`.
+#[derive(Debug, Args, Clone)]
+pub struct ListenArgs {
+    /// Channels to listen on (repeat, or separate with commas).
+    #[arg(
+        long = "channel",
+        short = 'c',
+        env = "PUB_SUB_CHANNEL",
+        value_name = "PUB_SUB_CHANNEL",
+        value_delimiter = ',',
+        default_value = "job_channel"
+    )]
+    pub channels: Vec<Channel>,
+
+    /// One JSON object per event per line on stdout (logs stay on stderr).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Exit after this many events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Largest event accepted, in bytes; larger ones are dropped and counted.
+    #[arg(long, env = "PGPUBSUB_MAX_EVENT_BYTES", default_value_t = 64 << 20, value_name = "BYTES")]
+    pub max_event_bytes: u64,
+
+    /// Seconds an incomplete chunked event waits for its missing chunks.
+    #[arg(
+        long,
+        env = "PGPUBSUB_CHUNK_TIMEOUT",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    pub chunk_timeout: u64,
+}
+
+/// Options of `migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// up (default), down (revert the last step) or status.
+    #[arg(value_enum, default_value = "up")]
+    pub action: MigrateAction,
+    /// Also apply the seed's `job` example (tables job and notification).
+    #[arg(long)]
+    pub example: bool,
+}
+
+/// What `migrate` does.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the most recent one.
+    Down,
+    /// List migrations and watched tables.
+    Status,
+}
+
+/// Options of `watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The table, optionally schema-qualified; omit to list watched tables.
+    pub table: Option<String>,
+    /// Channel for its events (default: the table's name).
+    #[arg(long, short = 'c')]
+    pub channel: Option<Channel>,
+}
+
+/// Options of `publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The channel.
+    pub channel: Channel,
+    /// The message; `-` or nothing reads it from stdin.
+    pub payload: Option<String>,
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err("expected true or false (or 1/0, yes/no, on/off)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn booleans() {
+        assert_eq!(parse_bool("TRUE"), Ok(true));
+        assert_eq!(parse_bool("off"), Ok(false));
+        assert!(parse_bool("maybe").is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! One subcommand per file.
+
+pub mod demo;
+pub mod listen;
+pub mod migrate;
+pub mod publish;
+pub mod watch;
+
+use anyhow::Context;
+use tokio_postgres::{Client, Config};
+
+/// A connection for statements, with the target named in the error.
+pub async fn connect(config: &Config) -> anyhow::Result<Client> {
+    pgpubsub::db::connect(config)
+        .await
+        .with_context(|| format!("connecting to {}", pgpubsub::db::describe(config)))
+}

@@ -1,0 +1,29 @@
+//! `pgpubsub publish CHANNEL [PAYLOAD | -]`.
+
+use anyhow::Context;
+use tokio::io::AsyncReadExt;
+use tokio_postgres::Config;
+
+use crate::cli::PublishArgs;
+
+/// Publishes one message; prints its sequence number on stdout.
+pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<()> {
+    let payload = match args.payload.as_deref() {
+        Some(p) if p != "-" => p.to_string(),
+        _ => {
+            let mut text = String::new();
+            tokio::io::stdin()
+                .read_to_string(&mut text)
+                .await
+                .context("reading the message from stdin (it must be UTF-8 text)")?;
+            text
+        }
+    };
+    let client = super::connect(config).await?;
+    let seq = pgpubsub::publish(&client, &args.channel, &payload)
+        .await
+        .with_context(|| format!("publishing on {}", args.channel))?;
+    tracing::info!(channel = %args.channel, seq, bytes = payload.len(), "published");
+    println!("{seq}");
+    Ok(())
+}

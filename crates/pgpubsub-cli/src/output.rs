@@ -1,0 +1,123 @@
+//! How `listen` prints events: one line each (default), pretty multi-line
+//! JSON (`DEBUG=true`), or exactly one JSON object per line (`--json`).
+
+use std::io::Write;
+
+use pgpubsub::{Body, Event};
+
+/// The output styles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// One readable line per event, long values shortened.
+    Line,
+    /// The whole event as indented JSON.
+    Pretty,
+    /// The whole event as one line of JSON.
+    Json,
+}
+
+/// Longest value shown in full in `Line` style.
+const SHOWN: usize = 400;
+
+/// Writes one event.
+///
+/// # Errors
+/// When the output cannot be written (a closed pipe).
+pub fn write_event(out: &mut impl Write, event: &Event, style: Style) -> std::io::Result<()> {
+    match style {
+        Style::Json => writeln!(out, "{}", event.json()),
+        Style::Pretty => {
+            let value: serde_json::Value = serde_json::from_str(event.json()).unwrap_or_default();
+            let text =
+                serde_json::to_string_pretty(&value).unwrap_or_else(|_| event.json().to_string());
+            writeln!(out, "{text}")
+        }
+        Style::Line => {
+            let seq = event
+                .seq
+                .map_or_else(|| "-".to_string(), |s| format!("#{s}"));
+            write!(out, "{} {seq} ", event.channel)?;
+            match &event.body {
+                Body::Change(c) => {
+                    write!(out, "{} {}.{}", c.op.as_str(), c.schema, c.table)?;
+                    for (name, value) in [("key", &c.key), ("new", &c.new), ("old", &c.old)] {
+                        if let Some(v) = value {
+                            write!(out, " {name}={}", shorten(v.get()))?;
+                        }
+                    }
+                    writeln!(out)
+                }
+                Body::Message(m) => writeln!(
+                    out,
+                    "message {}",
+                    shorten(&serde_json::to_string(&m.payload)?)
+                ),
+                Body::Notify(raw) => writeln!(out, "notify {}", shorten(raw.get())),
+                _ => writeln!(out, "{}", shorten(event.json())),
+            }
+        }
+    }
+}
+
+/// `text` up to [`SHOWN`] bytes (cut on a character boundary), with how much
+/// was left out.
+fn shorten(text: &str) -> String {
+    if text.len() <= SHOWN {
+        return text.to_string();
+    }
+    let mut cut = SHOWN;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…(+{} bytes)", &text[..cut], text.len() - cut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(text: &str) -> Event {
+        Event::decode("t", text.to_string()).unwrap()
+    }
+
+    fn render(e: &Event, style: Style) -> String {
+        let mut out = Vec::new();
+        write_event(&mut out, e, style).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn line_style_names_everything_on_one_line() {
+        let e = event(
+            r#"{"seq":5,"kind":"change","channel":"t","op":"UPDATE","schema":"public","table":"t","key":{"id":1},"new":{"id":1,"v":"b"},"old":{"id":1,"v":"a"}}"#,
+        );
+        assert_eq!(
+            render(&e, Style::Line),
+            "t #5 UPDATE public.t key={\"id\":1} new={\"id\":1,\"v\":\"b\"} old={\"id\":1,\"v\":\"a\"}\n"
+        );
+        let e = event(r#"{"job_id":1}"#);
+        assert_eq!(render(&e, Style::Line), "t - notify {\"job_id\":1}\n");
+    }
+
+    #[test]
+    fn long_values_are_shortened_on_a_char_boundary() {
+        let long = "é".repeat(1000);
+        let e = event(&format!(
+            r#"{{"seq":1,"kind":"message","channel":"t","payload":"{long}"}}"#
+        ));
+        let line = render(&e, Style::Line);
+        assert!(line.contains("…(+") && line.len() < 600 && line.ends_with("bytes)\n"));
+        assert!(render(&e, Style::Json).contains(&long));
+    }
+
+    #[test]
+    fn pretty_is_multi_line_json() {
+        let e = event(r#"{"seq":1,"kind":"message","channel":"t","payload":"x"}"#);
+        let text = render(&e, Style::Pretty);
+        assert!(text.lines().count() > 3);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["payload"],
+            "x"
+        );
+    }
+}
