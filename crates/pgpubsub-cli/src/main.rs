@@ -5,6 +5,7 @@ mod cli;
 mod cmd;
 mod output;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;

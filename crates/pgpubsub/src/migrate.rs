@@ -6,8 +6,8 @@
 //! `schema_migrations`. So `dbmate up` on the same folder does what
 //! [`up`] does, and either tool sees what the other applied.
 //!
-//! Each migration runs in its own transaction under an advisory lock, so two
-//! migrators racing on one database apply each step once.
+//! Each migration runs in its own transaction, and a migrator holds an
+//! advisory lock throughout, so two racing on one database apply each step once.
 
 use tokio_postgres::Client;
 
@@ -85,7 +85,8 @@ pub struct Status {
     pub applied: bool,
 }
 
-const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('pgpubsub migrate'))";
+const LOCK: &str = "SELECT pg_advisory_lock(hashtext('pgpubsub migrate'))";
+const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('pgpubsub migrate'))";
 const TABLE: &str =
     "CREATE TABLE IF NOT EXISTS schema_migrations (version varchar(128) PRIMARY KEY)";
 
@@ -95,30 +96,61 @@ const TABLE: &str =
 /// # Errors
 /// [`Error::Migration`] naming the step that failed; earlier steps stay applied.
 pub async fn up(client: &mut Client, examples: bool) -> Result<Vec<Migration>> {
+    lock(client).await?;
+    let result = up_locked(client, examples).await;
+    unlock(client).await;
+    result
+}
+
+/// Reverts the most recent applied pgpubsub migration (other versions in
+/// `schema_migrations`, a user's own, are left alone). Returns it, or `None`
+/// when none is applied.
+///
+/// # Errors
+/// [`Error::Migration`] when the down section fails; nothing is changed then.
+pub async fn down(client: &mut Client) -> Result<Option<Migration>> {
+    lock(client).await?;
+    let result = down_locked(client).await;
+    unlock(client).await;
+    result
+}
+
+/// A session-level lock, taken outside any transaction: each transaction
+/// that starts after it sees the catalog as the previous holder left it (an
+/// advisory lock inside a transaction would not refresh that view, and two
+/// `CREATE TABLE IF NOT EXISTS` would collide).
+async fn lock(client: &Client) -> Result<()> {
+    client
+        .batch_execute(LOCK)
+        .await
+        .map_err(|e| Error::db("taking the migration lock", e))
+}
+
+/// Released explicitly; a lost connection releases it too.
+async fn unlock(client: &Client) {
+    if let Err(e) = client.batch_execute(UNLOCK).await {
+        tracing::warn!(error = %e, "could not release the migration lock");
+    }
+}
+
+async fn up_locked(client: &mut Client, examples: bool) -> Result<Vec<Migration>> {
     client
         .batch_execute(TABLE)
         .await
         .map_err(|e| Error::db("creating schema_migrations", e))?;
+    let applied_before = status(client).await?;
     let mut applied = Vec::new();
-    for m in all().into_iter().filter(|m| examples || !m.example) {
+    for s in applied_before
+        .into_iter()
+        .filter(|s| !s.applied && (examples || !s.migration.example))
+    {
+        let m = s.migration;
         let fail = |source| Error::Migration {
             version: m.version.into(),
             name: m.name.into(),
             source,
         };
         let tx = client.transaction().await.map_err(fail)?;
-        tx.batch_execute(LOCK).await.map_err(fail)?;
-        let done = tx
-            .query_opt(
-                "SELECT 1 FROM schema_migrations WHERE version = $1",
-                &[&m.version],
-            )
-            .await
-            .map_err(fail)?
-            .is_some();
-        if done {
-            continue;
-        }
         tx.batch_execute(m.up).await.map_err(fail)?;
         tx.execute(
             "INSERT INTO schema_migrations (version) VALUES ($1)",
@@ -133,13 +165,7 @@ pub async fn up(client: &mut Client, examples: bool) -> Result<Vec<Migration>> {
     Ok(applied)
 }
 
-/// Reverts the most recent applied pgpubsub migration (other versions in
-/// `schema_migrations`, a user's own, are left alone). Returns it, or `None`
-/// when none is applied.
-///
-/// # Errors
-/// [`Error::Migration`] when the down section fails; nothing is changed then.
-pub async fn down(client: &mut Client) -> Result<Option<Migration>> {
+async fn down_locked(client: &mut Client) -> Result<Option<Migration>> {
     let last = status(client).await?.into_iter().rev().find(|s| s.applied);
     let Some(Status { migration: m, .. }) = last else {
         return Ok(None);
@@ -150,19 +176,13 @@ pub async fn down(client: &mut Client) -> Result<Option<Migration>> {
         source,
     };
     let tx = client.transaction().await.map_err(fail)?;
-    tx.batch_execute(LOCK).await.map_err(fail)?;
-    let deleted = tx
-        .execute(
-            "DELETE FROM schema_migrations WHERE version = $1",
-            &[&m.version],
-        )
-        .await
-        .map_err(fail)?;
-    if deleted == 0 {
-        // Another migrator reverted it first.
-        return Ok(None);
-    }
     tx.batch_execute(m.down).await.map_err(fail)?;
+    tx.execute(
+        "DELETE FROM schema_migrations WHERE version = $1",
+        &[&m.version],
+    )
+    .await
+    .map_err(fail)?;
     tx.commit().await.map_err(fail)?;
     tracing::info!(version = m.version, name = m.name, "reverted migration");
     Ok(Some(m))

@@ -1,1 +1,11 @@
+//! Integration tests against the real PostgreSQL. Each test makes its own
+//! database (see `common`), so they run in parallel.
 
+#![allow(clippy::unwrap_used, clippy::cloned_ref_to_slice_refs, missing_docs)]
+
+mod chunks;
+mod cli;
+mod common;
+mod events;
+mod migrations;
+mod sizes;

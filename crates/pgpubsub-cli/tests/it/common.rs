@@ -1,0 +1,157 @@
+//! Test support: a fresh database per test, unique channel names, and waits
+//! that always end.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use pgpubsub::{Channel, Event, Listener, ListenerOptions};
+use tokio_postgres::{Client, Config};
+
+/// The server under test; override with PGPUBSUB_TEST_URL.
+pub fn admin_url() -> String {
+    std::env::var("PGPUBSUB_TEST_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The longest any test waits for one thing.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test (or test run) uses.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A unique channel.
+pub fn channel(prefix: &str) -> Channel {
+    Channel::new(unique(prefix)).unwrap()
+}
+
+/// A database of the test's own, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub config: Config,
+}
+
+impl TestDb {
+    /// A new database with the pubsub schema applied.
+    pub async fn new() -> TestDb {
+        let db = TestDb::bare().await;
+        let mut client = db.client().await;
+        pgpubsub::migrate::up(&mut client, false).await.unwrap();
+        db
+    }
+
+    /// A new, empty database.
+    pub async fn bare() -> TestDb {
+        let name = unique("pgps_test");
+        let admin = pgpubsub::db::connect(&admin_url().parse().unwrap())
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let mut config: Config = admin_url().parse().unwrap();
+        config.dbname(&name);
+        let url = with_dbname(&admin_url(), &name);
+        TestDb { name, url, config }
+    }
+
+    /// A statement connection.
+    pub async fn client(&self) -> Client {
+        pgpubsub::db::connect(&self.config).await.unwrap()
+    }
+
+    /// A listener on `channels` with default options.
+    pub async fn listen(&self, channels: &[Channel]) -> Listener {
+        self.listen_with(channels, ListenerOptions::default()).await
+    }
+
+    /// A listener with options.
+    pub async fn listen_with(&self, channels: &[Channel], options: ListenerOptions) -> Listener {
+        Listener::connect(&self.config, channels, options)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Async drop is not a thing: a short-lived runtime on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = pgpubsub::db::connect(&admin_url().parse().unwrap()).await {
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The admin URL with another database name.
+fn with_dbname(url: &str, name: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((base, last)) if !base.ends_with('/') => {
+            let query = last
+                .split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default();
+            format!("{base}/{name}{query}")
+        }
+        _ => format!("{url}/{name}"),
+    }
+}
+
+/// The next event, failing the test after [`WAIT`].
+pub async fn next(listener: &mut Listener) -> Event {
+    match tokio::time::timeout(WAIT, listener.recv()).await {
+        Ok(Some(Ok(e))) => e,
+        Ok(Some(Err(e))) => panic!("listener error: {e}"),
+        Ok(None) => panic!("listener ended"),
+        Err(_) => panic!(
+            "no event within {WAIT:?}; stats: {:?}",
+            listener.stats().snapshot()
+        ),
+    }
+}
+
+/// Waits until `check` holds on the listener's stats.
+pub async fn until_stats(listener: &Listener, check: impl Fn(&pgpubsub::StatsSnapshot) -> bool) {
+    let stats = listener.stats();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check(&stats.snapshot()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stats never matched: {:?}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends a raw notification, as a foreign trigger would.
+pub async fn raw_notify(client: &Client, channel: &Channel, payload: &str) {
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&channel.as_str(), &payload])
+        .await
+        .unwrap();
+}
