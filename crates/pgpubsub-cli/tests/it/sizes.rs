@@ -164,3 +164,56 @@ async fn events_over_the_listener_limit_are_dropped_and_counted() {
     let s = l.stats().snapshot();
     assert_eq!(s.oversize, 2, "{s:?}");
 }
+
+/// The raw notifications, seen by a bare LISTEN connection: every one under
+/// 8000 bytes, and cuts that back off from inside a character.
+#[tokio::test]
+async fn chunks_stay_under_the_limit_and_cut_between_characters() {
+    use futures_util::StreamExt;
+    use tokio_postgres::AsyncMessage;
+
+    let db = TestDb::new().await;
+    let ch = common::channel("raw");
+    let (raw, mut conn) = db.config.connect(tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    raw.batch_execute(&format!("LISTEN \"{ch}\""))
+        .await
+        .unwrap();
+
+    // The encoder itself, on a body whose layout is known: one ASCII byte,
+    // then 3-byte characters starting at offsets 1, 4, 7, … Offset 7,800 is
+    // the last byte of a character, so the first cut must move back to 7,798.
+    let body = format!("a{}", "€".repeat(10_000));
+    let client = db.client().await;
+    client
+        .execute("SELECT pubsub.send($1, 1, $2)", &[&ch.as_str(), &body])
+        .await
+        .unwrap();
+
+    let mut datas = Vec::new();
+    loop {
+        let p = tokio::time::timeout(common::WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(p.len() < 8000, "a notification of {} bytes", p.len());
+        let Ok(pgpubsub::wire::Frame::Chunk(c)) = pgpubsub::wire::parse(&p) else {
+            panic!("not a chunk: {p:.80}")
+        };
+        datas.push(c.data.len());
+        if datas.len() == c.count as usize {
+            break;
+        }
+    }
+    assert_eq!(datas[0], 7_798, "{datas:?}");
+    assert!(datas.iter().all(|&n| n <= 7_800), "{datas:?}");
+    assert_eq!(datas.iter().sum::<usize>(), body.len());
+}
