@@ -27,9 +27,64 @@ CREATE TABLE pubsub.events (
 
 CREATE SEQUENCE pubsub.events_seq AS bigint OWNED BY pubsub.events.seq;
 
-CREATE INDEX events_channel_seq ON pubsub.events (channel, seq);
+-- Catch-up reads in (txid, seq) order: see docs/delivery.md.
+CREATE INDEX events_txid_seq ON pubsub.events (txid, seq);
 
 COMMENT ON TABLE pubsub.events IS 'Every notified event, by sequence; body is the exact JSON text delivered';
+
+-- Named subscribers' positions (`pgpubsub listen --name`): everything at or
+-- below (txid, seq) was delivered to them.
+CREATE TABLE pubsub.cursors (
+    name       text        PRIMARY KEY,
+    txid       xid8        NOT NULL,
+    seq        bigint      NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+-- What retention has removed: the highest (txid, seq) pruned. A cursor below
+-- it may have missed pruned events, so its subscriber is told to resync.
+CREATE TABLE pubsub.retention (
+    only_row    boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
+    pruned_txid xid8        NOT NULL DEFAULT '0',
+    pruned_seq  bigint      NOT NULL DEFAULT 0,
+    pruned_at   timestamptz
+);
+INSERT INTO pubsub.retention DEFAULT VALUES;
+
+-- Deletes events older than p_max_age and/or all but the newest p_keep.
+-- Returns how many were deleted.
+CREATE FUNCTION pubsub.prune(p_max_age interval DEFAULT NULL, p_keep bigint DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_cut   bigint;
+    v_count bigint;
+    v_txid  xid8;
+    v_seq   bigint;
+BEGIN
+    IF p_keep IS NOT NULL THEN
+        SELECT seq INTO v_cut FROM pubsub.events ORDER BY seq DESC OFFSET greatest(p_keep, 0) LIMIT 1;
+    END IF;
+    IF p_max_age IS NULL AND v_cut IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH gone AS (
+        DELETE FROM pubsub.events
+        WHERE (p_max_age IS NOT NULL AND created_at < clock_timestamp() - p_max_age)
+           OR (v_cut IS NOT NULL AND seq <= v_cut)
+        RETURNING txid, seq
+    ), top AS (
+        SELECT txid, seq FROM gone ORDER BY txid DESC, seq DESC LIMIT 1
+    )
+    SELECT (SELECT count(*) FROM gone), top.txid, top.seq INTO v_count, v_txid, v_seq
+    FROM (SELECT 1) one LEFT JOIN top ON true;
+    IF v_count > 0 THEN
+        UPDATE pubsub.retention
+        SET pruned_txid = v_txid, pruned_seq = v_seq, pruned_at = clock_timestamp()
+        WHERE (v_txid, v_seq) > (pruned_txid, pruned_seq);
+    END IF;
+    RETURN v_count;
+END;
+$$;
 
 -- Channel names: 1 to 63 bytes (NAMEDATALEN - 1; LISTEN would silently
 -- truncate longer names), an identifier: a letter or underscore, then letters,
@@ -145,7 +200,8 @@ BEGIN
     -- bytes arrive exactly as sent.
     v_seq := nextval('pubsub.events_seq');
     RETURN pubsub.append(p_channel, v_seq, json_build_object(
-        'seq', v_seq, 'kind', 'message', 'channel', p_channel, 'time', clock_timestamp(),
+        'seq', v_seq, 'txid', pg_current_xact_id()::text::bigint,
+        'kind', 'message', 'channel', p_channel, 'time', clock_timestamp(),
         'payload', p_payload)::text);
 END;
 $$;
@@ -178,7 +234,8 @@ BEGIN
         END LOOP;
     END IF;
     PERFORM pubsub.append(TG_ARGV[0], v_seq, json_build_object(
-        'seq', v_seq, 'kind', 'change', 'channel', TG_ARGV[0], 'time', clock_timestamp(),
+        'seq', v_seq, 'txid', pg_current_xact_id()::text::bigint,
+        'kind', 'change', 'channel', TG_ARGV[0], 'time', clock_timestamp(),
         'op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
         'key', v_key, 'new', v_new, 'old', v_old)::text);
     RETURN NULL;

@@ -41,6 +41,21 @@ pub fn describe(config: &Config) -> String {
     )
 }
 
+/// The settings pgpubsub adds to a connection it keeps open: TCP keepalives
+/// (a dead peer is noticed by the kernel too), and a connect timeout, unless
+/// the connection string sets them.
+pub fn tuned(config: &Config) -> Config {
+    let mut c = config.clone();
+    c.keepalives(true);
+    if c.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
+        c.keepalives_idle(std::time::Duration::from_secs(10));
+    }
+    if c.get_connect_timeout().is_none() {
+        c.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    c
+}
+
 /// Opens a connection for statements and spawns its driver; the driver ends
 /// when the client is dropped or the connection fails.
 ///

@@ -25,6 +25,28 @@ pub enum Error {
     #[error("the listening connection was lost: {0}")]
     ConnectionLost(String),
 
+    /// The server is a standby: LISTEN/NOTIFY only works on the primary.
+    #[error("{0} is a read replica (pg_is_in_recovery() is true): LISTEN/NOTIFY needs the primary; point DATABASE_URL at it")]
+    ReadReplica(String),
+
+    /// A notification sent to ourselves never came back: LISTEN is accepted
+    /// but nothing is delivered, as behind a transaction pooler.
+    #[error(
+        "notifications do not reach this connection to {0}: a notification sent to ourselves never arrived. \
+         Is DATABASE_URL a transaction pooler (PgBouncer in transaction mode)? LISTEN needs a direct or session-pooled connection"
+    )]
+    NotifyUnavailable(String),
+
+    /// Events this subscriber had not received were pruned from the log; it
+    /// should reload its state. Delivery goes on from the oldest event kept.
+    #[error("resync needed: the log was pruned past this subscriber's cursor {cursor} (pruned up to {pruned})")]
+    ResyncNeeded {
+        /// Where the subscriber was.
+        cursor: crate::cursor::Cursor,
+        /// Where pruning had reached.
+        pruned: crate::cursor::Cursor,
+    },
+
     /// A channel name that LISTEN/NOTIFY cannot carry.
     #[error(transparent)]
     InvalidChannel(#[from] InvalidChannel),

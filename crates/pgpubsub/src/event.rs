@@ -23,6 +23,8 @@ pub struct Event {
     /// Its sequence in `pubsub.events`; `None` for foreign notifications,
     /// which are not logged.
     pub seq: Option<i64>,
+    /// The writing transaction (`xid8`); with `seq`, its place in the log.
+    pub txid: Option<u64>,
     /// When it was written (the database clock), ISO 8601; `None` for
     /// foreign notifications.
     pub time: Option<String>,
@@ -142,6 +144,7 @@ pub struct DecodeError(#[from] serde_json::Error);
 #[derive(Deserialize)]
 struct Envelope<'a> {
     seq: Option<i64>,
+    txid: Option<u64>,
     #[serde(borrow)]
     kind: Option<&'a str>,
     #[serde(borrow)]
@@ -165,11 +168,12 @@ impl Event {
     /// # Errors
     /// When the text is not JSON at all.
     pub fn decode(channel: &str, text: String) -> Result<Event, DecodeError> {
-        if let Some((seq, time, body)) = ours(channel, &text) {
+        if let Some((seq, txid, time, body)) = ours(channel, &text) {
             let json = one_line(text);
             return Ok(Event {
                 channel: channel.to_string(),
                 seq: Some(seq),
+                txid,
                 time,
                 body,
                 json,
@@ -198,6 +202,7 @@ impl Event {
         Event {
             channel: channel.to_string(),
             seq: None,
+            txid: None,
             time: None,
             body: Body::Notify(raw),
             json,
@@ -237,7 +242,7 @@ impl Event {
 
 /// Our envelope's sequence, time and body, if `text` is one of our events
 /// for `channel`.
-fn ours(channel: &str, text: &str) -> Option<(i64, Option<String>, Body)> {
+fn ours(channel: &str, text: &str) -> Option<(i64, Option<u64>, Option<String>, Body)> {
     let env = serde_json::from_str::<Envelope<'_>>(text).ok()?;
     if env.kind.is_none() || env.channel != Some(channel) {
         return None;
@@ -254,7 +259,7 @@ fn ours(channel: &str, text: &str) -> Option<(i64, Option<String>, Body)> {
         ("message", _, Some(payload)) => Body::Message(Message { payload }),
         _ => return None,
     };
-    Some((env.seq?, env.time, body))
+    Some((env.seq?, env.txid, env.time, body))
 }
 
 fn non_null(v: Option<Box<RawValue>>) -> Option<Box<RawValue>> {

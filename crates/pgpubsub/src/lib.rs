@@ -11,7 +11,8 @@
 //! - [`publish`]: `watch`/`unwatch` a table, `publish` a message;
 //! - [`store`]: the event-sourced snapshot + history store;
 //! - [`channel`]: channel names, validated and quoted in one place;
-//! - [`listener`]: the LISTEN connection and its decoding task;
+//! - [`listener`]: a subscriber's stream: live events, and catch-up from the
+//!   log after any gap, from a commit-safe [`cursor`];
 //! - [`wire`]: what one notification payload is (see docs/protocol.md);
 //! - [`reassembly`]: chunks back into events, within fixed bounds;
 //! - [`event`]: the typed event handed to subscribers;
@@ -29,21 +30,25 @@
 //! ```
 
 pub mod channel;
+pub mod cursor;
 pub mod db;
 pub mod error;
 pub mod event;
 pub mod listener;
+mod log;
 pub mod migrate;
 pub mod publish;
 pub mod reassembly;
+mod session;
 pub mod stats;
 pub mod store;
 pub mod wire;
 
 pub use channel::Channel;
+pub use cursor::Cursor;
 pub use error::{Error, Result};
 pub use event::{Body, Change, Event, Message, Op};
-pub use listener::{Listener, ListenerOptions};
+pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use publish::{publish, unwatch, watch};
 pub use reassembly::Limits;
 pub use stats::{Stats, StatsSnapshot};

@@ -1,56 +1,90 @@
-//! The listener: one dedicated connection that LISTENs on every channel,
-//! decodes each notification, reassembles chunks, fetches references from the
-//! log, and hands typed [`Event`]s to its subscriber.
+//! The listener: a subscriber's view of one or more channels, with nothing
+//! lost.
 //!
-//! Two tasks run per listener:
-//! - the *driver* polls the connection and forwards notifications into a
-//!   bounded queue (`NOTIFY_QUEUE`); when that is full it stops reading the
-//!   socket, so the backlog waits in Postgres' own notification queue, not in
-//!   our memory;
-//! - the *decoder* turns notifications into events and sends them to the
-//!   subscriber through a bounded queue (`ListenerOptions::buffer`). It reads
-//!   referenced events over a second, lazily opened connection, because a
-//!   query on the listening connection could wait behind the very
-//!   notifications it is meant to make room for.
+//! A reading task (`session.rs`) owns the LISTEN connection and queues live
+//! events, fences and gaps. [`Listener::recv`] delivers them, and whenever
+//! something may have been missed (start-up from a stored cursor, reconnect,
+//! a full queue, a chunk that never came) it first reads the missed events
+//! from the log, in (txid, seq) order, skipping what it already delivered.
 //!
-//! Both end when the [`Listener`] is dropped or the connection is lost; the
-//! latter is reported as a last [`Error::ConnectionLost`] item.
+//! The subscriber's position is a [`Cursor`]: everything at or below it was
+//! returned by `recv` *and* the subscriber has asked for the next item since
+//! (so it has handled it). It advances on fences and while replaying final
+//! events, never past a transaction that might still commit. A named
+//! listener stores it in `pubsub.cursors` and resumes from it after a restart.
+//!
+//! Delivery is at least once: after a restart the events between the stored
+//! cursor and the last one handled are delivered again. Foreign
+//! notifications (no `seq`) are not in the log: delivered live only.
 
-use std::pin::Pin;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures_util::{Stream, StreamExt};
-use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
+use futures_util::{FutureExt, Stream};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Config;
 
 use crate::channel::Channel;
+use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::reassembly::{Limits, Reassembler};
+use crate::log::LogConn;
+use crate::reassembly::Limits;
+use crate::session::{Item, Session};
 use crate::stats::Stats;
-use crate::wire::{self, Frame};
 
-/// Notifications read from the socket but not yet decoded.
-const NOTIFY_QUEUE: usize = 4096;
-
-/// How a listener behaves.
+/// How a listener behaves. Every field has a default.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ListenerOptions {
     /// Bounds on chunk reassembly.
     pub limits: Limits,
-    /// Events decoded but not yet taken by the subscriber. When full, the
-    /// listener waits (and Postgres queues) rather than grow.
+    /// Live events queued for the subscriber. When full, live events are
+    /// dropped and read back from the log once the subscriber catches up.
     pub buffer: usize,
+    /// A name to store the cursor under (`pubsub.cursors`), so a restarted
+    /// listener resumes where it stopped. `None`: start from now.
+    pub name: Option<String>,
+    /// How often the connection is proved alive (and the cursor moved).
+    pub heartbeat: Duration,
+    /// A heartbeat not back within this marks the connection deaf: replaced.
+    /// Also the limit for connecting and for each log statement.
+    pub deaf_after: Duration,
+    /// First reconnect delay; doubles per failure up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Warn when `pg_notification_queue_usage()` reaches this (0 to 1).
+    pub queue_warn: f64,
+    /// Most events read from the log per catch-up query.
+    pub catch_up_rows: i64,
+    /// Most bytes of events read per catch-up query (past the first event).
+    pub catch_up_bytes: i64,
+    /// Events above the cursor remembered to skip duplicates; past this the
+    /// oldest are forgotten (a duplicate may then be delivered).
+    pub max_remembered: usize,
+    /// Store a named listener's cursor by itself (at most once per
+    /// heartbeat) as events are acknowledged. Turn off to call
+    /// [`Listener::save`] at points of your own, such as after a flush.
+    pub autosave: bool,
 }
 
 impl Default for ListenerOptions {
     fn default() -> Self {
         ListenerOptions {
             limits: Limits::default(),
-            buffer: 1024,
+            buffer: 4096,
+            name: None,
+            heartbeat: Duration::from_secs(1),
+            deaf_after: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            queue_warn: 0.5,
+            catch_up_rows: 1000,
+            catch_up_bytes: 16 << 20,
+            max_remembered: 1 << 20,
+            autosave: true,
         }
     }
 }
@@ -62,118 +96,220 @@ impl ListenerOptions {
         self
     }
 
-    /// Sets the subscriber buffer (at least 1).
+    /// Sets the live-event buffer (at least 1).
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events.max(1);
         self
     }
+
+    /// Makes the listener durable under `name`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the heartbeat period and the deaf limit.
+    pub fn heartbeat(mut self, every: Duration, deaf_after: Duration) -> Self {
+        self.heartbeat = every;
+        self.deaf_after = deaf_after.max(every);
+        self
+    }
 }
 
-/// A stream of events from one or more channels.
-///
-/// Yields `Ok(event)` for each event in arrival (commit) order per channel,
-/// and a final `Err(Error::ConnectionLost)` if the connection dies.
+/// The state of the listening connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connected, LISTENing, heartbeats coming back.
+    Listening,
+    /// Lost; trying again (`attempt` failures so far).
+    Reconnecting {
+        /// Failed attempts since the connection was lost.
+        attempt: u32,
+        /// Why the last attempt (or the connection) failed.
+        error: String,
+    },
+}
+
+/// A stream of events from one or more channels; see the module docs.
 pub struct Listener {
-    events: mpsc::Receiver<Result<Event>>,
+    items: mpsc::Receiver<Item>,
+    log: Arc<LogConn>,
     stats: Arc<Stats>,
+    state: watch::Receiver<ConnectionState>,
     channels: Vec<Channel>,
+    /// Channel names as strings, for catch-up queries.
+    names: Vec<String>,
+    options: ListenerOptions,
+    /// Everything at or below is delivered and handled.
+    cursor: Cursor,
+    /// Where the cursor moves when the subscriber asks for the next item.
+    pending: Option<Cursor>,
+    /// Events above the cursor already delivered (to skip duplicates).
+    delivered: BTreeSet<Cursor>,
+    /// Events read from the log, to deliver before anything live; each with
+    /// the cursor it completes, if it is final.
+    replay: VecDeque<(Event, Option<Cursor>)>,
+    /// A catch-up is running from this position.
+    catching_up: Option<Cursor>,
+    /// The scan ran past a transaction that may still commit: the cursor
+    /// waits for the next fence.
+    scan_blocked: bool,
+    last_saved: Instant,
+    saved: Cursor,
+    /// Delay before the next catch-up attempt after a failure.
+    retry: Duration,
 }
 
 impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Listener")
             .field("channels", &self.channels)
+            .field("cursor", &self.cursor)
             .finish_non_exhaustive()
     }
 }
 
 impl Listener {
-    /// Connects, LISTENs on `channels` and starts delivering.
-    ///
-    /// Returns once every LISTEN is in place: whatever commits after this
-    /// returns is received.
+    /// Connects, LISTENs on `channels`, proves that notifications arrive, and
+    /// starts delivering. Whatever commits after this returns is delivered;
+    /// with a stored cursor (`options.name`), everything after it too.
     ///
     /// # Errors
     /// [`Error::Connect`] when the database cannot be reached;
-    /// [`Error::Db`] when LISTEN is refused.
+    /// [`Error::ReadReplica`] on a standby; [`Error::NotifyUnavailable`] when
+    /// a notification sent to ourselves never arrives (a transaction pooler);
+    /// [`Error::Db`] when LISTEN is refused; [`Error::NotMigrated`] for a
+    /// named listener without the schema.
     pub async fn connect(
         config: &Config,
         channels: &[Channel],
         options: ListenerOptions,
     ) -> Result<Listener> {
-        let (client, mut connection) =
-            config
-                .connect(NoTls)
-                .await
-                .map_err(|source| Error::Connect {
-                    target: crate::db::describe(config),
-                    source,
-                })?;
+        let config = crate::db::tuned(config);
+        let log = Arc::new(LogConn::new(config.clone(), options.deaf_after));
+        let stats = Arc::new(Stats::default());
+        let (tx, items) = mpsc::channel(options.buffer.max(1));
+        let (state_tx, state) = watch::channel(ConnectionState::Listening);
+        let fence_channel = Channel::new(format!("pgpubsub_fence_{}", random_suffix()))?;
 
-        let (notify_tx, notify_rx) = mpsc::channel::<Result<Notification, String>>(NOTIFY_QUEUE);
-        tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            loop {
-                let next = tokio::select! {
-                    next = messages.next() => next,
-                    () = notify_tx.closed() => break,
-                };
-                let item = match next {
-                    Some(Ok(AsyncMessage::Notification(n))) => Ok(n),
-                    Some(Ok(AsyncMessage::Notice(n))) => {
-                        tracing::debug!(notice = %n.message(), "notice on listening connection");
+        // Taken before LISTEN: every transaction older than this finished
+        // before we listened, so "from now" starts here.
+        let start = Cursor::before_txid(log.xmin().await?);
+        let stored = match &options.name {
+            Some(name) => log.load_cursor(name).await?,
+            None => None,
+        };
+
+        let mut session = Session::new(
+            config,
+            channels.to_vec(),
+            fence_channel,
+            options.clone(),
+            log.clone(),
+            stats.clone(),
+            tx,
+            state_tx,
+        );
+        let mut live = session.open().await?;
+        session.prove(&mut live).await?;
+        tokio::spawn(session.run(live));
+
+        let cursor = stored.unwrap_or(start);
+        let mut listener = Listener {
+            items,
+            log,
+            stats,
+            state,
+            names: channels.iter().map(|c| c.as_str().to_string()).collect(),
+            channels: channels.to_vec(),
+            options,
+            cursor,
+            pending: None,
+            delivered: BTreeSet::new(),
+            replay: VecDeque::new(),
+            // Resuming: first deliver what was missed while away.
+            catching_up: stored,
+            scan_blocked: false,
+            last_saved: Instant::now(),
+            saved: stored.unwrap_or_default(),
+            retry: Duration::ZERO,
+        };
+        if stored.is_none() && listener.options.name.is_some() {
+            listener.save().await?;
+        }
+        Ok(listener)
+    }
+
+    /// The next event; `None` once the listener has stopped.
+    ///
+    /// Calling it again also acknowledges the previous event: the cursor
+    /// moves past it. Transient failures (reconnects, a slow log) are
+    /// retried inside; `Err` is returned only for [`Error::ResyncNeeded`],
+    /// after which delivery continues from the oldest event still logged.
+    pub async fn recv(&mut self) -> Option<Result<Event>> {
+        loop {
+            self.acknowledge().await;
+            if let Some((event, completes)) = self.replay.pop_front() {
+                self.pending = completes;
+                Stats::bump(&self.stats.replayed);
+                Stats::bump(&self.stats.events);
+                return Some(Ok(event));
+            }
+            if let Some(from) = self.catching_up {
+                match self.catch_up(from).await {
+                    Ok(()) => {
+                        self.retry = Duration::ZERO;
                         continue;
                     }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => Err("server closed the connection".to_string()),
-                };
-                let failed = item.is_err();
-                if notify_tx.send(item).await.is_err() || failed {
-                    break;
+                    Err(e @ Error::ResyncNeeded { .. }) => return Some(Err(e)),
+                    Err(Error::NotMigrated) => {
+                        // Only foreign notifications can be flowing: nothing
+                        // is logged, so there is nothing to catch up from.
+                        tracing::warn!(
+                            "gap on a database without the pubsub schema: events in it are lost"
+                        );
+                        self.catching_up = None;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.retry = (self.retry * 2)
+                            .clamp(self.options.backoff_min, self.options.backoff_max);
+                        tracing::warn!(error = %e, retry_in = ?self.retry, "catch-up failed; retrying");
+                        tokio::time::sleep(self.retry).await;
+                        continue;
+                    }
                 }
             }
-        });
-
-        let sql: String = channels
-            .iter()
-            .map(|c| format!("LISTEN {};", c.quoted()))
-            .collect();
-        if !sql.is_empty() {
-            client
-                .batch_execute(&sql)
-                .await
-                .map_err(|e| Error::db("LISTEN", e))?;
+            match self.items.recv().await? {
+                Item::Event(event) => {
+                    if self.is_duplicate(&event) {
+                        Stats::bump(&self.stats.duplicates);
+                        continue;
+                    }
+                    Stats::bump(&self.stats.events);
+                    return Some(Ok(event));
+                }
+                Item::Fence { xmin } => self.on_fence(xmin),
+                Item::Gap => {
+                    Stats::bump(&self.stats.gaps);
+                    self.catching_up = Some(self.cursor);
+                }
+            }
         }
-        tracing::info!(target = %crate::db::describe(config), channels = ?channels, "listening");
-
-        let stats = Arc::new(Stats::default());
-        let (events_tx, events) = mpsc::channel(options.buffer.max(1));
-        let decoder = Decoder {
-            _client: client,
-            config: config.clone(),
-            log: None,
-            reassembler: Reassembler::new(options.limits.clone(), stats.clone()),
-            max_event_bytes: options.limits.max_event_bytes,
-            stats: stats.clone(),
-            out: events_tx,
-        };
-        tokio::spawn(decoder.run(notify_rx));
-        Ok(Listener {
-            events,
-            stats,
-            channels: channels.to_vec(),
-        })
     }
 
-    /// The next event; `None` once the stream has ended.
-    pub async fn recv(&mut self) -> Option<Result<Event>> {
-        self.events.recv().await
+    /// The listener as a [`Stream`] of what [`recv`](Self::recv) returns.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Event>> + Send {
+        futures_util::stream::unfold(
+            self,
+            |mut l| async move { l.recv().await.map(|item| (item, l)) },
+        )
     }
 
-    /// The next event if one is ready now, without waiting.
+    /// The next event if one is ready without waiting for the network.
     pub fn try_recv(&mut self) -> Option<Result<Event>> {
-        self.events.try_recv().ok()
+        self.recv().now_or_never().flatten()
     }
 
     /// This listener's counters.
@@ -181,144 +317,195 @@ impl Listener {
         self.stats.clone()
     }
 
+    /// The state of the listening connection, updated as it changes.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
+    }
+
     /// The channels listened on.
     pub fn channels(&self) -> &[Channel] {
         &self.channels
     }
-}
 
-impl Stream for Listener {
-    type Item = Result<Event>;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.events.poll_recv(cx)
+    /// The position: everything at or below it is delivered and handled.
+    pub fn cursor(&self) -> Cursor {
+        self.pending.map_or(self.cursor, |p| p.max(self.cursor))
     }
-}
 
-/// The decoding task's state.
-struct Decoder {
-    /// Keeps the listening connection (and its LISTENs) alive.
-    _client: Client,
-    config: Config,
-    /// Connection for reading referenced events, opened on first use.
-    log: Option<Client>,
-    reassembler: Reassembler,
-    max_event_bytes: u64,
-    stats: Arc<Stats>,
-    out: mpsc::Sender<Result<Event>>,
-}
-
-impl Decoder {
-    async fn run(mut self, mut notifications: mpsc::Receiver<Result<Notification, String>>) {
-        let mut sweep = tokio::time::interval(Duration::from_secs(1));
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let item = tokio::select! {
-                item = notifications.recv() => item,
-                _ = sweep.tick() => {
-                    self.reassembler.expire(Instant::now());
-                    continue;
-                }
-                () = self.out.closed() => return,
-            };
-            let n = match item {
-                Some(Ok(n)) => n,
-                Some(Err(reason)) => {
-                    tracing::warn!(%reason, "listening connection lost");
-                    let _ = self.out.send(Err(Error::ConnectionLost(reason))).await;
-                    return;
-                }
-                None => return,
-            };
-            Stats::bump(&self.stats.notifications);
-            if let Some(event) = self.handle(n.channel(), n.payload()).await {
-                Stats::bump(&self.stats.events);
-                if self.out.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
+    /// Acknowledges the last event and stores the cursor (named listeners);
+    /// call before exiting.
+    ///
+    /// # Errors
+    /// When the cursor cannot be stored.
+    pub async fn close(mut self) -> Result<()> {
+        if let Some(p) = self.pending.take() {
+            self.advance(p);
         }
+        self.save().await
     }
 
-    /// Turns one notification into an event, or `None` when it is a chunk
-    /// still waiting for others, or bad input (warned and counted).
-    async fn handle(&mut self, channel: &str, payload: &str) -> Option<Event> {
-        let now = Instant::now();
-        let text = match wire::parse(payload) {
-            Ok(Frame::Whole(text)) => text.to_string(),
-            Ok(Frame::Chunk(c)) => self.reassembler.push_chunk(channel, &c, now)?,
-            Ok(Frame::SeedPart { id, offset, data }) => self
-                .reassembler
-                .push_seed_part(channel, id, offset, data, now)?,
-            Ok(Frame::SeedEof { id }) => self.reassembler.push_seed_eof(channel, id, now)?,
-            Ok(Frame::Ref { seq, bytes }) => self.fetch(channel, seq, bytes).await?,
-            Err(e) => {
-                Stats::bump(&self.stats.malformed);
-                tracing::warn!(channel, error = %e, len = payload.len(), "malformed notification skipped");
-                return None;
-            }
+    fn is_duplicate(&mut self, event: &Event) -> bool {
+        let (Some(seq), Some(txid)) = (event.seq, event.txid) else {
+            return false;
         };
-        match Event::decode(channel, text) {
-            Ok(event) => Some(event),
-            Err(e) => {
-                Stats::bump(&self.stats.not_json);
-                tracing::warn!(channel, error = %e, "notification is not JSON; skipped");
-                None
+        let at = Cursor { txid, seq };
+        if at <= self.cursor || !self.delivered.insert(at) {
+            return true;
+        }
+        if self.delivered.len() > self.options.max_remembered {
+            self.delivered.pop_first();
+            Stats::bump(&self.stats.forgotten);
+        }
+        false
+    }
+
+    fn on_fence(&mut self, xmin: u64) {
+        // Every event of a transaction older than xmin came before this fence
+        // and, if there was a gap, was replayed before it was popped.
+        self.advance(Cursor::before_txid(xmin));
+        self.scan_blocked = false;
+    }
+
+    fn advance(&mut self, to: Cursor) {
+        if to > self.cursor {
+            self.cursor = to;
+            self.delivered = self.delivered.split_off(&Cursor {
+                txid: to.txid,
+                seq: to.seq.saturating_add(1),
+            });
+        }
+    }
+
+    async fn acknowledge(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.advance(p);
+        }
+        let due = self.last_saved.elapsed() >= self.options.heartbeat;
+        if self.options.autosave && self.options.name.is_some() && self.cursor > self.saved && due {
+            if let Err(e) = self.save().await {
+                tracing::warn!(error = %e, "could not store the cursor; will retry");
             }
         }
     }
 
-    /// Reads a referenced event from the log.
-    async fn fetch(&mut self, channel: &str, seq: i64, bytes: u64) -> Option<String> {
-        if bytes > self.max_event_bytes {
-            Stats::bump(&self.stats.oversize);
-            tracing::warn!(
-                channel,
-                seq,
-                bytes,
-                "referenced event over max_event_bytes; dropped"
-            );
-            return None;
-        }
-        match self.read_log(channel, seq).await {
-            Ok(Some(body)) if body.len() as u64 == bytes => {
-                Stats::bump(&self.stats.fetched);
-                Some(body)
-            }
-            Ok(found) => {
-                Stats::bump(&self.stats.fetch_failed);
-                let found = found.map(|b| b.len());
-                tracing::warn!(
-                    channel,
-                    seq,
-                    bytes,
-                    ?found,
-                    "referenced event missing from the log or of another size"
-                );
-                None
-            }
-            Err(e) => {
-                Stats::bump(&self.stats.fetch_failed);
-                tracing::warn!(channel, seq, error = %e, "could not read referenced event");
-                self.log = None;
-                None
-            }
-        }
-    }
-
-    async fn read_log(&mut self, channel: &str, seq: i64) -> Result<Option<String>> {
-        if self.log.as_ref().is_none_or(Client::is_closed) {
-            self.log = Some(crate::db::connect(&self.config).await?);
-        }
-        let Some(log) = &self.log else {
-            return Ok(None);
+    /// Stores the cursor of a named listener now (nothing for an anonymous
+    /// one, or when it has not moved). Everything returned before the last
+    /// `recv` call counts as handled.
+    ///
+    /// # Errors
+    /// When the database cannot be written.
+    pub async fn save(&mut self) -> Result<()> {
+        let Some(name) = &self.options.name else {
+            return Ok(());
         };
-        let row = log
-            .query_opt(
-                "SELECT body FROM pubsub.events WHERE seq = $1 AND channel = $2",
-                &[&seq, &channel],
+        if self.cursor == self.saved {
+            return Ok(());
+        }
+        self.log.save_cursor(name, self.cursor).await?;
+        self.saved = self.cursor;
+        self.last_saved = Instant::now();
+        Ok(())
+    }
+
+    /// Reads one page of missed events into `replay`.
+    async fn catch_up(&mut self, from: Cursor) -> Result<()> {
+        if from == self.cursor {
+            let pruned = self.log.pruned().await?;
+            if pruned > self.cursor {
+                let behind = self.cursor;
+                Stats::bump(&self.stats.resyncs);
+                tracing::warn!(cursor = %behind, pruned = %pruned, "events this subscriber missed were pruned");
+                self.cursor = pruned;
+                self.catching_up = Some(pruned);
+                return Err(Error::ResyncNeeded {
+                    cursor: behind,
+                    pruned,
+                });
+            }
+            self.scan_blocked = false;
+        }
+        let xmin = self.log.xmin().await?;
+        let rows = self
+            .log
+            .catch_up(
+                &self.names,
+                from,
+                self.options.catch_up_rows,
+                self.options.catch_up_bytes,
+                self.options.limits.max_event_bytes as i64,
             )
-            .await
-            .map_err(|e| Error::db("reading a referenced event", e))?;
-        Ok(row.map(|r| r.get(0)))
+            .await?;
+        let more = rows.first().is_some_and(|r| {
+            r.page_rows >= self.options.catch_up_rows || (rows.len() as i64) < r.page_rows
+        });
+        let mut last = from;
+        for row in rows {
+            last = row.cursor;
+            // Final (no older transaction can still commit) and nothing
+            // unfinished before it in this scan: the cursor may move here.
+            let final_here = row.cursor.txid < xmin && !self.scan_blocked;
+            if !final_here {
+                self.scan_blocked = true;
+            }
+            let already = row.cursor <= self.cursor || self.delivered.contains(&row.cursor);
+            let event = match row.body {
+                Some(body) if !already => match Event::decode(&row.channel, body) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        Stats::bump(&self.stats.not_json);
+                        tracing::warn!(seq = row.cursor.seq, error = %e, "logged event is not JSON; skipped");
+                        None
+                    }
+                },
+                Some(_) => None,
+                None => {
+                    Stats::bump(&self.stats.oversize);
+                    tracing::warn!(
+                        seq = row.cursor.seq,
+                        "logged event over max_event_bytes; skipped"
+                    );
+                    None
+                }
+            };
+            let completes = final_here.then_some(row.cursor);
+            match event {
+                Some(e) => {
+                    if !final_here {
+                        self.delivered.insert(row.cursor);
+                    }
+                    self.replay.push_back((e, completes));
+                }
+                None => {
+                    if let Some(c) = completes {
+                        match self.replay.back_mut() {
+                            Some((_, slot)) => *slot = Some(c),
+                            None => self.advance(c),
+                        }
+                    }
+                }
+            }
+        }
+        // The next page is read once this one is delivered, so `replay`
+        // never holds more than one page.
+        self.catching_up = more.then_some(last);
+        if self.catching_up.is_none() {
+            tracing::debug!(cursor = %self.cursor, "caught up");
+        }
+        Ok(())
     }
+}
+
+/// 12 hex digits from the clock and the process: unique enough for a fence
+/// channel (it only has to differ between the listeners of one database).
+fn random_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }

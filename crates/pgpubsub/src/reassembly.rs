@@ -70,6 +70,8 @@ pub struct Reassembler {
     stats: Arc<Stats>,
     pending: HashMap<Key, Partial>,
     held: usize,
+    /// Events dropped since [`Reassembler::take_losses`] was last called.
+    losses: u64,
 }
 
 impl Reassembler {
@@ -80,7 +82,24 @@ impl Reassembler {
             stats,
             pending: HashMap::new(),
             held: 0,
+            losses: 0,
         }
+    }
+
+    /// Drops every incomplete event (their connection is gone); returns how
+    /// many there were.
+    pub fn clear(&mut self) -> usize {
+        let n = self.pending.len();
+        self.pending.clear();
+        self.held = 0;
+        self.losses += n as u64;
+        n
+    }
+
+    /// Events lost (corrupt, evicted, expired, cleared) since the last call:
+    /// the listener reads them back from the log.
+    pub fn take_losses(&mut self) -> u64 {
+        std::mem::take(&mut self.losses)
     }
 
     /// Incomplete events held now.
@@ -137,6 +156,7 @@ impl Reassembler {
         let digest = format!("{:x}", Md5::digest(text.as_bytes()));
         if text.len() as u64 != chunk.bytes || digest != chunk.md5 {
             Stats::bump(&self.stats.corrupt);
+            self.losses += 1;
             tracing::warn!(
                 channel,
                 seq = chunk.seq,
@@ -189,6 +209,7 @@ impl Reassembler {
             .collect();
         for key in &old {
             self.remove(key);
+            self.losses += 1;
             Stats::bump(&self.stats.expired);
             tracing::warn!(channel = &*key.channel, id = ?key.id, "incomplete event expired; dropped");
         }
@@ -251,6 +272,7 @@ impl Reassembler {
 
     fn drop_corrupt(&mut self, key: &Key, why: &'static str) -> Option<String> {
         self.remove(key);
+        self.losses += 1;
         Stats::bump(&self.stats.corrupt);
         tracing::warn!(channel = &*key.channel, id = ?key.id, why, "corrupt chunked event dropped");
         None
@@ -264,6 +286,7 @@ impl Reassembler {
             .map(|(k, _)| k.clone());
         if let Some(key) = oldest {
             self.remove(&key);
+            self.losses += 1;
             Stats::bump(&self.stats.evicted);
             tracing::warn!(channel = &*key.channel, id = ?key.id, "incomplete event evicted to stay within limits");
         }

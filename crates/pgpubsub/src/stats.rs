@@ -53,9 +53,39 @@ counters! {
     oversize,
     /// References whose event could not be read from the log.
     fetch_failed,
+    /// Times the listening connection was replaced.
+    reconnects,
+    /// Live events dropped because the subscriber was behind (replayed
+    /// from the log later).
+    lagged,
+    /// Gaps repaired by reading the log.
+    gaps,
+    /// Events delivered from the log rather than live.
+    replayed,
+    /// Events skipped because they had already been delivered.
+    duplicates,
+    /// Times the log had been pruned past a subscriber's cursor.
+    resyncs,
+    /// Delivered events forgotten to keep the duplicate filter bounded.
+    forgotten,
+    /// Gauge: `pg_notification_queue_usage()` at the last heartbeat, in
+    /// millionths.
+    queue_usage_ppm,
+    /// Gauge: round trip of the last heartbeat, in microseconds.
+    heartbeat_rtt_us,
 }
 
 impl Stats {
+    pub(crate) fn set_queue_usage(&self, usage: f64) {
+        self.queue_usage_ppm
+            .store((usage * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_heartbeat_rtt(&self, rtt: std::time::Duration) {
+        self.heartbeat_rtt_us
+            .store(rtt.as_micros() as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

@@ -23,6 +23,7 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         max_age: Duration::from_secs(args.chunk_timeout.max(1)),
         ..Limits::default()
     };
+    let stop = shutdown_signal();
     let mut listener = Listener::connect(
         config,
         &args.channels,
@@ -34,7 +35,6 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 << 10, stdout.lock());
     let mut printed = 0u64;
-    let stop = shutdown_signal();
     tokio::pin!(stop);
 
     let result = loop {
@@ -92,25 +92,33 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
     result
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is
+/// called, not when first polled, so a signal that arrives while the caller
+/// is still connecting is not fatal.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let int = signal(SignalKind::interrupt());
+        let term = signal(SignalKind::terminate());
+        async move {
+            match (int, term) {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

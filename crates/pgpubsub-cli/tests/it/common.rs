@@ -54,6 +54,7 @@ impl TestDb {
 
     /// A new, empty database.
     pub async fn bare() -> TestDb {
+        init_logs();
         let name = unique("pgps_test");
         let admin = pgpubsub::db::connect(&admin_url().parse().unwrap())
             .await
@@ -105,6 +106,21 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// Library logs in the test output (shown for failing tests), filtered by
+/// RUST_LOG (default: pgpubsub at debug).
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pgpubsub=debug"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    });
 }
 
 /// The admin URL with another database name.
