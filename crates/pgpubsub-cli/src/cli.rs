@@ -48,6 +48,8 @@ pub enum Command {
     },
     /// Publish a message of any size.
     Publish(PublishArgs),
+    /// Delete old events from the log (by age and/or count).
+    Prune(RetentionArgs),
     /// Run the whole flow once: migrate, watch a demo table, write rows,
     /// print the events that arrive.
     Demo,
@@ -87,6 +89,37 @@ pub struct ListenArgs {
         value_name = "SECONDS"
     )]
     pub chunk_timeout: u64,
+
+    /// Durable subscriber name: its cursor is stored in the database, and a
+    /// restart resumes after the last event printed.
+    #[arg(long, env = "PGPUBSUB_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Prune the log while listening (every minute), by these bounds.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// Retention bounds.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RetentionArgs {
+    /// Delete events older than this (e.g. 7d, 12h, 30m).
+    #[arg(long, env = "PGPUBSUB_RETENTION_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub max_age: Option<std::time::Duration>,
+    /// Keep at most this many of the newest events.
+    #[arg(long, env = "PGPUBSUB_RETENTION_COUNT", value_name = "N")]
+    pub max_count: Option<i64>,
+}
+
+impl RetentionArgs {
+    /// As the library's policy.
+    pub fn policy(&self) -> pgpubsub::retention::Retention {
+        pgpubsub::retention::Retention::new(self.max_age, self.max_count)
+    }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 7d, 12h, 30m, 90s)"))
 }
 
 /// Options of `migrate`.

@@ -56,6 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Unwatch { table }) => cmd::watch::unwatch(&config, &table).await,
         Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,
+        Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
         Some(Command::Demo) => cmd::demo::run(&config, debug).await,
     }
 }

@@ -59,6 +59,30 @@ pub fn write_event(out: &mut impl Write, event: &Event, style: Style) -> std::io
     }
 }
 
+/// Tells the reader that events were pruned before this subscriber saw them:
+/// a `{"kind":"resync",...}` object in JSON styles, a line otherwise.
+///
+/// # Errors
+/// When the output cannot be written.
+pub fn write_resync(
+    out: &mut impl Write,
+    cursor: pgpubsub::Cursor,
+    pruned: pgpubsub::Cursor,
+    style: Style,
+) -> std::io::Result<()> {
+    match style {
+        Style::Json | Style::Pretty => writeln!(
+            out,
+            "{}",
+            serde_json::json!({"seq": null, "kind": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string()})
+        ),
+        Style::Line => writeln!(
+            out,
+            "RESYNC NEEDED: events after {cursor} up to {pruned} were pruned before delivery"
+        ),
+    }
+}
+
 /// `text` up to [`SHOWN`] bytes (cut on a character boundary), with how much
 /// was left out.
 fn shorten(text: &str) -> String {

@@ -10,6 +10,7 @@
 //!   embedded dbmate migrations;
 //! - [`publish`]: `watch`/`unwatch` a table, `publish` a message;
 //! - [`store`]: the event-sourced snapshot + history store;
+//! - [`retention`]: pruning the log by age or count;
 //! - [`channel`]: channel names, validated and quoted in one place;
 //! - [`listener`]: a subscriber's stream: live events, and catch-up from the
 //!   log after any gap, from a commit-safe [`cursor`];
@@ -39,6 +40,7 @@ mod log;
 pub mod migrate;
 pub mod publish;
 pub mod reassembly;
+pub mod retention;
 mod session;
 pub mod stats;
 pub mod store;

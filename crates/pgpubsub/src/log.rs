@@ -242,19 +242,4 @@ impl LogConn {
         })
         .await
     }
-
-    /// Deletes events older than `max_age` and/or beyond the newest `keep`.
-    pub async fn prune(&self, max_age: Option<Duration>, keep: Option<i64>) -> Result<i64> {
-        let secs = max_age.map(|d| d.as_secs_f64());
-        self.run("pruning the log", |c| async move {
-            let row = c
-                .query_one(
-                    "SELECT pubsub.prune(make_interval(secs => $1), $2)",
-                    &[&secs, &keep],
-                )
-                .await?;
-            Ok(row.get(0))
-        })
-        .await
-    }
 }

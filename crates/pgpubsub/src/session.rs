@@ -200,6 +200,11 @@ impl Session {
             match self.pump(&mut live).await {
                 Stop::Shutdown => return,
                 Stop::Lost(reason) => {
+                    // Owed from this moment: anything queued after this
+                    // point (the new connection's proving fence included)
+                    // must come after the Gap, or the subscriber's cursor
+                    // would move past what was missed.
+                    self.gap_pending = true;
                     tracing::warn!(%reason, "listening connection lost; reconnecting");
                     self.state.send_replace(ConnectionState::Reconnecting {
                         attempt: 0,
@@ -235,8 +240,6 @@ impl Session {
             };
             Stats::bump(&self.stats.reconnects);
             tracing::info!(attempt, "reconnected; catching up from the log");
-            // Anything committed while we were away is in the log.
-            self.gap_pending = true;
             backoff = self.options.backoff_min;
             attempt = 0;
         }
@@ -330,6 +333,11 @@ impl Session {
         if n.channel() == self.fence_channel.as_str() {
             if let Some((token, xmin, sent)) = self.fence.take() {
                 if token == n.payload() {
+                    if self.reassembler.pending() > 0 {
+                        // A chunked event is still incomplete: the cursor
+                        // must not pass it, so catch up (from the log) first.
+                        self.gap_pending = true;
+                    }
                     self.last_fence_ok = Instant::now();
                     self.stats.set_heartbeat_rtt(sent.elapsed());
                     self.push(Item::Fence { xmin });

@@ -1,17 +1,16 @@
 //! `pgpubsub listen`: the logging mode.
 
 use std::io::Write;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pgpubsub::{Limits, Listener, ListenerOptions};
+use pgpubsub::{ConnectionState, Limits, Listener, ListenerOptions};
 use tokio_postgres::Config;
 
 use crate::cli::ListenArgs;
 use crate::output::{self, Style};
 
-/// Prints events until Ctrl-C (or SIGTERM), `--count` events, or a lost
-/// connection (an error).
+/// Prints events until Ctrl-C (or SIGTERM), or `--count` events.
 pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Result<()> {
     let style = match (args.json, debug) {
         (true, _) => Style::Json,
@@ -23,18 +22,30 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         max_age: Duration::from_secs(args.chunk_timeout.max(1)),
         ..Limits::default()
     };
+    let mut options = ListenerOptions::default().limits(limits);
+    if let Some(name) = &args.name {
+        // Stored after each flush below, so the cursor never covers an
+        // event still sitting in our output buffer.
+        options = options.name(name.clone());
+        options.autosave = false;
+    }
     let stop = shutdown_signal();
-    let mut listener = Listener::connect(
-        config,
-        &args.channels,
-        ListenerOptions::default().limits(limits),
-    )
-    .await
-    .context("starting the listener")?;
+    let mut listener = Listener::connect(config, &args.channels, options)
+        .await
+        .context("starting the listener")?;
+    if args.retention.policy().is_set() {
+        crate::cmd::prune::spawn_periodic(
+            config.clone(),
+            args.retention.policy(),
+            Duration::from_secs(60),
+        );
+    }
+    log_state_changes(listener.state());
     let stats = listener.stats();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 << 10, stdout.lock());
     let mut printed = 0u64;
+    let mut last_save = Instant::now();
     tokio::pin!(stop);
 
     let result = loop {
@@ -45,51 +56,69 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         let Some(first) = first else { break Ok(()) };
         // Write what is ready now, then flush once: one syscall per burst.
         let mut item = Some(first);
-        let mut failed = None;
+        let mut written = Ok(());
         while let Some(next) = item {
-            match next {
+            written = match next {
                 Ok(event) => {
-                    if let Err(e) = output::write_event(&mut out, &event, style) {
-                        failed = Some(e);
-                        break;
-                    }
                     printed += 1;
-                    if args.count.is_some_and(|n| printed >= n) {
-                        break;
-                    }
+                    output::write_event(&mut out, &event, style)
+                }
+                Err(pgpubsub::Error::ResyncNeeded { cursor, pruned }) => {
+                    tracing::warn!(%cursor, %pruned, "RESYNC NEEDED: events this subscriber had not seen were pruned");
+                    output::write_resync(&mut out, cursor, pruned, style)
                 }
                 Err(e) => {
-                    let _ = out.flush();
-                    return Err(e).context("listening");
+                    tracing::warn!(error = %e, "listener reported an error; going on");
+                    Ok(())
                 }
+            };
+            if written.is_err() || args.count.is_some_and(|n| printed >= n) {
+                break;
             }
             item = listener.try_recv();
         }
-        let flushed = failed.map_or_else(|| out.flush(), Err);
-        match flushed {
+        match written.and_then(|()| out.flush()) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
             Err(e) => break Err(e).context("writing to stdout"),
             Ok(()) => {}
+        }
+        if last_save.elapsed() >= Duration::from_secs(1) {
+            if let Err(e) = listener.save().await {
+                tracing::warn!(error = %e, "could not store the cursor; will retry");
+            }
+            last_save = Instant::now();
         }
         if args.count.is_some_and(|n| printed >= n) {
             break Ok(());
         }
     };
+    let _ = out.flush();
     let s = stats.snapshot();
-    tracing::info!(
-        printed,
-        notifications = s.notifications,
-        chunks = s.chunks,
-        fetched = s.fetched,
-        malformed = s.malformed,
-        not_json = s.not_json,
-        corrupt = s.corrupt,
-        expired = s.expired,
-        evicted = s.evicted,
-        oversize = s.oversize,
-        "stopped"
-    );
+    let cursor = listener.cursor();
+    if let Err(e) = listener.close().await {
+        tracing::warn!(error = %e, "could not store the final cursor");
+    }
+    tracing::info!(printed, %cursor, notifications = s.notifications, chunks = s.chunks, fetched = s.fetched,
+        reconnects = s.reconnects, gaps = s.gaps, replayed = s.replayed, duplicates = s.duplicates,
+        lagged = s.lagged, malformed = s.malformed, not_json = s.not_json, corrupt = s.corrupt,
+        expired = s.expired, evicted = s.evicted, oversize = s.oversize, "stopped");
     result
+}
+
+/// Logs each change of the connection's state (lost, reconnecting, back).
+fn log_state_changes(mut state: tokio::sync::watch::Receiver<ConnectionState>) {
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            let now = state.borrow_and_update().clone();
+            match now {
+                ConnectionState::Listening => tracing::info!("connection state: listening"),
+                ConnectionState::Reconnecting { attempt, error } => {
+                    tracing::warn!(attempt, %error, "connection state: reconnecting")
+                }
+                _ => {}
+            }
+        }
+    });
 }
 
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is

@@ -3,6 +3,7 @@
 pub mod demo;
 pub mod listen;
 pub mod migrate;
+pub mod prune;
 pub mod publish;
 pub mod watch;
 

@@ -5,7 +5,10 @@
 
 mod chunks;
 mod cli;
+mod cluster;
 mod common;
 mod events;
+mod faults;
 mod migrations;
+mod proxy;
 mod sizes;
