@@ -82,12 +82,7 @@ pub struct ListenArgs {
     pub max_event_bytes: u64,
 
     /// Seconds an incomplete chunked event waits for its missing chunks.
-    #[arg(
-        long,
-        env = "PGPUBSUB_CHUNK_TIMEOUT",
-        default_value_t = 30,
-        value_name = "SECONDS"
-    )]
+    #[arg(long, env = "PGPUBSUB_CHUNK_TIMEOUT", default_value_t = 30, value_name = "SECONDS")]
     pub chunk_timeout: u64,
 
     /// Durable subscriber name: its cursor is stored in the database, and a

@@ -24,10 +24,7 @@ fn main() -> ExitCode {
         eprintln!("error: cannot read .env: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -51,9 +48,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => cmd::listen::run(&config, &cli.listen, debug).await,
         Some(Command::Listen(args)) => cmd::listen::run(&config, &args, debug).await,
         Some(Command::Migrate(args)) => cmd::migrate::run(&config, &args).await,
-        Some(Command::Watch(args)) => {
-            cmd::watch::run(&config, args.table.as_deref(), args.channel.as_ref()).await
-        }
+        Some(Command::Watch(args)) => cmd::watch::run(&config, args.table.as_deref(), args.channel.as_ref()).await,
         Some(Command::Unwatch { table }) => cmd::watch::unwatch(&config, &table).await,
         Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,

@@ -28,14 +28,11 @@ pub fn write_event(out: &mut impl Write, event: &Event, style: Style) -> std::io
         Style::Json => writeln!(out, "{}", event.json()),
         Style::Pretty => {
             let value: serde_json::Value = serde_json::from_str(event.json()).unwrap_or_default();
-            let text =
-                serde_json::to_string_pretty(&value).unwrap_or_else(|_| event.json().to_string());
+            let text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| event.json().to_string());
             writeln!(out, "{text}")
         }
         Style::Line => {
-            let seq = event
-                .seq
-                .map_or_else(|| "-".to_string(), |s| format!("#{s}"));
+            let seq = event.seq.map_or_else(|| "-".to_string(), |s| format!("#{s}"));
             write!(out, "{} {seq} ", event.channel)?;
             match &event.body {
                 Body::Change(c) => {
@@ -47,11 +44,7 @@ pub fn write_event(out: &mut impl Write, event: &Event, style: Style) -> std::io
                     }
                     writeln!(out)
                 }
-                Body::Message(m) => writeln!(
-                    out,
-                    "message {}",
-                    shorten(&serde_json::to_string(&m.payload)?)
-                ),
+                Body::Message(m) => writeln!(out, "message {}", shorten(&serde_json::to_string(&m.payload)?)),
                 Body::Notify(raw) => writeln!(out, "notify {}", shorten(raw.get())),
                 _ => writeln!(out, "{}", shorten(event.json())),
             }
@@ -76,10 +69,7 @@ pub fn write_resync(
             "{}",
             serde_json::json!({"seq": null, "kind": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string()})
         ),
-        Style::Line => writeln!(
-            out,
-            "RESYNC NEEDED: events after {cursor} up to {pruned} were pruned before delivery"
-        ),
+        Style::Line => writeln!(out, "RESYNC NEEDED: events after {cursor} up to {pruned} were pruned before delivery"),
     }
 }
 
@@ -126,9 +116,7 @@ mod tests {
     #[test]
     fn long_values_are_shortened_on_a_char_boundary() {
         let long = "é".repeat(1000);
-        let e = event(&format!(
-            r#"{{"seq":1,"kind":"message","channel":"t","payload":"{long}"}}"#
-        ));
+        let e = event(&format!(r#"{{"seq":1,"kind":"message","channel":"t","payload":"{long}"}}"#));
         let line = render(&e, Style::Line);
         assert!(line.contains("…(+") && line.len() < 600 && line.ends_with("bytes)\n"));
         assert!(render(&e, Style::Json).contains(&long));
@@ -139,9 +127,6 @@ mod tests {
         let e = event(r#"{"seq":1,"kind":"message","channel":"t","payload":"x"}"#);
         let text = render(&e, Style::Pretty);
         assert!(text.lines().count() > 3);
-        assert_eq!(
-            serde_json::from_str::<serde_json::Value>(&text).unwrap()["payload"],
-            "x"
-        );
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap()["payload"], "x");
     }
 }

@@ -20,8 +20,7 @@ struct Todo {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url =
-        std::env::var("DATABASE_URL").unwrap_or_else(|_| pgpubsub::db::DEFAULT_DATABASE_URL.into());
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| pgpubsub::db::DEFAULT_DATABASE_URL.into());
     let config = pgpubsub::db::parse_config(&url)?;
     let mut client = pgpubsub::db::connect(&config).await?;
 
@@ -37,8 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let channel: Channel = pgpubsub::watch(&client, "todo", None).await?;
 
-    let mut listener =
-        Listener::connect(&config, &[channel.clone()], ListenerOptions::default()).await?;
+    let mut listener = Listener::connect(&config, &[channel.clone()], ListenerOptions::default()).await?;
     println!("listening on {channel}; Ctrl-C to stop");
 
     client
@@ -56,10 +54,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 _ => change.new_as::<Todo>()?,
             };
             if let Some(Todo { id, title, done }) = row {
-                println!(
-                    "#{seq} {} todo {id}: {title:?} done={done}",
-                    change.op.as_str()
-                );
+                println!("#{seq} {} todo {id}: {title:?} done={done}", change.op.as_str());
             }
         } else if let Some(message) = event.message() {
             println!("#{seq} message: {}", message.payload);

@@ -50,10 +50,7 @@ impl FromStr for Cursor {
         if !digits(t) || !digits(q) {
             return Err(bad());
         }
-        Ok(Cursor {
-            txid: t.parse().map_err(|_| bad())?,
-            seq: q.parse().map_err(|_| bad())?,
-        })
+        Ok(Cursor { txid: t.parse().map_err(|_| bad())?, seq: q.parse().map_err(|_| bad())? })
     }
 }
 
@@ -71,23 +68,9 @@ mod tests {
 
     #[test]
     fn round_trips_and_refuses_junk() {
-        let c = Cursor {
-            txid: 123,
-            seq: 456,
-        };
+        let c = Cursor { txid: 123, seq: 456 };
         assert_eq!(c.to_string().parse::<Cursor>(), Ok(c));
-        for bad in [
-            "",
-            "1",
-            "1:",
-            ":1",
-            "-1:2",
-            "1:-2",
-            "a:b",
-            "1:2:3",
-            "+1:2",
-            "99999999999999999999:1",
-        ] {
+        for bad in ["", "1", "1:", ":1", "-1:2", "1:-2", "a:b", "1:2:3", "+1:2", "99999999999999999999:1"] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad}");
         }
     }

@@ -62,13 +62,8 @@ pub fn tuned(config: &Config) -> Config {
 /// # Errors
 /// [`Error::Connect`] naming the target.
 pub async fn connect(config: &Config) -> Result<Client> {
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|source| Error::Connect {
-            target: describe(config),
-            source,
-        })?;
+    let (client, connection) =
+        config.connect(NoTls).await.map_err(|source| Error::Connect { target: describe(config), source })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "statement connection closed");
@@ -92,11 +87,7 @@ mod tests {
 
     #[test]
     fn bad_urls_are_config_errors() {
-        for bad in [
-            "postgres://h:notaport/db",
-            "nonsense=1",
-            "postgres://u@h/db?sslmode=bogus",
-        ] {
+        for bad in ["postgres://h:notaport/db", "nonsense=1", "postgres://u@h/db?sslmode=bogus"] {
             assert!(matches!(parse_config(bad), Err(Error::Config(_))), "{bad}");
         }
     }

@@ -104,11 +104,7 @@ impl DbMessage {
             }
             None => (None, inner.to_string()),
         };
-        DbMessage {
-            code,
-            message,
-            inner,
-        }
+        DbMessage { code, message, inner }
     }
 }
 
@@ -142,10 +138,7 @@ impl Error {
         if missing_schema {
             return Error::NotMigrated;
         }
-        Error::Db {
-            context,
-            source: msg,
-        }
+        Error::Db { context, source: msg }
     }
 
     /// The SQLSTATE of a database error, if this is one.

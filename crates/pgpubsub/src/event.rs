@@ -99,10 +99,7 @@ impl Change {
     /// # Errors
     /// When the row does not fit `T`.
     pub fn new_as<T: DeserializeOwned>(&self) -> serde_json::Result<Option<T>> {
-        self.new
-            .as_deref()
-            .map(|r| serde_json::from_str(r.get()))
-            .transpose()
+        self.new.as_deref().map(|r| serde_json::from_str(r.get())).transpose()
     }
 
     /// The old row deserialized into `T`; `Ok(None)` when there is none.
@@ -110,10 +107,7 @@ impl Change {
     /// # Errors
     /// When the row does not fit `T`.
     pub fn old_as<T: DeserializeOwned>(&self) -> serde_json::Result<Option<T>> {
-        self.old
-            .as_deref()
-            .map(|r| serde_json::from_str(r.get()))
-            .transpose()
+        self.old.as_deref().map(|r| serde_json::from_str(r.get())).transpose()
     }
 }
 
@@ -170,14 +164,7 @@ impl Event {
     pub fn decode(channel: &str, text: String) -> Result<Event, DecodeError> {
         if let Some((seq, txid, time, body)) = ours(channel, &text) {
             let json = one_line(text);
-            return Ok(Event {
-                channel: channel.to_string(),
-                seq: Some(seq),
-                txid,
-                time,
-                body,
-                json,
-            });
+            return Ok(Event { channel: channel.to_string(), seq: Some(seq), txid, time, body, json });
         }
         let raw: Box<RawValue> = serde_json::from_str(&text)?;
         Ok(Event::notify(channel, raw))
@@ -192,21 +179,9 @@ impl Event {
             payload: &'a RawValue,
         }
         let raw = compact(raw);
-        let json = serde_json::to_string(&Wrapped {
-            seq: None,
-            kind: "notify",
-            channel,
-            payload: &raw,
-        })
-        .unwrap_or_default();
-        Event {
-            channel: channel.to_string(),
-            seq: None,
-            txid: None,
-            time: None,
-            body: Body::Notify(raw),
-            json,
-        }
+        let json =
+            serde_json::to_string(&Wrapped { seq: None, kind: "notify", channel, payload: &raw }).unwrap_or_default();
+        Event { channel: channel.to_string(), seq: None, txid: None, time: None, body: Body::Notify(raw), json }
     }
 
     /// The event as one line of JSON (no newline in it), for logs and pipes.
@@ -302,13 +277,7 @@ mod tests {
             id: i64,
             name: String,
         }
-        assert_eq!(
-            c.new_as::<Row>().unwrap(),
-            Some(Row {
-                id: 1,
-                name: "b".into()
-            })
-        );
+        assert_eq!(c.new_as::<Row>().unwrap(), Some(Row { id: 1, name: "b".into() }));
         assert_eq!(c.old_as::<Row>().unwrap().unwrap().name, "a");
     }
 
@@ -330,22 +299,14 @@ mod tests {
 
     #[test]
     fn foreign_json_is_notify_on_one_line() {
-        let e = Event::decode(
-            "job_channel",
-            "{\n \"job_id\": 1,\n \"status\": \"new\"\n}".into(),
-        )
-        .unwrap();
+        let e = Event::decode("job_channel", "{\n \"job_id\": 1,\n \"status\": \"new\"\n}".into()).unwrap();
         assert_eq!(e.kind(), "notify");
         assert_eq!(e.seq, None);
         let v: serde_json::Value = serde_json::from_str(e.json()).unwrap();
         assert_eq!(v["payload"]["job_id"], 1);
         assert!(!e.json().contains('\n'));
         // An envelope for another channel is not ours: passed on untouched.
-        let e = Event::decode(
-            "x",
-            r#"{"seq":1,"kind":"message","channel":"y","payload":"p"}"#.into(),
-        )
-        .unwrap();
+        let e = Event::decode("x", r#"{"seq":1,"kind":"message","channel":"y","payload":"p"}"#.into()).unwrap();
         assert_eq!(e.kind(), "notify");
         for scalar in ["42", "\"s\"", "[1,2]", "null"] {
             assert_eq!(Event::decode("x", scalar.into()).unwrap().kind(), "notify");

@@ -181,11 +181,7 @@ impl Listener {
     /// a notification sent to ourselves never arrives (a transaction pooler);
     /// [`Error::Db`] when LISTEN is refused; [`Error::NotMigrated`] for a
     /// named listener without the schema.
-    pub async fn connect(
-        config: &Config,
-        channels: &[Channel],
-        options: ListenerOptions,
-    ) -> Result<Listener> {
+    pub async fn connect(config: &Config, channels: &[Channel], options: ListenerOptions) -> Result<Listener> {
         let config = crate::db::tuned(config);
         let log = Arc::new(LogConn::new(config.clone(), options.deaf_after));
         let stats = Arc::new(Stats::default());
@@ -266,15 +262,12 @@ impl Listener {
                     Err(Error::NotMigrated) => {
                         // Only foreign notifications can be flowing: nothing
                         // is logged, so there is nothing to catch up from.
-                        tracing::warn!(
-                            "gap on a database without the pubsub schema: events in it are lost"
-                        );
+                        tracing::warn!("gap on a database without the pubsub schema: events in it are lost");
                         self.catching_up = None;
                         continue;
                     }
                     Err(e) => {
-                        self.retry = (self.retry * 2)
-                            .clamp(self.options.backoff_min, self.options.backoff_max);
+                        self.retry = (self.retry * 2).clamp(self.options.backoff_min, self.options.backoff_max);
                         tracing::warn!(error = %e, retry_in = ?self.retry, "catch-up failed; retrying");
                         tokio::time::sleep(self.retry).await;
                         continue;
@@ -301,10 +294,7 @@ impl Listener {
 
     /// The listener as a [`Stream`] of what [`recv`](Self::recv) returns.
     pub fn into_stream(self) -> impl Stream<Item = Result<Event>> + Send {
-        futures_util::stream::unfold(
-            self,
-            |mut l| async move { l.recv().await.map(|item| (item, l)) },
-        )
+        futures_util::stream::unfold(self, |mut l| async move { l.recv().await.map(|item| (item, l)) })
     }
 
     /// The next event if one is ready without waiting for the network.
@@ -369,10 +359,7 @@ impl Listener {
     fn advance(&mut self, to: Cursor) {
         if to > self.cursor {
             self.cursor = to;
-            self.delivered = self.delivered.split_off(&Cursor {
-                txid: to.txid,
-                seq: to.seq.saturating_add(1),
-            });
+            self.delivered = self.delivered.split_off(&Cursor { txid: to.txid, seq: to.seq.saturating_add(1) });
         }
     }
 
@@ -417,10 +404,7 @@ impl Listener {
                 tracing::warn!(cursor = %behind, pruned = %pruned, "events this subscriber missed were pruned");
                 self.cursor = pruned;
                 self.catching_up = Some(pruned);
-                return Err(Error::ResyncNeeded {
-                    cursor: behind,
-                    pruned,
-                });
+                return Err(Error::ResyncNeeded { cursor: behind, pruned });
             }
             self.scan_blocked = false;
         }
@@ -435,9 +419,9 @@ impl Listener {
                 self.options.limits.max_event_bytes as i64,
             )
             .await?;
-        let more = rows.first().is_some_and(|r| {
-            r.page_rows >= self.options.catch_up_rows || (rows.len() as i64) < r.page_rows
-        });
+        let more = rows
+            .first()
+            .is_some_and(|r| r.page_rows >= self.options.catch_up_rows || (rows.len() as i64) < r.page_rows);
         let mut last = from;
         for row in rows {
             last = row.cursor;
@@ -460,10 +444,7 @@ impl Listener {
                 Some(_) => None,
                 None => {
                     Stats::bump(&self.stats.oversize);
-                    tracing::warn!(
-                        seq = row.cursor.seq,
-                        "logged event over max_event_bytes; skipped"
-                    );
+                    tracing::warn!(seq = row.cursor.seq, "logged event over max_event_bytes; skipped");
                     None
                 }
             };
@@ -500,12 +481,7 @@ impl Listener {
 fn random_suffix() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.write_u32(std::process::id());
     format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }

@@ -50,11 +50,7 @@ fn u64_of(text: &str) -> u64 {
 
 impl LogConn {
     pub fn new(config: Config, timeout: Duration) -> Self {
-        LogConn {
-            config,
-            client: Mutex::new(None),
-            timeout,
-        }
+        LogConn { config, client: Mutex::new(None), timeout }
     }
 
     async fn client(&self) -> Result<Arc<Client>> {
@@ -65,11 +61,7 @@ impl LogConn {
         let connect = crate::db::connect(&self.config);
         let client = match tokio::time::timeout(self.timeout, connect).await {
             Ok(c) => Arc::new(c?),
-            Err(_) => {
-                return Err(Error::ConnectionLost(
-                    "connecting the log connection timed out".into(),
-                ))
-            }
+            Err(_) => return Err(Error::ConnectionLost("connecting the log connection timed out".into())),
         };
         *slot = Some(client.clone());
         Ok(client)
@@ -98,10 +90,7 @@ impl LogConn {
             }
             Err(_) => {
                 self.reset().await;
-                Err(Error::ConnectionLost(format!(
-                    "{context}: no answer within {:?}",
-                    self.timeout
-                )))
+                Err(Error::ConnectionLost(format!("{context}: no answer within {:?}", self.timeout)))
             }
         }
     }
@@ -110,9 +99,7 @@ impl LogConn {
     /// commit from now on).
     pub async fn xmin(&self) -> Result<u64> {
         self.run("reading the transaction horizon", |c| async move {
-            let row = c
-                .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
-                .await?;
+            let row = c.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[]).await?;
             Ok(u64_of(row.get(0)))
         })
         .await
@@ -143,10 +130,7 @@ impl LogConn {
         let channel = channel.to_string();
         self.run("reading a referenced event", |c| async move {
             let row = c
-                .query_opt(
-                    "SELECT body FROM pubsub.events WHERE seq = $1 AND channel = $2",
-                    &[&seq, &channel],
-                )
+                .query_opt("SELECT body FROM pubsub.events WHERE seq = $1 AND channel = $2", &[&seq, &channel])
                 .await?;
             Ok(row.map(|r| r.get(0)))
         })
@@ -195,16 +179,8 @@ impl LogConn {
     /// The highest (txid, seq) retention has removed.
     pub async fn pruned(&self) -> Result<Cursor> {
         self.run("reading the retention mark", |c| async move {
-            let row = c
-                .query_one(
-                    "SELECT pruned_txid::text, pruned_seq FROM pubsub.retention",
-                    &[],
-                )
-                .await?;
-            Ok(Cursor {
-                txid: u64_of(row.get(0)),
-                seq: row.get(1),
-            })
+            let row = c.query_one("SELECT pruned_txid::text, pruned_seq FROM pubsub.retention", &[]).await?;
+            Ok(Cursor { txid: u64_of(row.get(0)), seq: row.get(1) })
         })
         .await
     }
@@ -213,16 +189,8 @@ impl LogConn {
     pub async fn load_cursor(&self, name: &str) -> Result<Option<Cursor>> {
         let name = name.to_string();
         self.run("reading a stored cursor", |c| async move {
-            let row = c
-                .query_opt(
-                    "SELECT txid::text, seq FROM pubsub.cursors WHERE name = $1",
-                    &[&name],
-                )
-                .await?;
-            Ok(row.map(|r| Cursor {
-                txid: u64_of(r.get(0)),
-                seq: r.get(1),
-            }))
+            let row = c.query_opt("SELECT txid::text, seq FROM pubsub.cursors WHERE name = $1", &[&name]).await?;
+            Ok(row.map(|r| Cursor { txid: u64_of(r.get(0)), seq: r.get(1) }))
         })
         .await
     }

@@ -29,11 +29,7 @@ pub struct Migration {
 
 macro_rules! embed {
     ($example:expr, $dir:literal, $file:literal) => {
-        (
-            $example,
-            $file,
-            include_str!(concat!("../../../db/", $dir, "/", $file)),
-        )
+        ($example, $file, include_str!(concat!("../../../db/", $dir, "/", $file)))
     };
 }
 
@@ -51,9 +47,7 @@ const FILES: &[(bool, &str, &str)] = &[
 pub fn all() -> Vec<Migration> {
     FILES
         .iter()
-        .map(|&(example, file, text)| {
-            parse(file, text, example).expect("embedded migrations parse (tested)")
-        })
+        .map(|&(example, file, text)| parse(file, text, example).expect("embedded migrations parse (tested)"))
         .collect()
 }
 
@@ -66,13 +60,7 @@ fn parse(file: &'static str, text: &'static str, example: bool) -> Option<Migrat
     if down_at < up_at || !version.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(Migration {
-        version,
-        name,
-        example,
-        up: &text[up_at..down_at],
-        down: &text[down_at..],
-    })
+    Some(Migration { version, name, example, up: &text[up_at..down_at], down: &text[down_at..] })
 }
 
 /// A migration and whether it is applied.
@@ -87,8 +75,7 @@ pub struct Status {
 
 const LOCK: &str = "SELECT pg_advisory_lock(hashtext('pgpubsub migrate'))";
 const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtext('pgpubsub migrate'))";
-const TABLE: &str =
-    "CREATE TABLE IF NOT EXISTS schema_migrations (version varchar(128) PRIMARY KEY)";
+const TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version varchar(128) PRIMARY KEY)";
 
 /// Applies every pending migration: the core schema, and the examples too
 /// when `examples` is set. Returns those applied now (none when all were).
@@ -120,10 +107,7 @@ pub async fn down(client: &mut Client) -> Result<Option<Migration>> {
 /// advisory lock inside a transaction would not refresh that view, and two
 /// `CREATE TABLE IF NOT EXISTS` would collide).
 async fn lock(client: &Client) -> Result<()> {
-    client
-        .batch_execute(LOCK)
-        .await
-        .map_err(|e| Error::db("taking the migration lock", e))
+    client.batch_execute(LOCK).await.map_err(|e| Error::db("taking the migration lock", e))
 }
 
 /// Released explicitly; a lost connection releases it too.
@@ -134,30 +118,15 @@ async fn unlock(client: &Client) {
 }
 
 async fn up_locked(client: &mut Client, examples: bool) -> Result<Vec<Migration>> {
-    client
-        .batch_execute(TABLE)
-        .await
-        .map_err(|e| Error::db("creating schema_migrations", e))?;
+    client.batch_execute(TABLE).await.map_err(|e| Error::db("creating schema_migrations", e))?;
     let applied_before = status(client).await?;
     let mut applied = Vec::new();
-    for s in applied_before
-        .into_iter()
-        .filter(|s| !s.applied && (examples || !s.migration.example))
-    {
+    for s in applied_before.into_iter().filter(|s| !s.applied && (examples || !s.migration.example)) {
         let m = s.migration;
-        let fail = |source| Error::Migration {
-            version: m.version.into(),
-            name: m.name.into(),
-            source,
-        };
+        let fail = |source| Error::Migration { version: m.version.into(), name: m.name.into(), source };
         let tx = client.transaction().await.map_err(fail)?;
         tx.batch_execute(m.up).await.map_err(fail)?;
-        tx.execute(
-            "INSERT INTO schema_migrations (version) VALUES ($1)",
-            &[&m.version],
-        )
-        .await
-        .map_err(fail)?;
+        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&m.version]).await.map_err(fail)?;
         tx.commit().await.map_err(fail)?;
         tracing::info!(version = m.version, name = m.name, "applied migration");
         applied.push(m);
@@ -170,19 +139,10 @@ async fn down_locked(client: &mut Client) -> Result<Option<Migration>> {
     let Some(Status { migration: m, .. }) = last else {
         return Ok(None);
     };
-    let fail = |source| Error::Migration {
-        version: m.version.into(),
-        name: m.name.into(),
-        source,
-    };
+    let fail = |source| Error::Migration { version: m.version.into(), name: m.name.into(), source };
     let tx = client.transaction().await.map_err(fail)?;
     tx.batch_execute(m.down).await.map_err(fail)?;
-    tx.execute(
-        "DELETE FROM schema_migrations WHERE version = $1",
-        &[&m.version],
-    )
-    .await
-    .map_err(fail)?;
+    tx.execute("DELETE FROM schema_migrations WHERE version = $1", &[&m.version]).await.map_err(fail)?;
     tx.commit().await.map_err(fail)?;
     tracing::info!(version = m.version, name = m.name, "reverted migration");
     Ok(Some(m))
@@ -209,13 +169,7 @@ pub async fn status(client: &Client) -> Result<Vec<Status>> {
     } else {
         Vec::new()
     };
-    Ok(all()
-        .into_iter()
-        .map(|m| Status {
-            applied: versions.iter().any(|v| v == m.version),
-            migration: m,
-        })
-        .collect())
+    Ok(all().into_iter().map(|m| Status { applied: versions.iter().any(|v| v == m.version), migration: m }).collect())
 }
 
 #[cfg(test)]
@@ -227,23 +181,12 @@ mod tests {
         let all = all();
         assert_eq!(all.len(), FILES.len());
         for m in &all {
-            assert!(
-                m.up.starts_with("-- migrate:up") && m.up.len() > 20,
-                "{}",
-                m.version
-            );
-            assert!(
-                m.down.starts_with("-- migrate:down") && m.down.len() > 20,
-                "{}",
-                m.version
-            );
+            assert!(m.up.starts_with("-- migrate:up") && m.up.len() > 20, "{}", m.version);
+            assert!(m.down.starts_with("-- migrate:down") && m.down.len() > 20, "{}", m.version);
             assert_eq!(m.version.len(), 14);
         }
         assert!(all.windows(2).all(|w| w[0].version < w[1].version));
-        assert!(all
-            .iter()
-            .filter(|m| m.example)
-            .all(|m| !m.up.contains("pubsub.")));
+        assert!(all.iter().filter(|m| m.example).all(|m| !m.up.contains("pubsub.")));
     }
 
     #[test]

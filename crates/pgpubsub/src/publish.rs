@@ -16,10 +16,7 @@ use crate::error::{Error, Result};
 /// [`Error::NotMigrated`] without the `pubsub` schema; [`Error::Db`] otherwise.
 pub async fn publish(client: &Client, channel: &Channel, payload: &str) -> Result<i64> {
     let row = client
-        .query_one(
-            "SELECT pubsub.publish($1, $2)",
-            &[&channel.as_str(), &payload],
-        )
+        .query_one("SELECT pubsub.publish($1, $2)", &[&channel.as_str(), &payload])
         .await
         .map_err(|e| Error::db("publishing", e))?;
     Ok(row.get(0))
@@ -34,10 +31,7 @@ pub async fn publish(client: &Client, channel: &Channel, payload: &str) -> Resul
 /// table, or the channel name is invalid.
 pub async fn watch(client: &Client, table: &str, channel: Option<&Channel>) -> Result<Channel> {
     let row = client
-        .query_one(
-            "SELECT pubsub.watch($1::text::regclass, $2)",
-            &[&table, &channel.map(Channel::as_str)],
-        )
+        .query_one("SELECT pubsub.watch($1::text::regclass, $2)", &[&table, &channel.map(Channel::as_str)])
         .await
         .map_err(|e| Error::db("watching the table", e))?;
     Ok(Channel::new(row.get::<_, String>(0))?)
@@ -61,10 +55,7 @@ pub async fn unwatch(client: &Client, table: &str) -> Result<bool> {
 /// [`Error::NotMigrated`] without the `pubsub` schema.
 pub async fn watches(client: &Client) -> Result<Vec<(String, String)>> {
     let rows = client
-        .query(
-            "SELECT \"table\"::text, channel FROM pubsub.watches ORDER BY 1",
-            &[],
-        )
+        .query("SELECT \"table\"::text, channel FROM pubsub.watches ORDER BY 1", &[])
         .await
         .map_err(|e| Error::db("listing watched tables", e))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

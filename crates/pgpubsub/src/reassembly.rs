@@ -6,7 +6,7 @@
 //! `max_bytes` of their text, each event at most `max_event_bytes`, none older
 //! than `max_age`. Whatever it drops is counted in [`Stats`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,12 +30,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_messages: 1024,
-            max_bytes: 64 << 20,
-            max_event_bytes: 64 << 20,
-            max_age: Duration::from_secs(30),
-        }
+        Limits { max_messages: 1024, max_bytes: 64 << 20, max_event_bytes: 64 << 20, max_age: Duration::from_secs(30) }
     }
 }
 
@@ -72,6 +67,10 @@ pub struct Reassembler {
     held: usize,
     /// Events dropped since [`Reassembler::take_losses`] was last called.
     losses: u64,
+    /// The last `max_messages` events completed, so that a chunk arriving
+    /// again after its event was released is a duplicate, not a new event.
+    done: HashSet<Key>,
+    done_order: VecDeque<Key>,
 }
 
 impl Reassembler {
@@ -83,6 +82,8 @@ impl Reassembler {
             pending: HashMap::new(),
             held: 0,
             losses: 0,
+            done: HashSet::new(),
+            done_order: VecDeque::new(),
         }
     }
 
@@ -120,19 +121,15 @@ impl Reassembler {
             // Count the event once, on its first chunk, not once per chunk.
             if chunk.index == 0 {
                 Stats::bump(&self.stats.oversize);
-                tracing::warn!(
-                    channel,
-                    seq = chunk.seq,
-                    bytes = chunk.bytes,
-                    "event over max_event_bytes dropped"
-                );
+                tracing::warn!(channel, seq = chunk.seq, bytes = chunk.bytes, "event over max_event_bytes dropped");
             }
             return None;
         }
-        let key = Key {
-            channel: channel.into(),
-            id: MsgId::Seq(chunk.seq),
-        };
+        let key = Key { channel: channel.into(), id: MsgId::Seq(chunk.seq) };
+        if self.done.contains(&key) {
+            Stats::bump(&self.stats.duplicate_chunks);
+            return None;
+        }
         let entry = self.entry(key.clone(), now);
         let agrees = match &entry.header {
             None => {
@@ -152,35 +149,22 @@ impl Reassembler {
             return None;
         }
         let p = self.remove(&key)?;
+        self.mark_done(key);
         let text: String = p.parts.into_values().collect::<Vec<_>>().concat();
         let digest = format!("{:x}", Md5::digest(text.as_bytes()));
         if text.len() as u64 != chunk.bytes || digest != chunk.md5 {
             Stats::bump(&self.stats.corrupt);
             self.losses += 1;
-            tracing::warn!(
-                channel,
-                seq = chunk.seq,
-                "reassembled event fails its size or digest check; dropped"
-            );
+            tracing::warn!(channel, seq = chunk.seq, "reassembled event fails its size or digest check; dropped");
             return None;
         }
         Some(text)
     }
 
     /// Adds a seed-format part.
-    pub fn push_seed_part(
-        &mut self,
-        channel: &str,
-        id: &str,
-        offset: u64,
-        data: &str,
-        now: Instant,
-    ) -> Option<String> {
+    pub fn push_seed_part(&mut self, channel: &str, id: &str, offset: u64, data: &str, now: Instant) -> Option<String> {
         Stats::bump(&self.stats.chunks);
-        let key = Key {
-            channel: channel.into(),
-            id: MsgId::Seed(id.into()),
-        };
+        let key = Key { channel: channel.into(), id: MsgId::Seed(id.into()) };
         self.entry(key.clone(), now);
         if !self.insert_part(&key, offset, data) {
             return None;
@@ -190,10 +174,7 @@ impl Reassembler {
 
     /// Marks a seed-format message as ended.
     pub fn push_seed_eof(&mut self, channel: &str, id: &str, now: Instant) -> Option<String> {
-        let key = Key {
-            channel: channel.into(),
-            id: MsgId::Seed(id.into()),
-        };
+        let key = Key { channel: channel.into(), id: MsgId::Seed(id.into()) };
         self.entry(key.clone(), now).eof = true;
         self.try_finish_seed(&key)
     }
@@ -266,8 +247,23 @@ impl Reassembler {
         if !p.eof || !seed_contiguous(&p.parts) {
             return None;
         }
+        // Not remembered as done: seed 004 keys messages by row id, so the
+        // same id legitimately starts a new message on the row's next change.
         let p = self.remove(key)?;
         Some(p.parts.into_values().collect::<Vec<_>>().concat())
+    }
+
+    /// Remembers a released event of ours (a bounded window of the latest;
+    /// seqs are never reused, so a later chunk of one is a duplicate).
+    fn mark_done(&mut self, key: Key) {
+        if self.done.insert(key.clone()) {
+            self.done_order.push_back(key);
+        }
+        while self.done_order.len() > self.limits.max_messages.max(1) {
+            if let Some(old) = self.done_order.pop_front() {
+                self.done.remove(&old);
+            }
+        }
     }
 
     fn drop_corrupt(&mut self, key: &Key, why: &'static str) -> Option<String> {
@@ -279,11 +275,7 @@ impl Reassembler {
     }
 
     fn evict_oldest(&mut self) {
-        let oldest = self
-            .pending
-            .iter()
-            .min_by_key(|(_, p)| p.started)
-            .map(|(k, _)| k.clone());
+        let oldest = self.pending.iter().min_by_key(|(_, p)| p.started).map(|(k, _)| k.clone());
         if let Some(key) = oldest {
             self.remove(&key);
             self.losses += 1;
@@ -330,25 +322,15 @@ mod tests {
 
     fn chunks(text: &str, size: usize, seq: i64) -> Vec<String> {
         let md5 = format!("{:x}", Md5::digest(text.as_bytes()));
-        let pieces: Vec<&str> = text
-            .as_bytes()
-            .chunks(size)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
+        let pieces: Vec<&str> = text.as_bytes().chunks(size).map(|c| std::str::from_utf8(c).unwrap()).collect();
         let n = pieces.len();
-        pieces
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("~c:{seq}:{i}:{n}:{}:{md5}:{p}", text.len()))
-            .collect()
+        pieces.iter().enumerate().map(|(i, p)| format!("~c:{seq}:{i}:{n}:{}:{md5}:{p}", text.len())).collect()
     }
 
     fn push(r: &mut Reassembler, payload: &str, now: Instant) -> Option<String> {
         match crate::wire::parse(payload).unwrap() {
             crate::wire::Frame::Chunk(c) => r.push_chunk("ch", &c, now),
-            crate::wire::Frame::SeedPart { id, offset, data } => {
-                r.push_seed_part("ch", id, offset, data, now)
-            }
+            crate::wire::Frame::SeedPart { id, offset, data } => r.push_seed_part("ch", id, offset, data, now),
             crate::wire::Frame::SeedEof { id } => r.push_seed_eof("ch", id, now),
             other => panic!("{other:?}"),
         }
@@ -399,28 +381,18 @@ mod tests {
 
     #[test]
     fn missing_chunk_expires() {
-        let (mut r, stats) = new(Limits {
-            max_age: Duration::from_secs(5),
-            ..Limits::default()
-        });
+        let (mut r, stats) = new(Limits { max_age: Duration::from_secs(5), ..Limits::default() });
         let cs = chunks("0123456789", 3, 4);
         let t0 = Instant::now();
         assert!(push(&mut r, &cs[0], t0).is_none());
         assert_eq!(r.expire(t0 + Duration::from_secs(1)), 0);
         assert_eq!(r.expire(t0 + Duration::from_secs(6)), 1);
-        assert_eq!(
-            (stats.snapshot().expired, r.pending(), r.held_bytes()),
-            (1, 0, 0)
-        );
+        assert_eq!((stats.snapshot().expired, r.pending(), r.held_bytes()), (1, 0, 0));
     }
 
     #[test]
     fn limits_evict_oldest_and_refuse_oversize() {
-        let (mut r, stats) = new(Limits {
-            max_messages: 2,
-            max_event_bytes: 100,
-            ..Limits::default()
-        });
+        let (mut r, stats) = new(Limits { max_messages: 2, max_event_bytes: 100, ..Limits::default() });
         let t0 = Instant::now();
         for seq in 0..3 {
             let cs = chunks("0123456789", 5, seq);
@@ -434,10 +406,7 @@ mod tests {
 
     #[test]
     fn byte_bound_holds() {
-        let (mut r, stats) = new(Limits {
-            max_bytes: 25,
-            ..Limits::default()
-        });
+        let (mut r, stats) = new(Limits { max_bytes: 25, ..Limits::default() });
         let t0 = Instant::now();
         for seq in 0..10 {
             let cs = chunks(&"y".repeat(40), 10, seq);
@@ -457,10 +426,7 @@ mod tests {
         let mut at = 1000;
         while at <= chars.len() {
             let end = (at - 1 + 1000).min(chars.len());
-            frames.push(format!(
-                "{id}{at}:{}",
-                chars[at - 1..end].iter().collect::<String>()
-            ));
+            frames.push(format!("{id}{at}:{}", chars[at - 1..end].iter().collect::<String>()));
             at += 1000;
         }
         frames.push(format!("{id}EOF"));
@@ -473,20 +439,14 @@ mod tests {
         assert_eq!(out, vec![text.clone()]);
 
         let numbered = [format!("{id}0:ab"), format!("{id}1:cd"), format!("{id}EOF")];
-        let out: Vec<String> = numbered
-            .iter()
-            .filter_map(|f| push(&mut r, f, now))
-            .collect();
+        let out: Vec<String> = numbered.iter().filter_map(|f| push(&mut r, f, now)).collect();
         assert_eq!(out, vec!["abcd".to_string()]);
     }
 
     #[test]
     fn seed_gap_waits_then_expires() {
         let id = "abcdefabcdefabcdefabcdefabcdefabcdef";
-        let (mut r, stats) = new(Limits {
-            max_age: Duration::from_secs(1),
-            ..Limits::default()
-        });
+        let (mut r, stats) = new(Limits { max_age: Duration::from_secs(1), ..Limits::default() });
         let t0 = Instant::now();
         assert!(push(&mut r, &format!("{id}0:abc"), t0).is_none());
         assert!(push(&mut r, &format!("{id}2000:xyz"), t0).is_none());

@@ -44,10 +44,7 @@ pub async fn prune(client: &Client, policy: Retention) -> Result<i64> {
     }
     let secs = policy.max_age.map(|d| d.as_secs_f64());
     let row = client
-        .query_one(
-            "SELECT pubsub.prune(make_interval(secs => $1), $2)",
-            &[&secs, &policy.max_count],
-        )
+        .query_one("SELECT pubsub.prune(make_interval(secs => $1), $2)", &[&secs, &policy.max_count])
         .await
         .map_err(|e| Error::db("pruning the log", e))?;
     Ok(row.get(0))

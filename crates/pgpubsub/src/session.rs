@@ -112,16 +112,8 @@ impl Session {
         let connect = self.config.connect(NoTls);
         let (client, mut connection) = tokio::time::timeout(self.options.deaf_after, connect)
             .await
-            .map_err(|_| {
-                Error::ConnectionLost(format!(
-                    "connecting took over {:?}",
-                    self.options.deaf_after
-                ))
-            })?
-            .map_err(|source| Error::Connect {
-                target: crate::db::describe(&self.config),
-                source,
-            })?;
+            .map_err(|_| Error::ConnectionLost(format!("connecting took over {:?}", self.options.deaf_after)))?
+            .map_err(|source| Error::Connect { target: crate::db::describe(&self.config), source })?;
         let (tx, notifications) = mpsc::channel(NOTIFY_QUEUE);
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -156,14 +148,8 @@ impl Session {
             .chain(std::iter::once(&self.fence_channel))
             .map(|c| format!("LISTEN {};", c.quoted()))
             .collect();
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| Error::db("LISTEN", e))?;
-        Ok(Live {
-            _client: client,
-            notifications,
-        })
+        client.batch_execute(&sql).await.map_err(|e| Error::db("LISTEN", e))?;
+        Ok(Live { _client: client, notifications })
     }
 
     /// Waits until a fence goes round trip on a new connection: proof that
@@ -179,9 +165,7 @@ impl Session {
             let n = match tokio::time::timeout_at(deadline, live.notifications.recv()).await {
                 Ok(Some(Ok(n))) => n,
                 Ok(Some(Err(e))) => return Err(Error::ConnectionLost(e)),
-                Ok(None) => {
-                    return Err(Error::ConnectionLost("listening connection closed".into()))
-                }
+                Ok(None) => return Err(Error::ConnectionLost("listening connection closed".into())),
                 Err(_) => return Err(Error::NotifyUnavailable(crate::db::describe(&self.config))),
             };
             self.on_notification(&n).await;
@@ -206,10 +190,7 @@ impl Session {
                     // would move past what was missed.
                     self.gap_pending = true;
                     tracing::warn!(%reason, "listening connection lost; reconnecting");
-                    self.state.send_replace(ConnectionState::Reconnecting {
-                        attempt: 0,
-                        error: reason,
-                    });
+                    self.state.send_replace(ConnectionState::Reconnecting { attempt: 0, error: reason });
                 }
             }
             // Whatever was in flight is gone; the log has it.
@@ -226,10 +207,7 @@ impl Session {
                     Err(e) => {
                         attempt += 1;
                         tracing::warn!(error = %e, attempt, retry_in = ?backoff, "reconnect failed");
-                        self.state.send_replace(ConnectionState::Reconnecting {
-                            attempt,
-                            error: e.to_string(),
-                        });
+                        self.state.send_replace(ConnectionState::Reconnecting { attempt, error: e.to_string() });
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             () = self.out.closed() => return,
@@ -273,9 +251,7 @@ impl Session {
             match wake {
                 Wake::Notification(Some(Ok(n))) => self.on_notification(&n).await,
                 Wake::Notification(Some(Err(e))) => return Stop::Lost(e),
-                Wake::Notification(None) => {
-                    return Stop::Lost("listening connection closed".into())
-                }
+                Wake::Notification(None) => return Stop::Lost("listening connection closed".into()),
                 Wake::Room(true) => self.gap_pending = false,
                 Wake::Room(false) | Wake::Closed => return Stop::Shutdown,
                 Wake::Tick => {
@@ -295,19 +271,14 @@ impl Session {
         if let Some((_, _, sent)) = &self.fence {
             let waited = sent.elapsed();
             if waited >= self.options.deaf_after {
-                return Some(Stop::Lost(format!(
-                    "heartbeat not back after {waited:?}: the connection is deaf"
-                )));
+                return Some(Stop::Lost(format!("heartbeat not back after {waited:?}: the connection is deaf")));
             }
             return None;
         }
         if let Err(e) = self.send_fence().await {
             tracing::warn!(error = %e, "heartbeat failed");
             if self.last_fence_ok.elapsed() >= self.options.deaf_after {
-                return Some(Stop::Lost(format!(
-                    "no heartbeat for {:?}: {e}",
-                    self.last_fence_ok.elapsed()
-                )));
+                return Some(Stop::Lost(format!("no heartbeat for {:?}: {e}", self.last_fence_ok.elapsed())));
             }
         }
         None
@@ -392,9 +363,7 @@ impl Session {
         let text = match wire::parse(payload) {
             Ok(Frame::Whole(text)) => Some(text.to_string()),
             Ok(Frame::Chunk(c)) => self.reassembler.push_chunk(channel, &c, now),
-            Ok(Frame::SeedPart { id, offset, data }) => self
-                .reassembler
-                .push_seed_part(channel, id, offset, data, now),
+            Ok(Frame::SeedPart { id, offset, data }) => self.reassembler.push_seed_part(channel, id, offset, data, now),
             Ok(Frame::SeedEof { id }) => self.reassembler.push_seed_eof(channel, id, now),
             Ok(Frame::Ref { seq, bytes }) => self.fetch(channel, seq, bytes).await,
             Err(e) => {
@@ -420,12 +389,7 @@ impl Session {
     async fn fetch(&mut self, channel: &str, seq: i64, bytes: u64) -> Option<String> {
         if bytes > self.options.limits.max_event_bytes {
             Stats::bump(&self.stats.oversize);
-            tracing::warn!(
-                channel,
-                seq,
-                bytes,
-                "referenced event over max_event_bytes; dropped"
-            );
+            tracing::warn!(channel, seq, bytes, "referenced event over max_event_bytes; dropped");
             return None;
         }
         match self.log.fetch(channel, seq).await {
@@ -436,13 +400,7 @@ impl Session {
             Ok(found) => {
                 Stats::bump(&self.stats.fetch_failed);
                 let found = found.map(|b| b.len());
-                tracing::warn!(
-                    channel,
-                    seq,
-                    bytes,
-                    ?found,
-                    "referenced event missing from the log or of another size"
-                );
+                tracing::warn!(channel, seq, bytes, ?found, "referenced event missing from the log or of another size");
                 None
             }
             Err(e) => {

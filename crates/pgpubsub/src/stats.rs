@@ -77,13 +77,11 @@ counters! {
 
 impl Stats {
     pub(crate) fn set_queue_usage(&self, usage: f64) {
-        self.queue_usage_ppm
-            .store((usage * 1e6) as u64, Ordering::Relaxed);
+        self.queue_usage_ppm.store((usage * 1e6) as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn set_heartbeat_rtt(&self, rtt: std::time::Duration) {
-        self.heartbeat_rtt_us
-            .store(rtt.as_micros() as u64, Ordering::Relaxed);
+        self.heartbeat_rtt_us.store(rtt.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn bump(counter: &AtomicU64) {

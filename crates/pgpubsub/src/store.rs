@@ -42,13 +42,7 @@ pub struct HistoryEntry {
 ///
 /// # Errors
 /// [`Error::Db`] with SQLSTATE [`VERSION_CONFLICT`] on a version mismatch.
-pub async fn put(
-    client: &Client,
-    bucket: &str,
-    id: &str,
-    val: &Value,
-    expected: Option<i32>,
-) -> Result<i32> {
+pub async fn put(client: &Client, bucket: &str, id: &str, val: &Value, expected: Option<i32>) -> Result<i32> {
     let row = client
         .query_one(
             "SELECT pubsub.put($1, $2, $3::text::jsonb, 'put', $4)",
@@ -65,16 +59,10 @@ pub async fn put(
 /// [`Error::NotMigrated`] without the schema.
 pub async fn get(client: &Client, bucket: &str, id: &str) -> Result<Option<Snapshot>> {
     let row = client
-        .query_opt(
-            "SELECT version, val::text FROM pubsub.snapshots WHERE bucket = $1 AND id = $2",
-            &[&bucket, &id],
-        )
+        .query_opt("SELECT version, val::text FROM pubsub.snapshots WHERE bucket = $1 AND id = $2", &[&bucket, &id])
         .await
         .map_err(|e| Error::db("reading the store", e))?;
-    Ok(row.map(|r| Snapshot {
-        version: r.get(0),
-        val: json(r.get(1)),
-    }))
+    Ok(row.map(|r| Snapshot { version: r.get(0), val: json(r.get(1)) }))
 }
 
 /// Deletes; returns the deleting version, `None` when there was nothing.

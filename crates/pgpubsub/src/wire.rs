@@ -77,13 +77,8 @@ pub fn parse(payload: &str) -> Result<Frame<'_>, FrameError> {
         return parse_chunk(rest).map(Frame::Chunk);
     }
     if let Some(rest) = payload.strip_prefix("~r:") {
-        let (seq, bytes) = rest
-            .split_once(':')
-            .ok_or(FrameError("reference has no size"))?;
-        return Ok(Frame::Ref {
-            seq: number(seq, "reference seq")?,
-            bytes: number(bytes, "reference size")?,
-        });
+        let (seq, bytes) = rest.split_once(':').ok_or(FrameError("reference has no size"))?;
+        return Ok(Frame::Ref { seq: number(seq, "reference seq")?, bytes: number(bytes, "reference size")? });
     }
     if payload.starts_with('~') {
         return Err(FrameError("unknown frame type after '~'"));
@@ -103,32 +98,18 @@ fn parse_chunk(rest: &str) -> Result<Chunk<'_>, FrameError> {
     if count == 0 || index >= count {
         return Err(FrameError("chunk index out of range"));
     }
-    if md5.len() != 32
-        || !md5
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if md5.len() != 32 || !md5.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return Err(FrameError("chunk digest is not 32 lowercase hex digits"));
     }
     if data.len() as u64 > bytes {
         return Err(FrameError("chunk carries more than its event's size"));
     }
-    Ok(Chunk {
-        seq,
-        index,
-        count,
-        bytes,
-        md5,
-        data,
-    })
+    Ok(Chunk { seq, index, count, bytes, md5, data })
 }
 
 fn parse_seed(payload: &str) -> Option<Frame<'_>> {
     let id = payload.get(..SEED_ID_LEN)?;
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         return None;
     }
     let rest = &payload[SEED_ID_LEN..];
@@ -139,11 +120,7 @@ fn parse_seed(payload: &str) -> Option<Frame<'_>> {
     if offset.is_empty() || !offset.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(Frame::SeedPart {
-        id,
-        offset: offset.parse().ok()?,
-        data,
-    })
+    Some(Frame::SeedPart { id, offset: offset.parse().ok()?, data })
 }
 
 fn number<T: std::str::FromStr>(s: &str, what: &'static str) -> Result<T, FrameError> {
@@ -170,13 +147,8 @@ mod tests {
     #[test]
     fn our_chunk_parses_and_keeps_colons_in_data() {
         let p = format!("~c:42:1:3:100:{MD5}:a:b:c");
-        let Ok(Frame::Chunk(c)) = parse(&p) else {
-            panic!("{p}")
-        };
-        assert_eq!(
-            (c.seq, c.index, c.count, c.bytes, c.data),
-            (42, 1, 3, 100, "a:b:c")
-        );
+        let Ok(Frame::Chunk(c)) = parse(&p) else { panic!("{p}") };
+        assert_eq!((c.seq, c.index, c.count, c.bytes, c.data), (42, 1, 3, 100, "a:b:c"));
     }
 
     #[test]
@@ -201,13 +173,7 @@ mod tests {
 
     #[test]
     fn reference() {
-        assert_eq!(
-            parse("~r:7:300000"),
-            Ok(Frame::Ref {
-                seq: 7,
-                bytes: 300_000
-            })
-        );
+        assert_eq!(parse("~r:7:300000"), Ok(Frame::Ref { seq: 7, bytes: 300_000 }));
     }
 
     #[test]
@@ -215,11 +181,7 @@ mod tests {
         let id = "123e4567-e89b-12d3-a456-426614174000";
         assert_eq!(
             parse(&format!("{id}1000:{{\"x\":1}}")),
-            Ok(Frame::SeedPart {
-                id,
-                offset: 1000,
-                data: "{\"x\":1}"
-            })
+            Ok(Frame::SeedPart { id, offset: 1000, data: "{\"x\":1}" })
         );
         assert_eq!(parse(&format!("{id}EOF")), Ok(Frame::SeedEof { id }));
         // A bare id, or an id followed by anything else, is a plain payload.

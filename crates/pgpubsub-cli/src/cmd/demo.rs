@@ -19,14 +19,8 @@ const TABLE: &str = "public.pgpubsub_demo";
 /// Runs the demo; an error if an expected event is missing.
 pub async fn run(config: &Config, debug: bool) -> anyhow::Result<()> {
     let mut client = super::connect(config).await?;
-    let applied = pgpubsub::migrate::up(&mut client, true)
-        .await
-        .context("migrating")?;
-    eprintln!(
-        "== migrated ({} new steps) on {}",
-        applied.len(),
-        pgpubsub::db::describe(config)
-    );
+    let applied = pgpubsub::migrate::up(&mut client, true).await.context("migrating")?;
+    eprintln!("== migrated ({} new steps) on {}", applied.len(), pgpubsub::db::describe(config));
 
     client
         .batch_execute(
@@ -37,14 +31,11 @@ pub async fn run(config: &Config, debug: bool) -> anyhow::Result<()> {
         )
         .await
         .context("creating the demo table")?;
-    let demo = pgpubsub::watch(&client, TABLE, None)
-        .await
-        .context("watching the demo table")?;
+    let demo = pgpubsub::watch(&client, TABLE, None).await.context("watching the demo table")?;
     let job = Channel::new("job_channel")?;
     eprintln!("== watching {TABLE} on channel {demo}; the seed's job table notifies {job}");
 
-    let mut listener =
-        Listener::connect(config, &[demo.clone(), job], ListenerOptions::default()).await?;
+    let mut listener = Listener::connect(config, &[demo.clone(), job], ListenerOptions::default()).await?;
 
     eprintln!("== writing: 3 inserts, 1 update, 1 delete, 1 row of 20 kB, 1 message, 1 job inserted and updated");
     client

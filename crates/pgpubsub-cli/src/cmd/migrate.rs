@@ -10,9 +10,7 @@ pub async fn run(config: &Config, args: &MigrateArgs) -> anyhow::Result<()> {
     let mut client = super::connect(config).await?;
     match args.action {
         MigrateAction::Up => {
-            let applied = pgpubsub::migrate::up(&mut client, args.example)
-                .await
-                .context("migrating up")?;
+            let applied = pgpubsub::migrate::up(&mut client, args.example).await.context("migrating up")?;
             if applied.is_empty() {
                 println!("up to date: nothing to apply");
             }
@@ -20,28 +18,15 @@ pub async fn run(config: &Config, args: &MigrateArgs) -> anyhow::Result<()> {
                 println!("applied {} {}", m.version, m.name);
             }
         }
-        MigrateAction::Down => match pgpubsub::migrate::down(&mut client)
-            .await
-            .context("migrating down")?
-        {
+        MigrateAction::Down => match pgpubsub::migrate::down(&mut client).await.context("migrating down")? {
             Some(m) => println!("reverted {} {}", m.version, m.name),
             None => println!("nothing to revert"),
         },
         MigrateAction::Status => {
-            for s in pgpubsub::migrate::status(&client)
-                .await
-                .context("reading migration status")?
-            {
+            for s in pgpubsub::migrate::status(&client).await.context("reading migration status")? {
                 let state = if s.applied { "applied" } else { "pending" };
-                let example = if s.migration.example {
-                    " (example)"
-                } else {
-                    ""
-                };
-                println!(
-                    "{state:8} {} {}{example}",
-                    s.migration.version, s.migration.name
-                );
+                let example = if s.migration.example { " (example)" } else { "" };
+                println!("{state:8} {} {}{example}", s.migration.version, s.migration.name);
             }
             if let Ok(watches) = pgpubsub::publish::watches(&client).await {
                 for (table, channel) in watches {

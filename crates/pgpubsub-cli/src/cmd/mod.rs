@@ -12,7 +12,5 @@ use tokio_postgres::{Client, Config};
 
 /// A connection for statements, with the target named in the error.
 pub async fn connect(config: &Config) -> anyhow::Result<Client> {
-    pgpubsub::db::connect(config)
-        .await
-        .with_context(|| format!("connecting to {}", pgpubsub::db::describe(config)))
+    pgpubsub::db::connect(config).await.with_context(|| format!("connecting to {}", pgpubsub::db::describe(config)))
 }

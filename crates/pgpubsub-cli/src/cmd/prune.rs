@@ -14,9 +14,7 @@ pub async fn run(config: &Config, args: &RetentionArgs) -> anyhow::Result<()> {
         bail!("nothing to prune by: give --max-age and/or --max-count (or PGPUBSUB_RETENTION_AGE / _COUNT)");
     }
     let client = super::connect(config).await?;
-    let n = retention::prune(&client, args.policy())
-        .await
-        .context("pruning")?;
+    let n = retention::prune(&client, args.policy()).await.context("pruning")?;
     println!("pruned {n} events");
     Ok(())
 }

@@ -5,11 +5,7 @@ use pgpubsub::Channel;
 use tokio_postgres::Config;
 
 /// Watches a table, or lists watched tables when none is given.
-pub async fn run(
-    config: &Config,
-    table: Option<&str>,
-    channel: Option<&Channel>,
-) -> anyhow::Result<()> {
+pub async fn run(config: &Config, table: Option<&str>, channel: Option<&Channel>) -> anyhow::Result<()> {
     let client = super::connect(config).await?;
     let Some(table) = table else {
         for (table, channel) in pgpubsub::publish::watches(&client).await? {
@@ -17,9 +13,7 @@ pub async fn run(
         }
         return Ok(());
     };
-    let channel = pgpubsub::watch(&client, table, channel)
-        .await
-        .with_context(|| format!("watching {table}"))?;
+    let channel = pgpubsub::watch(&client, table, channel).await.with_context(|| format!("watching {table}"))?;
     println!("watching {table}: its changes are events on channel {channel}");
     Ok(())
 }
@@ -27,9 +21,7 @@ pub async fn run(
 /// Stops watching a table.
 pub async fn unwatch(config: &Config, table: &str) -> anyhow::Result<()> {
     let client = super::connect(config).await?;
-    let was = pgpubsub::unwatch(&client, table)
-        .await
-        .with_context(|| format!("unwatching {table}"))?;
+    let was = pgpubsub::unwatch(&client, table).await.with_context(|| format!("unwatching {table}"))?;
     if was {
         println!("stopped watching {table}");
     } else {

@@ -23,16 +23,11 @@ fn frames(text: &str, size: usize, seq: i64) -> Vec<String> {
         rest = &rest[cut..];
     }
     let n = pieces.len();
-    pieces
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("~c:{seq}:{i}:{n}:{}:{md5}:{p}", text.len()))
-        .collect()
+    pieces.iter().enumerate().map(|(i, p)| format!("~c:{seq}:{i}:{n}:{}:{md5}:{p}", text.len())).collect()
 }
 
 fn envelope(ch: &Channel, seq: i64, payload: &str) -> String {
-    serde_json::json!({"seq": seq, "kind": "message", "channel": ch.as_str(), "payload": payload})
-        .to_string()
+    serde_json::json!({"seq": seq, "kind": "message", "channel": ch.as_str(), "payload": payload}).to_string()
 }
 
 #[tokio::test]
@@ -60,25 +55,15 @@ async fn missing_chunk_expires_and_later_events_still_arrive() {
     let db = TestDb::new().await;
     let client = db.client().await;
     let ch = common::channel("gap");
-    let limits = Limits {
-        max_age: Duration::from_secs(1),
-        ..Limits::default()
-    };
-    let mut l = db
-        .listen_with(&[ch.clone()], ListenerOptions::default().limits(limits))
-        .await;
+    let limits = Limits { max_age: Duration::from_secs(1), ..Limits::default() };
+    let mut l = db.listen_with(&[ch.clone()], ListenerOptions::default().limits(limits)).await;
     let fs = frames(&envelope(&ch, 901, &"x".repeat(5000)), 1000, 901);
     for f in fs.iter().skip(1) {
         raw_notify(&client, &ch, f).await;
     }
     until_stats(&l, |s| s.expired == 1).await;
-    pgpubsub::publish(&client, &ch, "after the gap")
-        .await
-        .unwrap();
-    assert_eq!(
-        next(&mut l).await.message().unwrap().payload,
-        "after the gap"
-    );
+    pgpubsub::publish(&client, &ch, "after the gap").await.unwrap();
+    assert_eq!(next(&mut l).await.message().unwrap().payload, "after the gap");
 }
 
 #[tokio::test]
@@ -88,12 +73,7 @@ async fn malformed_corrupt_and_non_json_payloads_are_counted_not_delivered() {
     let ch = common::channel("bad");
     let mut l = db.listen(&[ch.clone()]).await;
 
-    for bad in [
-        "~c:garbage",
-        "~x:1",
-        "~r:abc:1",
-        "~c:1:5:2:10:0123456789abcdef0123456789abcdef:d",
-    ] {
+    for bad in ["~c:garbage", "~x:1", "~r:abc:1", "~c:1:5:2:10:0123456789abcdef0123456789abcdef:d"] {
         raw_notify(&client, &ch, bad).await;
     }
     for not_json in ["hello", "{unclosed", ""] {
@@ -110,11 +90,7 @@ async fn malformed_corrupt_and_non_json_payloads_are_counted_not_delivered() {
     pgpubsub::publish(&client, &ch, "still fine").await.unwrap();
     assert_eq!(next(&mut l).await.message().unwrap().payload, "still fine");
     let s = l.stats().snapshot();
-    assert_eq!(
-        (s.malformed, s.not_json, s.corrupt, s.fetch_failed),
-        (4, 3, 1, 1),
-        "{s:?}"
-    );
+    assert_eq!((s.malformed, s.not_json, s.corrupt, s.fetch_failed), (4, 3, 1, 1), "{s:?}");
 }
 
 #[tokio::test]
@@ -183,34 +159,16 @@ async fn seed_format_chunks_are_decoded() {
         )
         .await
         .unwrap();
-    client
-        .batch_execute("UPDATE bridge_snaps SET val = '{\"todo\": \"short\"}'")
-        .await
-        .unwrap();
+    client.batch_execute("UPDATE bridge_snaps SET val = '{\"todo\": \"short\"}'").await.unwrap();
     let e = next(&mut l).await;
-    let pgpubsub::Body::Notify(raw) = &e.body else {
-        panic!("{}", e.json())
-    };
+    let pgpubsub::Body::Notify(raw) = &e.body else { panic!("{}", e.json()) };
     let v: Value = serde_json::from_str(raw.get()).unwrap();
-    assert_eq!(
-        (v["op"].as_str(), v["bucket"].as_str()),
-        (Some("INSERT"), Some("todos"))
-    );
-    assert!(
-        v["val"]["todo"].as_str() == Some(big.as_str()),
-        "seed-format payload altered"
-    );
+    assert_eq!((v["op"].as_str(), v["bucket"].as_str()), (Some("INSERT"), Some("todos")));
+    assert!(v["val"]["todo"].as_str() == Some(big.as_str()), "seed-format payload altered");
     let e = next(&mut l).await;
     let v: Value = serde_json::from_str(e.json()).unwrap();
     assert_eq!(v["payload"]["val"]["todo"], "short");
-    assert_eq!(
-        v["payload"]["old"]["todo"].as_str().map(str::len),
-        Some(big.len())
-    );
+    assert_eq!(v["payload"]["old"]["todo"].as_str().map(str::len), Some(big.len()));
     // ~8,100 characters, twice (new, then old): 9 parts each, and no EOF counted.
-    assert!(
-        l.stats().snapshot().chunks >= 16,
-        "{:?}",
-        l.stats().snapshot()
-    );
+    assert!(l.stats().snapshot().chunks >= 16, "{:?}", l.stats().snapshot());
 }

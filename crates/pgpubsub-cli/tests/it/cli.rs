@@ -14,13 +14,7 @@ use crate::common::{self, next, TestDb, WAIT};
 /// working directory of its own so no stray `.env` is read.
 fn pgpubsub(db_url: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
-    for var in [
-        "DATABASE_URL",
-        "PUB_SUB_CHANNEL",
-        "DEBUG",
-        "RUST_LOG",
-        "PGPUBSUB_MAX_EVENT_BYTES",
-    ] {
+    for var in ["DATABASE_URL", "PUB_SUB_CHANNEL", "DEBUG", "RUST_LOG", "PGPUBSUB_MAX_EVENT_BYTES"] {
         cmd.env_remove(var);
     }
     cmd.env("DATABASE_URL", db_url).current_dir(scratch_dir());
@@ -35,12 +29,7 @@ fn scratch_dir() -> PathBuf {
 
 /// Runs to completion (bounded by a timeout thread killing it).
 fn run(mut cmd: Command) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_output(child)
 }
 
@@ -64,12 +53,7 @@ fn text(bytes: &[u8]) -> String {
 /// Starts `listen` and returns once it reports it is listening, with its
 /// stdout and the stream of its log lines.
 fn spawn_listener(mut cmd: Command) -> (Child, std::process::ChildStdout, Receiver<String>) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -101,37 +85,23 @@ fn spawn_listener(mut cmd: Command) -> (Child, std::process::ChildStdout, Receiv
 async fn listen_json_prints_one_object_per_event_per_line() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    client
-        .batch_execute("CREATE TABLE t (id int primary key, v text)")
-        .await
-        .unwrap();
+    client.batch_execute("CREATE TABLE t (id int primary key, v text)").await.unwrap();
     let ch = common::channel("clij");
     pgpubsub::watch(&client, "t", Some(&ch)).await.unwrap();
     let mut cmd = pgpubsub(&db.url);
     cmd.args(["listen", "--json", "--count", "4", "--channel", ch.as_str()]);
     let (child, mut stdout, _) = spawn_listener(cmd);
 
-    client
-        .batch_execute("INSERT INTO t VALUES (1, 'a\nb'); UPDATE t SET v = 'c'; DELETE FROM t;")
-        .await
-        .unwrap();
-    pgpubsub::publish(&client, &ch, &"big ✓ ".repeat(5000))
-        .await
-        .unwrap();
+    client.batch_execute("INSERT INTO t VALUES (1, 'a\nb'); UPDATE t SET v = 'c'; DELETE FROM t;").await.unwrap();
+    pgpubsub::publish(&client, &ch, &"big ✓ ".repeat(5000)).await.unwrap();
 
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
     let status = wait_output(child).status;
     assert!(status.success(), "{status:?}");
-    let lines: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4, "{out}");
-    let ops: Vec<&str> = lines[..3]
-        .iter()
-        .map(|v| v["op"].as_str().unwrap())
-        .collect();
+    let ops: Vec<&str> = lines[..3].iter().map(|v| v["op"].as_str().unwrap()).collect();
     assert_eq!(ops, ["INSERT", "UPDATE", "DELETE"]);
     assert_eq!(lines[0]["new"]["v"], "a\nb");
     assert_eq!(lines[3]["payload"].as_str().unwrap(), "big ✓ ".repeat(5000));
@@ -143,23 +113,17 @@ async fn plain_and_debug_output() {
     let client = db.client().await;
     let ch = common::channel("clip");
     let mut cmd = pgpubsub(&db.url);
-    cmd.env("PUB_SUB_CHANNEL", ch.as_str())
-        .args(["--count", "1"]);
+    cmd.env("PUB_SUB_CHANNEL", ch.as_str()).args(["--count", "1"]);
     let (child, mut stdout, _) = spawn_listener(cmd);
     pgpubsub::publish(&client, &ch, "hello").await.unwrap();
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
     assert!(wait_output(child).status.success());
     assert_eq!(out.lines().count(), 1);
-    assert!(
-        out.starts_with(&format!("{ch} #")) && out.trim_end().ends_with("message \"hello\""),
-        "{out}"
-    );
+    assert!(out.starts_with(&format!("{ch} #")) && out.trim_end().ends_with("message \"hello\""), "{out}");
 
     let mut cmd = pgpubsub(&db.url);
-    cmd.env("PUB_SUB_CHANNEL", ch.as_str())
-        .env("DEBUG", "true")
-        .args(["listen", "--count", "1"]);
+    cmd.env("PUB_SUB_CHANNEL", ch.as_str()).env("DEBUG", "true").args(["listen", "--count", "1"]);
     let (child, mut stdout, _) = spawn_listener(cmd);
     pgpubsub::publish(&client, &ch, "pretty").await.unwrap();
     let mut out = String::new();
@@ -176,10 +140,7 @@ async fn ctrl_c_stops_cleanly() {
     let mut cmd = pgpubsub(&db.url);
     cmd.args(["listen", "--channel", "quiet"]);
     let (child, _stdout, logs) = spawn_listener(cmd);
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = wait_output(child);
     let logs: Vec<String> = logs.try_iter().collect();
@@ -200,12 +161,7 @@ async fn publish_reads_stdin_and_arrives_identical() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(message.as_bytes()).unwrap();
     let out = wait_output(child);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let seq: i64 = text(&out.stdout).trim().parse().unwrap();
@@ -235,36 +191,18 @@ async fn migrate_watch_and_status_from_the_command_line() {
     assert!(text(&first.stdout).contains("applied 20261121000100 pubsub_log"));
     assert!(text(&cmd(&["migrate"]).stdout).contains("up to date"));
 
-    db.client()
-        .await
-        .batch_execute("CREATE TABLE w (id int primary key)")
-        .await
-        .unwrap();
+    db.client().await.batch_execute("CREATE TABLE w (id int primary key)").await.unwrap();
     let out = cmd(&["watch", "w", "--channel", "w_events"]);
-    assert!(
-        text(&out.stdout).contains("channel w_events"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stdout).contains("channel w_events"), "{}", text(&out.stderr));
     assert!(text(&cmd(&["watch"]).stdout).contains("w -> w_events"));
     let status = text(&cmd(&["migrate", "status"]).stdout);
-    assert!(
-        status.contains("applied  20261121000200 pubsub_store"),
-        "{status}"
-    );
-    assert!(
-        status.contains("pending  20261121000900 job_example (example)"),
-        "{status}"
-    );
+    assert!(status.contains("applied  20261121000200 pubsub_store"), "{status}");
+    assert!(status.contains("pending  20261121000900 job_example (example)"), "{status}");
     assert!(status.contains("watched  w -> w_events"), "{status}");
     assert!(text(&cmd(&["unwatch", "w"]).stdout).contains("stopped watching w"));
 
     let down = cmd(&["migrate", "down"]);
-    assert!(
-        text(&down.stdout).contains("reverted 20261121000200 pubsub_store"),
-        "{}",
-        text(&down.stderr)
-    );
+    assert!(text(&down.stdout).contains("reverted 20261121000200 pubsub_store"), "{}", text(&down.stderr));
 }
 
 #[tokio::test]
@@ -275,21 +213,9 @@ async fn bad_configuration_is_named() {
     type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<&'a str>, &'a str);
     let cases: Vec<Case> = vec![
         (vec![("DEBUG", "maybe")], vec!["migrate", "status"], "DEBUG"),
-        (
-            vec![("DATABASE_URL", "postgres://u:hunter2@h:notaport/db")],
-            vec!["migrate"],
-            "DATABASE_URL",
-        ),
-        (
-            vec![("PUB_SUB_CHANNEL", "bad-name")],
-            vec!["listen"],
-            "PUB_SUB_CHANNEL",
-        ),
-        (
-            vec![],
-            vec!["listen", "--channel", ""],
-            "invalid channel name",
-        ),
+        (vec![("DATABASE_URL", "postgres://u:hunter2@h:notaport/db")], vec!["migrate"], "DATABASE_URL"),
+        (vec![("PUB_SUB_CHANNEL", "bad-name")], vec!["listen"], "PUB_SUB_CHANNEL"),
+        (vec![], vec!["listen", "--channel", ""], "invalid channel name"),
         (vec![], vec!["publish", &long, "hi"], "longer than 63 bytes"),
         (vec![], vec!["watch", "no_such_table"], "does not exist"),
         (vec![], vec!["unwatch", "no_such_table"], "does not exist"),
@@ -305,10 +231,7 @@ async fn bad_configuration_is_named() {
         let out = run(cmd);
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");
-        assert!(
-            err.contains(expect),
-            "{args:?}: expected {expect:?} in {err}"
-        );
+        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err}");
         assert!(!err.contains("hunter2"), "password leaked: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
@@ -324,19 +247,12 @@ async fn bad_configuration_is_named() {
 async fn dot_env_is_read_and_the_environment_wins() {
     let db = TestDb::new().await;
     let dir = scratch_dir();
-    std::fs::write(
-        dir.join(".env"),
-        format!("DATABASE_URL={}\nPUB_SUB_CHANNEL=from_dotenv\n", db.url),
-    )
-    .unwrap();
+    std::fs::write(dir.join(".env"), format!("DATABASE_URL={}\nPUB_SUB_CHANNEL=from_dotenv\n", db.url)).unwrap();
     let client = db.client().await;
     let ch = pgpubsub::Channel::new("from_dotenv").unwrap();
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
-    cmd.env_remove("DATABASE_URL")
-        .env_remove("PUB_SUB_CHANNEL")
-        .current_dir(&dir)
-        .args(["--count", "1"]);
+    cmd.env_remove("DATABASE_URL").env_remove("PUB_SUB_CHANNEL").current_dir(&dir).args(["--count", "1"]);
     let (child, mut stdout, _) = spawn_listener(cmd);
     pgpubsub::publish(&client, &ch, "via .env").await.unwrap();
     let mut out = String::new();
@@ -346,26 +262,16 @@ async fn dot_env_is_read_and_the_environment_wins() {
 
     // The environment overrides .env: an unreachable URL there wins.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
-    cmd.env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/postgres")
-        .current_dir(&dir)
-        .args(["migrate"]);
+    cmd.env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/postgres").current_dir(&dir).args(["migrate"]);
     let out = run(cmd);
-    assert!(
-        text(&out.stderr).contains("127.0.0.1:1"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("127.0.0.1:1"), "{}", text(&out.stderr));
 
     // A broken .env is reported, not ignored.
     std::fs::write(dir.join(".env"), "NOT A VALID LINE\n").unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
     cmd.current_dir(&dir).args(["migrate", "status"]);
     let out = run(cmd);
-    assert!(
-        !out.status.success() && text(&out.stderr).contains(".env"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(!out.status.success() && text(&out.stderr).contains(".env"), "{}", text(&out.stderr));
 }
 
 #[tokio::test]
@@ -379,13 +285,9 @@ async fn demo_runs_end_to_end() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("9 of 9 events received"), "{stderr}");
-    for needle in [
-        "INSERT public.pgpubsub_demo",
-        "UPDATE",
-        "DELETE",
-        "message \"hello from pgpubsub\"",
-        "job_channel - notify",
-    ] {
+    for needle in
+        ["INSERT public.pgpubsub_demo", "UPDATE", "DELETE", "message \"hello from pgpubsub\"", "job_channel - notify"]
+    {
         assert!(stdout.contains(needle), "{needle} missing in {stdout}");
     }
 }

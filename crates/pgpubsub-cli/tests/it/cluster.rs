@@ -10,12 +10,8 @@ pub struct Cluster {
 }
 
 fn bin(name: &str) -> PathBuf {
-    let versions = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server binaries in /usr/lib/postgresql");
-    let mut dirs: Vec<PathBuf> = versions
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("bin"))
-        .collect();
+    let versions = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL server binaries in /usr/lib/postgresql");
+    let mut dirs: Vec<PathBuf> = versions.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect();
     dirs.sort();
     dirs.pop().expect("a PostgreSQL version").join(name)
 }
@@ -34,11 +30,7 @@ fn as_postgres(tool: &str, args: &[&str]) -> std::process::Output {
 }
 
 fn try_as_postgres(tool: &str, args: &[&str]) -> std::process::Output {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
     let mut cmd = if is_root {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(bin(tool));
@@ -55,36 +47,16 @@ impl Cluster {
     pub fn start(standby: bool) -> Cluster {
         let dir = std::env::temp_dir().join(crate::common::unique("pgpubsub_cluster"));
         std::fs::create_dir_all(&dir).unwrap();
-        let _ = Command::new("chown")
-            .args(["postgres:postgres", dir.to_str().unwrap()])
-            .status();
+        let _ = Command::new("chown").args(["postgres:postgres", dir.to_str().unwrap()]).status();
         let data = dir.join("data");
-        as_postgres(
-            "initdb",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-            ],
-        );
+        as_postgres("initdb", &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"]);
         if standby {
             std::fs::write(data.join("standby.signal"), "").unwrap();
             let _ = Command::new("chown")
-                .args([
-                    "postgres:postgres",
-                    data.join("standby.signal").to_str().unwrap(),
-                ])
+                .args(["postgres:postgres", data.join("standby.signal").to_str().unwrap()])
                 .status();
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let cluster = Cluster { dir, port };
         cluster.ctl(&["start"]);
         cluster
@@ -98,15 +70,7 @@ impl Cluster {
             self.dir.display()
         );
         let log = self.dir.join("server.log");
-        let mut args = vec![
-            "-D",
-            data.to_str().unwrap(),
-            "-o",
-            &opts,
-            "-l",
-            log.to_str().unwrap(),
-            "-w",
-        ];
+        let mut args = vec!["-D", data.to_str().unwrap(), "-o", &opts, "-l", log.to_str().unwrap(), "-w"];
         args.extend_from_slice(action);
         as_postgres("pg_ctl", &args);
     }
@@ -117,20 +81,14 @@ impl Cluster {
     }
 
     pub fn url(&self, db: &str) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
-            self.port
-        )
+        format!("postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable", self.port)
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         let data = self.dir.join("data");
-        let _ = try_as_postgres(
-            "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
-        );
+        let _ = try_as_postgres("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -9,8 +9,7 @@ use tokio_postgres::{Client, Config};
 
 /// The server under test; override with PGPUBSUB_TEST_URL.
 pub fn admin_url() -> String {
-    std::env::var("PGPUBSUB_TEST_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("PGPUBSUB_TEST_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// The longest any test waits for one thing.
@@ -20,15 +19,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test (or test run) uses.
 pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}_{}_{}_{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}_{}_{}_{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A unique channel.
@@ -56,13 +48,8 @@ impl TestDb {
     pub async fn bare() -> TestDb {
         init_logs();
         let name = unique("pgps_test");
-        let admin = pgpubsub::db::connect(&admin_url().parse().unwrap())
-            .await
-            .unwrap();
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
+        let admin = pgpubsub::db::connect(&admin_url().parse().unwrap()).await.unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
         let mut config: Config = admin_url().parse().unwrap();
         config.dbname(&name);
         let url = with_dbname(&admin_url(), &name);
@@ -81,9 +68,7 @@ impl TestDb {
 
     /// A listener with options.
     pub async fn listen_with(&self, channels: &[Channel], options: ListenerOptions) -> Listener {
-        Listener::connect(&self.config, channels, options)
-            .await
-            .unwrap()
+        Listener::connect(&self.config, channels, options).await.unwrap()
     }
 }
 
@@ -92,15 +77,10 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Async drop is not a thing: a short-lived runtime on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 if let Ok(admin) = pgpubsub::db::connect(&admin_url().parse().unwrap()).await {
-                    let _ = admin
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
+                    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
                 }
             });
         })
@@ -115,11 +95,7 @@ fn init_logs() {
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pgpubsub=debug"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .with_ansi(false)
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().with_ansi(false).try_init();
     });
 }
 
@@ -127,10 +103,7 @@ fn init_logs() {
 fn with_dbname(url: &str, name: &str) -> String {
     match url.rsplit_once('/') {
         Some((base, last)) if !base.ends_with('/') => {
-            let query = last
-                .split_once('?')
-                .map(|(_, q)| format!("?{q}"))
-                .unwrap_or_default();
+            let query = last.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
             format!("{base}/{name}{query}")
         }
         _ => format!("{url}/{name}"),
@@ -143,10 +116,7 @@ pub async fn next(listener: &mut Listener) -> Event {
         Ok(Some(Ok(e))) => e,
         Ok(Some(Err(e))) => panic!("listener error: {e}"),
         Ok(None) => panic!("listener ended"),
-        Err(_) => panic!(
-            "no event within {WAIT:?}; stats: {:?}",
-            listener.stats().snapshot()
-        ),
+        Err(_) => panic!("no event within {WAIT:?}; stats: {:?}", listener.stats().snapshot()),
     }
 }
 
@@ -155,19 +125,12 @@ pub async fn until_stats(listener: &Listener, check: impl Fn(&pgpubsub::StatsSna
     let stats = listener.stats();
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check(&stats.snapshot()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stats never matched: {:?}",
-            stats.snapshot()
-        );
+        assert!(tokio::time::Instant::now() < deadline, "stats never matched: {:?}", stats.snapshot());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Sends a raw notification, as a foreign trigger would.
 pub async fn raw_notify(client: &Client, channel: &Channel, payload: &str) {
-    client
-        .execute("SELECT pg_notify($1, $2)", &[&channel.as_str(), &payload])
-        .await
-        .unwrap();
+    client.execute("SELECT pg_notify($1, $2)", &[&channel.as_str(), &payload]).await.unwrap();
 }

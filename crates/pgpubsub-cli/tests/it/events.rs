@@ -18,15 +18,9 @@ struct Item {
 async fn insert_update_delete_truncate_carry_the_right_rows() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    client
-        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, name text, tags text[])")
-        .await
-        .unwrap();
+    client.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, name text, tags text[])").await.unwrap();
     let ch = common::channel("items");
-    assert_eq!(
-        pgpubsub::watch(&client, "items", Some(&ch)).await.unwrap(),
-        ch
-    );
+    assert_eq!(pgpubsub::watch(&client, "items", Some(&ch)).await.unwrap(), ch);
     let mut l = db.listen(&[ch.clone()]).await;
 
     client
@@ -42,23 +36,13 @@ async fn insert_update_delete_truncate_carry_the_right_rows() {
 
     let ins = next(&mut l).await;
     let c = ins.change().unwrap();
-    assert_eq!(
-        (c.op, c.schema.as_str(), c.table.as_str()),
-        (Op::Insert, "public", "items")
-    );
+    assert_eq!((c.op, c.schema.as_str(), c.table.as_str()), (Op::Insert, "public", "items"));
     assert_eq!(
         c.new_as::<Item>().unwrap(),
-        Some(Item {
-            id: 1,
-            name: "one".into(),
-            tags: vec!["a".into(), "b".into()]
-        })
+        Some(Item { id: 1, name: "one".into(), tags: vec!["a".into(), "b".into()] })
     );
     assert!(c.old.is_none());
-    assert_eq!(
-        serde_json::from_str::<Value>(c.key.as_ref().unwrap().get()).unwrap(),
-        json!({"id": 1})
-    );
+    assert_eq!(serde_json::from_str::<Value>(c.key.as_ref().unwrap().get()).unwrap(), json!({"id": 1}));
     assert_eq!(ins.channel, ch.as_str());
 
     let upd = next(&mut l).await;
@@ -81,16 +65,10 @@ async fn insert_update_delete_truncate_carry_the_right_rows() {
     assert!(c.key.is_none() && c.new.is_none() && c.old.is_none());
 
     // Sequence numbers follow the log, and the log holds the exact text sent.
-    let seqs: Vec<i64> = [&ins, &upd, &del, &ins2, &tr]
-        .iter()
-        .map(|e| e.seq.unwrap())
-        .collect();
+    let seqs: Vec<i64> = [&ins, &upd, &del, &ins2, &tr].iter().map(|e| e.seq.unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    let logged: String = client
-        .query_one("SELECT body FROM pubsub.events WHERE seq = $1", &[&seqs[1]])
-        .await
-        .unwrap()
-        .get(0);
+    let logged: String =
+        client.query_one("SELECT body FROM pubsub.events WHERE seq = $1", &[&seqs[1]]).await.unwrap().get(0);
     assert_eq!(logged, upd.json());
     assert!(ins.time.is_some());
 }
@@ -100,49 +78,25 @@ async fn watch_defaults_to_the_table_name_and_unwatch_stops_events() {
     let db = TestDb::new().await;
     let client = db.client().await;
     let table = common::unique("tbl");
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA app; CREATE TABLE app.{table} (k text, v int)"
-        ))
-        .await
-        .unwrap();
-    let ch = pgpubsub::watch(&client, &format!("app.{table}"), None)
-        .await
-        .unwrap();
+    client.batch_execute(&format!("CREATE SCHEMA app; CREATE TABLE app.{table} (k text, v int)")).await.unwrap();
+    let ch = pgpubsub::watch(&client, &format!("app.{table}"), None).await.unwrap();
     assert_eq!(ch.as_str(), table);
     assert_eq!(
-        pgpubsub::publish::watches(&client)
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|(t, _)| t.ends_with(&table)),
+        pgpubsub::publish::watches(&client).await.unwrap().into_iter().find(|(t, _)| t.ends_with(&table)),
         Some((format!("app.{table}"), table.clone()))
     );
     let mut l = db.listen(&[ch.clone()]).await;
-    client
-        .batch_execute(&format!("INSERT INTO app.{table} VALUES ('a', 1)"))
-        .await
-        .unwrap();
+    client.batch_execute(&format!("INSERT INTO app.{table} VALUES ('a', 1)")).await.unwrap();
     let e = next(&mut l).await;
     let c = e.change().unwrap();
     // No primary key: no key, but the row is all there.
     assert!(c.key.is_none());
-    assert_eq!(
-        serde_json::from_str::<Value>(c.new.as_ref().unwrap().get()).unwrap(),
-        json!({"k": "a", "v": 1})
-    );
+    assert_eq!(serde_json::from_str::<Value>(c.new.as_ref().unwrap().get()).unwrap(), json!({"k": "a", "v": 1}));
     assert_eq!(c.schema, "app");
 
-    assert!(pgpubsub::unwatch(&client, &format!("app.{table}"))
-        .await
-        .unwrap());
-    assert!(!pgpubsub::unwatch(&client, &format!("app.{table}"))
-        .await
-        .unwrap());
-    client
-        .batch_execute(&format!("INSERT INTO app.{table} VALUES ('b', 2)"))
-        .await
-        .unwrap();
+    assert!(pgpubsub::unwatch(&client, &format!("app.{table}")).await.unwrap());
+    assert!(!pgpubsub::unwatch(&client, &format!("app.{table}")).await.unwrap());
+    client.batch_execute(&format!("INSERT INTO app.{table} VALUES ('b', 2)")).await.unwrap();
     pgpubsub::publish(&client, &ch, "marker").await.unwrap();
     // The marker arrives and nothing came before it.
     assert_eq!(next(&mut l).await.message().unwrap().payload, "marker");
@@ -159,9 +113,7 @@ async fn composite_keys_and_odd_column_types() {
         .await
         .unwrap();
     let ch = common::channel("odd");
-    pgpubsub::watch(&client, "\"Odd Table\"", Some(&ch))
-        .await
-        .unwrap();
+    pgpubsub::watch(&client, "\"Odd Table\"", Some(&ch)).await.unwrap();
     let mut l = db.listen(&[ch]).await;
     client
         .batch_execute(
@@ -187,58 +139,21 @@ async fn store_put_and_remove_are_events_with_history() {
     let mut l = db.listen(&[ch]).await;
     let bucket = common::unique("bucket");
 
-    assert_eq!(
-        store::put(&client, &bucket, "a", &json!({"n": 1}), Some(0))
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        store::put(&client, &bucket, "a", &json!({"n": 2}), None)
-            .await
-            .unwrap(),
-        2
-    );
-    let conflict = store::put(&client, &bucket, "a", &json!({"n": 3}), Some(1))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        conflict.sqlstate(),
-        Some(store::VERSION_CONFLICT),
-        "{conflict}"
-    );
-    assert!(
-        conflict.to_string().contains("version conflict"),
-        "{conflict}"
-    );
-    assert_eq!(
-        store::get(&client, &bucket, "a")
-            .await
-            .unwrap()
-            .unwrap()
-            .val,
-        json!({"n": 2})
-    );
+    assert_eq!(store::put(&client, &bucket, "a", &json!({"n": 1}), Some(0)).await.unwrap(), 1);
+    assert_eq!(store::put(&client, &bucket, "a", &json!({"n": 2}), None).await.unwrap(), 2);
+    let conflict = store::put(&client, &bucket, "a", &json!({"n": 3}), Some(1)).await.unwrap_err();
+    assert_eq!(conflict.sqlstate(), Some(store::VERSION_CONFLICT), "{conflict}");
+    assert!(conflict.to_string().contains("version conflict"), "{conflict}");
+    assert_eq!(store::get(&client, &bucket, "a").await.unwrap().unwrap().val, json!({"n": 2}));
     assert_eq!(store::remove(&client, &bucket, "a").await.unwrap(), Some(3));
     assert_eq!(store::remove(&client, &bucket, "a").await.unwrap(), None);
     assert!(store::get(&client, &bucket, "a").await.unwrap().is_none());
     // A deleted id continues its numbering.
-    assert_eq!(
-        store::put(&client, &bucket, "a", &json!("again"), Some(0))
-            .await
-            .unwrap(),
-        4
-    );
+    assert_eq!(store::put(&client, &bucket, "a", &json!("again"), Some(0)).await.unwrap(), 4);
 
     let history = store::history(&client, &bucket, "a").await.unwrap();
-    let kinds: Vec<(i32, &str)> = history
-        .iter()
-        .map(|h| (h.version, h.kind.as_str()))
-        .collect();
-    assert_eq!(
-        kinds,
-        vec![(1, "put"), (2, "put"), (3, "delete"), (4, "put")]
-    );
+    let kinds: Vec<(i32, &str)> = history.iter().map(|h| (h.version, h.kind.as_str())).collect();
+    assert_eq!(kinds, vec![(1, "put"), (2, "put"), (3, "delete"), (4, "put")]);
     assert_eq!(history[2].val, None);
 
     let ops: Vec<(Op, Value)> = {
@@ -246,29 +161,16 @@ async fn store_put_and_remove_are_events_with_history() {
         for _ in 0..4 {
             let e = next(&mut l).await;
             let c = e.change().unwrap();
-            let row: Value =
-                serde_json::from_str(c.new.as_ref().or(c.old.as_ref()).unwrap().get()).unwrap();
+            let row: Value = serde_json::from_str(c.new.as_ref().or(c.old.as_ref()).unwrap().get()).unwrap();
             v.push((c.op, row));
         }
         v
     };
     assert_eq!(ops[0].0, Op::Insert);
-    assert_eq!(
-        (ops[0].1["bucket"].as_str(), ops[0].1["val"].clone()),
-        (Some(bucket.as_str()), json!({"n": 1}))
-    );
-    assert_eq!(
-        (ops[1].0, ops[1].1["version"].clone()),
-        (Op::Update, json!(2))
-    );
-    assert_eq!(
-        (ops[2].0, ops[2].1["version"].clone()),
-        (Op::Delete, json!(2))
-    );
-    assert_eq!(
-        (ops[3].0, ops[3].1["val"].clone()),
-        (Op::Insert, json!("again"))
-    );
+    assert_eq!((ops[0].1["bucket"].as_str(), ops[0].1["val"].clone()), (Some(bucket.as_str()), json!({"n": 1})));
+    assert_eq!((ops[1].0, ops[1].1["version"].clone()), (Op::Update, json!(2)));
+    assert_eq!((ops[2].0, ops[2].1["version"].clone()), (Op::Delete, json!(2)));
+    assert_eq!((ops[3].0, ops[3].1["val"].clone()), (Op::Insert, json!("again")));
 }
 
 #[tokio::test]
@@ -289,19 +191,14 @@ async fn the_seed_job_flow_runs_as_written() {
     for _ in 0..3 {
         let e = next(&mut l).await;
         assert_eq!((e.kind(), e.seq), ("notify", None));
-        let pgpubsub::Body::Notify(raw) = &e.body else {
-            panic!()
-        };
+        let pgpubsub::Body::Notify(raw) = &e.body else { panic!() };
         seen.push(serde_json::from_str::<Value>(raw.get()).unwrap());
     }
     let statuses: Vec<&str> = seen.iter().map(|v| v["status"].as_str().unwrap()).collect();
     // All three operations reach the channel (the seed's ' INSERT' bug is fixed).
     assert_eq!(statuses, ["queued", "running", "running"]);
     assert!(seen.iter().all(|v| v["job_id"] == seen[0]["job_id"]));
-    let ids: Vec<i64> = seen
-        .iter()
-        .map(|v| v["notification_id"].as_i64().unwrap())
-        .collect();
+    let ids: Vec<i64> = seen.iter().map(|v| v["notification_id"].as_i64().unwrap()).collect();
     let logged: Vec<(i64, String)> = client
         .query("SELECT id, operation FROM notification ORDER BY id", &[])
         .await
@@ -311,11 +208,7 @@ async fn the_seed_job_flow_runs_as_written() {
         .collect();
     assert_eq!(
         logged,
-        vec![
-            (ids[0], "INSERT".to_string()),
-            (ids[1], "UPDATE".to_string()),
-            (ids[2], "DELETE".to_string())
-        ]
+        vec![(ids[0], "INSERT".to_string()), (ids[1], "UPDATE".to_string()), (ids[2], "DELETE".to_string())]
     );
 }
 
@@ -326,9 +219,7 @@ async fn events_of_a_rolled_back_transaction_never_arrive() {
     let ch = common::channel("tx");
     let mut l = db.listen(&[ch.clone()]).await;
     let tx = client.transaction().await.unwrap();
-    tx.execute("SELECT pubsub.publish($1, 'never')", &[&ch.as_str()])
-        .await
-        .unwrap();
+    tx.execute("SELECT pubsub.publish($1, 'never')", &[&ch.as_str()]).await.unwrap();
     tx.rollback().await.unwrap();
     pgpubsub::publish(&client, &ch, "after").await.unwrap();
     assert_eq!(next(&mut l).await.message().unwrap().payload, "after");
@@ -338,14 +229,10 @@ async fn events_of_a_rolled_back_transaction_never_arrive() {
 async fn one_listener_many_channels_keeps_per_channel_order() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let chans: Vec<Channel> = (0..3)
-        .map(|i| common::channel(&format!("multi{i}")))
-        .collect();
+    let chans: Vec<Channel> = (0..3).map(|i| common::channel(&format!("multi{i}"))).collect();
     let mut l = db.listen(&chans).await;
     for i in 0..30 {
-        pgpubsub::publish(&client, &chans[i % 3], &i.to_string())
-            .await
-            .unwrap();
+        pgpubsub::publish(&client, &chans[i % 3], &i.to_string()).await.unwrap();
     }
     let mut per: Vec<Vec<usize>> = vec![Vec::new(); 3];
     for _ in 0..30 {

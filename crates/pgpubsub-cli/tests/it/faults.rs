@@ -17,10 +17,7 @@ use crate::proxy::Proxy;
 /// A watched table `w(writer, n, pad)` and its channel.
 async fn workload_table(config: &Config) -> Channel {
     let client = pgpubsub::db::connect(config).await.unwrap();
-    client
-        .batch_execute("CREATE TABLE w (writer int, n int, pad text, PRIMARY KEY (writer, n))")
-        .await
-        .unwrap();
+    client.batch_execute("CREATE TABLE w (writer int, n int, pad text, PRIMARY KEY (writer, n))").await.unwrap();
     let ch = common::channel("w");
     pgpubsub::watch(&client, "w", Some(&ch)).await.unwrap();
     ch
@@ -41,20 +38,11 @@ async fn writer(config: Config, id: i32, count: i32, pause: Duration, big_every:
             }
         }
         // Every big_every-th row is large enough to travel in chunks.
-        let pad = if big_every > 0 && n % big_every == 0 {
-            "x".repeat(30_000)
-        } else {
-            String::new()
-        };
+        let pad = if big_every > 0 && n % big_every == 0 { "x".repeat(30_000) } else { String::new() };
         let c = client.as_ref().unwrap();
-        match c
-            .execute("INSERT INTO w VALUES ($1, $2, $3)", &[&id, &n, &pad])
-            .await
-        {
+        match c.execute("INSERT INTO w VALUES ($1, $2, $3)", &[&id, &n, &pad]).await {
             Ok(_) => n += 1,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                n += 1
-            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => n += 1,
             Err(_) => {
                 client = None;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -147,28 +135,14 @@ async fn check(
     }
     let expected = expected.unwrap_or_default();
     report.expected = expected.len();
-    report.lost = expected
-        .iter()
-        .filter(|k| !seen.contains_key(k))
-        .copied()
-        .collect();
-    report.unexpected = seen
-        .keys()
-        .filter(|k| !expected.contains(k))
-        .copied()
-        .collect();
+    report.lost = expected.iter().filter(|k| !seen.contains_key(k)).copied().collect();
+    report.unexpected = seen.keys().filter(|k| !expected.contains(k)).copied().collect();
     report
 }
 
 fn assert_complete(r: &Report) {
     assert!(r.expected > 0, "{r:?}");
-    assert!(
-        r.lost.is_empty(),
-        "lost {} of {}: {:?}",
-        r.lost.len(),
-        r.expected,
-        &r.lost[..r.lost.len().min(20)]
-    );
+    assert!(r.lost.is_empty(), "lost {} of {}: {:?}", r.lost.len(), r.expected, &r.lost[..r.lost.len().min(20)]);
     assert!(r.unexpected.is_empty(), "unexpected: {:?}", r.unexpected);
     assert_eq!(r.out_of_order, 0, "{r:?}");
 }
@@ -180,9 +154,7 @@ fn fast_heartbeat() -> ListenerOptions {
 /// Terminates the listening backends of `db` (the session whose last
 /// statement was LISTEN); returns how many.
 async fn kill_listeners(db: &str) -> i64 {
-    let admin = pgpubsub::db::connect(&common::admin_url().parse().unwrap())
-        .await
-        .unwrap();
+    let admin = pgpubsub::db::connect(&common::admin_url().parse().unwrap()).await.unwrap();
     admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN %'",
@@ -200,9 +172,7 @@ fn spawn_writers(
     pause: Duration,
     big_every: i32,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..writers)
-        .map(|id| tokio::spawn(writer(config.clone(), id, rows, pause, big_every)))
-        .collect()
+    (0..writers).map(|id| tokio::spawn(writer(config.clone(), id, rows, pause, big_every))).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,11 +213,7 @@ async fn listener_backend_terminated_every_2s_for_20s() {
     assert_complete(&r);
     let kills = killer.await.unwrap();
     assert!(kills >= 8, "only {kills} kills");
-    assert!(
-        l.stats().snapshot().reconnects >= 8,
-        "{:?}",
-        l.stats().snapshot()
-    );
+    assert!(l.stats().snapshot().reconnects >= 8, "{:?}", l.stats().snapshot());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,20 +222,14 @@ async fn silent_network_cut_is_detected_and_nothing_lost() {
     let ch = workload_table(&db.config).await;
     let proxy = Proxy::start("127.0.0.1:5432".into()).await;
     let via = proxy.config(&db.name);
-    let mut l = Listener::connect(&via, &[ch], fast_heartbeat())
-        .await
-        .unwrap();
+    let mut l = Listener::connect(&via, &[ch], fast_heartbeat()).await.unwrap();
     let mut state = l.state();
     let writers = spawn_writers(&db.config, 2, 300, Duration::from_millis(5), 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut();
     let r = check(&mut l, &db.config, writers, None).await;
     assert_complete(&r);
-    assert!(
-        l.stats().snapshot().reconnects >= 1,
-        "{:?}",
-        l.stats().snapshot()
-    );
+    assert!(l.stats().snapshot().reconnects >= 1, "{:?}", l.stats().snapshot());
     // The state went through Reconnecting and back.
     assert_eq!(*state.borrow_and_update(), ConnectionState::Listening);
 }
@@ -280,11 +240,8 @@ async fn a_pooler_that_drops_notifications_fails_fast() {
     let proxy = Proxy::start("127.0.0.1:5432".into()).await;
     proxy.swallow_notifications(true);
     let via = proxy.config(&db.name);
-    let opts =
-        ListenerOptions::default().heartbeat(Duration::from_millis(200), Duration::from_secs(1));
-    let err = Listener::connect(&via, &[common::channel("pool")], opts)
-        .await
-        .unwrap_err();
+    let opts = ListenerOptions::default().heartbeat(Duration::from_millis(200), Duration::from_secs(1));
+    let err = Listener::connect(&via, &[common::channel("pool")], opts).await.unwrap_err();
     assert!(matches!(err, Error::NotifyUnavailable(_)), "{err}");
     assert!(err.to_string().contains("transaction pooler"), "{err}");
 }
@@ -298,32 +255,19 @@ async fn late_commit_of_an_earlier_seq_is_not_skipped() {
     let ch = common::channel("race");
     let proxy = Proxy::start("127.0.0.1:5432".into()).await;
     let via = proxy.config(&db.name);
-    let mut l = Listener::connect(&via, &[ch.clone()], fast_heartbeat())
-        .await
-        .unwrap();
+    let mut l = Listener::connect(&via, &[ch.clone()], fast_heartbeat()).await.unwrap();
 
     let mut a = db.client().await;
     let b = db.client().await;
     let tx = a.transaction().await.unwrap();
-    let s1: i64 = tx
-        .query_one("SELECT pubsub.publish($1, 'A')", &[&ch.as_str()])
-        .await
-        .unwrap()
-        .get(0);
+    let s1: i64 = tx.query_one("SELECT pubsub.publish($1, 'A')", &[&ch.as_str()]).await.unwrap().get(0);
     let s2 = pgpubsub::publish(&b, &ch, "B").await.unwrap();
     assert!(s1 < s2);
     let got = next(&mut l).await;
-    assert_eq!(
-        (got.seq, got.message().unwrap().payload.as_str()),
-        (Some(s2), "B")
-    );
+    assert_eq!((got.seq, got.message().unwrap().payload.as_str()), (Some(s2), "B"));
     // Let a few heartbeats pass: the cursor must not move past A's txid.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(
-        l.cursor().txid <= got.txid.unwrap(),
-        "cursor {} passed an open transaction",
-        l.cursor()
-    );
+    assert!(l.cursor().txid <= got.txid.unwrap(), "cursor {} passed an open transaction", l.cursor());
 
     // Cut the listener off, and keep it off while A commits.
     proxy.refuse(true);
@@ -333,10 +277,7 @@ async fn late_commit_of_an_earlier_seq_is_not_skipped() {
     proxy.refuse(false);
 
     let got = next(&mut l).await;
-    assert_eq!(
-        (got.seq, got.message().unwrap().payload.as_str()),
-        (Some(s1), "A")
-    );
+    assert_eq!((got.seq, got.message().unwrap().payload.as_str()), (Some(s1), "A"));
     assert!(l.stats().snapshot().replayed >= 1);
 }
 
@@ -347,13 +288,7 @@ async fn stalled_consumer_loses_nothing_and_never_blocks_writers() {
     let opts = fast_heartbeat().buffer(32);
     let mut l = db.listen_with(&[ch], opts).await;
     let writers = spawn_writers(&db.config, 2, 1000, Duration::ZERO, 50);
-    let r = check(
-        &mut l,
-        &db.config,
-        writers,
-        Some(Duration::from_millis(500)),
-    )
-    .await;
+    let r = check(&mut l, &db.config, writers, Some(Duration::from_millis(500))).await;
     assert_complete(&r);
     let s = l.stats().snapshot();
     assert!(s.lagged > 0 && s.gaps >= 1 && s.replayed > 0, "{s:?}");
@@ -381,17 +316,11 @@ async fn a_chunk_sequence_cut_by_a_disconnect_is_replayed_whole() {
             let _ = tx.send(n.payload().to_string());
         }
     });
-    raw.batch_execute(&format!("LISTEN {capture}"))
-        .await
-        .unwrap();
+    raw.batch_execute(&format!("LISTEN {capture}")).await.unwrap();
 
     let mut l = db.listen_with(&[ch.clone()], fast_heartbeat()).await;
     let t = client.transaction().await.unwrap();
-    let seq: i64 = t
-        .query_one("SELECT nextval('pubsub.events_seq')", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let seq: i64 = t.query_one("SELECT nextval('pubsub.events_seq')", &[]).await.unwrap().get(0);
     let body: String = t
         .query_one(
             "SELECT json_build_object('seq', $1::bigint, 'txid', pg_current_xact_id()::text::bigint,
@@ -401,28 +330,18 @@ async fn a_chunk_sequence_cut_by_a_disconnect_is_replayed_whole() {
         .await
         .unwrap()
         .get(0);
-    t.execute(
-        "INSERT INTO pubsub.events (seq, channel, body) VALUES ($1, $2, $3)",
-        &[&seq, &ch.as_str(), &body],
-    )
-    .await
-    .unwrap();
+    t.execute("INSERT INTO pubsub.events (seq, channel, body) VALUES ($1, $2, $3)", &[&seq, &ch.as_str(), &body])
+        .await
+        .unwrap();
     // pubsub.send on another connection, only to see the frames.
-    raw.execute(
-        "SELECT pubsub.send($1, $2, $3)",
-        &[&capture.as_str(), &seq, &body],
-    )
-    .await
-    .unwrap();
+    raw.execute("SELECT pubsub.send($1, $2, $3)", &[&capture.as_str(), &seq, &body]).await.unwrap();
     let mut frames = Vec::new();
     while let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
         frames.push(p);
     }
     assert!(frames.len() >= 4, "{}", frames.len());
     for f in &frames[..frames.len() / 2] {
-        t.execute("SELECT pg_notify($1, $2)", &[&ch.as_str(), f])
-            .await
-            .unwrap();
+        t.execute("SELECT pg_notify($1, $2)", &[&ch.as_str(), f]).await.unwrap();
     }
     t.commit().await.unwrap();
 
@@ -439,30 +358,19 @@ async fn a_named_listener_resumes_after_a_restart() {
     let client = db.client().await;
     let ch = common::channel("durable");
     let name = common::unique("svc");
-    let mut l = db
-        .listen_with(&[ch.clone()], fast_heartbeat().name(name.clone()))
-        .await;
+    let mut l = db.listen_with(&[ch.clone()], fast_heartbeat().name(name.clone())).await;
     for i in 0..5 {
-        pgpubsub::publish(&client, &ch, &format!("before {i}"))
-            .await
-            .unwrap();
+        pgpubsub::publish(&client, &ch, &format!("before {i}")).await.unwrap();
     }
     for i in 0..5 {
-        assert_eq!(
-            next(&mut l).await.message().unwrap().payload,
-            format!("before {i}")
-        );
+        assert_eq!(next(&mut l).await.message().unwrap().payload, format!("before {i}"));
     }
     l.close().await.unwrap();
     // While it is down.
     for i in 0..5 {
-        pgpubsub::publish(&client, &ch, &format!("while down {i}"))
-            .await
-            .unwrap();
+        pgpubsub::publish(&client, &ch, &format!("while down {i}")).await.unwrap();
     }
-    let mut l = db
-        .listen_with(&[ch.clone()], fast_heartbeat().name(name.clone()))
-        .await;
+    let mut l = db.listen_with(&[ch.clone()], fast_heartbeat().name(name.clone())).await;
     pgpubsub::publish(&client, &ch, "after").await.unwrap();
     let mut got = Vec::new();
     while got.last().map(String::as_str) != Some("after") {
@@ -470,19 +378,10 @@ async fn a_named_listener_resumes_after_a_restart() {
     }
     // At least once: anything from before may repeat, nothing may be missing.
     let after_restart: Vec<&String> = got.iter().filter(|p| !p.starts_with("before")).collect();
-    let want: Vec<String> = (0..5)
-        .map(|i| format!("while down {i}"))
-        .chain(["after".to_string()])
-        .collect();
+    let want: Vec<String> = (0..5).map(|i| format!("while down {i}")).chain(["after".to_string()]).collect();
     assert_eq!(after_restart, want.iter().collect::<Vec<_>>());
-    let stored: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pubsub.cursors WHERE name = $1",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let stored: i64 =
+        client.query_one("SELECT count(*) FROM pubsub.cursors WHERE name = $1", &[&name]).await.unwrap().get(0);
     assert_eq!(stored, 1);
 }
 
@@ -492,24 +391,15 @@ async fn a_cursor_older_than_retention_is_told_to_resync() {
     let client = db.client().await;
     let ch = common::channel("pruned");
     let name = common::unique("slow");
-    let l = db
-        .listen_with(&[ch.clone()], fast_heartbeat().name(name.clone()))
-        .await;
+    let l = db.listen_with(&[ch.clone()], fast_heartbeat().name(name.clone())).await;
     l.close().await.unwrap();
     for i in 0..5 {
-        pgpubsub::publish(&client, &ch, &format!("gone {i}"))
-            .await
-            .unwrap();
+        pgpubsub::publish(&client, &ch, &format!("gone {i}")).await.unwrap();
     }
     let policy = pgpubsub::retention::Retention::new(None, Some(0));
-    assert_eq!(
-        pgpubsub::retention::prune(&client, policy).await.unwrap(),
-        5
-    );
+    assert_eq!(pgpubsub::retention::prune(&client, policy).await.unwrap(), 5);
     pgpubsub::publish(&client, &ch, "kept").await.unwrap();
-    let mut l = db
-        .listen_with(&[ch.clone()], fast_heartbeat().name(name.clone()))
-        .await;
+    let mut l = db.listen_with(&[ch.clone()], fast_heartbeat().name(name.clone())).await;
     match tokio::time::timeout(common::WAIT, l.recv()).await.unwrap() {
         Some(Err(Error::ResyncNeeded { cursor, pruned })) => assert!(pruned > cursor),
         other => panic!("expected a resync, got {other:?}"),
@@ -520,16 +410,12 @@ async fn a_cursor_older_than_retention_is_told_to_resync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarts_fast_and_immediate_while_writers_run() {
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(false))
-        .await
-        .unwrap();
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(false)).await.unwrap();
     let config: Config = cluster.url("postgres").parse().unwrap();
     let mut client = pgpubsub::db::connect(&config).await.unwrap();
     pgpubsub::migrate::up(&mut client, false).await.unwrap();
     let ch = workload_table(&config).await;
-    let mut l = Listener::connect(&config, &[ch], fast_heartbeat())
-        .await
-        .unwrap();
+    let mut l = Listener::connect(&config, &[ch], fast_heartbeat()).await.unwrap();
     let writers = spawn_writers(&config, 2, 400, Duration::from_millis(10), 20);
     let cluster = Arc::new(cluster);
     let c = cluster.clone();
@@ -537,34 +423,20 @@ async fn postgres_restarts_fast_and_immediate_while_writers_run() {
         for mode in ["fast", "immediate"] {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let c = c.clone();
-            tokio::task::spawn_blocking(move || c.restart(mode))
-                .await
-                .unwrap();
+            tokio::task::spawn_blocking(move || c.restart(mode)).await.unwrap();
         }
     });
     let r = check(&mut l, &config, writers, None).await;
     restarts.await.unwrap();
     assert_complete(&r);
-    assert!(
-        l.stats().snapshot().reconnects >= 2,
-        "{:?}",
-        l.stats().snapshot()
-    );
+    assert!(l.stats().snapshot().reconnects >= 2, "{:?}", l.stats().snapshot());
 }
 
 #[tokio::test]
 async fn a_read_replica_is_refused_with_a_clear_message() {
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(true))
-        .await
-        .unwrap();
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(true)).await.unwrap();
     let config: Config = cluster.url("postgres").parse().unwrap();
-    let err = Listener::connect(
-        &config,
-        &[common::channel("replica")],
-        ListenerOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = Listener::connect(&config, &[common::channel("replica")], ListenerOptions::default()).await.unwrap_err();
     assert!(matches!(err, Error::ReadReplica(_)), "{err}");
     assert!(err.to_string().contains("read replica"), "{err}");
 }

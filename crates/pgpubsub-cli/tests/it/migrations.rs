@@ -24,18 +24,9 @@ async fn up_down_up() {
 
     let first = pgpubsub::migrate::up(&mut client, false).await.unwrap();
     assert_eq!(first.len(), 2);
-    assert!(
-        pgpubsub::migrate::up(&mut client, false)
-            .await
-            .unwrap()
-            .is_empty(),
-        "second up changes nothing"
-    );
+    assert!(pgpubsub::migrate::up(&mut client, false).await.unwrap().is_empty(), "second up changes nothing");
     // Only dbmate's own bookkeeping table appears outside the schema.
-    assert_eq!(
-        tables_outside_pubsub(&client).await,
-        vec!["public.schema_migrations".to_string()]
-    );
+    assert_eq!(tables_outside_pubsub(&client).await, vec!["public.schema_migrations".to_string()]);
     let versions: Vec<String> = client
         .query("SELECT version FROM schema_migrations ORDER BY 1", &[])
         .await
@@ -47,13 +38,8 @@ async fn up_down_up() {
 
     // With the example: job and notification appear.
     let ex = pgpubsub::migrate::up(&mut client, true).await.unwrap();
-    assert_eq!(
-        ex.iter().map(|m| m.name).collect::<Vec<_>>(),
-        vec!["job_example"]
-    );
-    assert!(tables_outside_pubsub(&client)
-        .await
-        .contains(&"public.job".to_string()));
+    assert_eq!(ex.iter().map(|m| m.name).collect::<Vec<_>>(), vec!["job_example"]);
+    assert!(tables_outside_pubsub(&client).await.contains(&"public.job".to_string()));
 
     // Down, one step at a time, most recent first.
     let mut reverted = Vec::new();
@@ -62,28 +48,15 @@ async fn up_down_up() {
     }
     assert_eq!(reverted, vec!["job_example", "pubsub_store", "pubsub_log"]);
     let schema: Option<String> = client
-        .query_one(
-            "SELECT nspname::text FROM pg_namespace WHERE nspname = 'pubsub'",
-            &[],
-        )
+        .query_one("SELECT nspname::text FROM pg_namespace WHERE nspname = 'pubsub'", &[])
         .await
         .map(|r| r.get(0))
         .ok();
     assert_eq!(schema, None);
-    assert!(pgpubsub::migrate::status(&client)
-        .await
-        .unwrap()
-        .iter()
-        .all(|s| !s.applied));
+    assert!(pgpubsub::migrate::status(&client).await.unwrap().iter().all(|s| !s.applied));
 
     // And up again, working as before.
-    assert_eq!(
-        pgpubsub::migrate::up(&mut client, false)
-            .await
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 2);
     let ch = pgpubsub::Channel::new("again").unwrap();
     assert!(pgpubsub::publish(&client, &ch, "x").await.unwrap() > 0);
 }
@@ -92,37 +65,18 @@ async fn up_down_up() {
 async fn down_removes_triggers_from_watched_tables_and_leaves_other_versions() {
     let db = TestDb::new().await;
     let mut client = db.client().await;
-    client
-        .batch_execute("CREATE TABLE keep (id int primary key)")
-        .await
-        .unwrap();
+    client.batch_execute("CREATE TABLE keep (id int primary key)").await.unwrap();
     pgpubsub::watch(&client, "keep", None).await.unwrap();
     // A user's own dbmate migration in the same table stays put.
-    client
-        .batch_execute("INSERT INTO schema_migrations VALUES ('20990101000000')")
-        .await
-        .unwrap();
+    client.batch_execute("INSERT INTO schema_migrations VALUES ('20990101000000')").await.unwrap();
     pgpubsub::migrate::down(&mut client).await.unwrap();
     pgpubsub::migrate::down(&mut client).await.unwrap();
     // The table works without the schema, and has no trigger left.
-    client
-        .batch_execute("INSERT INTO keep VALUES (1)")
-        .await
-        .unwrap();
-    let triggers: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'keep'::regclass",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    client.batch_execute("INSERT INTO keep VALUES (1)").await.unwrap();
+    let triggers: i64 =
+        client.query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'keep'::regclass", &[]).await.unwrap().get(0);
     assert_eq!(triggers, 0);
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM schema_migrations", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let left: i64 = client.query_one("SELECT count(*) FROM schema_migrations", &[]).await.unwrap().get(0);
     assert_eq!(left, 1);
 }
 
@@ -131,10 +85,7 @@ async fn concurrent_migrators_apply_each_step_once() {
     let db = TestDb::bare().await;
     let mut a = db.client().await;
     let mut b = db.client().await;
-    let (ra, rb) = tokio::join!(
-        pgpubsub::migrate::up(&mut a, false),
-        pgpubsub::migrate::up(&mut b, false)
-    );
+    let (ra, rb) = tokio::join!(pgpubsub::migrate::up(&mut a, false), pgpubsub::migrate::up(&mut b, false));
     assert_eq!(ra.unwrap().len() + rb.unwrap().len(), 2);
 }
 
@@ -152,40 +103,18 @@ async fn not_migrated_is_a_clear_error() {
 async fn sql_side_refuses_bad_channels_and_non_tables() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    for bad in [
-        "",
-        "has space",
-        "1starts_with_digit",
-        &"x".repeat(64),
-        "quo\"te",
-    ] {
-        let err = client
-            .execute("SELECT pubsub.publish($1, 'x')", &[&bad])
-            .await
-            .unwrap_err();
-        assert!(
-            err.as_db_error()
-                .unwrap()
-                .message()
-                .contains("invalid channel name"),
-            "{bad:?}"
-        );
+    for bad in ["", "has space", "1starts_with_digit", &"x".repeat(64), "quo\"te"] {
+        let err = client.execute("SELECT pubsub.publish($1, 'x')", &[&bad]).await.unwrap_err();
+        assert!(err.as_db_error().unwrap().message().contains("invalid channel name"), "{bad:?}");
     }
-    client
-        .batch_execute("CREATE VIEW v AS SELECT 1 AS one")
-        .await
-        .unwrap();
+    client.batch_execute("CREATE VIEW v AS SELECT 1 AS one").await.unwrap();
     let err = pgpubsub::watch(&client, "v", None).await.unwrap_err();
     assert!(err.to_string().contains("is not a table"), "{err}");
-    let err = pgpubsub::watch(&client, "no_such_table", None)
-        .await
-        .unwrap_err();
+    let err = pgpubsub::watch(&client, "no_such_table", None).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("42P01"), "{err}");
     assert!(err.to_string().contains("does not exist"), "{err}");
     // Injection through the table name is just a name that does not exist.
-    let err = pgpubsub::watch(&client, "x; DROP SCHEMA pubsub CASCADE", None)
-        .await
-        .unwrap_err();
+    let err = pgpubsub::watch(&client, "x; DROP SCHEMA pubsub CASCADE", None).await.unwrap_err();
     assert!(err.sqlstate().is_some(), "{err}");
     assert!(pgpubsub::publish::watches(&client).await.is_ok());
 }

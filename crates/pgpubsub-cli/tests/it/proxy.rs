@@ -51,12 +51,7 @@ impl Proxy {
 
     /// A connection string to database `db` through the proxy.
     pub fn config(&self, db: &str) -> tokio_postgres::Config {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
-            self.port
-        )
-        .parse()
-        .unwrap()
+        format!("postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable", self.port).parse().unwrap()
     }
 
     /// Silences every connection open now.
@@ -99,9 +94,7 @@ async fn pump(
             let mut kept = Vec::new();
             // Messages: type byte, then a length that counts itself.
             while pending.len() >= 5 {
-                let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]])
-                    as usize
-                    + 1;
+                let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]) as usize + 1;
                 if pending.len() < len {
                     break;
                 }

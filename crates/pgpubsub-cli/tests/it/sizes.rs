@@ -14,11 +14,7 @@ fn payload(bytes: usize) -> String {
         if s.len() == bytes {
             break;
         }
-        s.push(if s.len() + c.len_utf8() <= bytes {
-            *c
-        } else {
-            'z'
-        });
+        s.push(if s.len() + c.len_utf8() <= bytes { *c } else { 'z' });
     }
     s
 }
@@ -28,10 +24,7 @@ async fn db_with_threshold(threshold: u64) -> TestDb {
     let db = TestDb::new().await;
     db.client()
         .await
-        .batch_execute(&format!(
-            "ALTER DATABASE {} SET pubsub.ref_threshold = {threshold}",
-            db.name
-        ))
+        .batch_execute(&format!("ALTER DATABASE {} SET pubsub.ref_threshold = {threshold}", db.name))
         .await
         .unwrap();
     db
@@ -48,11 +41,7 @@ async fn round_trip(db: &TestDb, sizes: &[usize]) -> pgpubsub::StatsSnapshot {
         let e = next(&mut l).await;
         assert_eq!(e.seq, Some(seq));
         let got = &e.message().unwrap().payload;
-        assert!(
-            got == &sent,
-            "payload of {n} bytes altered (got {} bytes)",
-            got.len()
-        );
+        assert!(got == &sent, "payload of {n} bytes altered (got {} bytes)", got.len());
     }
     l.stats().snapshot()
 }
@@ -95,17 +84,10 @@ async fn encoder_boundary_is_exactly_8000_bytes() {
     for (len, chunked) in [(7_999usize, false), (8_000, true), (8_001, true)] {
         let head = format!(r#"{{"seq":1,"kind":"message","channel":"{ch}","payload":""#);
         let body = format!("{head}{}\"}}", "é".repeat((len - head.len() - 2) / 2));
-        let body = if body.len() < len {
-            body.replacen("\"payload\":\"", "\"payload\":\"x", 1)
-        } else {
-            body
-        };
+        let body = if body.len() < len { body.replacen("\"payload\":\"", "\"payload\":\"x", 1) } else { body };
         assert_eq!(body.len(), len);
         let before = l.stats().snapshot().chunks;
-        client
-            .execute("SELECT pubsub.send($1, 1, $2)", &[&ch.as_str(), &body])
-            .await
-            .unwrap();
+        client.execute("SELECT pubsub.send($1, 1, $2)", &[&ch.as_str(), &body]).await.unwrap();
         let e = next(&mut l).await;
         assert_eq!(e.json(), body);
         assert_eq!(l.stats().snapshot().chunks > before, chunked, "{len} bytes");
@@ -116,19 +98,13 @@ async fn encoder_boundary_is_exactly_8000_bytes() {
 async fn a_large_row_never_fails_the_write_and_arrives_whole() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    client
-        .batch_execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
-        .await
-        .unwrap();
+    client.batch_execute("CREATE TABLE docs (id int PRIMARY KEY, body text)").await.unwrap();
     let ch = common::channel("docs");
     pgpubsub::watch(&client, "docs", Some(&ch)).await.unwrap();
     let mut l = db.listen(&[ch]).await;
     for (id, n) in [(1, 20_000usize), (2, 300_000), (3, 20_000_000)] {
         let text = payload(n).replace('\u{1}', "x");
-        client
-            .execute("INSERT INTO docs VALUES ($1, $2)", &[&id, &text])
-            .await
-            .unwrap();
+        client.execute("INSERT INTO docs VALUES ($1, $2)", &[&id, &text]).await.unwrap();
         let e = next(&mut l).await;
         #[derive(serde::Deserialize)]
         struct Doc {
@@ -146,19 +122,10 @@ async fn events_over_the_listener_limit_are_dropped_and_counted() {
     let db = db_with_threshold(50_000).await;
     let client = db.client().await;
     let ch = Channel::new(common::unique("limit")).unwrap();
-    let limits = pgpubsub::Limits {
-        max_event_bytes: 20_000,
-        ..Default::default()
-    };
-    let mut l = db
-        .listen_with(&[ch.clone()], ListenerOptions::default().limits(limits))
-        .await;
-    pgpubsub::publish(&client, &ch, &"c".repeat(30_000))
-        .await
-        .unwrap(); // chunked
-    pgpubsub::publish(&client, &ch, &"r".repeat(60_000))
-        .await
-        .unwrap(); // reference
+    let limits = pgpubsub::Limits { max_event_bytes: 20_000, ..Default::default() };
+    let mut l = db.listen_with(&[ch.clone()], ListenerOptions::default().limits(limits)).await;
+    pgpubsub::publish(&client, &ch, &"c".repeat(30_000)).await.unwrap(); // chunked
+    pgpubsub::publish(&client, &ch, &"r".repeat(60_000)).await.unwrap(); // reference
     pgpubsub::publish(&client, &ch, "small").await.unwrap();
     assert_eq!(next(&mut l).await.message().unwrap().payload, "small");
     let s = l.stats().snapshot();
@@ -184,30 +151,20 @@ async fn chunks_stay_under_the_limit_and_cut_between_characters() {
             }
         }
     });
-    raw.batch_execute(&format!("LISTEN \"{ch}\""))
-        .await
-        .unwrap();
+    raw.batch_execute(&format!("LISTEN \"{ch}\"")).await.unwrap();
 
     // The encoder itself, on a body whose layout is known: one ASCII byte,
     // then 3-byte characters starting at offsets 1, 4, 7, … Offset 7,800 is
     // the last byte of a character, so the first cut must move back to 7,798.
     let body = format!("a{}", "€".repeat(10_000));
     let client = db.client().await;
-    client
-        .execute("SELECT pubsub.send($1, 1, $2)", &[&ch.as_str(), &body])
-        .await
-        .unwrap();
+    client.execute("SELECT pubsub.send($1, 1, $2)", &[&ch.as_str(), &body]).await.unwrap();
 
     let mut datas = Vec::new();
     loop {
-        let p = tokio::time::timeout(common::WAIT, rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let p = tokio::time::timeout(common::WAIT, rx.recv()).await.unwrap().unwrap();
         assert!(p.len() < 8000, "a notification of {} bytes", p.len());
-        let Ok(pgpubsub::wire::Frame::Chunk(c)) = pgpubsub::wire::parse(&p) else {
-            panic!("not a chunk: {p:.80}")
-        };
+        let Ok(pgpubsub::wire::Frame::Chunk(c)) = pgpubsub::wire::parse(&p) else { panic!("not a chunk: {p:.80}") };
         datas.push(c.data.len());
         if datas.len() == c.count as usize {
             break;
