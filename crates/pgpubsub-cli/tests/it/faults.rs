@@ -440,3 +440,36 @@ async fn a_read_replica_is_refused_with_a_clear_message() {
     assert!(matches!(err, Error::ReadReplica(_)), "{err}");
     assert!(err.to_string().contains("read replica"), "{err}");
 }
+
+/// A session that LISTENs and then sits in an open transaction cannot read
+/// the queue, so the queue fills for the whole cluster. The listener reports
+/// the usage it sees, and its own connections are never idle in a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_pressure_is_reported_and_we_never_pin_the_queue() {
+    let db = TestDb::new().await;
+    let ch = common::channel("pressure");
+    let mut stuck = db.client().await;
+    stuck.batch_execute(&format!("LISTEN {ch}")).await.unwrap();
+    let open = stuck.transaction().await.unwrap();
+    open.batch_execute("SELECT 1").await.unwrap();
+
+    let mut l = db.listen_with(&[ch.clone()], fast_heartbeat()).await;
+    let client = db.client().await;
+    for _ in 0..20 {
+        pgpubsub::publish(&client, &ch, &"q".repeat(100_000)).await.unwrap();
+        next(&mut l).await;
+    }
+    common::until_stats(&l, |s| s.queue_usage_ppm > 0).await;
+
+    let pinned: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'pgpubsub' \
+             AND state LIKE 'idle in transaction%'",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pinned, 0);
+    open.rollback().await.unwrap();
+}
