@@ -321,10 +321,7 @@ mod tests {
     use super::*;
 
     fn chunks(text: &str, size: usize, seq: i64) -> Vec<String> {
-        let md5 = format!("{:x}", Md5::digest(text.as_bytes()));
-        let pieces: Vec<&str> = text.as_bytes().chunks(size).map(|c| std::str::from_utf8(c).unwrap()).collect();
-        let n = pieces.len();
-        pieces.iter().enumerate().map(|(i, p)| format!("~c:{seq}:{i}:{n}:{}:{md5}:{p}", text.len())).collect()
+        crate::wire::encode_chunks(seq, text, size)
     }
 
     fn push(r: &mut Reassembler, payload: &str, now: Instant) -> Option<String> {

@@ -66,6 +66,34 @@ pub struct FrameError(pub &'static str);
 /// Length of a seed-format message id.
 pub const SEED_ID_LEN: usize = 36;
 
+/// Data bytes per chunk in the SQL encoder (`pubsub.send`).
+pub const CHUNK_DATA_BYTES: usize = 7800;
+
+/// Our chunk frames for `body`, each carrying at most `data_bytes` bytes cut
+/// on a character boundary: what `pubsub.send` emits for a body of this
+/// size (with [`CHUNK_DATA_BYTES`]). For tests, benchmarks, and senders that
+/// encode on the client side.
+pub fn encode_chunks(seq: i64, body: &str, data_bytes: usize) -> Vec<String> {
+    use md5::{Digest, Md5};
+    let digest = format!("{:x}", Md5::digest(body.as_bytes()));
+    let mut pieces = Vec::with_capacity(body.len() / data_bytes.max(1) + 1);
+    let mut rest = body;
+    while !rest.is_empty() {
+        let mut cut = data_bytes.max(1).min(rest.len());
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if cut == 0 {
+            // A budget smaller than one character: the character whole.
+            cut = rest.chars().next().map_or(rest.len(), char::len_utf8);
+        }
+        pieces.push(&rest[..cut]);
+        rest = &rest[cut..];
+    }
+    let count = pieces.len();
+    pieces.iter().enumerate().map(|(i, p)| format!("~c:{seq}:{i}:{count}:{}:{digest}:{p}", body.len())).collect()
+}
+
 /// Classifies one payload.
 ///
 /// # Errors

@@ -12,31 +12,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
 use pgpubsub::reassembly::{Limits, Reassembler};
 use pgpubsub::wire::{self, Frame};
 use pgpubsub::{Event, Stats};
 use proptest::prelude::*;
 
-/// Our chunk frames for `text`, cut every `size` bytes on character
-/// boundaries, as the SQL encoder cuts them.
 fn encode(text: &str, size: usize, seq: i64) -> Vec<String> {
-    let md5 = format!("{:x}", Md5::digest(text.as_bytes()));
-    let mut pieces = Vec::new();
-    let mut rest = text;
-    while !rest.is_empty() {
-        let mut cut = size.min(rest.len());
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        if cut == 0 {
-            cut = rest.chars().next().unwrap().len_utf8();
-        }
-        pieces.push(&rest[..cut]);
-        rest = &rest[cut..];
-    }
-    let n = pieces.len();
-    pieces.iter().enumerate().map(|(i, p)| format!("~c:{seq}:{i}:{n}:{}:{md5}:{p}", text.len())).collect()
+    wire::encode_chunks(seq, text, size)
 }
 
 /// Feeds one payload the way the listener does; returns a completed text.

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use md5::{Digest, Md5};
 use pgpubsub::{Channel, Limits, ListenerOptions};
 use serde_json::Value;
 
@@ -11,19 +10,7 @@ use crate::common::{self, next, raw_notify, until_stats, TestDb};
 
 /// Our chunk frames for `text`, `size` bytes of text each.
 fn frames(text: &str, size: usize, seq: i64) -> Vec<String> {
-    let md5 = format!("{:x}", Md5::digest(text.as_bytes()));
-    let mut pieces = Vec::new();
-    let mut rest = text;
-    while !rest.is_empty() {
-        let mut cut = size.min(rest.len());
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        pieces.push(&rest[..cut]);
-        rest = &rest[cut..];
-    }
-    let n = pieces.len();
-    pieces.iter().enumerate().map(|(i, p)| format!("~c:{seq}:{i}:{n}:{}:{md5}:{p}", text.len())).collect()
+    pgpubsub::wire::encode_chunks(seq, text, size)
 }
 
 fn envelope(ch: &Channel, seq: i64, payload: &str) -> String {

@@ -87,7 +87,9 @@ async fn encoder_boundary_is_exactly_8000_bytes() {
         let body = if body.len() < len { body.replacen("\"payload\":\"", "\"payload\":\"x", 1) } else { body };
         assert_eq!(body.len(), len);
         let before = l.stats().snapshot().chunks;
-        client.execute("SELECT pubsub.send($1, 1, $2)", &[&ch.as_str(), &body]).await.unwrap();
+        // A seq of its own per body: a seq names one event (the log's key).
+        let seq = len as i64;
+        client.execute("SELECT pubsub.send($1, $2, $3)", &[&ch.as_str(), &seq, &body]).await.unwrap();
         let e = next(&mut l).await;
         assert_eq!(e.json(), body);
         assert_eq!(l.stats().snapshot().chunks > before, chunked, "{len} bytes");
@@ -161,8 +163,10 @@ async fn chunks_stay_under_the_limit_and_cut_between_characters() {
     client.execute("SELECT pubsub.send($1, 1, $2)", &[&ch.as_str(), &body]).await.unwrap();
 
     let mut datas = Vec::new();
+    let mut frames = Vec::new();
     loop {
         let p = tokio::time::timeout(common::WAIT, rx.recv()).await.unwrap().unwrap();
+        frames.push(p.clone());
         assert!(p.len() < 8000, "a notification of {} bytes", p.len());
         let Ok(pgpubsub::wire::Frame::Chunk(c)) = pgpubsub::wire::parse(&p) else { panic!("not a chunk: {p:.80}") };
         datas.push(c.data.len());
@@ -171,6 +175,7 @@ async fn chunks_stay_under_the_limit_and_cut_between_characters() {
         }
     }
     assert_eq!(datas[0], 7_798, "{datas:?}");
+    assert_eq!(frames, pgpubsub::wire::encode_chunks(1, &body, pgpubsub::wire::CHUNK_DATA_BYTES));
     assert!(datas.iter().all(|&n| n <= 7_800), "{datas:?}");
     assert_eq!(datas.iter().sum::<usize>(), body.len());
 }
