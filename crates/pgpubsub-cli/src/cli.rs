@@ -50,6 +50,11 @@ pub enum Command {
     Publish(PublishArgs),
     /// Delete old events from the log (by age and/or count).
     Prune(RetentionArgs),
+    /// The load test: writers, pgpubsub's listener and a bare baseline.
+    Load(crate::load::LoadArgs),
+    /// The bare LISTEN loop `load --baseline` runs beside pgpubsub.
+    #[command(hide = true)]
+    LoadBaseline(crate::load::baseline::BaselineArgs),
     /// Run the whole flow once: migrate, watch a demo table, write rows,
     /// print the events that arrive.
     Demo,

@@ -3,6 +3,7 @@
 
 mod cli;
 mod cmd;
+mod load;
 mod output;
 
 use std::io::IsTerminal;
@@ -24,7 +25,16 @@ fn main() -> ExitCode {
         eprintln!("error: cannot read .env: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // `listen` is one pipeline (socket, decode, stdout): on one thread its
+    // hand-offs are plain wake-ups, not cross-thread ones. The rest (load's
+    // writers, demo) want both cores.
+    let single = matches!(cli.command, None | Some(Command::Listen(_)) | Some(Command::LoadBaseline(_)));
+    let mut builder = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -52,6 +62,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Unwatch { table }) => cmd::watch::unwatch(&config, &table).await,
         Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
+        Some(Command::Load(args)) => load::run(&config, &cli.database_url, &args).await,
+        Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,
         Some(Command::Demo) => cmd::demo::run(&config, debug).await,
     }
 }

@@ -1,0 +1,214 @@
+//! `pgpubsub load`: the load test. It drives the real path (writers → watched
+//! tables → trigger → NOTIFY → `pgpubsub listen --json` as a child process),
+//! beside a bare LISTEN loop on the same notifications (`--baseline`), and
+//! reports rates, latency, losses, CPU and memory. See docs/performance.md.
+
+pub mod baseline;
+mod plot;
+mod probe;
+mod proc;
+mod receiver;
+mod report;
+mod workload;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use tokio_postgres::Config;
+
+use self::receiver::Receivers;
+use self::report::{Report, WriteRun};
+use self::workload::{Plan, Trigger};
+
+/// The known cliffs, as presets (flags given explicitly override them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// 4 writers, one row per commit, 100-byte payloads.
+    Single,
+    /// 4 writers, 100 rows per commit, 100-byte payloads.
+    Batched,
+    /// 64 KB payloads (chunked).
+    Large64k,
+    /// 1 MB payloads (sent by reference).
+    Large1m,
+    /// Raw pg_notify of 7,900-byte payloads: the byte rate the database
+    /// sustains, for comparison with the large scenarios (baseline only).
+    Raw7900,
+    /// 50 tables, one channel each.
+    Channels,
+    /// 50 extra idle LISTEN connections on the same channel.
+    IdleListeners,
+    /// 32 concurrent writers, one row per commit.
+    Writers,
+}
+
+/// Options of `load`.
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// A preset; the flags below override its values.
+    #[arg(long, value_enum, default_value = "single")]
+    pub scenario: Scenario,
+    /// Writer connections.
+    #[arg(long, short = 'w')]
+    pub writers: Option<usize>,
+    /// Rows per transaction.
+    #[arg(long, short = 'b')]
+    pub batch: Option<u64>,
+    /// Bytes of payload per row (above ~7,700 the event is chunked).
+    #[arg(long, short = 'p')]
+    pub payload: Option<usize>,
+    /// Rows to write in all.
+    #[arg(long, short = 'n')]
+    pub rows: Option<u64>,
+    /// Write for this long instead of a row count (e.g. 30s, 5m).
+    #[arg(long, short = 'd', value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Target rows per second in all (default: as fast as possible).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Tables (one channel each).
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Extra LISTEN connections that only drain.
+    #[arg(long)]
+    pub idle_listeners: Option<usize>,
+    /// Also update and delete every row (three events per row).
+    #[arg(long)]
+    pub mixed: bool,
+    /// Also receive with a bare tokio-postgres LISTEN loop, for ratios.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Also write the same rows with no trigger, a notify-only trigger, and
+    /// pgpubsub's trigger without listeners (writes/s of each).
+    #[arg(long)]
+    pub trigger_cost: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the report as Markdown table rows on stdout.
+    #[arg(long)]
+    pub markdown: bool,
+    /// Draw latency over time and its distribution into this SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
+}
+
+impl LoadArgs {
+    fn plan(&self) -> Plan {
+        use Scenario::*;
+        let (writers, batch, payload, rows, tables) = match self.scenario {
+            Single => (4, 1, 100, 20_000, 1),
+            Batched => (4, 100, 100, 300_000, 1),
+            Large64k => (2, 1, 65_536, 2_000, 1),
+            Large1m => (2, 1, 1 << 20, 200, 1),
+            Raw7900 => (2, 100, 7_900, 100_000, 1),
+            Channels => (4, 10, 100, 100_000, 50),
+            IdleListeners => (4, 10, 100, 100_000, 1),
+            Writers => (32, 1, 100, 50_000, 1),
+        };
+        Plan {
+            writers: self.writers.unwrap_or(writers).max(1),
+            batch: self.batch.unwrap_or(batch).max(1),
+            rows: if self.duration.is_some() && self.rows.is_none() { None } else { Some(self.rows.unwrap_or(rows)) },
+            duration: self.duration,
+            rate: self.rate,
+            payload: self.payload.unwrap_or(payload),
+            tables: self.channels.unwrap_or(tables).max(1),
+            mixed: self.mixed,
+            raw: self.scenario == Raw7900,
+        }
+    }
+
+    fn idle(&self) -> usize {
+        self.idle_listeners.unwrap_or(if self.scenario == Scenario::IdleListeners { 50 } else { 0 })
+    }
+}
+
+/// Runs the load test and prints its report.
+pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<()> {
+    let plan = args.plan();
+    let mut admin = crate::cmd::connect(config).await?;
+    pgpubsub::migrate::up(&mut admin, false).await.context("applying the pubsub schema")?;
+    let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
+    let mut report = Report::new(format!("{:?}", args.scenario).to_lowercase(), &plan, version);
+
+    if args.trigger_cost && !plan.raw {
+        for (name, trigger) in [
+            ("no trigger", Trigger::None),
+            ("notify-only trigger", Trigger::NotifyOnly),
+            ("pgpubsub trigger, no listener", Trigger::Pubsub),
+        ] {
+            workload::setup(&admin, plan.tables, trigger).await?;
+            let written = write_with_progress(config, &plan, name, None).await?;
+            report.write_runs.push(WriteRun::new(name, &written));
+        }
+    }
+
+    workload::setup(&admin, plan.tables, if plan.raw { Trigger::None } else { Trigger::Pubsub }).await?;
+    let channels: Vec<String> = (0..plan.tables).map(workload::channel).collect();
+    let expected = plan.rows.map(|r| if plan.mixed { r * 3 } else { r });
+    let receivers =
+        Receivers::start(config, url, &channels, expected, !plan.raw, args.baseline || plan.raw, args.idle())
+            .await
+            .context("starting the receivers")?;
+    let sampler = receivers.sample(config.clone());
+    let written = write_with_progress(config, &plan, "writing", Some(&receivers)).await?;
+    let finished = receivers.finish(written.events, &sampler).await?;
+    report.set_main(&written, finished);
+    workload::teardown(&admin).await?;
+
+    if let Some(path) = &args.plot {
+        plot::draw(path, &report).with_context(|| format!("drawing {}", path.display()))?;
+        eprintln!("plot written to {}", path.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if args.markdown {
+        print!("{}", report.markdown());
+    } else {
+        print!("{}", report.table());
+    }
+    if report.lost() > 0 {
+        bail!("{} events were lost", report.lost());
+    }
+    Ok(())
+}
+
+/// Writes the plan with a progress bar on stderr (showing what the receivers
+/// have when there are any).
+async fn write_with_progress(
+    config: &Config,
+    plan: &Plan,
+    label: &str,
+    receivers: Option<&Receivers>,
+) -> anyhow::Result<workload::Written> {
+    let progress = Arc::new(AtomicU64::new(0));
+    let bar = match plan.rows {
+        Some(rows) => indicatif::ProgressBar::new(rows),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>30} {bar:30} {pos}/{len} rows {per_sec} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(label.to_string());
+    let (p, b) = (progress.clone(), bar.clone());
+    let counts = receivers.map(Receivers::counters);
+    let ticker = tokio::spawn(async move {
+        loop {
+            b.set_position(p.load(Ordering::Relaxed));
+            if let Some(c) = &counts {
+                b.set_message(format!("received {}", c.load(Ordering::Relaxed)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let result = workload::write(config, plan, progress.clone()).await;
+    ticker.abort();
+    bar.set_position(progress.load(Ordering::Relaxed));
+    bar.finish();
+    result
+}

@@ -1,0 +1,281 @@
+//! The receivers of a load run, each its own process so that its CPU and
+//! memory can be read from /proc: `pgpubsub listen --json` (what is
+//! measured) and, with `--baseline`, the bare loop of `load-baseline`. Plus
+//! any idle LISTEN connections the scenario asks for.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::probe::{now_us, Probe};
+use super::proc::{self, Usage};
+
+/// How long a receiver may go without an event, once the writers are done,
+/// before the missing ones are counted as lost.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// What one receiver measured.
+pub struct Measured {
+    pub probe: Probe,
+    /// Baseline only: its own summary (it measures inside its process).
+    pub summary: Option<Value>,
+    pub usage: Usage,
+}
+
+/// Everything the receivers measured.
+pub struct Finished {
+    pub pgpubsub: Option<Measured>,
+    pub baseline: Option<Measured>,
+    pub queue_peak: f64,
+}
+
+struct ChildReceiver {
+    child: Child,
+    pid: u32,
+    usage: Arc<Mutex<Usage>>,
+}
+
+/// The running receivers.
+pub struct Receivers {
+    pgpubsub: Option<(ChildReceiver, JoinHandle<Probe>)>,
+    baseline: Option<(ChildReceiver, JoinHandle<anyhow::Result<Value>>)>,
+    _idle: Vec<Client>,
+    received: Arc<AtomicU64>,
+    target: Arc<AtomicU64>,
+    queue_peak: Arc<Mutex<f64>>,
+}
+
+impl Receivers {
+    /// Starts them and returns once every one is listening.
+    pub async fn start(
+        config: &Config,
+        url: &str,
+        channels: &[String],
+        expected: Option<u64>,
+        pgpubsub: bool,
+        baseline: bool,
+        idle: usize,
+    ) -> anyhow::Result<Receivers> {
+        let received = Arc::new(AtomicU64::new(0));
+        let target = Arc::new(AtomicU64::new(expected.unwrap_or(u64::MAX)));
+        let list = channels.join(",");
+        let exe = std::env::current_exe().context("finding the pgpubsub binary")?;
+
+        let mut receivers = Receivers {
+            pgpubsub: None,
+            baseline: None,
+            _idle: Vec::new(),
+            received,
+            target,
+            queue_peak: Arc::default(),
+        };
+
+        if pgpubsub {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["listen", "--json", "--channel", &list]);
+            let (mut child, pid) = spawn(cmd, url)?;
+            wait_ready(&mut child, "listening").await?;
+            // Read on a thread of its own, with blocking reads: timing
+            // events on the runtime the writers use would charge their
+            // scheduling delays to the listener's latency.
+            let stdout = child.stdout.take().context("listener stdout")?.into_owned_fd()?;
+            let (received, target) = (receivers.received.clone(), receivers.target.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(read_events(std::fs::File::from(stdout), received, target));
+            });
+            let task = tokio::spawn(async move { rx.await.unwrap_or_default() });
+            receivers.pgpubsub = Some((ChildReceiver { child, pid, usage: Arc::default() }, task));
+        }
+        if baseline {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["load-baseline", "--channel", &list, "--expect", &u64::MAX.to_string(), "--idle", "3s"]);
+            let (mut child, pid) = spawn(cmd, url)?;
+            let stdout = child.stdout.take().context("baseline stdout")?;
+            let mut lines = BufReader::new(stdout).lines();
+            match tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
+                Ok(Ok(Some(l))) if l.contains("ready") => {}
+                other => bail!("the baseline receiver did not start: {other:?}"),
+            }
+            let task = tokio::spawn(async move {
+                let line = lines.next_line().await?.context("the baseline receiver printed no summary")?;
+                Ok(serde_json::from_str(&line)?)
+            });
+            receivers.baseline = Some((ChildReceiver { child, pid, usage: Arc::default() }, task));
+        }
+        for _ in 0..idle {
+            let (client, mut conn) = config.connect(NoTls).await.context("connecting an idle listener")?;
+            tokio::spawn(async move {
+                let mut m = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                while let Some(Ok(_)) = m.next().await {}
+            });
+            let sql: String = channels.iter().map(|c| format!("LISTEN \"{c}\";")).collect();
+            client.batch_execute(&sql).await?;
+            receivers._idle.push(client);
+        }
+        Ok(receivers)
+    }
+
+    /// Events the measured receiver has so far (for the progress bar).
+    pub fn counters(&self) -> Arc<AtomicU64> {
+        self.received.clone()
+    }
+
+    /// Samples the receivers' CPU and memory, and the NOTIFY queue, every
+    /// 250 ms until [`Receivers::finish`].
+    pub fn sample(&self, config: Config) -> JoinHandle<()> {
+        let targets: Vec<(u32, Arc<Mutex<Usage>>)> =
+            [self.pgpubsub.as_ref().map(|(c, _)| c), self.baseline.as_ref().map(|(c, _)| c)]
+                .into_iter()
+                .flatten()
+                .map(|c| (c.pid, c.usage.clone()))
+                .collect();
+        let peak = self.queue_peak.clone();
+        tokio::spawn(async move {
+            let client = pgpubsub::db::connect(&config).await.ok();
+            loop {
+                for (pid, slot) in &targets {
+                    if let Some(u) = proc::usage(*pid) {
+                        let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+                        let peak_rss = s.peak_rss.max(u.peak_rss);
+                        *s = Usage { peak_rss, ..u };
+                    }
+                }
+                if let Some(c) = &client {
+                    if let Ok(row) = c.query_one("SELECT pg_notification_queue_usage()", &[]).await {
+                        let q: f64 = row.get(0);
+                        let mut p = peak.lock().unwrap_or_else(|e| e.into_inner());
+                        *p = p.max(q);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    }
+
+    /// Waits until `events` have arrived (or nothing has for a while), reads
+    /// the final CPU and memory, and stops the receivers.
+    pub async fn finish(mut self, events: u64, sampler: &JoinHandle<()>) -> anyhow::Result<Finished> {
+        self.target.store(events, Ordering::SeqCst);
+        let pgpubsub = match self.pgpubsub.take() {
+            Some((mut c, mut task)) => {
+                // Wait while events keep coming; after SETTLE without one,
+                // the rest are lost: stop the listener, which ends the read.
+                let mut last = self.received.load(Ordering::Relaxed);
+                let mut quiet = Duration::ZERO;
+                let probe = loop {
+                    tokio::select! {
+                        probe = &mut task => break probe.context("the event reader failed")?,
+                        () = tokio::time::sleep(Duration::from_millis(250)) => {
+                            let now = self.received.load(Ordering::Relaxed);
+                            quiet = if now == last { quiet + Duration::from_millis(250) } else { Duration::ZERO };
+                            last = now;
+                            if quiet >= SETTLE {
+                                let _ = c.child.start_kill();
+                            }
+                        }
+                    }
+                };
+                let usage = final_usage(&c);
+                let _ = c.child.kill().await;
+                Some(Measured { probe, summary: None, usage })
+            }
+            None => None,
+        };
+        let baseline = match self.baseline.take() {
+            Some((mut c, task)) => {
+                let summary = task.await.context("the baseline reader failed")??;
+                let usage = *c.usage.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = c.child.wait().await;
+                Some(Measured { probe: Probe::new(), summary: Some(summary), usage })
+            }
+            None => None,
+        };
+        sampler.abort();
+        let queue_peak = *self.queue_peak.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Finished { pgpubsub, baseline, queue_peak })
+    }
+}
+
+/// The usage right now, falling back to the last sample.
+fn final_usage(c: &ChildReceiver) -> Usage {
+    let last = *c.usage.lock().unwrap_or_else(|e| e.into_inner());
+    match proc::usage(c.pid) {
+        Some(u) => Usage { peak_rss: u.peak_rss.max(last.peak_rss), ..u },
+        None => last,
+    }
+}
+
+fn spawn(mut cmd: Command, url: &str) -> anyhow::Result<(Child, u32)> {
+    for var in ["PUB_SUB_CHANNEL", "DEBUG", "PGPUBSUB_NAME", "PGPUBSUB_RETENTION_AGE", "PGPUBSUB_RETENTION_COUNT"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn,pgpubsub=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().context("starting a receiver process")?;
+    let pid = child.id().context("receiver pid")?;
+    Ok((child, pid))
+}
+
+/// Waits for `needle` on the child's stderr, then forwards its warnings.
+async fn wait_ready(child: &mut Child, needle: &str) -> anyhow::Result<()> {
+    let stderr = child.stderr.take().context("receiver stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let ready = async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains(needle) {
+                return Ok(());
+            }
+            if line.contains("ERROR") || line.contains("error:") {
+                bail!("the listener failed to start: {line}");
+            }
+        }
+        bail!("the listener exited before it was listening")
+    };
+    tokio::time::timeout(Duration::from_secs(20), ready).await.context("the listener did not start in 20 s")??;
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("[listener] {line}");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Reads `listen --json` lines into a probe until `target` events arrived,
+/// or nothing came for [`SETTLE`] once the target is known. Blocking; the
+/// listener is killed by [`Receivers::finish`] if it must stop early, which
+/// ends the read.
+fn read_events(stdout: std::fs::File, received: Arc<AtomicU64>, target: Arc<AtomicU64>) -> Probe {
+    use std::io::BufRead;
+    let mut probe = Probe::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, stdout);
+    let mut line = String::new();
+    while probe.distinct() < target.load(Ordering::SeqCst) {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    probe.record_value(&v, now_us());
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    probe
+}
