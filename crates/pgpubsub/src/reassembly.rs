@@ -236,7 +236,9 @@ impl Reassembler {
         p.held += data.len();
         p.parts.insert(at, data.into());
         self.held += data.len();
-        while self.held > self.limits.max_bytes && self.pending.len() > 1 {
+        // A hard bound: past it the oldest go, this event too if it alone
+        // is over (possible when max_event_bytes > max_bytes).
+        while self.held > self.limits.max_bytes && !self.pending.is_empty() {
             self.evict_oldest();
         }
         self.pending.contains_key(key)
