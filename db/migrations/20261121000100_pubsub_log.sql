@@ -174,13 +174,18 @@ END;
 $$;
 
 -- Appends one event to the log and notifies it. Callers allocate the seq
--- (it is part of the body) and build the body with json_build_object, which
--- keeps key order (seq first) and renders to a single line.
+-- (it is part of the body) and build the body: one line of JSON, keys in
+-- the envelope's order (docs/protocol.md).
 CREATE FUNCTION pubsub.append(p_channel text, p_seq bigint, p_body text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO pubsub.events (seq, channel, body) VALUES (p_seq, p_channel, p_body);
-    PERFORM pubsub.send(p_channel, p_seq, p_body);
+    -- The common case without the call into the encoder.
+    IF octet_length(p_body) < 8000 THEN
+        PERFORM pg_notify(p_channel, p_body);
+    ELSE
+        PERFORM pubsub.send(p_channel, p_seq, p_body);
+    END IF;
     RETURN p_seq;
 END;
 $$;
@@ -196,13 +201,13 @@ BEGIN
     IF p_payload IS NULL THEN
         RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    -- The payload stays a JSON string, never parsed or re-rendered, so its
-    -- bytes arrive exactly as sent.
     v_seq := nextval('pubsub.events_seq');
-    RETURN pubsub.append(p_channel, v_seq, json_build_object(
-        'seq', v_seq, 'txid', pg_current_xact_id()::text::bigint,
-        'kind', 'message', 'channel', p_channel, 'time', clock_timestamp(),
-        'payload', p_payload)::text);
+    -- to_json(text) escapes the payload as a JSON string; it is never
+    -- parsed, so its bytes arrive exactly as sent.
+    RETURN pubsub.append(p_channel, v_seq,
+        '{"seq":' || v_seq || ',"txid":' || pg_current_xact_id()::text
+        || ',"kind":"message","channel":"' || p_channel || '","time":' || to_json(clock_timestamp())::text
+        || ',"payload":' || to_json(p_payload)::text || '}');
 END;
 $$;
 
@@ -213,31 +218,40 @@ $$;
 CREATE FUNCTION pubsub.capture() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_new jsonb;
-    v_old jsonb;
-    v_key jsonb;
-    v_row jsonb;
-    v_seq bigint := nextval('pubsub.events_seq');
+    v_new  json;
+    v_old  json;
+    v_row  json;
+    v_key  text;
+    v_seq  bigint := nextval('pubsub.events_seq');
+    v_body text;
 BEGIN
     -- Compare TG_OP exactly: the seed's ' INSERT' (with a space) never matched.
+    -- row_to_json renders the row straight to JSON text; to_jsonb would build
+    -- a binary document first and render it again (measured: the body was
+    -- the largest part of this trigger's cost; docs/performance.md).
     IF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN
-        v_new := to_jsonb(NEW);
+        v_new := row_to_json(NEW);
     END IF;
     IF TG_OP = 'UPDATE' OR TG_OP = 'DELETE' THEN
-        v_old := to_jsonb(OLD);
+        v_old := row_to_json(OLD);
     END IF;
     v_row := coalesce(v_new, v_old);
     IF v_row IS NOT NULL AND TG_NARGS > 1 THEN
-        v_key := '{}'::jsonb;
+        v_key := '';
         FOR i IN 1 .. TG_NARGS - 1 LOOP
-            v_key := v_key || jsonb_build_object(TG_ARGV[i], v_row -> TG_ARGV[i]);
+            v_key := v_key || CASE WHEN i > 1 THEN ',' ELSE '' END
+                || to_json(TG_ARGV[i])::text || ':' || coalesce((v_row -> TG_ARGV[i])::text, 'null');
         END LOOP;
+        v_key := '{' || v_key || '}';
     END IF;
-    PERFORM pubsub.append(TG_ARGV[0], v_seq, json_build_object(
-        'seq', v_seq, 'txid', pg_current_xact_id()::text::bigint,
-        'kind', 'change', 'channel', TG_ARGV[0], 'time', clock_timestamp(),
-        'op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
-        'key', v_key, 'new', v_new, 'old', v_old)::text);
+    -- Built as text, in the envelope's fixed key order. The channel is a
+    -- checked identifier (watch), so it needs no escaping; names do.
+    v_body := '{"seq":' || v_seq || ',"txid":' || pg_current_xact_id()::text
+        || ',"kind":"change","channel":"' || TG_ARGV[0] || '","time":' || to_json(clock_timestamp())::text
+        || ',"op":"' || TG_OP || '","schema":' || to_json(TG_TABLE_SCHEMA::text)::text
+        || ',"table":' || to_json(TG_TABLE_NAME::text)::text || ',"key":' || coalesce(v_key, 'null')
+        || ',"new":' || coalesce(v_new::text, 'null') || ',"old":' || coalesce(v_old::text, 'null') || '}';
+    PERFORM pubsub.append(TG_ARGV[0], v_seq, v_body);
     RETURN NULL;
 END;
 $$;
