@@ -81,6 +81,10 @@ pub struct LoadArgs {
     /// Also receive with a bare tokio-postgres LISTEN loop, for ratios.
     #[arg(long)]
     pub baseline: bool,
+    /// Receive with the bare loop only, no pgpubsub: what any listener costs
+    /// the writers, to compare with pgpubsub's cost.
+    #[arg(long, conflicts_with = "baseline")]
+    pub baseline_only: bool,
     /// Also write the same rows with no trigger, a notify-only trigger, and
     /// pgpubsub's trigger without listeners (writes/s of each).
     #[arg(long)]
@@ -151,7 +155,15 @@ pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<
     let channels: Vec<String> = (0..plan.tables).map(workload::channel).collect();
     let expected = plan.rows.map(|r| if plan.mixed { r * 3 } else { r });
     let receivers =
-        Receivers::start(config, url, &channels, expected, !plan.raw, args.baseline || plan.raw, args.idle())
+        Receivers::start(
+        config,
+        url,
+        &channels,
+        expected,
+        !plan.raw && !args.baseline_only,
+        args.baseline || args.baseline_only || plan.raw,
+        args.idle(),
+    )
             .await
             .context("starting the receivers")?;
     let sampler = receivers.sample(config.clone());

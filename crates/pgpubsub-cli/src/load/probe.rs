@@ -67,6 +67,37 @@ impl Probe {
         self.record(w as i32, n, op, t, now);
     }
 
+    /// One `listen --json` line: only the fields measured are decoded.
+    pub fn record_line(&mut self, line: &str, now: i64) {
+        #[derive(serde::Deserialize)]
+        struct Row {
+            writer: i32,
+            n: i64,
+            t: i64,
+        }
+        #[derive(serde::Deserialize)]
+        struct Line<'a> {
+            #[serde(borrow)]
+            op: Option<&'a str>,
+            new: Option<Row>,
+            old: Option<Row>,
+        }
+        match serde_json::from_str::<Line<'_>>(line) {
+            Ok(Line { op, new, old }) => match new.or(old) {
+                Some(r) => {
+                    let op = match op {
+                        Some("UPDATE") => 1,
+                        Some("DELETE") => 2,
+                        _ => 0,
+                    };
+                    self.record(r.writer, r.n, op, r.t, now)
+                }
+                None => self.record_unparsed(now),
+            },
+            Err(_) => self.record_unparsed(now),
+        }
+    }
+
     /// One notification that carried no row (a chunk, for the baseline).
     pub fn record_unparsed(&mut self, now: i64) {
         self.received += 1;

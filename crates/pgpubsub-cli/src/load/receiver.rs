@@ -270,10 +270,8 @@ fn read_events(stdout: std::fs::File, received: Arc<AtomicU64>, target: Arc<Atom
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    probe.record_value(&v, now_us());
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
+                probe.record_line(&line, now_us());
+                received.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
