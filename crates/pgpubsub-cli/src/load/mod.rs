@@ -154,8 +154,7 @@ pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<
     workload::setup(&admin, plan.tables, if plan.raw { Trigger::None } else { Trigger::Pubsub }).await?;
     let channels: Vec<String> = (0..plan.tables).map(workload::channel).collect();
     let expected = plan.rows.map(|r| if plan.mixed { r * 3 } else { r });
-    let receivers =
-        Receivers::start(
+    let receivers = Receivers::start(
         config,
         url,
         &channels,
@@ -164,8 +163,8 @@ pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<
         args.baseline || args.baseline_only || plan.raw,
         args.idle(),
     )
-            .await
-            .context("starting the receivers")?;
+    .await
+    .context("starting the receivers")?;
     let sampler = receivers.sample(config.clone());
     let written = write_with_progress(config, &plan, "writing", Some(&receivers)).await?;
     let finished = receivers.finish(written.events, &sampler).await?;

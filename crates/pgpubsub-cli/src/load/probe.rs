@@ -14,7 +14,7 @@ pub fn now_us() -> i64 {
 }
 
 /// Most latency samples kept for the plot (every k-th event past this).
-const MAX_SAMPLES: usize = 20_000;
+const MAX_SAMPLES: usize = 5_000;
 
 /// A receiver's tally.
 pub struct Probe {

@@ -29,6 +29,8 @@ pub struct ReceiverReport {
     pub lost: u64,
     pub duplicates: u64,
     pub events_per_s: f64,
+    /// From the first event received to the last.
+    pub receive_seconds: f64,
     pub latency_ms: Latency,
     pub cpu_ms: f64,
     pub cpu_us_per_event: f64,
@@ -132,6 +134,7 @@ impl Report {
                 lost: w.events.saturating_sub(p.distinct()),
                 duplicates: p.duplicates,
                 events_per_s: p.rate(),
+                receive_seconds: (p.last_us - p.first_us.unwrap_or(p.last_us)) as f64 / 1e6,
                 latency_ms: Latency {
                     p50: q(0.5),
                     p90: q(0.9),
@@ -160,6 +163,7 @@ impl Report {
                 lost: 0,
                 duplicates: num("duplicates") as u64,
                 events_per_s: num("rate"),
+                receive_seconds: span,
                 latency_ms: Latency {
                     p50: num("p50_us") / 1000.0,
                     p90: num("p90_us") / 1000.0,
@@ -240,7 +244,7 @@ impl Report {
                 "  received (distinct, lost, dup)",
                 format!("{} ({}, {}, {})", r.received, r.distinct, r.lost, r.duplicates),
             );
-            w(&mut o, "  events/s", format!("{:.0}", r.events_per_s));
+            w(&mut o, "  events/s", format!("{:.0} (in {:.2} s)", r.events_per_s, r.receive_seconds));
             let l = &r.latency_ms;
             w(
                 &mut o,
@@ -268,17 +272,23 @@ impl Report {
         let b = self.baseline.as_ref();
         let f = |v: Option<f64>, d: usize| v.map_or("–".into(), |x| format!("{x:.d$}"));
         format!(
-            "| {} | {}×{}×{} B | {} | {:.1} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {}×{}×{} B | {} | {:.1} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             self.scenario,
             self.writers,
             self.batch,
             self.payload_bytes,
             self.rows,
+            self.bytes_written as f64 / 1e6,
             self.write_seconds,
+            f(p.or(b).map(|r| r.receive_seconds), 1),
             self.writes_per_s,
             f(p.map(|r| r.events_per_s), 0),
             // A baseline that could not parse events counted notifications.
-            b.map_or("–".into(), |r| if r.distinct > 0 { format!("{:.0}", r.events_per_s) } else { format!("({:.0} notifications)", r.events_per_s) }),
+            b.map_or("–".into(), |r| if r.distinct > 0 {
+                format!("{:.0}", r.events_per_s)
+            } else {
+                format!("({:.0} notifications)", r.events_per_s)
+            }),
             f(p.map(|r| r.payload_mb_per_s).or(b.map(|r| r.payload_mb_per_s)).filter(|_| self.payload_bytes > 4096), 1),
             f(p.map(|r| r.latency_ms.p99), 2),
             f(b.filter(|r| r.distinct > 0).map(|r| r.latency_ms.p99), 2),

@@ -341,3 +341,59 @@ async fn a_named_listen_resumes_after_the_process_restarts() {
     });
     assert!(!out.status.success() && text(&out.stderr).contains("--max-age"), "{}", text(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_runs_end_to_end_and_reports() {
+    let db = TestDb::bare().await;
+    let dir = scratch_dir();
+    let svg = dir.join("plot.svg");
+    let out = run({
+        let mut c = pgpubsub(&db.url);
+        c.args([
+            "load",
+            "--rows",
+            "600",
+            "--batch",
+            "20",
+            "--mixed",
+            "--baseline",
+            "--trigger-cost",
+            "--json",
+            "--plot",
+        ]);
+        c.arg(&svg);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    assert_eq!(r["rows"], 600);
+    assert_eq!(r["events"], 1800, "insert, update and delete per row");
+    let p = &r["pgpubsub"];
+    assert_eq!((p["received"].as_u64(), p["distinct"].as_u64(), p["lost"].as_u64()), (Some(1800), Some(1800), Some(0)));
+    assert!(p["cpu_ms"].as_f64().unwrap() > 0.0 && p["peak_rss_mb"].as_f64().unwrap() > 1.0, "{p}");
+    assert!(p["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["baseline"]["distinct"], 1800);
+    assert!(r["ratio_rate"].as_f64().is_some());
+    let runs: Vec<&str> = r["write_runs"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(runs, ["no trigger", "notify-only trigger", "pgpubsub trigger, no listener"]);
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+
+    // Markdown: one table row. Large payloads travel in chunks and still arrive.
+    let out = run({
+        let mut c = pgpubsub(&db.url);
+        c.args(["load", "--rows", "20", "--payload", "20000", "--markdown"]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = text(&out.stdout);
+    assert!(md.starts_with("| single | 4×1×20000 B | 20 |") && md.lines().count() == 1, "{md}");
+    // The scratch schema is gone afterwards.
+    let left: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgpubsub_load'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
