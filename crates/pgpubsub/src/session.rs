@@ -180,7 +180,7 @@ impl Session {
         let mut backoff = self.options.backoff_min;
         let mut attempt = 0u32;
         loop {
-            self.state.send_replace(ConnectionState::Listening);
+            self.set_state(ConnectionState::Listening);
             match self.pump(&mut live).await {
                 Stop::Shutdown => return,
                 Stop::Lost(reason) => {
@@ -190,7 +190,7 @@ impl Session {
                     // would move past what was missed.
                     self.gap_pending = true;
                     tracing::warn!(%reason, "listening connection lost; reconnecting");
-                    self.state.send_replace(ConnectionState::Reconnecting { attempt: 0, error: reason });
+                    self.set_state(ConnectionState::Reconnecting { attempt: 0, error: reason });
                 }
             }
             // Whatever was in flight is gone; the log has it.
@@ -207,7 +207,7 @@ impl Session {
                     Err(e) => {
                         attempt += 1;
                         tracing::warn!(error = %e, attempt, retry_in = ?backoff, "reconnect failed");
-                        self.state.send_replace(ConnectionState::Reconnecting { attempt, error: e.to_string() });
+                        self.set_state(ConnectionState::Reconnecting { attempt, error: e.to_string() });
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
                             () = self.out.closed() => return,
@@ -221,6 +221,15 @@ impl Session {
             backoff = self.options.backoff_min;
             attempt = 0;
         }
+    }
+
+    /// Publishes a state only when it differs, so watchers see transitions.
+    fn set_state(&self, state: ConnectionState) {
+        self.state.send_if_modified(|now| {
+            let changed = *now != state;
+            *now = state;
+            changed
+        });
     }
 
     async fn pump(&mut self, live: &mut Live) -> Stop {
