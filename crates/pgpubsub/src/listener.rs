@@ -299,6 +299,10 @@ impl Listener {
 
     /// The next event if one is ready without waiting for the network.
     pub fn try_recv(&mut self) -> Option<Result<Event>> {
+        // A catch-up page would start a query only to abandon it here.
+        if self.replay.is_empty() && self.catching_up.is_some() {
+            return None;
+        }
         self.recv().now_or_never().flatten()
     }
 
