@@ -17,6 +17,8 @@
 //! - [`wire`]: what one notification payload is (see docs/protocol.md);
 //! - [`reassembly`]: chunks back into events, within fixed bounds;
 //! - [`event`]: the typed event handed to subscribers;
+//! - [`hub`]: one listener fanned out to many subscribers, each with a
+//!   filter and a bounded queue;
 //! - [`stats`]: counters of all the above; [`db`]: connecting; [`error`].
 //!
 //! ```no_run
@@ -35,6 +37,7 @@ pub mod cursor;
 pub mod db;
 pub mod error;
 pub mod event;
+pub mod hub;
 pub mod listener;
 mod log;
 pub mod migrate;
@@ -50,6 +53,7 @@ pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
 pub use event::{Body, Change, Event, Message, Op};
+pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use publish::{publish, unwatch, watch};
 pub use reassembly::Limits;

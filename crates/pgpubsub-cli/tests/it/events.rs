@@ -245,3 +245,56 @@ async fn one_listener_many_channels_keeps_per_channel_order() {
         assert_eq!(got, &want);
     }
 }
+
+/// A listener feeding a hub: a stalled subscriber misses events and is told
+/// so, and never holds back the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_fans_out_and_a_stalled_subscriber_is_told_it_lagged() {
+    use pgpubsub::{Delivery, Filter, Hub};
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("hub");
+    let l = db.listen(&[ch.clone()]).await;
+    let hub = Hub::new(16);
+    let mut fast = hub.subscribe(Filter::channels([ch.as_str()]));
+    let mut stalled = hub.subscribe(Filter::channels([ch.as_str()]));
+    let mut other = hub.subscribe(Filter::channels(["not_this_one"]));
+    tokio::spawn(hub.clone().run(l));
+
+    // The fast subscriber reads as it goes, as its own task would.
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 50 {
+            match tokio::time::timeout(common::WAIT, fast.recv()).await.unwrap().unwrap() {
+                Delivery::Event(e) => got.push(e.event.message().unwrap().payload.parse::<i32>().unwrap()),
+                other => panic!("the fast subscriber lagged: {other:?}"),
+            }
+        }
+        got
+    });
+    for i in 0..50 {
+        pgpubsub::publish(&client, &ch, &i.to_string()).await.unwrap();
+    }
+    let got = reader.await.unwrap();
+    assert_eq!(got, (0..50).collect::<Vec<_>>());
+
+    // The stalled one holds its first 16, then learns how many it missed,
+    // then gets what comes next.
+    let mut seen = Vec::new();
+    for _ in 0..17 {
+        seen.push(tokio::time::timeout(common::WAIT, stalled.recv()).await.unwrap().unwrap());
+    }
+    pgpubsub::publish(&client, &ch, "after").await.unwrap();
+    while seen
+        .last()
+        .is_none_or(|d: &Delivery| !matches!(d, Delivery::Event(e) if e.event.message().unwrap().payload == "after"))
+    {
+        seen.push(tokio::time::timeout(common::WAIT, stalled.recv()).await.unwrap().unwrap());
+    }
+    assert_eq!(seen.iter().filter(|d| matches!(d, Delivery::Event(_))).count(), 17);
+    match &seen[16] {
+        Delivery::Lagged { missed, last_seq } => assert!(*missed == 34 && last_seq.is_some(), "{missed} {last_seq:?}"),
+        other => panic!("expected a lag notice, got {other:?}"),
+    }
+    assert!(other.try_recv().is_none());
+}
