@@ -50,6 +50,8 @@ pub enum Command {
     Publish(PublishArgs),
     /// Delete old events from the log (by age and/or count).
     Prune(RetentionArgs),
+    /// The HTTP gateway: SSE and WebSocket subscribe, publish, health, metrics.
+    Serve(crate::serve::ServeArgs),
     /// The load test: writers, pgpubsub's listener and a bare baseline.
     Load(crate::load::LoadArgs),
     /// The bare LISTEN loop `load --baseline` runs beside pgpubsub.

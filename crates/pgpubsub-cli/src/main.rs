@@ -5,6 +5,7 @@ mod cli;
 mod cmd;
 mod load;
 mod output;
+mod serve;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -62,6 +63,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Unwatch { table }) => cmd::watch::unwatch(&config, &table).await,
         Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
+        Some(Command::Serve(args)) => serve::run(&config, &args).await,
         Some(Command::Load(args)) => load::run(&config, &cli.database_url, &args).await,
         Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,
         Some(Command::Demo) => cmd::demo::run(&config, debug).await,

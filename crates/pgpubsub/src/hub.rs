@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::cursor::Cursor;
 use crate::event::{Body, Event, Op};
 
 /// What a subscriber receives.
@@ -40,14 +41,19 @@ pub enum Delivery {
 pub struct Shared {
     /// The event.
     pub event: Event,
+    /// Where a subscriber that has this event may resume from: the feeding
+    /// listener's cursor when the event went out. Commit-safe (never past an
+    /// event that might still arrive), so resuming from it can repeat a few
+    /// events but never skip one.
+    pub position: Cursor,
     /// Its new (or old) row parsed, on first use by a column filter.
     row: OnceLock<Option<Value>>,
 }
 
 impl Shared {
     /// Wraps an event for sharing.
-    pub fn new(event: Event) -> Self {
-        Shared { event, row: OnceLock::new() }
+    pub fn new(event: Event, position: Cursor) -> Self {
+        Shared { event, position, row: OnceLock::new() }
     }
 
     /// The row a column filter looks at: `new`, or `old` for a delete.
@@ -146,6 +152,8 @@ struct Inner {
     next_id: AtomicU64,
     capacity: usize,
     stats: HubStats,
+    /// The position of the latest event published.
+    position: Mutex<Cursor>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -213,6 +221,7 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 capacity: capacity.max(1),
                 stats: HubStats::default(),
+                position: Mutex::new(Cursor::default()),
             }),
         }
     }
@@ -236,15 +245,29 @@ impl Hub {
         self.lock().len()
     }
 
+    /// The resume position of the latest event published.
+    pub fn position(&self) -> Cursor {
+        *self.inner.position.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// This hub's counters.
     pub fn stats(&self) -> &HubStats {
         &self.inner.stats
     }
 
     /// Hands `event` to every subscriber whose filter it passes, without
-    /// waiting; returns how many got it.
+    /// waiting; returns how many got it. Its resume position is the last one
+    /// given to [`Hub::publish_at`] (the start of the log before any).
     pub fn publish(&self, event: Event) -> usize {
-        let shared = Arc::new(Shared::new(event));
+        let at = *self.inner.position.lock().unwrap_or_else(|e| e.into_inner());
+        self.publish_at(event, at)
+    }
+
+    /// [`Hub::publish`], with the position a subscriber holding this event
+    /// may resume from.
+    pub fn publish_at(&self, event: Event, position: Cursor) -> usize {
+        *self.inner.position.lock().unwrap_or_else(|e| e.into_inner()) = position;
+        let shared = Arc::new(Shared::new(event, position));
         let stats = &self.inner.stats;
         stats.events.fetch_add(1, Ordering::Relaxed);
         let mut delivered = 0;
@@ -283,7 +306,7 @@ impl Hub {
         while let Some(item) = listener.recv().await {
             match item {
                 Ok(event) => {
-                    self.publish(event);
+                    self.publish_at(event, listener.cursor());
                 }
                 Err(e) => tracing::warn!(error = %e, "hub: listener reported an error"),
             }

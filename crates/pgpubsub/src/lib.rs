@@ -19,6 +19,7 @@
 //! - [`event`]: the typed event handed to subscribers;
 //! - [`hub`]: one listener fanned out to many subscribers, each with a
 //!   filter and a bounded queue;
+//! - [`log`]: reading the event log back (catch-up, references, cursors);
 //! - [`stats`]: counters of all the above; [`db`]: connecting; [`error`].
 //!
 //! ```no_run
@@ -39,7 +40,7 @@ pub mod error;
 pub mod event;
 pub mod hub;
 pub mod listener;
-mod log;
+pub mod log;
 pub mod migrate;
 pub mod publish;
 pub mod reassembly;

@@ -13,9 +13,10 @@ use tokio_postgres::{Client, Config};
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 
-/// The shared statement connection.
+/// A statement connection for reading the log: opened on first use,
+/// reopened after a failure, every statement bounded by a timeout.
 #[derive(Debug)]
-pub(crate) struct LogConn {
+pub struct LogConn {
     config: Config,
     client: Mutex<Option<Arc<Client>>>,
     /// Longest any one statement may take before the connection is presumed
@@ -25,8 +26,11 @@ pub(crate) struct LogConn {
 
 /// One row read back from the log.
 #[derive(Debug)]
-pub(crate) struct LogRow {
+#[non_exhaustive]
+pub struct LogRow {
+    /// Its place in catch-up order.
     pub cursor: Cursor,
+    /// Its channel.
     pub channel: String,
     /// `None` when the body is over the size limit.
     pub body: Option<String>,
@@ -37,7 +41,8 @@ pub(crate) struct LogRow {
 
 /// What a fence statement reports.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct FenceInfo {
+#[non_exhaustive]
+pub struct FenceInfo {
     /// Oldest transaction that may still be running.
     pub xmin: u64,
     /// `pg_notification_queue_usage()`, 0 to 1.
@@ -49,6 +54,7 @@ fn u64_of(text: &str) -> u64 {
 }
 
 impl LogConn {
+    /// A connection to `config` whose statements give up after `timeout`.
     pub fn new(config: Config, timeout: Duration) -> Self {
         LogConn { config, client: Mutex::new(None), timeout }
     }

@@ -11,4 +11,5 @@ mod events;
 mod faults;
 mod migrations;
 mod proxy;
+mod serve;
 mod sizes;

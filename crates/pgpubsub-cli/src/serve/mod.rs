@@ -1,0 +1,82 @@
+//! `pgpubsub serve`: the HTTP gateway. One LISTEN connection feeds a hub;
+//! browsers and services subscribe over Server-Sent Events (`/events`) or
+//! WebSocket (`/ws`), resume from the log after a disconnect, and publish
+//! with `POST /publish/{channel}`. `/healthz` and `/metrics` for operators.
+//!
+//! Not yet: authentication (every client may read and write every served
+//! channel, and the server says so at start), the store over HTTP, and the
+//! live page.
+
+mod feed;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pgpubsub::log::LogConn;
+use pgpubsub::{Channel, ConnectionState, Hub, Listener, ListenerOptions, Stats};
+use tokio::sync::watch;
+use tokio_postgres::Config;
+
+/// Options of `serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "PGPUBSUB_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: String,
+    /// Channels served (comma-separated); clients subscribe to any of them.
+    #[arg(
+        long = "channel",
+        short = 'c',
+        env = "PUB_SUB_CHANNEL",
+        value_delimiter = ',',
+        default_value = "job_channel"
+    )]
+    pub channels: Vec<Channel>,
+    /// Deliveries queued per subscriber before it is told it lagged.
+    #[arg(long, env = "PGPUBSUB_SUBSCRIBER_QUEUE", default_value_t = 1024)]
+    pub queue: usize,
+    /// Largest message accepted by POST /publish, in bytes.
+    #[arg(long, env = "PGPUBSUB_MAX_EVENT_BYTES", default_value_t = 64 << 20)]
+    pub max_event_bytes: usize,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Hub,
+    pub log: Arc<LogConn>,
+    pub config: Config,
+    pub channels: Arc<Vec<Channel>>,
+    pub listener_stats: Arc<Stats>,
+    pub listener_state: watch::Receiver<ConnectionState>,
+    pub max_event_bytes: usize,
+}
+
+/// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and lets
+/// open streams end.
+pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
+    let stop = crate::cmd::listen::shutdown_signal();
+    let listener =
+        Listener::connect(config, &args.channels, ListenerOptions::default()).await.context("starting the listener")?;
+    let hub = Hub::new(args.queue);
+    let state = AppState {
+        hub: hub.clone(),
+        log: Arc::new(LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10))),
+        config: config.clone(),
+        channels: Arc::new(args.channels.clone()),
+        listener_stats: listener.stats(),
+        listener_state: listener.state(),
+        max_event_bytes: args.max_event_bytes,
+    };
+    tokio::spawn(hub.run(listener));
+
+    let socket = tokio::net::TcpListener::bind(&args.bind).await.with_context(|| format!("binding {}", args.bind))?;
+    let addr = socket.local_addr()?;
+    tracing::warn!("authentication is off: every client may read and publish on {:?}", args.channels);
+    tracing::info!(%addr, channels = ?args.channels, "serving on http://{addr}");
+    axum::serve(socket, routes::router(state)).with_graceful_shutdown(stop).await.context("serving HTTP")?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! The HTTP surface: `fn router(state) -> Router`, one handler per route,
+//! and the one error type that maps to status codes and a JSON body.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, Stream, StreamExt};
+use pgpubsub::{Channel, ConnectionState, Cursor, Filter, Op};
+use serde_json::{json, Value};
+
+use super::feed::{Feed, Item};
+use super::AppState;
+
+/// The routes, ready to serve (tests bind it to port 0 the same way).
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_event_bytes;
+    Router::new()
+        .route("/events", get(sse))
+        .route("/ws", get(ws))
+        .route("/publish/{channel}", post(publish).layer(DefaultBodyLimit::max(limit)))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Every refusal, as a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub enum ApiError {
+    /// The request is malformed (400).
+    BadRequest(String),
+    /// The channel is not served here (403).
+    NotServed(String),
+    /// The database cannot do it now (503).
+    Unavailable(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, msg) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::NotServed(m) => (StatusCode::FORBIDDEN, m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+        };
+        (status, Json(json!({ "error": msg }))).into_response()
+    }
+}
+
+impl From<pgpubsub::Error> for ApiError {
+    fn from(e: pgpubsub::Error) -> Self {
+        match e {
+            pgpubsub::Error::InvalidChannel(c) => ApiError::BadRequest(c.to_string()),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// What a subscriber asks for: channels, filters, and where to resume.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    #[serde(default)]
+    channels: Vec<String>,
+    table: Option<String>,
+    #[serde(default)]
+    ops: Vec<String>,
+    /// Column equality: `{"status": "done"}`.
+    #[serde(default, rename = "where")]
+    columns: serde_json::Map<String, Value>,
+    since: Option<String>,
+}
+
+impl Request {
+    /// From `?channel=a&channel=b&table=t&op=INSERT&where=col:value&since=…`.
+    fn from_query(query: Option<&str>) -> Result<Request, ApiError> {
+        let mut r = Request::default();
+        for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            match &*k {
+                "channel" => r.channels.extend(v.split(',').map(str::to_string)),
+                "table" => r.table = Some(v.into_owned()),
+                "op" => r.ops.push(v.into_owned()),
+                "where" => {
+                    let (col, val) = v
+                        .split_once(':')
+                        .ok_or_else(|| ApiError::BadRequest(format!("where={v}: expected column:value")))?;
+                    // A JSON value when it parses as one ("5", "true", "\"x\""), text otherwise.
+                    let val = serde_json::from_str(val).unwrap_or_else(|_| Value::String(val.to_string()));
+                    r.columns.insert(col.to_string(), val);
+                }
+                "since" => r.since = Some(v.into_owned()),
+                other => return Err(ApiError::BadRequest(format!("unknown parameter {other:?}"))),
+            }
+        }
+        Ok(r)
+    }
+
+    /// The filter and resume point, checked against what this server serves.
+    fn resolve(self, state: &AppState, last_event_id: Option<&str>) -> Result<(Filter, Option<Cursor>), ApiError> {
+        let mut channels = Vec::new();
+        for name in self.channels {
+            let c = Channel::new(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            if !state.channels.contains(&c) {
+                return Err(ApiError::NotServed(format!("channel {c} is not served here")));
+            }
+            channels.push(c.as_str().to_string());
+        }
+        let mut ops = Vec::new();
+        for op in self.ops {
+            let parsed = serde_json::from_value::<Op>(Value::String(op.to_uppercase()))
+                .map_err(|_| ApiError::BadRequest(format!("op {op:?}: expected INSERT, UPDATE, DELETE or TRUNCATE")))?;
+            ops.push(parsed);
+        }
+        let since = self.since.as_deref().or(last_event_id).map(str::parse::<Cursor>).transpose();
+        let since = since.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut filter = Filter::channels(channels);
+        filter.table = self.table;
+        filter.ops = ops;
+        filter.columns = self.columns.into_iter().collect();
+        Ok((filter, since))
+    }
+}
+
+/// `GET /events`: Server-Sent Events. Each event's id is its resume
+/// position, so a browser's EventSource resumes by itself (`Last-Event-ID`).
+/// A subscriber that falls behind gets `event: lagged` and the stream ends:
+/// reconnecting resumes from the log.
+async fn sse(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let (filter, since) = Request::from_query(query.as_deref())?.resolve(&state, last)?;
+    let feed = Feed::new(state, filter, since).await?;
+    let stream = futures_util::stream::unfold(Some(feed), |feed| async move {
+        let mut feed = feed?;
+        let (event, go_on) = match feed.next().await {
+            Ok(Some(Item::Event { position, shared })) => (
+                SseEvent::default().id(position.to_string()).event(shared.event.kind()).data(shared.event.json()),
+                true,
+            ),
+            Ok(Some(Item::Resync { cursor, pruned })) => (
+                SseEvent::default()
+                    .event("resync")
+                    .data(json!({"cursor": cursor.to_string(), "pruned": pruned.to_string()}).to_string()),
+                true,
+            ),
+            Ok(Some(Item::Lagged { missed, position })) => (
+                SseEvent::default()
+                    .id(position.to_string())
+                    .event("lagged")
+                    .data(json!({"missed": missed, "resume": position.to_string()}).to_string()),
+                false,
+            ),
+            Ok(None) => return None,
+            Err(e) => (SseEvent::default().event("error").data(json!({"error": e.to_string()}).to_string()), false),
+        };
+        Some((Ok(event), go_on.then_some(feed)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// `GET /ws`: the client's first message is the request as JSON
+/// (`{"channels": [...], "table", "ops", "where", "since"}`); then each event
+/// comes as `{"type": "event", "id": "<resume>", "event": {...}}`. A
+/// subscriber that falls behind gets `{"type": "lagged", ...}` and close code
+/// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
+async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(move |socket| serve_socket(state, socket))
+}
+
+async fn serve_socket(state: AppState, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.next()).await;
+    let request = match first {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Request>(&text)
+            .map_err(|e| ApiError::BadRequest(format!("first message: {e}")))
+            .and_then(|r| r.resolve(&state, None)),
+        _ => Err(ApiError::BadRequest("expected the subscription request as the first message within 10 s".into())),
+    };
+    let feed = match request {
+        Ok((filter, since)) => Feed::new(state, filter, since).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let mut feed = match feed {
+        Ok(f) => f,
+        Err(e) => {
+            let msg = match &e {
+                ApiError::BadRequest(m) | ApiError::NotServed(m) | ApiError::Unavailable(m) => m.clone(),
+            };
+            let _ = tx.send(Message::Text(json!({"type": "error", "error": msg}).to_string().into())).await;
+            let _ = tx.send(Message::Close(Some(CloseFrame { code: 4400, reason: "bad request".into() }))).await;
+            return;
+        }
+    };
+    loop {
+        let item = tokio::select! {
+            item = feed.next() => item,
+            incoming = rx.next() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
+            },
+        };
+        let (text, close) = match item {
+            Ok(Some(Item::Event { position, shared })) => {
+                (format!(r#"{{"type":"event","id":"{position}","event":{}}}"#, shared.event.json()), None)
+            }
+            Ok(Some(Item::Resync { cursor, pruned })) => (
+                json!({"type": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string()}).to_string(),
+                None,
+            ),
+            Ok(Some(Item::Lagged { missed, position })) => (
+                json!({"type": "lagged", "missed": missed, "resume": position.to_string()}).to_string(),
+                Some((4000, "lagged: reconnect with since")),
+            ),
+            Ok(None) => (json!({"type": "closing"}).to_string(), Some((1001, "server shutting down"))),
+            Err(e) => (json!({"type": "error", "error": e.to_string()}).to_string(), Some((1011, "log unavailable"))),
+        };
+        if tx.send(Message::Text(text.into())).await.is_err() {
+            return;
+        }
+        if let Some((code, reason)) = close {
+            let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+            return;
+        }
+    }
+}
+
+/// `POST /publish/{channel}`: the body, any size up to the limit, as a
+/// message; answers `{"seq": n}`.
+async fn publish(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let channel = Channel::new(channel).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if !state.channels.contains(&channel) {
+        return Err(ApiError::NotServed(format!("channel {channel} is not served here")));
+    }
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the body must be UTF-8 text".into()))?;
+    let client = pgpubsub::db::connect(&state.config).await?;
+    let seq = pgpubsub::publish(&client, &channel, text).await?;
+    Ok(Json(json!({ "seq": seq })))
+}
+
+/// `GET /healthz`: 200 while the LISTEN connection is up, 503 otherwise.
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let s = state.listener_stats.snapshot();
+    let (status, listening) = match &*state.listener_state.borrow() {
+        ConnectionState::Listening => (StatusCode::OK, json!("listening")),
+        other => (StatusCode::SERVICE_UNAVAILABLE, json!(format!("{other:?}"))),
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ok" } else { "degraded" },
+        "listener": listening,
+        "reconnects": s.reconnects,
+        "subscribers": state.hub.subscribers(),
+        "position": state.hub.position().to_string(),
+    });
+    (status, Json(body))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let s = state.listener_stats.snapshot();
+    let h = state.hub.stats();
+    let up = matches!(&*state.listener_state.borrow(), ConnectionState::Listening);
+    let rows: [(&str, &str, &str, f64); 12] = [
+        ("pgpubsub_events_in_total", "counter", "Events received from PostgreSQL.", s.events as f64),
+        (
+            "pgpubsub_deliveries_total",
+            "counter",
+            "Events queued to subscribers.",
+            h.deliveries.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "pgpubsub_dropped_total",
+            "counter",
+            "Deliveries dropped for lagging subscribers.",
+            h.dropped.load(Ordering::Relaxed) as f64,
+        ),
+        ("pgpubsub_lag_notices_total", "counter", "Lag notices sent.", h.lag_notices.load(Ordering::Relaxed) as f64),
+        ("pgpubsub_reconnects_total", "counter", "Times the LISTEN connection was replaced.", s.reconnects as f64),
+        ("pgpubsub_gaps_total", "counter", "Gaps repaired from the log.", s.gaps as f64),
+        ("pgpubsub_replayed_total", "counter", "Events delivered from the log.", s.replayed as f64),
+        (
+            "pgpubsub_bad_input_total",
+            "counter",
+            "Malformed, non-JSON, corrupt or oversize notifications.",
+            (s.malformed + s.not_json + s.corrupt + s.oversize) as f64,
+        ),
+        ("pgpubsub_subscribers", "gauge", "Subscribers connected.", state.hub.subscribers() as f64),
+        (
+            "pgpubsub_notify_queue_usage",
+            "gauge",
+            "pg_notification_queue_usage() at the last heartbeat.",
+            s.queue_usage_ppm as f64 / 1e6,
+        ),
+        ("pgpubsub_heartbeat_seconds", "gauge", "Round trip of the last heartbeat.", s.heartbeat_rtt_us as f64 / 1e6),
+        ("pgpubsub_listener_up", "gauge", "1 while the LISTEN connection is up.", if up { 1.0 } else { 0.0 }),
+    ];
+    let mut text = String::new();
+    for (name, kind, help, value) in rows {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text)
+}

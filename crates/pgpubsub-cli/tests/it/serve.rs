@@ -1,0 +1,331 @@
+//! The gateway with real clients: curl for SSE and publish,
+//! tokio-tungstenite for WebSocket, the server as its own process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::{self, TestDb, WAIT};
+
+/// A running `pgpubsub serve`, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(db: &TestDb, channels: &str, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
+        .env_remove("PUB_SUB_CHANNEL")
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn,pgpubsub=info")
+        .args(["serve", "--bind", "127.0.0.1:0", "--channel", channels])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + WAIT;
+    let addr = loop {
+        assert!(Instant::now() < deadline, "server did not start");
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("serving on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining its logs so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, addr }
+}
+
+/// One SSE event as curl delivers it.
+#[derive(Debug, Default, Clone)]
+struct Sse {
+    id: Option<String>,
+    event: String,
+    data: String,
+}
+
+/// `curl -sN` on an SSE URL; events arrive on the returned channel.
+fn sse(url: &str, last_event_id: Option<&str>) -> (Child, Receiver<Sse>) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sN", url]);
+    if let Some(id) = last_event_id {
+        cmd.args(["-H", &format!("Last-Event-ID: {id}")]);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut cur = Sse::default();
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.is_empty() {
+                if !cur.event.is_empty() || !cur.data.is_empty() {
+                    let _ = tx.send(std::mem::take(&mut cur));
+                }
+            } else if let Some(v) = line.strip_prefix("id: ").or(line.strip_prefix("id:")) {
+                cur.id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("event: ").or(line.strip_prefix("event:")) {
+                cur.event = v.to_string();
+            } else if let Some(v) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) {
+                cur.data.push_str(v);
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn next_sse(rx: &Receiver<Sse>) -> Sse {
+    rx.recv_timeout(WAIT).expect("no SSE event in time")
+}
+
+fn curl_post(url: &str, body: &[u8]) -> (u16, Value) {
+    let mut child = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", "POST", "--data-binary", "@-", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+fn curl_get(url: &str) -> (u16, String) {
+    let out = Command::new("curl").args(["-s", "-o", "-", "-w", "\n%{http_code}", url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
+async fn subscribed(server: &Server, channel: &str) {
+    // A subscriber is counted once its feed exists.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = curl_get(&format!("http://{}/healthz", server.addr));
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["subscribers"].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no subscriber on {channel}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_subscribe_with_filters_and_http_publish() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, status text)").await.unwrap();
+    let a = common::channel("ssea");
+    pgpubsub::watch(&client, "t", Some(&a)).await.unwrap();
+    let server = serve(&db, a.as_str(), &[]);
+    let base = format!("http://{}", server.addr);
+    let (mut all, all_rx) = sse(&format!("{base}/events?channel={a}"), None);
+    let (mut upd, upd_rx) = sse(&format!("{base}/events?channel={a}&op=UPDATE&where=status:done"), None);
+    subscribed(&server, a.as_str()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    client
+        .batch_execute("INSERT INTO t VALUES (1, 'new'); UPDATE t SET status = 'done'; UPDATE t SET status = 'again';")
+        .await
+        .unwrap();
+    let (code, v) = curl_post(&format!("{base}/publish/{a}"), b"from http");
+    assert_eq!(code, 200, "{v}");
+    assert!(v["seq"].as_i64().unwrap() > 0);
+
+    let got: Vec<Sse> = (0..4).map(|_| next_sse(&all_rx)).collect();
+    let kinds: Vec<&str> = got.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds, ["change", "change", "change", "message"]);
+    assert!(got.iter().all(|e| e.id.as_deref().is_some_and(|i| i.parse::<pgpubsub::Cursor>().is_ok())));
+    let last: Value = serde_json::from_str(&got[3].data).unwrap();
+    assert_eq!(last["payload"], "from http");
+
+    let only = next_sse(&upd_rx);
+    let v: Value = serde_json::from_str(&only.data).unwrap();
+    assert_eq!((v["op"].as_str(), v["new"]["status"].as_str()), (Some("UPDATE"), Some("done")));
+    assert!(upd_rx.recv_timeout(Duration::from_millis(500)).is_err(), "the filter let more through");
+    let _ = (all.kill(), upd.kill());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_resumes_with_last_event_id_even_across_a_server_restart() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("resume");
+    let server = serve(&db, ch.as_str(), &[]);
+    let (mut first, rx) = sse(&format!("http://{}/events?channel={ch}", server.addr), None);
+    subscribed(&server, ch.as_str()).await;
+    for i in 0..3 {
+        pgpubsub::publish(&client, &ch, &format!("seen {i}")).await.unwrap();
+    }
+    let seen: Vec<Sse> = (0..3).map(|_| next_sse(&rx)).collect();
+    let last_id = seen[2].id.clone().unwrap();
+    let _ = first.kill();
+    drop(server);
+
+    for i in 0..3 {
+        pgpubsub::publish(&client, &ch, &format!("missed {i}")).await.unwrap();
+    }
+    let server = serve(&db, ch.as_str(), &[]);
+    let (mut second, rx) = sse(&format!("http://{}/events?channel={ch}", server.addr), Some(&last_id));
+    let mut payloads = Vec::new();
+    while payloads.last().map(String::as_str) != Some("missed 2") {
+        let e = next_sse(&rx);
+        let v: Value = serde_json::from_str(&e.data).unwrap();
+        payloads.push(v["payload"].as_str().unwrap().to_string());
+    }
+    // At least once: earlier ones may repeat; the missed ones all come, in order.
+    let missed: Vec<&str> = payloads.iter().map(String::as_str).filter(|p| p.starts_with("missed")).collect();
+    assert_eq!(missed, ["missed 0", "missed 1", "missed 2"]);
+    let _ = second.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_subscribe_receives_a_5mb_publish_whole() {
+    let db = TestDb::new().await;
+    let ch = common::channel("wsbig");
+    let server = serve(&db, ch.as_str(), &[]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr)).await.unwrap();
+    ws.send(Message::Text(json!({"channels": [ch.as_str()]}).to_string().into())).await.unwrap();
+    subscribed(&server, ch.as_str()).await;
+    let big = "ünïcödé ".repeat(5_000_000 / 12);
+    let (code, _) = curl_post(&format!("http://{}/publish/{ch}", server.addr), big.as_bytes());
+    assert_eq!(code, 200);
+    let frame = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    let v: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+    assert_eq!(v["type"], "event");
+    assert!(v["id"].as_str().unwrap().parse::<pgpubsub::Cursor>().is_ok());
+    assert!(v["event"]["payload"].as_str() == Some(big.as_str()), "5 MB payload altered");
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_clearly() {
+    let db = TestDb::new().await;
+    let ch = common::channel("refuse");
+    let server = serve(&db, ch.as_str(), &[]);
+    let base = format!("http://{}", server.addr);
+    for (url, code, needle) in [
+        (format!("{base}/events?channel=not_served"), 403, "not served"),
+        (format!("{base}/events?channel=bad-name"), 400, "invalid channel name"),
+        (format!("{base}/events?channel={ch}&op=MERGE"), 400, "expected INSERT"),
+        (format!("{base}/events?channel={ch}&bogus=1"), 400, "unknown parameter"),
+        (format!("{base}/events?channel={ch}&since=yesterday"), 400, "invalid cursor"),
+    ] {
+        let (got, body) = curl_get(&url);
+        assert_eq!(got, code, "{url}: {body}");
+        assert!(body.contains(needle), "{url}: {body}");
+    }
+    let (code, v) = curl_post(&format!("{base}/publish/not_served"), b"x");
+    assert_eq!((code, v["error"].as_str().is_some()), (403, true));
+    let (code, _) = curl_post(&format!("{base}/publish/{ch}"), &[0xff, 0xfe]);
+    assert_eq!(code, 400);
+
+    for request in
+        [json!({"channels": ["not_served"]}).to_string(), "not json".to_string(), json!({"nope": 1}).to_string()]
+    {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr)).await.unwrap();
+        ws.send(Message::Text(request.clone().into())).await.unwrap();
+        let first = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        let v: Value = serde_json::from_str(first.to_text().unwrap()).unwrap();
+        assert_eq!(v["type"], "error", "{request}");
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4400),
+            other => panic!("{request}: expected close 4400, got {other:?}"),
+        }
+    }
+}
+
+/// A subscriber that stops reading: once the network buffers are full its
+/// queue fills, it gets a lag notice with where to resume, and the stream
+/// ends; the others are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_websocket_subscriber_is_told_it_lagged_and_closed() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("slow");
+    let server = serve(&db, ch.as_str(), &["--queue", "32"]);
+    let url = format!("ws://{}/ws", server.addr);
+    let (mut slow, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    slow.send(Message::Text(json!({"channels": [ch.as_str()]}).to_string().into())).await.unwrap();
+    let (mut fast, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    fast.send(Message::Text(json!({"channels": [ch.as_str()]}).to_string().into())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let n = 600;
+    let reader = tokio::spawn(async move {
+        let mut count = 0;
+        while count < n {
+            let m = tokio::time::timeout(WAIT, fast.next()).await.unwrap().unwrap().unwrap();
+            let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+            assert_eq!(v["type"], "event", "the fast subscriber lagged: {v}");
+            count += 1;
+        }
+    });
+    // 600 × 64 KB: several times what the socket buffers hold for the slow one.
+    let pad = "s".repeat(64 << 10);
+    for _ in 0..n {
+        pgpubsub::publish(&client, &ch, &pad).await.unwrap();
+    }
+    reader.await.unwrap();
+
+    let mut saw_lag = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, slow.next()).await {
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "lagged" {
+                    saw_lag = Some(v);
+                }
+            }
+            Message::Close(frame) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(4000));
+                break;
+            }
+            _ => {}
+        }
+    }
+    let lag = saw_lag.expect("no lag notice");
+    assert!(lag["missed"].as_u64().unwrap() > 0 && lag["resume"].as_str().unwrap().parse::<pgpubsub::Cursor>().is_ok());
+}
+
+#[tokio::test]
+async fn healthz_and_metrics() {
+    let db = TestDb::new().await;
+    let ch = common::channel("ops");
+    let server = serve(&db, ch.as_str(), &[]);
+    let (code, body) = curl_get(&format!("http://{}/healthz", server.addr));
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((v["status"].as_str(), v["listener"].as_str()), (Some("ok"), Some("listening")));
+    let (code, text) = curl_get(&format!("http://{}/metrics", server.addr));
+    assert_eq!(code, 200);
+    for name in [
+        "pgpubsub_events_in_total",
+        "pgpubsub_deliveries_total",
+        "pgpubsub_dropped_total",
+        "pgpubsub_lag_notices_total",
+        "pgpubsub_reconnects_total",
+        "pgpubsub_gaps_total",
+        "pgpubsub_subscribers",
+        "pgpubsub_notify_queue_usage",
+        "pgpubsub_listener_up 1",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+}
