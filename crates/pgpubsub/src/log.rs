@@ -59,7 +59,12 @@ impl LogConn {
         LogConn { config, client: Mutex::new(None), timeout }
     }
 
-    async fn client(&self) -> Result<Arc<Client>> {
+    /// The connection itself, for statements of the caller's own (it is
+    /// opened if need be; after a failure call [`LogConn::reset`]).
+    ///
+    /// # Errors
+    /// When the database cannot be reached in time.
+    pub async fn client(&self) -> Result<Arc<Client>> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());

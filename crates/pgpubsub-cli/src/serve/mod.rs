@@ -3,9 +3,11 @@
 //! WebSocket (`/ws`), resume from the log after a disconnect, and publish
 //! with `POST /publish/{channel}`. `/healthz` and `/metrics` for operators.
 //!
+//! The event-sourced store is there too: `PUT/GET/DELETE
+//! /store/{bucket}/{id}` and `GET /store/{bucket}/{id}/history`.
+//!
 //! Not yet: authentication (every client may read and write every served
-//! channel, and the server says so at start), the store over HTTP, and the
-//! live page.
+//! channel, and the server says so at start), and the live page.
 
 mod feed;
 mod routes;
@@ -47,7 +49,6 @@ pub struct ServeArgs {
 pub struct AppState {
     pub hub: Hub,
     pub log: Arc<LogConn>,
-    pub config: Config,
     pub channels: Arc<Vec<Channel>>,
     pub listener_stats: Arc<Stats>,
     pub listener_state: watch::Receiver<ConnectionState>,
@@ -64,7 +65,6 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let state = AppState {
         hub: hub.clone(),
         log: Arc::new(LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10))),
-        config: config.clone(),
         channels: Arc::new(args.channels.clone()),
         listener_stats: listener.stats(),
         listener_state: listener.state(),

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, Stream, StreamExt};
-use pgpubsub::{Channel, ConnectionState, Cursor, Filter, Op};
+use pgpubsub::{store, Channel, ConnectionState, Cursor, Filter, Op};
 use serde_json::{json, Value};
 
 use super::feed::{Feed, Item};
@@ -26,6 +26,8 @@ pub fn router(state: AppState) -> Router {
         .route("/events", get(sse))
         .route("/ws", get(ws))
         .route("/publish/{channel}", post(publish).layer(DefaultBodyLimit::max(limit)))
+        .route("/store/{bucket}/{id}", get(store_get).put(store_put).delete(store_delete))
+        .route("/store/{bucket}/{id}/history", get(store_history))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -38,6 +40,10 @@ pub enum ApiError {
     BadRequest(String),
     /// The channel is not served here (403).
     NotServed(String),
+    /// Nothing there (404).
+    NotFound(String),
+    /// A version precondition failed (409).
+    Conflict(String),
     /// The database cannot do it now (503).
     Unavailable(String),
 }
@@ -47,9 +53,23 @@ impl IntoResponse for ApiError {
         let (status, msg) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::NotServed(m) => (StatusCode::FORBIDDEN, m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
         };
         (status, Json(json!({ "error": msg }))).into_response()
+    }
+}
+
+impl ApiError {
+    fn message(&self) -> &str {
+        match self {
+            ApiError::BadRequest(m)
+            | ApiError::NotServed(m)
+            | ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::Unavailable(m) => m,
+        }
     }
 }
 
@@ -192,9 +212,7 @@ async fn serve_socket(state: AppState, socket: WebSocket) {
     let mut feed = match feed {
         Ok(f) => f,
         Err(e) => {
-            let msg = match &e {
-                ApiError::BadRequest(m) | ApiError::NotServed(m) | ApiError::Unavailable(m) => m.clone(),
-            };
+            let msg = e.message().to_string();
             let _ = tx.send(Message::Text(json!({"type": "error", "error": msg}).to_string().into())).await;
             let _ = tx.send(Message::Close(Some(CloseFrame { code: 4400, reason: "bad request".into() }))).await;
             return;
@@ -245,9 +263,82 @@ async fn publish(
         return Err(ApiError::NotServed(format!("channel {channel} is not served here")));
     }
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the body must be UTF-8 text".into()))?;
-    let client = pgpubsub::db::connect(&state.config).await?;
-    let seq = pgpubsub::publish(&client, &channel, text).await?;
+    let client = state.log.client().await?;
+    let seq = pgpubsub::publish(&client, &channel, text).await.inspect_err(|_| reset_if_closed(&state, &client))?;
     Ok(Json(json!({ "seq": seq })))
+}
+
+/// Drops the shared connection when it died, so the next request reconnects.
+fn reset_if_closed(state: &AppState, client: &tokio_postgres::Client) {
+    if client.is_closed() {
+        let log = state.log.clone();
+        tokio::spawn(async move { log.reset().await });
+    }
+}
+
+/// `PUT /store/{bucket}/{id}`: a new version of the value (JSON body). With
+/// `If-Match: <version>` only if that is the current version (`0`: must not
+/// exist yet); 409 otherwise. Answers `{"version": n}`.
+async fn store_put(
+    State(state): State<AppState>,
+    Path((bucket, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let val: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body must be JSON: {e}")))?;
+    let expected = match headers.get("if-match") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim_matches('"').parse::<i32>().ok())
+                .ok_or_else(|| ApiError::BadRequest("If-Match must be a version number".into()))?,
+        ),
+        None => None,
+    };
+    let client = state.log.client().await?;
+    match store::put(&client, &bucket, &id, &val, expected).await {
+        Ok(version) => Ok(Json(json!({ "version": version }))),
+        Err(e) if e.sqlstate() == Some(store::VERSION_CONFLICT) => Err(ApiError::Conflict(e.to_string())),
+        Err(e) => {
+            reset_if_closed(&state, &client);
+            Err(e.into())
+        }
+    }
+}
+
+/// `GET /store/{bucket}/{id}`: `{"version": n, "val": ...}`, or 404.
+async fn store_get(
+    State(state): State<AppState>,
+    Path((bucket, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let client = state.log.client().await?;
+    match store::get(&client, &bucket, &id).await? {
+        Some(s) => Ok(Json(json!({ "version": s.version, "val": s.val }))),
+        None => Err(ApiError::NotFound(format!("{bucket}/{id} does not exist"))),
+    }
+}
+
+/// `DELETE /store/{bucket}/{id}`: `{"version": n}` (the deleting version), or 404.
+async fn store_delete(
+    State(state): State<AppState>,
+    Path((bucket, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let client = state.log.client().await?;
+    match store::remove(&client, &bucket, &id).await? {
+        Some(version) => Ok(Json(json!({ "version": version }))),
+        None => Err(ApiError::NotFound(format!("{bucket}/{id} does not exist"))),
+    }
+}
+
+/// `GET /store/{bucket}/{id}/history`: every version, oldest first.
+async fn store_history(
+    State(state): State<AppState>,
+    Path((bucket, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let client = state.log.client().await?;
+    let history = store::history(&client, &bucket, &id).await?;
+    Ok(Json(json!(history)))
 }
 
 /// `GET /healthz`: 200 while the LISTEN connection is up, 503 otherwise.

@@ -329,3 +329,48 @@ async fn healthz_and_metrics() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
 }
+
+fn curl(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, url]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if let Some(b) = body {
+        cmd.args(["--data-binary", b]);
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_store_over_http() {
+    let db = TestDb::new().await;
+    let server = serve(&db, "pubsub_store", &[]);
+    let (mut changes, rx) = sse(&format!("http://{}/events?channel=pubsub_store", server.addr), None);
+    subscribed(&server, "pubsub_store").await;
+    let item = format!("http://{}/store/todos/{}", server.addr, common::unique("id"));
+
+    assert_eq!(curl("PUT", &item, Some(r#"{"title":"write docs"}"#), &["If-Match: 0"]), (200, json!({"version": 1})));
+    assert_eq!(curl("PUT", &item, Some(r#"{"title":"write more docs"}"#), &[]), (200, json!({"version": 2})));
+    let (code, v) = curl("PUT", &item, Some(r#"{"title":"stale"}"#), &["If-Match: 1"]);
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(curl("PUT", &item, Some("not json"), &[]).0, 400);
+    assert_eq!(curl("GET", &item, None, &[]), (200, json!({"version": 2, "val": {"title": "write more docs"}})));
+    assert_eq!(curl("DELETE", &item, None, &[]), (200, json!({"version": 3})));
+    assert_eq!(curl("GET", &item, None, &[]).0, 404);
+    assert_eq!(curl("DELETE", &item, None, &[]).0, 404);
+    let (code, history) = curl("GET", &format!("{item}/history"), None, &[]);
+    assert_eq!(code, 200);
+    let kinds: Vec<&str> = history.as_array().unwrap().iter().map(|h| h["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["put", "put", "delete"]);
+
+    // Every write was also an event on pubsub_store.
+    let ops: Vec<String> = (0..3)
+        .map(|_| serde_json::from_str::<Value>(&next_sse(&rx).data).unwrap()["op"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ops, ["INSERT", "UPDATE", "DELETE"]);
+    let _ = changes.kill();
+}
