@@ -54,6 +54,9 @@ pub enum Command {
     Serve(crate::serve::ServeArgs),
     /// The load test: writers, pgpubsub's listener and a bare baseline.
     Load(crate::load::LoadArgs),
+    /// The gateway's fan-out with real WebSocket clients.
+    #[command(hide = true)]
+    LoadFanout(crate::load::fanout::FanoutArgs),
     /// The bare LISTEN loop `load --baseline` runs beside pgpubsub.
     #[command(hide = true)]
     LoadBaseline(crate::load::baseline::BaselineArgs),

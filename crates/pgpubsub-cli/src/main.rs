@@ -65,6 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
         Some(Command::Serve(args)) => serve::run(&config, &args).await,
         Some(Command::Load(args)) => load::run(&config, &cli.database_url, &args).await,
+        Some(Command::LoadFanout(args)) => load::fanout::run(&config, &cli.database_url, &args).await,
         Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,
         Some(Command::Demo) => cmd::demo::run(&config, debug).await,
     }

@@ -48,12 +48,20 @@ pub struct Shared {
     pub position: Cursor,
     /// Its new (or old) row parsed, on first use by a column filter.
     row: OnceLock<Option<Value>>,
+    /// A transport's rendering of this event (a WebSocket frame, say),
+    /// made by the first subscriber that needs it and shared by the rest.
+    frame: OnceLock<bytes::Bytes>,
 }
 
 impl Shared {
     /// Wraps an event for sharing.
     pub fn new(event: Event, position: Cursor) -> Self {
-        Shared { event, position, row: OnceLock::new() }
+        Shared { event, position, row: OnceLock::new(), frame: OnceLock::new() }
+    }
+
+    /// The rendering `make` produces, made once for all subscribers.
+    pub fn frame(&self, make: impl FnOnce(&Shared) -> bytes::Bytes) -> bytes::Bytes {
+        self.frame.get_or_init(|| make(self)).clone()
     }
 
     /// The row a column filter looks at: `new`, or `old` for a delete.

@@ -116,6 +116,33 @@ impl Feed {
         }
     }
 
+    /// The next item if one is ready without waiting (never during a
+    /// catch-up from the log).
+    pub fn try_next(&mut self) -> Option<Item> {
+        if let Some(item) = self.backlog.pop_front() {
+            if let Item::Event { position, .. } = &item {
+                self.position = *position;
+            }
+            return Some(item);
+        }
+        if self.replay_from.is_some() {
+            return None;
+        }
+        loop {
+            match self.sub.try_recv()? {
+                Delivery::Event(shared) => {
+                    if shared.event.seq.is_some_and(|s| self.replayed.remove(&s)) {
+                        continue;
+                    }
+                    self.position = self.position.max(shared.position);
+                    return Some(Item::Event { position: self.position, shared });
+                }
+                Delivery::Lagged { missed, .. } => return Some(Item::Lagged { missed, position: self.position }),
+                _ => continue,
+            }
+        }
+    }
+
     async fn read_page(&mut self, from: Cursor) -> Result<(), pgpubsub::Error> {
         if !self.checked_retention {
             self.checked_retention = true;

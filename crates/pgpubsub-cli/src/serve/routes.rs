@@ -193,7 +193,10 @@ async fn sse(
 /// subscriber that falls behind gets `{"type": "lagged", ...}` and close code
 /// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
 async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade.on_upgrade(move |socket| serve_socket(state, socket))
+    // Clients only send their request: a small read buffer. (The default,
+    // 128 KiB, is zero-filled on every read and was most of the CPU of a
+    // fan-out to 1,000 sockets; docs/performance.md.)
+    upgrade.read_buffer_size(4096).on_upgrade(move |socket| serve_socket(state, socket))
 }
 
 async fn serve_socket(state: AppState, socket: WebSocket) {
@@ -218,36 +221,71 @@ async fn serve_socket(state: AppState, socket: WebSocket) {
             return;
         }
     };
+    // The read side is watched by a task of its own, so that sending never
+    // polls it: it only wakes when the client sends something (a close).
+    let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+        let _ = closed_tx.send(());
+    });
     loop {
         let item = tokio::select! {
             item = feed.next() => item,
-            incoming = rx.next() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => continue,
-            },
+            _ = &mut closed => return,
         };
-        let (text, close) = match item {
-            Ok(Some(Item::Event { position, shared })) => {
-                (format!(r#"{{"type":"event","id":"{position}","event":{}}}"#, shared.event.json()), None)
+        // This item, then whatever else is ready, in one flush.
+        let mut next = Some(item);
+        let mut sent = 0;
+        while let Some(item) = next.take() {
+            let (message, close) = ws_message(item);
+            if tx.feed(message).await.is_err() {
+                return;
             }
-            Ok(Some(Item::Resync { cursor, pruned })) => (
-                json!({"type": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string()}).to_string(),
-                None,
-            ),
-            Ok(Some(Item::Lagged { missed, position })) => (
-                json!({"type": "lagged", "missed": missed, "resume": position.to_string()}).to_string(),
-                Some((4000, "lagged: reconnect with since")),
-            ),
-            Ok(None) => (json!({"type": "closing"}).to_string(), Some((1001, "server shutting down"))),
-            Err(e) => (json!({"type": "error", "error": e.to_string()}).to_string(), Some((1011, "log unavailable"))),
-        };
-        if tx.send(Message::Text(text.into())).await.is_err() {
+            if let Some((code, reason)) = close {
+                let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                return;
+            }
+            sent += 1;
+            if sent < 64 {
+                next = feed.try_next().map(|i| Ok(Some(i)));
+            }
+        }
+        if tx.flush().await.is_err() {
             return;
         }
-        if let Some((code, reason)) = close {
-            let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-            return;
+    }
+}
+
+/// One feed item as a WebSocket message, and the close that must follow it.
+fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(u16, &'static str)>) {
+    let text = |v: Value| Message::Text(v.to_string().into());
+    match item {
+        Ok(Some(Item::Event { shared, .. })) => {
+            // Rendered once per event and shared by every subscriber. Its id
+            // is the event's own position, the same for all of them; where a
+            // subscriber's own is further on (after a catch-up), resuming
+            // from the event's may repeat events, never skip one.
+            let frame = shared.frame(|s| {
+                bytes::Bytes::from(format!(r#"{{"type":"event","id":"{}","event":{}}}"#, s.position, s.event.json()))
+            });
+            match axum::extract::ws::Utf8Bytes::try_from(frame) {
+                Ok(t) => (Message::Text(t), None),
+                Err(_) => (text(json!({"type": "error", "error": "frame is not UTF-8"})), None),
+            }
         }
+        Ok(Some(Item::Resync { cursor, pruned })) => {
+            (text(json!({"type": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string()})), None)
+        }
+        Ok(Some(Item::Lagged { missed, position })) => (
+            text(json!({"type": "lagged", "missed": missed, "resume": position.to_string()})),
+            Some((4000, "lagged: reconnect with since")),
+        ),
+        Ok(None) => (text(json!({"type": "closing"})), Some((1001, "server shutting down"))),
+        Err(e) => (text(json!({"type": "error", "error": e.to_string()})), Some((1011, "log unavailable"))),
     }
 }
 

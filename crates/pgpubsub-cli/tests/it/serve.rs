@@ -374,3 +374,19 @@ async fn the_store_over_http() {
     assert_eq!(ops, ["INSERT", "UPDATE", "DELETE"]);
     let _ = changes.kill();
 }
+
+/// The fan-out benchmark itself, small: every delivery arrives.
+#[tokio::test]
+async fn the_fanout_benchmark_runs() {
+    let db = TestDb::new().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .args(["load-fanout", "--clients", "20", "--events", "20", "--rate", "200", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["deliveries"].as_u64(), v["lagged_clients"].as_u64()), (Some(400), Some(0)), "{v}");
+    assert!(v["latency_ms"]["p99"].as_f64().unwrap() > 0.0 && v["server_cpu_ms"].as_f64().unwrap() > 0.0);
+}

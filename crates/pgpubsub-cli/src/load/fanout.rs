@@ -1,0 +1,191 @@
+//! `pgpubsub load-fanout` (hidden): the gateway's fan-out, measured with
+//! real WebSocket clients. Starts `pgpubsub serve` as a child process (its
+//! CPU and memory read from /proc), connects N clients to one channel,
+//! publishes timestamped messages, and reports deliveries per second and
+//! latency from publish to a client's receipt.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_postgres::Config;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::probe::now_us;
+use super::proc;
+
+/// Options of the fan-out benchmark.
+#[derive(Debug, clap::Args)]
+pub struct FanoutArgs {
+    /// WebSocket clients, all on one channel.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Messages published.
+    #[arg(long, default_value_t = 500)]
+    pub events: u64,
+    /// Messages per second published (spread evenly).
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// Bytes of padding per message.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const CHANNEL: &str = "pgpubsub_fanout";
+
+/// Runs it and prints the report.
+pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Result<()> {
+    let mut admin = crate::cmd::connect(config).await?;
+    pgpubsub::migrate::up(&mut admin, false).await?;
+    let exe = std::env::current_exe()?;
+    let mut server = tokio::process::Command::new(exe)
+        .args(["serve", "--bind", "127.0.0.1:0", "--channel", CHANNEL, "--queue", "4096"])
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn,pgpubsub=info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting pgpubsub serve")?;
+    let pid = server.id().context("server pid")?;
+    let mut lines = BufReader::new(server.stderr.take().context("server stderr")?).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .context("the server did not start")??
+            .context("the server exited")?;
+        if let Some(rest) = line.split("serving on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap_or_default().to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let received = Arc::new(AtomicU64::new(0));
+    let lagged = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let first = Arc::new(Mutex::new(None::<Instant>));
+    let last = Arc::new(Mutex::new(None::<Instant>));
+    let request = serde_json::json!({ "channels": [CHANNEL] }).to_string();
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        // A 16 KiB read buffer: the default 128 KiB is zero-filled on every
+        // read, which would make the clients, not the server, the limit.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), false)
+            .await
+            .context("connecting a client")?;
+        ws.send(Message::Text(request.clone().into())).await?;
+        let (received, lagged, hist, first, last, expect) =
+            (received.clone(), lagged.clone(), hist.clone(), first.clone(), last.clone(), args.events);
+        clients.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut got = 0;
+            while got < expect {
+                let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(15), ws.next()).await else { break };
+                let Message::Text(text) = m else { continue };
+                let now = now_us();
+                #[derive(serde::Deserialize)]
+                struct Frame {
+                    r#type: String,
+                    event: Option<Ev>,
+                }
+                #[derive(serde::Deserialize)]
+                struct Ev {
+                    payload: String,
+                }
+                let Ok(f) = serde_json::from_str::<Frame>(&text) else { continue };
+                if f.r#type == "lagged" {
+                    lagged.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                let sent: i64 = f.event.and_then(|e| e.payload.split(':').next()?.parse().ok()).unwrap_or(now);
+                let _ = local.record((now - sent).max(1) as u64);
+                got += 1;
+                let at = Instant::now();
+                first.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(at);
+                *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+            }
+            received.fetch_add(got, Ordering::Relaxed);
+            let _ = hist.lock().unwrap_or_else(|e| e.into_inner()).add(&local);
+        }));
+    }
+    // Wait for every subscription to exist before publishing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = http_get(&addr, "/healthz").await.unwrap_or_default();
+        let n =
+            serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["subscribers"].as_u64()).unwrap_or(0);
+        if n as usize >= args.clients {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {n} of {} clients subscribed", args.clients);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu_before = proc::usage(pid).map(|u| u.cpu_ns).unwrap_or(0);
+
+    let channel = pgpubsub::Channel::new(CHANNEL)?;
+    let pad = "x".repeat(args.payload);
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1e-3));
+    let start = Instant::now();
+    for i in 0..args.events {
+        tokio::time::sleep_until((start + interval * i as u32).into()).await;
+        pgpubsub::publish(&admin, &channel, &format!("{}:{pad}", now_us())).await?;
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+    let usage = proc::usage(pid).unwrap_or_default();
+    let _ = server.kill().await;
+
+    let total = received.load(Ordering::Relaxed);
+    let span = match (*first.lock().unwrap_or_else(|e| e.into_inner()), *last.lock().unwrap_or_else(|e| e.into_inner()))
+    {
+        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let h = hist.lock().unwrap_or_else(|e| e.into_inner());
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let report = serde_json::json!({
+        "clients": args.clients,
+        "events": args.events,
+        "expected_deliveries": args.events * args.clients as u64,
+        "deliveries": total,
+        "lagged_clients": lagged.load(Ordering::Relaxed),
+        "seconds": span,
+        "deliveries_per_s": if span > 0.0 { total as f64 / span } else { 0.0 },
+        "latency_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": h.max() as f64 / 1000.0 },
+        "server_cpu_ms": (usage.cpu_ns.saturating_sub(cpu_before)) as f64 / 1e6,
+        "server_cpu_us_per_delivery": (usage.cpu_ns.saturating_sub(cpu_before)) as f64 / 1e3 / total.max(1) as f64,
+        "server_peak_rss_mb": usage.peak_rss as f64 / 1048576.0,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for (k, v) in report.as_object().into_iter().flatten() {
+            println!("{k:<28} {v}");
+        }
+    }
+    if total < args.events * args.clients as u64 {
+        bail!("{} of {} deliveries arrived", total, args.events * args.clients as u64);
+    }
+    Ok(())
+}
+
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
