@@ -6,9 +6,10 @@
 //! The event-sourced store is there too: `PUT/GET/DELETE
 //! /store/{bucket}/{id}` and `GET /store/{bucket}/{id}/history`.
 //!
-//! Not yet: authentication (every client may read and write every served
-//! channel, and the server says so at start), and the live page.
+//! Authentication (JWT, `auth.rs`) is off unless a secret or key is given,
+//! and the server says which at start. Not yet: the live page.
 
+mod auth;
 mod feed;
 mod routes;
 
@@ -42,6 +43,9 @@ pub struct ServeArgs {
     /// Largest message accepted by POST /publish, in bytes.
     #[arg(long, env = "PGPUBSUB_MAX_EVENT_BYTES", default_value_t = 64 << 20)]
     pub max_event_bytes: usize,
+    /// Who may read and write what (off unless a secret or key is given).
+    #[command(flatten)]
+    pub auth: auth::AuthArgs,
 }
 
 /// What every handler shares.
@@ -53,12 +57,14 @@ pub struct AppState {
     pub listener_stats: Arc<Stats>,
     pub listener_state: watch::Receiver<ConnectionState>,
     pub max_event_bytes: usize,
+    pub auth: auth::Auth,
 }
 
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and lets
 /// open streams end.
 pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let stop = crate::cmd::listen::shutdown_signal();
+    let auth = auth::Auth::new(&args.auth).context("configuring authentication")?;
     let listener =
         Listener::connect(config, &args.channels, ListenerOptions::default()).await.context("starting the listener")?;
     let hub = Hub::new(args.queue);
@@ -69,12 +75,17 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         listener_stats: listener.stats(),
         listener_state: listener.state(),
         max_event_bytes: args.max_event_bytes,
+        auth: auth.clone(),
     };
     tokio::spawn(hub.run(listener));
 
     let socket = tokio::net::TcpListener::bind(&args.bind).await.with_context(|| format!("binding {}", args.bind))?;
     let addr = socket.local_addr()?;
-    tracing::warn!("authentication is off: every client may read and publish on {:?}", args.channels);
+    if auth.enabled() {
+        tracing::info!("authentication is on: tokens' read and write claims decide who may do what");
+    } else {
+        tracing::warn!("authentication is off: every client may read and publish on {:?}", args.channels);
+    }
     tracing::info!(%addr, channels = ?args.channels, "serving on http://{addr}");
     axum::serve(socket, routes::router(state)).with_graceful_shutdown(stop).await.context("serving HTTP")?;
     tracing::info!("stopped");

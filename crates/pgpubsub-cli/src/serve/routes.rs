@@ -16,6 +16,7 @@ use futures_util::{SinkExt, Stream, StreamExt};
 use pgpubsub::{store, Channel, ConnectionState, Cursor, Filter, Op};
 use serde_json::{json, Value};
 
+use super::auth::{self, Claims};
 use super::feed::{Feed, Item};
 use super::AppState;
 
@@ -38,6 +39,8 @@ pub fn router(state: AppState) -> Router {
 pub enum ApiError {
     /// The request is malformed (400).
     BadRequest(String),
+    /// No valid token (401).
+    Unauthorized(String),
     /// The channel is not served here (403).
     NotServed(String),
     /// Nothing there (404).
@@ -52,6 +55,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, msg) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
             ApiError::NotServed(m) => (StatusCode::FORBIDDEN, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
@@ -65,6 +69,7 @@ impl ApiError {
     fn message(&self) -> &str {
         match self {
             ApiError::BadRequest(m)
+            | ApiError::Unauthorized(m)
             | ApiError::NotServed(m)
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
@@ -95,6 +100,8 @@ pub struct Request {
     #[serde(default, rename = "where")]
     columns: serde_json::Map<String, Value>,
     since: Option<String>,
+    /// WebSocket only: the token, when not sent as a header or cookie.
+    token: Option<String>,
 }
 
 impl Request {
@@ -115,6 +122,11 @@ impl Request {
                     r.columns.insert(col.to_string(), val);
                 }
                 "since" => r.since = Some(v.into_owned()),
+                "token" | "access_token" | "jwt" => {
+                    return Err(ApiError::BadRequest(
+                        "tokens never travel in the URL (it ends up in logs): use the Authorization header or the pgpubsub_token cookie".into(),
+                    ))
+                }
                 other => return Err(ApiError::BadRequest(format!("unknown parameter {other:?}"))),
             }
         }
@@ -122,14 +134,30 @@ impl Request {
     }
 
     /// The filter and resume point, checked against what this server serves.
-    fn resolve(self, state: &AppState, last_event_id: Option<&str>) -> Result<(Filter, Option<Cursor>), ApiError> {
+    fn resolve(
+        self,
+        state: &AppState,
+        claims: &Claims,
+        last_event_id: Option<&str>,
+    ) -> Result<(Filter, Option<Cursor>), ApiError> {
         let mut channels = Vec::new();
         for name in self.channels {
             let c = Channel::new(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
             if !state.channels.contains(&c) {
                 return Err(ApiError::NotServed(format!("channel {c} is not served here")));
             }
+            if !claims.can_read(c.as_str()) {
+                return Err(ApiError::NotServed(format!("this token may not read channel {c}")));
+            }
             channels.push(c.as_str().to_string());
+        }
+        if channels.is_empty() {
+            // All served channels the token may read.
+            channels =
+                state.channels.iter().map(Channel::as_str).filter(|c| claims.can_read(c)).map(str::to_string).collect();
+            if channels.is_empty() {
+                return Err(ApiError::NotServed("this token may read none of the served channels".into()));
+            }
         }
         let mut ops = Vec::new();
         for op in self.ops {
@@ -157,11 +185,21 @@ async fn sse(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let (filter, since) = Request::from_query(query.as_deref())?.resolve(&state, last)?;
+    let request = Request::from_query(query.as_deref())?;
+    let claims = state.auth.check(auth::token_from(&headers).as_deref())?;
+    let (filter, since) = request.resolve(&state, &claims, last)?;
+    let expires = expiry(&claims);
     let feed = Feed::new(state, filter, since).await?;
-    let stream = futures_util::stream::unfold(Some(feed), |feed| async move {
+    let stream = futures_util::stream::unfold(Some(feed), move |feed| async move {
         let mut feed = feed?;
-        let (event, go_on) = match feed.next().await {
+        let next = tokio::select! {
+            next = feed.next() => next,
+            () = tokio::time::sleep_until(expires) => {
+                let e = SseEvent::default().event("expired").data(json!({"error": "the token expired"}).to_string());
+                return Some((Ok(e), None));
+            }
+        };
+        let (event, go_on) = match next {
             Ok(Some(Item::Event { position, shared })) => (
                 SseEvent::default().id(position.to_string()).event(shared.event.kind()).data(shared.event.json()),
                 true,
@@ -192,32 +230,51 @@ async fn sse(
 /// comes as `{"type": "event", "id": "<resume>", "event": {...}}`. A
 /// subscriber that falls behind gets `{"type": "lagged", ...}` and close code
 /// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
-async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+async fn ws(State(state): State<AppState>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+    // A token in a header or cookie is checked before the upgrade; without
+    // one, the first message must carry it.
+    let early = match auth::token_from(&headers) {
+        Some(t) => match state.auth.check(Some(&t)) {
+            Ok(claims) => Some(claims),
+            Err(e) => return e.into_response(),
+        },
+        None => None,
+    };
     // Clients only send their request: a small read buffer. (The default,
     // 128 KiB, is zero-filled on every read and was most of the CPU of a
     // fan-out to 1,000 sockets; docs/performance.md.)
-    upgrade.read_buffer_size(4096).on_upgrade(move |socket| serve_socket(state, socket))
+    upgrade.read_buffer_size(4096).on_upgrade(move |socket| serve_socket(state, early, socket))
 }
 
-async fn serve_socket(state: AppState, socket: WebSocket) {
+async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket) {
     let (mut tx, mut rx) = socket.split();
     let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.next()).await;
     let request = match first {
         Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Request>(&text)
             .map_err(|e| ApiError::BadRequest(format!("first message: {e}")))
-            .and_then(|r| r.resolve(&state, None)),
+            .and_then(|r| {
+                let claims = match early {
+                    Some(c) => c,
+                    None => state.auth.check(r.token.as_deref())?,
+                };
+                let resolved = r.resolve(&state, &claims, None)?;
+                Ok((resolved, claims))
+            }),
         _ => Err(ApiError::BadRequest("expected the subscription request as the first message within 10 s".into())),
     };
-    let feed = match request {
-        Ok((filter, since)) => Feed::new(state, filter, since).await.map_err(ApiError::from),
-        Err(e) => Err(e),
+    let (feed, expires) = match request {
+        Ok(((filter, since), claims)) => {
+            (Feed::new(state, filter, since).await.map_err(ApiError::from), expiry(&claims))
+        }
+        Err(e) => (Err(e), tokio::time::Instant::now()),
     };
     let mut feed = match feed {
         Ok(f) => f,
         Err(e) => {
             let msg = e.message().to_string();
+            let code = if matches!(e, ApiError::Unauthorized(_)) { 4401 } else { 4400 };
             let _ = tx.send(Message::Text(json!({"type": "error", "error": msg}).to_string().into())).await;
-            let _ = tx.send(Message::Close(Some(CloseFrame { code: 4400, reason: "bad request".into() }))).await;
+            let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: "refused".into() }))).await;
             return;
         }
     };
@@ -236,6 +293,11 @@ async fn serve_socket(state: AppState, socket: WebSocket) {
         let item = tokio::select! {
             item = feed.next() => item,
             _ = &mut closed => return,
+            () = tokio::time::sleep_until(expires) => {
+                let _ = tx.send(Message::Text(json!({"type": "expired", "error": "the token expired"}).to_string().into())).await;
+                let _ = tx.send(Message::Close(Some(CloseFrame { code: 4401, reason: "token expired".into() }))).await;
+                return;
+            }
         };
         // This item, then whatever else is ready, in one flush.
         let mut next = Some(item);
@@ -294,11 +356,16 @@ fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(
 async fn publish(
     State(state): State<AppState>,
     Path(channel): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let claims = state.auth.check(auth::token_from(&headers).as_deref())?;
     let channel = Channel::new(channel).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if !state.channels.contains(&channel) {
         return Err(ApiError::NotServed(format!("channel {channel} is not served here")));
+    }
+    if !claims.can_write(channel.as_str()) {
+        return Err(ApiError::NotServed(format!("this token may not publish on {channel}")));
     }
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the body must be UTF-8 text".into()))?;
     let client = state.log.client().await?;
@@ -323,6 +390,7 @@ async fn store_put(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    store_access(&state, &headers, true)?;
     let val: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body must be JSON: {e}")))?;
     let expected = match headers.get("if-match") {
@@ -349,7 +417,9 @@ async fn store_put(
 async fn store_get(
     State(state): State<AppState>,
     Path((bucket, id)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    store_access(&state, &headers, false)?;
     let client = state.log.client().await?;
     match store::get(&client, &bucket, &id).await? {
         Some(s) => Ok(Json(json!({ "version": s.version, "val": s.val }))),
@@ -361,7 +431,9 @@ async fn store_get(
 async fn store_delete(
     State(state): State<AppState>,
     Path((bucket, id)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    store_access(&state, &headers, true)?;
     let client = state.log.client().await?;
     match store::remove(&client, &bucket, &id).await? {
         Some(version) => Ok(Json(json!({ "version": version }))),
@@ -373,10 +445,31 @@ async fn store_delete(
 async fn store_history(
     State(state): State<AppState>,
     Path((bucket, id)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    store_access(&state, &headers, false)?;
     let client = state.log.client().await?;
     let history = store::history(&client, &bucket, &id).await?;
     Ok(Json(json!(history)))
+}
+
+/// The store is read and written as the channel it announces changes on.
+fn store_access(state: &AppState, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
+    let claims = state.auth.check(auth::token_from(headers).as_deref())?;
+    let allowed = if write { claims.can_write(store::STORE_CHANNEL) } else { claims.can_read(store::STORE_CHANNEL) };
+    if allowed {
+        Ok(())
+    } else {
+        Err(ApiError::NotServed(format!("this token may not {} the store", if write { "write" } else { "read" })))
+    }
+}
+
+/// When a stream opened with these claims must end.
+fn expiry(claims: &Claims) -> tokio::time::Instant {
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // Far enough for "never" without overflowing the clock.
+    let left = claims.exp.saturating_sub(now_s).min(100 * 365 * 24 * 3600);
+    tokio::time::Instant::now() + std::time::Duration::from_secs(left)
 }
 
 /// `GET /healthz`: 200 while the LISTEN connection is up, 503 otherwise.

@@ -61,10 +61,17 @@ struct Sse {
 
 /// `curl -sN` on an SSE URL; events arrive on the returned channel.
 fn sse(url: &str, last_event_id: Option<&str>) -> (Child, Receiver<Sse>) {
+    sse_with(url, last_event_id, &[])
+}
+
+fn sse_with(url: &str, last_event_id: Option<&str>, headers: &[String]) -> (Child, Receiver<Sse>) {
     let mut cmd = Command::new("curl");
     cmd.args(["-sN", url]);
     if let Some(id) = last_event_id {
         cmd.args(["-H", &format!("Last-Event-ID: {id}")]);
+    }
+    for h in headers {
+        cmd.args(["-H", h]);
     }
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let out = child.stdout.take().unwrap();
@@ -389,4 +396,141 @@ async fn the_fanout_benchmark_runs() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v["deliveries"].as_u64(), v["lagged_clients"].as_u64()), (Some(400), Some(0)), "{v}");
     assert!(v["latency_ms"]["p99"].as_f64().unwrap() > 0.0 && v["server_cpu_ms"].as_f64().unwrap() > 0.0);
+}
+
+const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn token(secret: &str, claims: Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key).unwrap()
+}
+
+fn b64(v: &Value) -> String {
+    // base64url without padding, by hand: the test must not trust the
+    // library it is testing against to build an `alg: none` token.
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = v.to_string().into_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_auth_refusal_and_what_a_token_allows() {
+    let db = TestDb::new().await;
+    let ch = common::channel("secure");
+    let other = common::channel("other");
+    let server = serve(&db, &format!("{ch},{other}"), &["--jwt-secret", SECRET]);
+    let base = format!("http://{}", server.addr);
+    let events = format!("{base}/events?channel={ch}");
+    let later = now_s() + 3600;
+    let good = token(SECRET, json!({"exp": later, "read": [ch.as_str()], "write": [ch.as_str()]}));
+    let none_alg =
+        format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&json!({"exp": later, "read": ["*"]})));
+
+    for (name, header, code) in [
+        ("no token", None, 401),
+        (
+            "bad signature",
+            Some(token("another-secret-of-at-least-32-bytes!!", json!({"exp": later, "read": ["*"]}))),
+            401,
+        ),
+        ("alg none", Some(none_alg), 401),
+        ("expired", Some(token(SECRET, json!({"exp": now_s() - 3600, "read": ["*"]}))), 401),
+        ("not yet valid", Some(token(SECRET, json!({"exp": later, "nbf": later - 60, "read": ["*"]}))), 401),
+        ("no exp", Some(token(SECRET, json!({"read": ["*"]}))), 401),
+        ("channel not in claims", Some(token(SECRET, json!({"exp": later, "read": [other.as_str()]}))), 403),
+    ] {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &events]);
+        if let Some(t) = &header {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), code.to_string(), "{name}");
+    }
+    // Never in the URL.
+    assert_eq!(curl_get(&format!("{events}&token={good}")).0, 400);
+
+    // A good token: by header, and by cookie (what EventSource sends).
+    let (mut by_header, rx1) = sse_with(&events, None, &[format!("Authorization: Bearer {good}")]);
+    let (mut by_cookie, rx2) = sse_with(&events, None, &[format!("Cookie: theme=dark; pgpubsub_token={good}")]);
+    subscribed(&server, ch.as_str()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let auth = format!("Authorization: Bearer {good}");
+    assert_eq!(curl("POST", &format!("{base}/publish/{ch}"), Some("allowed"), &[auth.as_str()]).0, 200);
+    assert_eq!(curl("POST", &format!("{base}/publish/{other}"), Some("denied"), &[auth.as_str()]).0, 403);
+    assert_eq!(curl("POST", &format!("{base}/publish/{ch}"), Some("anonymous"), &[]).0, 401);
+    for rx in [&rx1, &rx2] {
+        let v: Value = serde_json::from_str(&next_sse(rx).data).unwrap();
+        assert_eq!(v["payload"], "allowed");
+    }
+    let _ = (by_header.kill(), by_cookie.kill());
+
+    // WebSocket: the token in the first message; refused ones close with 4401.
+    let url = format!("ws://{}/ws", server.addr);
+    let bad = token("another-secret-of-at-least-32-bytes!!", json!({"exp": later, "read": ["*"]}));
+    for (request, expect) in [
+        (json!({"channels": [ch.as_str()]}), 4401u16),
+        (json!({"channels": [ch.as_str()], "token": bad}), 4401),
+        (json!({"channels": [other.as_str()], "token": good}), 4400),
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        ws.send(Message::Text(request.to_string().into())).await.unwrap();
+        let mut code = None;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
+            if let Message::Close(Some(f)) = m {
+                code = Some(u16::from(f.code));
+                break;
+            }
+        }
+        assert_eq!(code, Some(expect), "{request}");
+    }
+    // A token that expires in 2 s: the socket is closed when it does.
+    let short = token(SECRET, json!({"exp": now_s() + 2, "read": [ch.as_str()]}));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Text(json!({"channels": [ch.as_str()], "token": short}).to_string().into())).await.unwrap();
+    let started = Instant::now();
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
+        if let Message::Close(Some(f)) = m {
+            code = Some(u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(4401));
+    assert!(started.elapsed() >= Duration::from_secs(1), "closed before the token expired");
+}
+
+/// With auth on, every store route asks for the store channel's claims.
+#[tokio::test]
+async fn the_store_requires_its_claims() {
+    let db = TestDb::new().await;
+    let server = serve(&db, "pubsub_store", &["--jwt-secret", SECRET]);
+    let item = format!("http://{}/store/b/{}", server.addr, common::unique("id"));
+    let later = now_s() + 3600;
+    let reader = format!("Authorization: Bearer {}", token(SECRET, json!({"exp": later, "read": ["pubsub_store"]})));
+    let writer = format!(
+        "Authorization: Bearer {}",
+        token(SECRET, json!({"exp": later, "read": ["pubsub_store"], "write": ["pubsub_store"]}))
+    );
+    for (method, body) in [("PUT", Some("{}")), ("GET", None), ("DELETE", None)] {
+        assert_eq!(curl(method, &item, body, &[]).0, 401, "{method} without a token");
+    }
+    assert_eq!(curl("GET", &format!("{item}/history"), None, &[]).0, 401);
+    assert_eq!(curl("PUT", &item, Some("{}"), &[reader.as_str()]).0, 403);
+    assert_eq!(curl("DELETE", &item, None, &[reader.as_str()]).0, 403);
+    assert_eq!(curl("PUT", &item, Some("{}"), &[writer.as_str()]).0, 200);
+    assert_eq!(curl("GET", &item, None, &[reader.as_str()]).0, 200);
+    assert_eq!(curl("GET", &format!("{item}/history"), None, &[reader.as_str()]).0, 200);
+    assert_eq!(curl("DELETE", &item, None, &[writer.as_str()]).0, 200);
 }

@@ -1,0 +1,139 @@
+//! Who may read and write which channel: JSON Web Tokens.
+//!
+//! A token is signed with the configured secret (HS256) or by the holder of
+//! the configured public key (RS256 or ES256); no other algorithm is
+//! accepted, `none` included. `exp` is required, `nbf` and `aud` (when an
+//! audience is configured) are checked. The claims `read` and `write` list
+//! the channels the bearer may subscribe to and publish on (`"*"`: all
+//! served). Tokens come in the `Authorization: Bearer` header, the
+//! `pgpubsub_token` cookie (what a browser's EventSource can send), or a
+//! WebSocket's first message; never in the URL, which ends up in logs.
+
+use std::path::PathBuf;
+
+use axum::http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use super::routes::ApiError;
+
+/// The cookie a browser sends its token in.
+pub const COOKIE: &str = "pgpubsub_token";
+
+/// Auth settings (flags and environment).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthArgs {
+    /// Shared secret for HS256 tokens. With neither this nor a public key,
+    /// authentication is off.
+    #[arg(long, env = "PGPUBSUB_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RSA or EC) for RS256 / ES256 tokens.
+    #[arg(long, env = "PGPUBSUB_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `aud` claim.
+    #[arg(long, env = "PGPUBSUB_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+/// What a valid token grants.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Claims {
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    #[serde(default)]
+    read: Vec<String>,
+    #[serde(default)]
+    write: Vec<String>,
+}
+
+impl Claims {
+    /// Whether the bearer may subscribe to `channel`.
+    pub fn can_read(&self, channel: &str) -> bool {
+        self.read.iter().any(|c| c == "*" || c == channel)
+    }
+
+    /// Whether the bearer may publish on `channel`.
+    pub fn can_write(&self, channel: &str) -> bool {
+        self.write.iter().any(|c| c == "*" || c == channel)
+    }
+}
+
+/// The verifier; `None` inside means authentication is off.
+#[derive(Clone)]
+pub struct Auth(Option<(DecodingKey, Validation)>);
+
+impl Auth {
+    /// From the settings.
+    ///
+    /// # Errors
+    /// An unreadable or invalid key, or both a secret and a key.
+    pub fn new(args: &AuthArgs) -> anyhow::Result<Auth> {
+        let (key, algorithms) = match (&args.jwt_secret, &args.jwt_public_key) {
+            (None, None) => return Ok(Auth(None)),
+            (Some(_), Some(_)) => anyhow::bail!("give PGPUBSUB_JWT_SECRET or PGPUBSUB_JWT_PUBLIC_KEY, not both"),
+            (Some(secret), None) => {
+                anyhow::ensure!(secret.len() >= 32, "PGPUBSUB_JWT_SECRET must be at least 32 bytes");
+                (DecodingKey::from_secret(secret.as_bytes()), vec![Algorithm::HS256])
+            }
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                match DecodingKey::from_rsa_pem(&pem) {
+                    Ok(k) => (k, vec![Algorithm::RS256]),
+                    Err(_) => (
+                        DecodingKey::from_ec_pem(&pem)
+                            .map_err(|e| anyhow::anyhow!("{} is not an RSA or EC public key: {e}", path.display()))?,
+                        vec![Algorithm::ES256],
+                    ),
+                }
+            }
+        };
+        let mut v = Validation::new(algorithms[0]);
+        v.algorithms = algorithms;
+        v.leeway = 5;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp"]);
+        match &args.jwt_audience {
+            Some(aud) => v.set_audience(&[aud]),
+            None => v.validate_aud = false,
+        }
+        Ok(Auth(Some((key, v))))
+    }
+
+    /// Whether tokens are checked at all.
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The claims of `token`; with authentication off, everything.
+    ///
+    /// # Errors
+    /// `Unauthorized` for a missing, malformed, badly signed, expired or
+    /// not-yet-valid token, or one for another audience.
+    pub fn check(&self, token: Option<&str>) -> Result<Claims, ApiError> {
+        let Some((key, validation)) = &self.0 else {
+            return Ok(Claims { exp: u64::MAX, read: vec!["*".into()], write: vec!["*".into()] });
+        };
+        let token = token.ok_or_else(|| {
+            ApiError::Unauthorized(
+                "a token is required: Authorization: Bearer <jwt>, or the pgpubsub_token cookie".into(),
+            )
+        })?;
+        jsonwebtoken::decode::<Claims>(token, key, validation)
+            .map(|data| data.claims)
+            .map_err(|e| ApiError::Unauthorized(format!("token refused: {e}")))
+    }
+}
+
+/// The token of an HTTP request: the bearer header, else the cookie.
+pub fn token_from(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+    }
+    headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
