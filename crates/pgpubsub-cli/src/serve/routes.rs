@@ -24,6 +24,7 @@ use super::AppState;
 pub fn router(state: AppState) -> Router {
     let limit = state.max_event_bytes;
     Router::new()
+        .route("/", get(page))
         .route("/events", get(sse))
         .route("/ws", get(ws))
         .route("/publish/{channel}", post(publish).layer(DefaultBodyLimit::max(limit)))
@@ -222,7 +223,16 @@ async fn sse(
         };
         Some((Ok(event), go_on.then_some(feed)))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    // First, how soon a browser should reconnect after a drop.
+    let hello = futures_util::stream::once(async {
+        Ok(SseEvent::default().retry(std::time::Duration::from_millis(1000)).comment("pgpubsub"))
+    });
+    Ok(Sse::new(hello.chain(stream)).keep_alive(KeepAlive::default()))
+}
+
+/// `GET /`: the live page (pick channels, watch events, rate and latency).
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("page.html"))
 }
 
 /// `GET /ws`: the client's first message is the request as JSON
