@@ -50,6 +50,8 @@ pub struct Feed {
     /// xmin taken before subscribing: older transactions were all finished,
     /// so their events cannot also arrive live.
     subscribed_xmin: u64,
+    /// The server's shutdown: the feed ends when it turns true.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Feed {
@@ -68,6 +70,7 @@ impl Feed {
             filter.channels.clone()
         };
         let sub = state.hub.subscribe(filter.clone());
+        let shutdown = state.shutdown.clone();
         let position = since.unwrap_or_else(|| state.hub.position());
         Ok(Feed {
             state,
@@ -80,6 +83,7 @@ impl Feed {
             position,
             checked_retention: false,
             subscribed_xmin,
+            shutdown,
         })
     }
 
@@ -89,6 +93,9 @@ impl Feed {
     /// When the log cannot be read (the subscriber should retry later).
     pub async fn next(&mut self) -> Result<Option<Item>, pgpubsub::Error> {
         loop {
+            if *self.shutdown.borrow() {
+                return Ok(None);
+            }
             if let Some(item) = self.backlog.pop_front() {
                 if let Item::Event { position, .. } = &item {
                     self.position = *position;
@@ -99,7 +106,11 @@ impl Feed {
                 self.read_page(from).await?;
                 continue;
             }
-            match self.sub.recv().await {
+            let delivery = tokio::select! {
+                d = self.sub.recv() => d,
+                _ = self.shutdown.wait_for(|s| *s) => return Ok(None),
+            };
+            match delivery {
                 None => return Ok(None),
                 Some(Delivery::Event(shared)) => {
                     if shared.event.seq.is_some_and(|s| self.replayed.remove(&s)) {

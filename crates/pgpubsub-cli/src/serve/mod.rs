@@ -58,12 +58,16 @@ pub struct AppState {
     pub listener_state: watch::Receiver<ConnectionState>,
     pub max_event_bytes: usize,
     pub auth: auth::Auth,
+    /// Becomes true on SIGTERM / Ctrl-C: every feed ends, so streams close
+    /// and graceful shutdown can finish.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and lets
 /// open streams end.
 pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
-    let stop = crate::cmd::listen::shutdown_signal();
+    let signal = crate::cmd::listen::shutdown_signal();
+    let (stop_tx, shutdown) = watch::channel(false);
     let auth = auth::Auth::new(&args.auth).context("configuring authentication")?;
     let listener =
         Listener::connect(config, &args.channels, ListenerOptions::default()).await.context("starting the listener")?;
@@ -76,6 +80,7 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         listener_state: listener.state(),
         max_event_bytes: args.max_event_bytes,
         auth: auth.clone(),
+        shutdown: shutdown.clone(),
     };
     tokio::spawn(hub.run(listener));
 
@@ -87,7 +92,16 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("authentication is off: every client may read and publish on {:?}", args.channels);
     }
     tracing::info!(%addr, channels = ?args.channels, "serving on http://{addr}");
-    axum::serve(socket, routes::router(state)).with_graceful_shutdown(stop).await.context("serving HTTP")?;
+    tokio::spawn(async move {
+        signal.await;
+        tracing::info!("shutting down: closing streams");
+        let _ = stop_tx.send(true);
+    });
+    let mut stopped = shutdown;
+    let until_stopped = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    axum::serve(socket, routes::router(state)).with_graceful_shutdown(until_stopped).await.context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -534,3 +534,41 @@ async fn the_store_requires_its_claims() {
     assert_eq!(curl("GET", &format!("{item}/history"), None, &[reader.as_str()]).0, 200);
     assert_eq!(curl("DELETE", &item, None, &[writer.as_str()]).0, 200);
 }
+
+/// SIGTERM with subscribers connected: their streams end (WebSocket close
+/// 1001), and the server exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_streams_and_exits() {
+    let db = TestDb::new().await;
+    let ch = common::channel("term");
+    let mut server = serve(&db, ch.as_str(), &[]);
+    let (mut sse_client, _rx) = sse(&format!("http://{}/events?channel={ch}", server.addr), None);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr)).await.unwrap();
+    ws.send(Message::Text(json!({"channels": [ch.as_str()]}).to_string().into())).await.unwrap();
+    subscribed(&server, ch.as_str()).await;
+
+    Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
+        if let Message::Close(Some(f)) = m {
+            code = Some(u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1001));
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    // The SSE client saw its stream end.
+    let deadline = Instant::now() + WAIT;
+    while sse_client.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the SSE stream did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
