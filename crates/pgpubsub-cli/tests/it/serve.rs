@@ -572,3 +572,54 @@ async fn sigterm_closes_streams_and_exits() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// PostgreSQL itself restarts under the gateway (a cluster of the test's
+/// own): the subscriber's stream goes on, and what was published around the
+/// restart arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_keeps_its_stream_across_a_database_restart() {
+    let cluster = tokio::task::spawn_blocking(|| crate::cluster::Cluster::start(false)).await.unwrap();
+    let url = cluster.url("postgres");
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let mut client = pgpubsub::db::connect(&config).await.unwrap();
+    pgpubsub::migrate::up(&mut client, false).await.unwrap();
+    let ch = common::channel("dbrestart");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "warn,pgpubsub=info")
+        .args(["serve", "--bind", "127.0.0.1:0", "--channel", ch.as_str()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(rest) = line.split("serving on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let server = Server { child, addr };
+
+    let (mut sub, rx) = sse(&format!("http://{}/events?channel={ch}", server.addr), None);
+    subscribed(&server, ch.as_str()).await;
+    pgpubsub::publish(&client, &ch, "before").await.unwrap();
+    let cluster = std::sync::Arc::new(cluster);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.restart("fast")).await.unwrap();
+    let client = pgpubsub::db::connect(&config).await.unwrap();
+    pgpubsub::publish(&client, &ch, "after").await.unwrap();
+
+    let mut payloads = Vec::new();
+    while payloads.last().map(String::as_str) != Some("after") {
+        let e = next_sse(&rx);
+        let v: Value = serde_json::from_str(&e.data).unwrap();
+        payloads.push(v["payload"].as_str().unwrap().to_string());
+    }
+    assert_eq!(payloads.first().map(String::as_str), Some("before"));
+    let _ = sub.kill();
+    drop(server);
+}
