@@ -400,7 +400,7 @@ async fn store_put(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    store_access(&state, &headers, true)?;
+    let client = store_client(&state, &headers, true).await?;
     let val: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body must be JSON: {e}")))?;
     let expected = match headers.get("if-match") {
@@ -412,7 +412,6 @@ async fn store_put(
         ),
         None => None,
     };
-    let client = state.log.client().await?;
     match store::put(&client, &bucket, &id, &val, expected).await {
         Ok(version) => Ok(Json(json!({ "version": version }))),
         Err(e) if e.sqlstate() == Some(store::VERSION_CONFLICT) => Err(ApiError::Conflict(e.to_string())),
@@ -429,8 +428,7 @@ async fn store_get(
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    store_access(&state, &headers, false)?;
-    let client = state.log.client().await?;
+    let client = store_client(&state, &headers, false).await?;
     match store::get(&client, &bucket, &id).await? {
         Some(s) => Ok(Json(json!({ "version": s.version, "val": s.val }))),
         None => Err(ApiError::NotFound(format!("{bucket}/{id} does not exist"))),
@@ -443,8 +441,7 @@ async fn store_delete(
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    store_access(&state, &headers, true)?;
-    let client = state.log.client().await?;
+    let client = store_client(&state, &headers, true).await?;
     match store::remove(&client, &bucket, &id).await? {
         Some(version) => Ok(Json(json!({ "version": version }))),
         None => Err(ApiError::NotFound(format!("{bucket}/{id} does not exist"))),
@@ -457,21 +454,27 @@ async fn store_history(
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    store_access(&state, &headers, false)?;
-    let client = state.log.client().await?;
+    let client = store_client(&state, &headers, false).await?;
     let history = store::history(&client, &bucket, &id).await?;
     Ok(Json(json!(history)))
 }
 
-/// The store is read and written as the channel it announces changes on.
-fn store_access(state: &AppState, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
+/// The connection for a store request, once the token allows it: the store
+/// is read and written as the channel it announces changes on.
+async fn store_client(
+    state: &AppState,
+    headers: &HeaderMap,
+    write: bool,
+) -> Result<std::sync::Arc<tokio_postgres::Client>, ApiError> {
     let claims = state.auth.check(auth::token_from(headers).as_deref())?;
     let allowed = if write { claims.can_write(store::STORE_CHANNEL) } else { claims.can_read(store::STORE_CHANNEL) };
-    if allowed {
-        Ok(())
-    } else {
-        Err(ApiError::NotServed(format!("this token may not {} the store", if write { "write" } else { "read" })))
+    if !allowed {
+        return Err(ApiError::NotServed(format!(
+            "this token may not {} the store",
+            if write { "write" } else { "read" }
+        )));
     }
+    Ok(state.log.client().await?)
 }
 
 /// When a stream opened with these claims must end.

@@ -95,6 +95,18 @@ fn sse_with(url: &str, last_event_id: Option<&str>, headers: &[String]) -> (Chil
     (child, rx)
 }
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Reads until the server closes; its close code.
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
+        if let Message::Close(frame) = m {
+            return frame.map(|f| u16::from(f.code));
+        }
+    }
+    None
+}
+
 fn next_sse(rx: &Receiver<Sse>) -> Sse {
     rx.recv_timeout(WAIT).expect("no SSE event in time")
 }
@@ -486,28 +498,14 @@ async fn every_auth_refusal_and_what_a_token_allows() {
     ] {
         let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
         ws.send(Message::Text(request.to_string().into())).await.unwrap();
-        let mut code = None;
-        while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
-            if let Message::Close(Some(f)) = m {
-                code = Some(u16::from(f.code));
-                break;
-            }
-        }
-        assert_eq!(code, Some(expect), "{request}");
+        assert_eq!(close_code(&mut ws).await, Some(expect), "{request}");
     }
     // A token that expires in 2 s: the socket is closed when it does.
     let short = token(SECRET, json!({"exp": now_s() + 2, "read": [ch.as_str()]}));
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     ws.send(Message::Text(json!({"channels": [ch.as_str()], "token": short}).to_string().into())).await.unwrap();
     let started = Instant::now();
-    let mut code = None;
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
-        if let Message::Close(Some(f)) = m {
-            code = Some(u16::from(f.code));
-            break;
-        }
-    }
-    assert_eq!(code, Some(4401));
+    assert_eq!(close_code(&mut ws).await, Some(4401));
     assert!(started.elapsed() >= Duration::from_secs(1), "closed before the token expired");
 }
 
@@ -548,14 +546,7 @@ async fn sigterm_closes_streams_and_exits() {
     subscribed(&server, ch.as_str()).await;
 
     Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
-    let mut code = None;
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
-        if let Message::Close(Some(f)) = m {
-            code = Some(u16::from(f.code));
-            break;
-        }
-    }
-    assert_eq!(code, Some(1001));
+    assert_eq!(close_code(&mut ws).await, Some(1001));
     let deadline = Instant::now() + WAIT;
     let status = loop {
         if let Some(s) = server.child.try_wait().unwrap() {
