@@ -48,20 +48,35 @@ pub struct Shared {
     pub position: Cursor,
     /// Its new (or old) row parsed, on first use by a column filter.
     row: OnceLock<Option<Value>>,
-    /// A transport's rendering of this event (a WebSocket frame, say),
-    /// made by the first subscriber that needs it and shared by the rest.
-    frame: OnceLock<bytes::Bytes>,
+    /// Each transport's rendering of this event, made by the first
+    /// subscriber that needs it and shared by the rest.
+    frames: [OnceLock<bytes::Bytes>; 2],
+}
+
+/// The renderings [`Shared::frame`] keeps, one per transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transport {
+    /// A WebSocket text frame.
+    WebSocket,
+    /// A Server-Sent Events record.
+    EventStream,
 }
 
 impl Shared {
     /// Wraps an event for sharing.
     pub fn new(event: Event, position: Cursor) -> Self {
-        Shared { event, position, row: OnceLock::new(), frame: OnceLock::new() }
+        Shared { event, position, row: OnceLock::new(), frames: [OnceLock::new(), OnceLock::new()] }
     }
 
-    /// The rendering `make` produces, made once for all subscribers.
-    pub fn frame(&self, make: impl FnOnce(&Shared) -> bytes::Bytes) -> bytes::Bytes {
-        self.frame.get_or_init(|| make(self)).clone()
+    /// This event rendered for `transport` by `make`, made once for all
+    /// subscribers (each gets a reference-counted handle to the same bytes).
+    pub fn frame(&self, transport: Transport, make: impl FnOnce(&Shared) -> bytes::Bytes) -> bytes::Bytes {
+        let slot = match transport {
+            Transport::WebSocket => 0,
+            Transport::EventStream => 1,
+        };
+        self.frames[slot].get_or_init(|| make(self)).clone()
     }
 
     /// The row a column filter looks at: `new`, or `old` for a delete.

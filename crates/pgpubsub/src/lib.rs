@@ -54,7 +54,7 @@ pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
 pub use event::{Body, Change, Event, Message, Op};
-pub use hub::{Delivery, Filter, Hub, Subscription};
+pub use hub::{Delivery, Filter, Hub, Subscription, Transport};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use publish::{publish, unwatch, watch};
 pub use reassembly::Limits;

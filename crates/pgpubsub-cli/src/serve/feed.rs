@@ -89,6 +89,9 @@ impl Feed {
 
     /// The next item; `None` when the server is shutting down.
     ///
+    /// Cancel-safe: every await comes before the state it changes, so a
+    /// dropped call loses nothing (the next call starts over).
+    ///
     /// # Errors
     /// When the log cannot be read (the subscriber should retry later).
     pub async fn next(&mut self) -> Result<Option<Item>, pgpubsub::Error> {
@@ -156,8 +159,9 @@ impl Feed {
 
     async fn read_page(&mut self, from: Cursor) -> Result<(), pgpubsub::Error> {
         if !self.checked_retention {
-            self.checked_retention = true;
+            // Marked only once answered: this may be cancelled mid-query.
             let pruned = self.state.log.pruned().await?;
+            self.checked_retention = true;
             if pruned > from {
                 self.backlog.push_back(Item::Resync { cursor: from, pruned });
                 self.replay_from = Some(pruned);

@@ -8,12 +8,11 @@ use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::{SinkExt, Stream, StreamExt};
-use pgpubsub::{store, Channel, ConnectionState, Cursor, Filter, Op};
+use futures_util::{SinkExt, StreamExt};
+use pgpubsub::{store, Channel, ConnectionState, Cursor, Filter, Op, Transport};
 use serde_json::{json, Value};
 
 use super::auth::{self, Claims};
@@ -179,55 +178,64 @@ impl Request {
 /// `GET /events`: Server-Sent Events. Each event's id is its resume
 /// position, so a browser's EventSource resumes by itself (`Last-Event-ID`).
 /// A subscriber that falls behind gets `event: lagged` and the stream ends:
-/// reconnecting resumes from the log.
+/// reconnecting resumes from the log. Each event's record is rendered once
+/// and shared by every subscriber's stream.
 async fn sse(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let request = Request::from_query(query.as_deref())?;
     let claims = state.auth.check(auth::token_from(&headers).as_deref())?;
     let (filter, since) = request.resolve(&state, &claims, last)?;
     let expires = expiry(&claims);
     let feed = Feed::new(state, filter, since).await?;
-    let stream = futures_util::stream::unfold(Some(feed), move |feed| async move {
+    let record = |event: &str, data: &str, id: Option<Cursor>| {
+        let id = id.map(|c| format!("id: {c}\n")).unwrap_or_default();
+        Bytes::from(format!("{id}event: {event}\ndata: {data}\n\n"))
+    };
+    // First, how soon a browser should reconnect after a drop.
+    let hello =
+        futures_util::stream::once(async { Ok::<_, Infallible>(Bytes::from_static(b"retry: 1000\n: pgpubsub\n\n")) });
+    let events = futures_util::stream::unfold(Some(feed), move |feed| async move {
         let mut feed = feed?;
+        // Feed::next is cancel-safe: the keep-alive may interrupt it.
         let next = tokio::select! {
             next = feed.next() => next,
+            // A comment now and then keeps proxies from closing an idle stream.
+            () = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+                return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(feed)));
+            }
             () = tokio::time::sleep_until(expires) => {
-                let e = SseEvent::default().event("expired").data(json!({"error": "the token expired"}).to_string());
-                return Some((Ok(e), None));
+                let data = json!({"error": "the token expired"}).to_string();
+                return Some((Ok(record("expired", &data, None)), None));
             }
         };
-        let (event, go_on) = match next {
-            Ok(Some(Item::Event { position, shared })) => (
-                SseEvent::default().id(position.to_string()).event(shared.event.kind()).data(shared.event.json()),
-                true,
-            ),
-            Ok(Some(Item::Resync { cursor, pruned })) => (
-                SseEvent::default()
-                    .event("resync")
-                    .data(json!({"cursor": cursor.to_string(), "pruned": pruned.to_string()}).to_string()),
-                true,
-            ),
-            Ok(Some(Item::Lagged { missed, position })) => (
-                SseEvent::default()
-                    .id(position.to_string())
-                    .event("lagged")
-                    .data(json!({"missed": missed, "resume": position.to_string()}).to_string()),
-                false,
-            ),
+        let (bytes, go_on) = match next {
+            Ok(Some(Item::Event { shared, .. })) => {
+                let frame =
+                    shared.frame(Transport::EventStream, |s| record(s.event.kind(), s.event.json(), Some(s.position)));
+                (frame, true)
+            }
+            Ok(Some(Item::Resync { cursor, pruned })) => {
+                let data = json!({"cursor": cursor.to_string(), "pruned": pruned.to_string()}).to_string();
+                (record("resync", &data, None), true)
+            }
+            Ok(Some(Item::Lagged { missed, position })) => {
+                let data = json!({"missed": missed, "resume": position.to_string()}).to_string();
+                (record("lagged", &data, Some(position)), false)
+            }
             Ok(None) => return None,
-            Err(e) => (SseEvent::default().event("error").data(json!({"error": e.to_string()}).to_string()), false),
+            Err(e) => (record("error", &json!({"error": e.to_string()}).to_string(), None), false),
         };
-        Some((Ok(event), go_on.then_some(feed)))
+        Some((Ok(bytes), go_on.then_some(feed)))
     });
-    // First, how soon a browser should reconnect after a drop.
-    let hello = futures_util::stream::once(async {
-        Ok(SseEvent::default().retry(std::time::Duration::from_millis(1000)).comment("pgpubsub"))
-    });
-    Ok(Sse::new(hello.chain(stream)).keep_alive(KeepAlive::default()))
+    Ok(Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(axum::body::Body::from_stream(hello.chain(events)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
 /// `GET /`: the live page (pick channels, watch events, rate and latency).
@@ -341,7 +349,7 @@ fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(
             // is the event's own position, the same for all of them; where a
             // subscriber's own is further on (after a catch-up), resuming
             // from the event's may repeat events, never skip one.
-            let frame = shared.frame(|s| {
+            let frame = shared.frame(Transport::WebSocket, |s| {
                 bytes::Bytes::from(format!(r#"{{"type":"event","id":"{}","event":{}}}"#, s.position, s.event.json()))
             });
             match axum::extract::ws::Utf8Bytes::try_from(frame) {

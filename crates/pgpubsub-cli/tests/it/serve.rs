@@ -614,3 +614,27 @@ async fn a_subscriber_keeps_its_stream_across_a_database_restart() {
     let _ = sub.kill();
     drop(server);
 }
+
+/// Resuming from a position the log was pruned past: an explicit `resync`
+/// first, then the events still kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_past_retention_gets_a_resync() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("resync");
+    let server = serve(&db, ch.as_str(), &[]);
+    let (_, body) = curl_get(&format!("http://{}/healthz", server.addr));
+    let old: String = serde_json::from_str::<Value>(&body).unwrap()["position"].as_str().unwrap().to_string();
+    for i in 0..3 {
+        pgpubsub::publish(&client, &ch, &format!("pruned {i}")).await.unwrap();
+    }
+    let policy = pgpubsub::retention::Retention::new(None, Some(1));
+    assert_eq!(pgpubsub::retention::prune(&client, policy).await.unwrap(), 2);
+    let (mut c, rx) = sse(&format!("http://{}/events?channel={ch}", server.addr), Some(&old));
+    let first = next_sse(&rx);
+    assert_eq!(first.event, "resync", "{first:?}");
+    let kept = next_sse(&rx);
+    let v: Value = serde_json::from_str(&kept.data).unwrap();
+    assert_eq!(v["payload"], "pruned 2");
+    let _ = c.kill();
+}
