@@ -307,11 +307,14 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
         }
         let _ = closed_tx.send(());
     });
+    // One timer for the token's expiry, not one per delivery.
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
     loop {
         let item = tokio::select! {
             item = feed.next() => item,
             _ = &mut closed => return,
-            () = tokio::time::sleep_until(expires) => {
+            () = &mut expiry => {
                 let _ = tx.send(Message::Text(json!({"type": "expired", "error": "the token expired"}).to_string().into())).await;
                 let _ = tx.send(Message::Close(Some(CloseFrame { code: 4401, reason: "token expired".into() }))).await;
                 return;
