@@ -68,16 +68,9 @@ pub enum Command {
 /// Options of `listen`.
 #[derive(Debug, Args, Clone)]
 pub struct ListenArgs {
-    /// Channels to listen on (repeat, or separate with commas).
-    #[arg(
-        long = "channel",
-        short = 'c',
-        env = "PUB_SUB_CHANNEL",
-        value_name = "PUB_SUB_CHANNEL",
-        value_delimiter = ',',
-        default_value = "job_channel"
-    )]
-    pub channels: Vec<Channel>,
+    /// The channels to listen on.
+    #[command(flatten)]
+    pub channels: Channels,
 
     /// One JSON object per event per line on stdout (logs stay on stderr).
     #[arg(long)]
@@ -125,6 +118,23 @@ impl RetentionArgs {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 7d, 12h, 30m, 90s)"))
+}
+
+/// The channels a command works on: `--channel`, repeated or
+/// comma-separated, else `PUB_SUB_CHANNEL` (the seed's name), else the
+/// seed's `job_channel`. Shared by `listen` and `serve`.
+#[derive(Debug, Args, Clone)]
+pub struct Channels {
+    /// Channels (repeat, or separate with commas).
+    #[arg(
+        long = "channel",
+        short = 'c',
+        env = "PUB_SUB_CHANNEL",
+        value_name = "PUB_SUB_CHANNEL",
+        value_delimiter = ',',
+        default_value = "job_channel"
+    )]
+    pub list: Vec<Channel>,
 }
 
 /// Options of `migrate`.

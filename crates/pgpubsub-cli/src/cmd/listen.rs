@@ -30,7 +30,8 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         options.autosave = false;
     }
     let stop = shutdown_signal();
-    let mut listener = Listener::connect(config, &args.channels, options).await.context("starting the listener")?;
+    let mut listener =
+        Listener::connect(config, &args.channels.list, options).await.context("starting the listener")?;
     if args.retention.policy().is_set() {
         crate::cmd::prune::spawn_periodic(config.clone(), args.retention.policy(), Duration::from_secs(60));
     }

@@ -28,15 +28,9 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "PGPUBSUB_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
-    /// Channels served (comma-separated); clients subscribe to any of them.
-    #[arg(
-        long = "channel",
-        short = 'c',
-        env = "PUB_SUB_CHANNEL",
-        value_delimiter = ',',
-        default_value = "job_channel"
-    )]
-    pub channels: Vec<Channel>,
+    /// The channels served; clients subscribe to any of them.
+    #[command(flatten)]
+    pub channels: crate::cli::Channels,
     /// Deliveries queued per subscriber before it is told it lagged.
     #[arg(long, env = "PGPUBSUB_SUBSCRIBER_QUEUE", default_value_t = 1024)]
     pub queue: usize,
@@ -69,13 +63,14 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let signal = crate::cmd::listen::shutdown_signal();
     let (stop_tx, shutdown) = watch::channel(false);
     let auth = auth::Auth::new(&args.auth).context("configuring authentication")?;
-    let listener =
-        Listener::connect(config, &args.channels, ListenerOptions::default()).await.context("starting the listener")?;
+    let listener = Listener::connect(config, &args.channels.list, ListenerOptions::default())
+        .await
+        .context("starting the listener")?;
     let hub = Hub::new(args.queue);
     let state = AppState {
         hub: hub.clone(),
         log: Arc::new(LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10))),
-        channels: Arc::new(args.channels.clone()),
+        channels: Arc::new(args.channels.list.clone()),
         listener_stats: listener.stats(),
         listener_state: listener.state(),
         max_event_bytes: args.max_event_bytes,
@@ -89,9 +84,9 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     if auth.enabled() {
         tracing::info!("authentication is on: tokens' read and write claims decide who may do what");
     } else {
-        tracing::warn!("authentication is off: every client may read and publish on {:?}", args.channels);
+        tracing::warn!("authentication is off: every client may read and publish on {:?}", args.channels.list);
     }
-    tracing::info!(%addr, channels = ?args.channels, "serving on http://{addr}");
+    tracing::info!(%addr, channels = ?args.channels.list, "serving on http://{addr}");
     tokio::spawn(async move {
         signal.await;
         tracing::info!("shutting down: closing streams");

@@ -26,9 +26,14 @@ impl Drop for Server {
 }
 
 fn serve(db: &TestDb, channels: &str, extra: &[&str]) -> Server {
+    serve_url(&db.url, channels, extra)
+}
+
+/// `pgpubsub serve` on the database at `url`, once it says where it listens.
+fn serve_url(url: &str, channels: &str, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
         .env_remove("PUB_SUB_CHANNEL")
-        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_URL", url)
         .env("RUST_LOG", "warn,pgpubsub=info")
         .args(["serve", "--bind", "127.0.0.1:0", "--channel", channels])
         .args(extra)
@@ -576,24 +581,7 @@ async fn a_subscriber_keeps_its_stream_across_a_database_restart() {
     pgpubsub::migrate::up(&mut client, false).await.unwrap();
     let ch = common::channel("dbrestart");
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
-        .env("DATABASE_URL", &url)
-        .env("RUST_LOG", "warn,pgpubsub=info")
-        .args(["serve", "--bind", "127.0.0.1:0", "--channel", ch.as_str()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(rest) = line.split("serving on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let server = Server { child, addr };
+    let server = serve_url(&url, ch.as_str(), &[]);
 
     let (mut sub, rx) = sse(&format!("http://{}/events?channel={ch}", server.addr), None);
     subscribed(&server, ch.as_str()).await;
