@@ -99,10 +99,7 @@ impl Feed {
             if *self.shutdown.borrow() {
                 return Ok(None);
             }
-            if let Some(item) = self.backlog.pop_front() {
-                if let Item::Event { position, .. } = &item {
-                    self.position = *position;
-                }
+            if let Some(item) = self.pop_backlog() {
                 return Ok(Some(item));
             }
             if let Some(from) = self.replay_from {
@@ -115,17 +112,11 @@ impl Feed {
             };
             match delivery {
                 None => return Ok(None),
-                Some(Delivery::Event(shared)) => {
-                    if shared.event.seq.is_some_and(|s| self.replayed.remove(&s)) {
-                        continue;
+                Some(d) => {
+                    if let Some(item) = self.on_delivery(d) {
+                        return Ok(Some(item));
                     }
-                    self.position = self.position.max(shared.position);
-                    return Ok(Some(Item::Event { position: self.position, shared }));
                 }
-                Some(Delivery::Lagged { missed, .. }) => {
-                    return Ok(Some(Item::Lagged { missed, position: self.position }));
-                }
-                Some(_) => continue,
             }
         }
     }
@@ -133,27 +124,42 @@ impl Feed {
     /// The next item if one is ready without waiting (never during a
     /// catch-up from the log).
     pub fn try_next(&mut self) -> Option<Item> {
-        if let Some(item) = self.backlog.pop_front() {
-            if let Item::Event { position, .. } = &item {
-                self.position = *position;
-            }
+        if let Some(item) = self.pop_backlog() {
             return Some(item);
         }
         if self.replay_from.is_some() {
             return None;
         }
         loop {
-            match self.sub.try_recv()? {
-                Delivery::Event(shared) => {
-                    if shared.event.seq.is_some_and(|s| self.replayed.remove(&s)) {
-                        continue;
-                    }
-                    self.position = self.position.max(shared.position);
-                    return Some(Item::Event { position: self.position, shared });
-                }
-                Delivery::Lagged { missed, .. } => return Some(Item::Lagged { missed, position: self.position }),
-                _ => continue,
+            let d = self.sub.try_recv()?;
+            if let Some(item) = self.on_delivery(d) {
+                return Some(item);
             }
+        }
+    }
+
+    /// The next item read from the log, if any, moving the position with it.
+    fn pop_backlog(&mut self) -> Option<Item> {
+        let item = self.backlog.pop_front()?;
+        if let Item::Event { position, .. } = &item {
+            self.position = *position;
+        }
+        Some(item)
+    }
+
+    /// A live delivery as an item; `None` for an event already replayed from
+    /// the log.
+    fn on_delivery(&mut self, d: Delivery) -> Option<Item> {
+        match d {
+            Delivery::Event(shared) => {
+                if shared.event.seq.is_some_and(|s| self.replayed.remove(&s)) {
+                    return None;
+                }
+                self.position = self.position.max(shared.position);
+                Some(Item::Event { position: self.position, shared })
+            }
+            Delivery::Lagged { missed, .. } => Some(Item::Lagged { missed, position: self.position }),
+            _ => None,
         }
     }
 

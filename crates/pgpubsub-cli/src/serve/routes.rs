@@ -390,16 +390,8 @@ async fn publish(
     }
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the body must be UTF-8 text".into()))?;
     let client = state.log.client().await?;
-    let seq = pgpubsub::publish(&client, &channel, text).await.inspect_err(|_| reset_if_closed(&state, &client))?;
+    let seq = pgpubsub::publish(&client, &channel, text).await?;
     Ok(Json(json!({ "seq": seq })))
-}
-
-/// Drops the shared connection when it died, so the next request reconnects.
-fn reset_if_closed(state: &AppState, client: &tokio_postgres::Client) {
-    if client.is_closed() {
-        let log = state.log.clone();
-        tokio::spawn(async move { log.reset().await });
-    }
 }
 
 /// `PUT /store/{bucket}/{id}`: a new version of the value (JSON body). With
@@ -426,10 +418,7 @@ async fn store_put(
     match store::put(&client, &bucket, &id, &val, expected).await {
         Ok(version) => Ok(Json(json!({ "version": version }))),
         Err(e) if e.sqlstate() == Some(store::VERSION_CONFLICT) => Err(ApiError::Conflict(e.to_string())),
-        Err(e) => {
-            reset_if_closed(&state, &client);
-            Err(e.into())
-        }
+        Err(e) => Err(e.into()),
     }
 }
 
