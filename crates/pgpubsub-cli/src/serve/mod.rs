@@ -55,6 +55,10 @@ pub struct AppState {
     /// Becomes true on SIGTERM / Ctrl-C: every feed ends, so streams close
     /// and graceful shutdown can finish.
     pub shutdown: watch::Receiver<bool>,
+    /// Held by every clone of the state, so by every WebSocket task: the
+    /// server exits once all are dropped (axum's graceful shutdown does not
+    /// wait for upgraded connections, which would lose their close frames).
+    pub _alive: tokio::sync::mpsc::Sender<()>,
 }
 
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and lets
@@ -62,6 +66,7 @@ pub struct AppState {
 pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let signal = crate::cmd::listen::shutdown_signal();
     let (stop_tx, shutdown) = watch::channel(false);
+    let (alive, mut drained) = tokio::sync::mpsc::channel::<()>(1);
     let auth = auth::Auth::new(&args.auth).context("configuring authentication")?;
     let listener = Listener::connect(config, &args.channels.list, ListenerOptions::default())
         .await
@@ -76,6 +81,7 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         max_event_bytes: args.max_event_bytes,
         auth: auth.clone(),
         shutdown: shutdown.clone(),
+        _alive: alive,
     };
     tokio::spawn(hub.run(listener));
 
@@ -97,6 +103,10 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         let _ = stopped.wait_for(|s| *s).await;
     };
     axum::serve(socket, routes::router(state)).with_graceful_shutdown(until_stopped).await.context("serving HTTP")?;
+    // The router and its state are gone; wait for the sockets still closing.
+    if tokio::time::timeout(Duration::from_secs(5), drained.recv()).await.is_err() {
+        tracing::warn!("some WebSocket sessions did not close within 5 s");
+    }
     tracing::info!("stopped");
     Ok(())
 }
