@@ -79,7 +79,7 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
         // A 16 KiB read buffer: the default 128 KiB is zero-filled on every
         // read, which would make the clients, not the server, the limit.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), false)
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), true)
             .await
             .context("connecting a client")?;
         ws.send(Message::Text(request.clone().into())).await?;

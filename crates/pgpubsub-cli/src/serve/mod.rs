@@ -102,6 +102,13 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let until_stopped = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
+    // No Nagle: a socket's batched flush is one write already, and Nagle
+    // held small frames for the client's delayed ACK (a 40 ms tail).
+    let socket = axum::serve::ListenerExt::tap_io(socket, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(socket, routes::router(state)).with_graceful_shutdown(until_stopped).await.context("serving HTTP")?;
     // The router and its state are gone; wait for the sockets still closing.
     if tokio::time::timeout(Duration::from_secs(5), drained.recv()).await.is_err() {
