@@ -76,6 +76,11 @@ pub struct ListenArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Stamp each event with the time it was printed: a `received_at`
+    /// member (RFC 3339, UTC, microseconds) in JSON, a leading field in lines.
+    #[arg(long)]
+    pub received_at: bool,
+
     /// Exit after this many events.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,

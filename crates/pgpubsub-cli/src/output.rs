@@ -2,6 +2,7 @@
 //! JSON (`DEBUG=true`), or exactly one JSON object per line (`--json`).
 
 use std::io::Write;
+use std::time::SystemTime;
 
 use pgpubsub::{Body, Event};
 
@@ -19,19 +20,52 @@ pub enum Style {
 /// Longest value shown in full in `Line` style.
 const SHOWN: usize = 400;
 
-/// Writes one event.
+/// Writes one event; with `received_at`, stamped with that time (RFC 3339,
+/// UTC, microseconds): a `received_at` member first in JSON styles (an event
+/// that is not a JSON object is wrapped as `{"received_at":…,"event":…}`),
+/// a leading field in the line style.
 ///
 /// # Errors
 /// When the output cannot be written (a closed pipe).
-pub fn write_event(out: &mut impl Write, event: &Event, style: Style) -> std::io::Result<()> {
+pub fn write_event(
+    out: &mut impl Write,
+    event: &Event,
+    style: Style,
+    received_at: Option<SystemTime>,
+) -> std::io::Result<()> {
+    let stamp = received_at.map(humantime::format_rfc3339_micros);
     match style {
-        Style::Json => writeln!(out, "{}", event.json()),
+        Style::Json => match stamp {
+            None => writeln!(out, "{}", event.json()),
+            Some(at) => {
+                let json = event.json();
+                match json.strip_prefix('{').map(str::trim_start) {
+                    Some(rest) if rest.starts_with('}') => writeln!(out, r#"{{"received_at":"{at}"{rest}"#),
+                    Some(rest) => writeln!(out, r#"{{"received_at":"{at}",{rest}"#),
+                    None => writeln!(out, r#"{{"received_at":"{at}","event":{json}}}"#),
+                }
+            }
+        },
         Style::Pretty => {
-            let value: serde_json::Value = serde_json::from_str(event.json()).unwrap_or_default();
+            let mut value: serde_json::Value = serde_json::from_str(event.json()).unwrap_or_default();
+            if let Some(at) = stamp {
+                value = match value {
+                    serde_json::Value::Object(fields) => {
+                        let mut stamped = serde_json::Map::with_capacity(fields.len() + 1);
+                        stamped.insert("received_at".into(), at.to_string().into());
+                        stamped.extend(fields);
+                        stamped.into()
+                    }
+                    other => serde_json::json!({"received_at": at.to_string(), "event": other}),
+                };
+            }
             let text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| event.json().to_string());
             writeln!(out, "{text}")
         }
         Style::Line => {
+            if let Some(at) = stamp {
+                write!(out, "{at} ")?;
+            }
             let seq = event.seq.map_or_else(|| "-".to_string(), |s| format!("#{s}"));
             write!(out, "{} {seq} ", event.channel)?;
             match &event.body {
@@ -96,7 +130,7 @@ mod tests {
 
     fn render(e: &Event, style: Style) -> String {
         let mut out = Vec::new();
-        write_event(&mut out, e, style).unwrap();
+        write_event(&mut out, e, style, None).unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -120,6 +154,33 @@ mod tests {
         let line = render(&e, Style::Line);
         assert!(line.contains("…(+") && line.len() < 600 && line.ends_with("bytes)\n"));
         assert!(render(&e, Style::Json).contains(&long));
+    }
+
+    #[test]
+    fn received_at_comes_first_and_keeps_the_event_whole() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_763_758_939_048_203);
+        let stamped = |text: &str, style| {
+            let mut out = Vec::new();
+            write_event(&mut out, &event(text), style, Some(at)).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let text = r#"{"seq":5,"kind":"change","channel":"t","op":"INSERT","schema":"public","table":"t","key":{"id":1},"new":{"id":1,"v":[1,2]}}"#;
+        let line = stamped(text, Style::Json);
+        assert!(line.starts_with(r#"{"received_at":"2025-11-21T21:02:19.048203Z","seq":5,"#), "{line}");
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let mut original: serde_json::Value = serde_json::from_str(text).unwrap();
+        original["received_at"] = "2025-11-21T21:02:19.048203Z".into();
+        assert_eq!(value, original);
+        // Payloads that are not objects, or empty ones: still valid JSON.
+        let value: serde_json::Value = serde_json::from_str(&stamped("[1,2]", Style::Json)).unwrap();
+        assert_eq!(value["received_at"], "2025-11-21T21:02:19.048203Z");
+        assert_eq!(value["payload"], serde_json::json!([1, 2]));
+        let value: serde_json::Value = serde_json::from_str(&stamped("{ }", Style::Json)).unwrap();
+        assert_eq!(value["received_at"], "2025-11-21T21:02:19.048203Z");
+        assert_eq!(value["payload"], serde_json::json!({}));
+        let pretty: serde_json::Value = serde_json::from_str(&stamped(text, Style::Pretty)).unwrap();
+        assert_eq!(pretty["received_at"], "2025-11-21T21:02:19.048203Z");
+        assert!(stamped(text, Style::Line).starts_with("2025-11-21T21:02:19.048203Z t #5 INSERT public.t"));
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub async fn run(config: &Config, debug: bool) -> anyhow::Result<()> {
             Ok(None) => bail!("the listener stopped after {received} of {expected} events"),
             Err(_) => bail!("only {received} of {expected} events arrived within 10 s"),
         };
-        output::write_event(&mut out, &event, style)?;
+        output::write_event(&mut out, &event, style, None)?;
         received += 1;
     }
     out.flush()?;

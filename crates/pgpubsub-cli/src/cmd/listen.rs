@@ -56,7 +56,7 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
             written = match next {
                 Ok(event) => {
                     printed += 1;
-                    output::write_event(&mut out, &event, style)
+                    output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now))
                 }
                 Err(pgpubsub::Error::ResyncNeeded { cursor, pruned }) => {
                     tracing::warn!(%cursor, %pruned, "RESYNC NEEDED: events this subscriber had not seen were pruned");

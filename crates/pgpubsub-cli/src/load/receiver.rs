@@ -4,7 +4,7 @@
 //! any idle LISTEN connections the scenario asks for.
 
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,8 @@ pub struct Receivers {
     _idle: Vec<Client>,
     received: Arc<AtomicU64>,
     target: Arc<AtomicU64>,
+    /// Set once the listener is stopped: its output ends where it is.
+    stop: Arc<AtomicBool>,
     queue_peak: Arc<Mutex<f64>>,
 }
 
@@ -76,22 +78,26 @@ impl Receivers {
             _idle: Vec::new(),
             received,
             target,
+            stop: Arc::default(),
             queue_peak: Arc::default(),
         };
 
         if pgpubsub {
+            // Measured as the issue asks, `pgpubsub listen --json > file`:
+            // a pipe would make every flush wake this process, a cost of the
+            // harness, not of the listener. Each line carries the time the
+            // listener printed it (`--received-at`), so the file is read
+            // lazily and latency is still exact.
+            let output = OutputFile::create()?;
             let mut cmd = Command::new(&exe);
-            cmd.args(["listen", "--json", "--channel", &list]);
-            let (mut child, pid) = spawn(cmd, url)?;
+            cmd.args(["listen", "--json", "--received-at", "--channel", &list]);
+            let (mut child, pid) = spawn(cmd, url, Stdio::from(output.file.try_clone()?))?;
             wait_ready(&mut child, "listening").await?;
-            // Read on a thread of its own, with blocking reads: timing
-            // events on the runtime the writers use would charge their
-            // scheduling delays to the listener's latency.
-            let stdout = child.stdout.take().context("listener stdout")?.into_owned_fd()?;
-            let (received, target) = (receivers.received.clone(), receivers.target.clone());
+            let (received, target, stop) =
+                (receivers.received.clone(), receivers.target.clone(), receivers.stop.clone());
             let (tx, rx) = tokio::sync::oneshot::channel();
             std::thread::spawn(move || {
-                let _ = tx.send(read_events(std::fs::File::from(stdout), received, target));
+                let _ = tx.send(read_events(&output, received, target, stop));
             });
             let task = tokio::spawn(async move { rx.await.unwrap_or_default() });
             receivers.pgpubsub = Some((ChildReceiver { child, pid, usage: Arc::default() }, task));
@@ -99,7 +105,7 @@ impl Receivers {
         if baseline {
             let mut cmd = Command::new(&exe);
             cmd.args(["load-baseline", "--channel", &list, "--expect", &u64::MAX.to_string(), "--idle", "3s"]);
-            let (mut child, pid) = spawn(cmd, url)?;
+            let (mut child, pid) = spawn(cmd, url, Stdio::piped())?;
             let stdout = child.stdout.take().context("baseline stdout")?;
             let mut lines = BufReader::new(stdout).lines();
             match tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
@@ -181,6 +187,7 @@ impl Receivers {
                             last = now;
                             if quiet >= SETTLE {
                                 let _ = c.child.start_kill();
+                                self.stop.store(true, Ordering::SeqCst);
                             }
                         }
                     }
@@ -215,14 +222,14 @@ fn final_usage(c: &ChildReceiver) -> Usage {
     }
 }
 
-fn spawn(mut cmd: Command, url: &str) -> anyhow::Result<(Child, u32)> {
+fn spawn(mut cmd: Command, url: &str, stdout: Stdio) -> anyhow::Result<(Child, u32)> {
     for var in ["PUB_SUB_CHANNEL", "DEBUG", "PGPUBSUB_NAME", "PGPUBSUB_RETENTION_AGE", "PGPUBSUB_RETENTION_COUNT"] {
         cmd.env_remove(var);
     }
     cmd.env("DATABASE_URL", url)
         .env("RUST_LOG", "warn,pgpubsub=info")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let child = cmd.spawn().context("starting a receiver process")?;
@@ -256,24 +263,61 @@ async fn wait_ready(child: &mut Child, needle: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads `listen --json` lines into a probe until `target` events arrived,
-/// or nothing came for [`SETTLE`] once the target is known. Blocking; the
-/// listener is killed by [`Receivers::finish`] if it must stop early, which
-/// ends the read.
-fn read_events(stdout: std::fs::File, received: Arc<AtomicU64>, target: Arc<AtomicU64>) -> Probe {
+/// The listener's stdout: a file in the temporary directory, removed when
+/// the run is over.
+struct OutputFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl OutputFile {
+    fn create() -> anyhow::Result<OutputFile> {
+        let path = std::env::temp_dir().join(format!("pgpubsub-load-{}.jsonl", std::process::id()));
+        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(OutputFile { path, file })
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads `listen --json --received-at` lines from the file as it grows,
+/// until `target` distinct events arrived or the listener was stopped and
+/// its output is read to the end. Blocking.
+fn read_events(output: &OutputFile, received: Arc<AtomicU64>, target: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> Probe {
     use std::io::BufRead;
     let mut probe = Probe::new();
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, stdout);
+    // Opened anew: a clone of the listener's descriptor would share (and
+    // move) its write offset.
+    let Ok(file) = std::fs::File::open(&output.path) else { return probe };
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut line = String::new();
     while probe.distinct() < target.load(Ordering::SeqCst) {
-        line.clear();
+        // Checked before reading, so that the read after it sees everything
+        // the stopped listener wrote.
+        let stopped = stop.load(Ordering::SeqCst);
         match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {
-                probe.record_line(&line, now_us());
+            Ok(0) if stopped => break,
+            // At the end for now (a partial line stays in `line`).
+            Ok(0) => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) if line.ends_with('\n') => {
+                probe.record_line(&line, received_at(&line).unwrap_or_else(now_us));
                 received.fetch_add(1, Ordering::Relaxed);
+                line.clear();
             }
+            Ok(_) => {}
+            Err(_) => break,
         }
     }
     probe
+}
+
+/// The `received_at` stamp at the head of a line, in µs since the epoch.
+fn received_at(line: &str) -> Option<i64> {
+    let stamp = line.strip_prefix(r#"{"received_at":""#)?.split('"').next()?;
+    let at = humantime::parse_rfc3339(stamp).ok()?;
+    Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_micros() as i64)
 }
