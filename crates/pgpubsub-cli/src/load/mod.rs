@@ -35,6 +35,9 @@ pub enum Scenario {
     Large64k,
     /// 1 MB payloads (sent by reference).
     Large1m,
+    /// 1 MB messages published with `pubsub.publish` (no table): the path
+    /// to compare with raw pg_notify, which writes no table either.
+    Publish1m,
     /// Raw pg_notify of 7,900-byte payloads: the byte rate the database
     /// sustains, for comparison with the large scenarios (baseline only).
     Raw7900,
@@ -79,6 +82,9 @@ pub struct LoadArgs {
     /// Also update and delete every row (three events per row).
     #[arg(long)]
     pub mixed: bool,
+    /// Publish messages (`pubsub.publish`) instead of writing rows.
+    #[arg(long, conflicts_with = "mixed")]
+    pub publish: bool,
     /// Also receive with a bare tokio-postgres LISTEN loop, for ratios.
     #[arg(long)]
     pub baseline: bool,
@@ -109,6 +115,7 @@ impl LoadArgs {
             Batched => (4, 100, 100, 300_000, 1),
             Large64k => (2, 1, 65_536, 2_000, 1),
             Large1m => (2, 1, 1 << 20, 200, 1),
+            Publish1m => (2, 1, 1 << 20, 1_000, 1),
             Raw7900 => (2, 100, 7_900, 100_000, 1),
             Channels => (4, 10, 100, 100_000, 50),
             IdleListeners => (4, 10, 100, 100_000, 1),
@@ -124,6 +131,7 @@ impl LoadArgs {
             tables: self.channels.unwrap_or(tables).max(1),
             mixed: self.mixed,
             raw: self.scenario == Raw7900,
+            publish: self.publish || self.scenario == Publish1m,
         }
     }
 
@@ -140,19 +148,29 @@ pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<
     let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
     let mut report = Report::new(format!("{:?}", args.scenario).to_lowercase(), &plan, version);
 
-    if args.trigger_cost && !plan.raw {
+    if args.trigger_cost && plan.publish {
+        eprintln!("--trigger-cost: skipped, published messages go through no trigger");
+    }
+    if args.trigger_cost && !plan.raw && !plan.publish {
         for (name, trigger) in [
             ("no trigger", Trigger::None),
             ("notify-only trigger", Trigger::NotifyOnly),
             ("pgpubsub trigger, no listener", Trigger::Pubsub),
         ] {
+            // The row as JSON (payload plus ~100 bytes of other columns)
+            // must fit in one notification.
+            if trigger == Trigger::NotifyOnly && plan.payload > 7_800 {
+                eprintln!("{name}: skipped, pg_notify refuses payloads of 8000 bytes or more");
+                continue;
+            }
             workload::setup(&admin, plan.tables, trigger).await?;
             let written = write_with_progress(config, &plan, name, None).await?;
             report.write_runs.push(WriteRun::new(name, &written));
         }
     }
 
-    workload::setup(&admin, plan.tables, if plan.raw { Trigger::None } else { Trigger::Pubsub }).await?;
+    let trigger = if plan.raw || plan.publish { Trigger::None } else { Trigger::Pubsub };
+    workload::setup(&admin, plan.tables, trigger).await?;
     let channels: Vec<String> = (0..plan.tables).map(workload::channel).collect();
     let expected = plan.rows.map(|r| if plan.mixed { r * 3 } else { r });
     let receivers = Receivers::start(

@@ -96,6 +96,8 @@ pub struct Plan {
     /// No rows: plain `pg_notify` of `payload` bytes, `batch` per
     /// transaction (the database's own byte rate).
     pub raw: bool,
+    /// No rows: `pubsub.publish` of `payload` bytes, `batch` per transaction.
+    pub publish: bool,
 }
 
 /// What the writers did.
@@ -148,9 +150,16 @@ async fn writer(
     let raw = client
         .prepare("SELECT count(pg_notify($1, g::text || ':' || $2)) FROM generate_series($3::bigint, $4::bigint) g")
         .await?;
+    // The message is `writer:n:t:pad`, for the probes.
+    let publish = client
+        .prepare(
+            "SELECT count(pubsub.publish($1, $2::int || ':' || g || ':' || $3::bigint || ':' || $4)) \
+             FROM generate_series($5::bigint, $6::bigint) g",
+        )
+        .await?;
     let mut inserts = Vec::new();
     let mut mutations = Vec::new();
-    for i in 0..plan.tables.min(if plan.raw { 0 } else { usize::MAX }) {
+    for i in 0..plan.tables.min(if plan.raw || plan.publish { 0 } else { usize::MAX }) {
         inserts.push(
             client
                 .prepare(&format!(
@@ -169,7 +178,7 @@ async fn writer(
     }
     let deletes: Vec<_> = {
         let mut v = Vec::new();
-        for i in 0..plan.tables.min(if plan.raw { 0 } else { usize::MAX }) {
+        for i in 0..plan.tables.min(if plan.raw || plan.publish { 0 } else { usize::MAX }) {
             v.push(
                 client.prepare(&format!("DELETE FROM {SCHEMA}.t{i} WHERE writer = $1 AND n BETWEEN $2 AND $3")).await?,
             );
@@ -192,9 +201,13 @@ async fn writer(
         }
         let table = k % plan.tables;
         let (lo, hi) = (n as i64, (n + count - 1) as i64);
-        if plan.raw {
-            // Each payload made unique, or Postgres folds them into one.
-            client.query_one(&raw, &[&channel(table), &pad, &lo, &hi]).await?;
+        if plan.raw || plan.publish {
+            if plan.raw {
+                // Each payload made unique, or Postgres folds them into one.
+                client.query_one(&raw, &[&channel(table), &pad, &lo, &hi]).await?;
+            } else {
+                client.query_one(&publish, &[&channel(table), &w, &now_us(), &pad, &lo, &hi]).await?;
+            }
             n += count;
             k += 1;
             progress.fetch_add(count, Ordering::Relaxed);

@@ -108,6 +108,30 @@ async fn listen_json_prints_one_object_per_event_per_line() {
 }
 
 #[tokio::test]
+async fn received_at_stamps_each_line_with_when_it_was_printed() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("clir");
+    let mut cmd = pgpubsub(&db.url);
+    cmd.args(["listen", "--json", "--received-at", "--count", "2", "--channel", ch.as_str()]);
+    let (child, mut stdout, _) = spawn_listener(cmd);
+    let before = std::time::SystemTime::now();
+    pgpubsub::publish(&client, &ch, "one").await.unwrap();
+    pgpubsub::publish(&client, &ch, &"two ".repeat(100_000)).await.unwrap();
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    assert!(wait_output(child).status.success());
+    let after = std::time::SystemTime::now();
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for (line, payload) in lines.iter().zip(["one".to_string(), "two ".repeat(100_000)]) {
+        let at = humantime::parse_rfc3339(line["received_at"].as_str().unwrap()).unwrap();
+        assert!(before <= at && at <= after, "{at:?} not within the test");
+        assert_eq!(line["payload"].as_str().unwrap(), payload, "the event itself is unchanged");
+    }
+}
+
+#[tokio::test]
 async fn plain_and_debug_output() {
     let db = TestDb::new().await;
     let client = db.client().await;
@@ -388,6 +412,17 @@ async fn load_runs_end_to_end_and_reports() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let md = text(&out.stdout);
     assert!(md.starts_with("| single | 4×1×20000 B | 20 |") && md.lines().count() == 1, "{md}");
+    // Published messages instead of rows, past the reference threshold.
+    let out = run({
+        let mut c = pgpubsub(&db.url);
+        c.args(["load", "--publish", "--rows", "30", "--payload", "300000", "--json"]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    let p = &r["pgpubsub"];
+    assert_eq!((p["distinct"].as_u64(), p["lost"].as_u64()), (Some(30), Some(0)), "{p}");
+    assert!(p["latency_ms"]["max"].as_f64().unwrap() > 0.0, "{p}");
     // The scratch schema is gone afterwards.
     let left: i64 = db
         .client()
