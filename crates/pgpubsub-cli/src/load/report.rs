@@ -272,7 +272,7 @@ impl Report {
         let b = self.baseline.as_ref();
         let f = |v: Option<f64>, d: usize| v.map_or("–".into(), |x| format!("{x:.d$}"));
         format!(
-            "| {} | {}×{}×{} B | {} | {:.1} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {}×{}×{} B | {} | {:.1} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             self.scenario,
             self.writers,
             self.batch,
@@ -293,6 +293,7 @@ impl Report {
             f(p.map(|r| r.latency_ms.p99), 2),
             f(b.filter(|r| r.distinct > 0).map(|r| r.latency_ms.p99), 2),
             f(p.map(|r| r.cpu_us_per_event), 2),
+            f(b.filter(|r| r.distinct > 0).map(|r| r.cpu_us_per_event), 2),
             f(p.map(|r| r.peak_rss_mb), 1),
             p.map_or("–".into(), |r| r.lost.to_string()),
             self.bottleneck,
