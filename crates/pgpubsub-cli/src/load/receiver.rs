@@ -186,7 +186,9 @@ impl Receivers {
                             quiet = if now == last { quiet + Duration::from_millis(250) } else { Duration::ZERO };
                             last = now;
                             if quiet >= SETTLE {
-                                let _ = c.child.start_kill();
+                                // Gone before the reader is told, so that
+                                // its last read has all the output.
+                                let _ = c.child.kill().await;
                                 self.stop.store(true, Ordering::SeqCst);
                             }
                         }
