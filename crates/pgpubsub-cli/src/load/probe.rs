@@ -22,15 +22,14 @@ const LARGE_LINE: usize = 64 << 10;
 /// payload's head is the message's tag. Parsing a megabyte of JSON in this
 /// process would take CPU from the database and the listener on the same
 /// machine, which is what is being measured.
-fn scan_large_line(line: &str) -> Option<(i32, i64, u8, i64)> {
+fn scan_large_line(line: &str) -> Option<Tag> {
     fn number_after<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
         let rest = &line[line.find(key)? + key.len()..];
         let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '-')).unwrap_or(rest.len());
         rest[..end].parse().ok()
     }
     if let Some(at) = line.find(r#""payload":""#) {
-        let (w, n, t) = message_tag(&line[at + 11..])?;
-        return Some((w, n, 0, t));
+        return message_tag(&line[at + 11..]);
     }
     let op = match line.find(r#""op":""#).map(|at| &line[at + 6..]) {
         Some(rest) if rest.starts_with("UPDATE") => 1,
@@ -40,10 +39,14 @@ fn scan_large_line(line: &str) -> Option<(i32, i64, u8, i64)> {
     Some((number_after(line, r#""writer":"#)?, number_after(line, r#""n":"#)?, op, number_after(line, r#""t":"#)?))
 }
 
-/// The `writer:n:t:` head of a published load message.
-fn message_tag(payload: &str) -> Option<(i32, i64, i64)> {
+/// What identifies and times one load event: writer, n, op (0 insert,
+/// 1 update, 2 delete) and the writer's timestamp.
+type Tag = (i32, i64, u8, i64);
+
+/// The `writer:n:t:` head of a published load message (an insert).
+fn message_tag(payload: &str) -> Option<Tag> {
     let mut parts = payload.splitn(4, ':');
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, 0, parts.next()?.parse().ok()?))
 }
 
 /// Most latency samples kept for the plot (every k-th event past this).
@@ -87,10 +90,7 @@ impl Probe {
     /// or a message whose payload starts `writer:n:t:`.
     pub fn record_value(&mut self, event: &Value, now: i64) {
         if let Some(payload) = event["payload"].as_str() {
-            return match message_tag(payload) {
-                Some((w, n, t)) => self.record(w, n, 0, t, now),
-                None => self.record_unparsed(now),
-            };
+            return self.record_tag(message_tag(payload), now);
         }
         let row = match &event["new"] {
             Value::Null => &event["old"],
@@ -110,10 +110,7 @@ impl Probe {
     /// One `listen --json` line: only the fields measured are decoded.
     pub fn record_line(&mut self, line: &str, now: i64) {
         if line.len() > LARGE_LINE {
-            return match scan_large_line(line) {
-                Some((w, n, op, t)) => self.record(w, n, op, t, now),
-                None => self.record_unparsed(now),
-            };
+            return self.record_tag(scan_large_line(line), now);
         }
         #[derive(serde::Deserialize)]
         struct Row {
@@ -131,10 +128,7 @@ impl Probe {
             payload: Option<std::borrow::Cow<'a, str>>,
         }
         match serde_json::from_str::<Line<'_>>(line) {
-            Ok(Line { payload: Some(p), .. }) => match message_tag(&p) {
-                Some((w, n, t)) => self.record(w, n, 0, t, now),
-                None => self.record_unparsed(now),
-            },
+            Ok(Line { payload: Some(p), .. }) => self.record_tag(message_tag(&p), now),
             Ok(Line { op, new, old, .. }) => match new.or(old) {
                 Some(r) => {
                     let op = match op {
@@ -147,6 +141,14 @@ impl Probe {
                 None => self.record_unparsed(now),
             },
             Err(_) => self.record_unparsed(now),
+        }
+    }
+
+    /// One event, identified by its tag if it had one.
+    fn record_tag(&mut self, tag: Option<Tag>, now: i64) {
+        match tag {
+            Some((writer, n, op, t)) => self.record(writer, n, op, t, now),
+            None => self.record_unparsed(now),
         }
     }
 
