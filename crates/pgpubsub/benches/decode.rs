@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pgpubsub::log::{json_string, Logged};
 use pgpubsub::reassembly::{Limits, Reassembler};
 use pgpubsub::wire::{self, Frame, CHUNK_DATA_BYTES};
 use pgpubsub::{Event, Stats};
@@ -69,5 +70,39 @@ fn chunks(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, chunks);
+/// A message logged with its payload apart, rendered to the JSON delivered
+/// (count, escape, build the event), beside serde_json escaping the same
+/// payload and parsing the rendered JSON back: the two steps it replaces.
+fn logged_apart(c: &mut Criterion) {
+    let mut g = c.benchmark_group("logged_apart");
+    let head =
+        r#"{"seq":123456,"txid":987654,"kind":"message","channel":"orders","time":"2026-11-21T19:10:15.719946+00:00"}"#;
+    for (name, payload) in [("plain 1 MiB", "x".repeat(1 << 20)), ("json 1 MiB", r#"{"k":"v\n"},"#.repeat(1 << 16))] {
+        g.throughput(Throughput::Bytes(payload.len() as u64));
+        let logged = Logged::new(head.to_string(), Some(payload.clone()));
+        g.bench_with_input(BenchmarkId::new("Logged::into_event", name), &logged, |b, l| {
+            b.iter(|| black_box(l.clone().into_event("orders", u64::MAX).unwrap()))
+        });
+        g.bench_with_input(BenchmarkId::new("json_string::len", name), &payload, |b, p| {
+            b.iter(|| black_box(json_string::len(black_box(p.as_bytes()))))
+        });
+        g.bench_with_input(BenchmarkId::new("json_string::write", name), &payload, |b, p| {
+            b.iter(|| {
+                let mut out = String::with_capacity(p.len() * 2);
+                json_string::write(&mut out, black_box(p));
+                black_box(out)
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("baseline serde_json::to_string", name), &payload, |b, p| {
+            b.iter(|| black_box(serde_json::to_string(black_box(p)).unwrap()))
+        });
+        let json = logged.clone().into_json().unwrap();
+        g.bench_with_input(BenchmarkId::new("baseline clone + Event::decode", name), &json, |b, j| {
+            b.iter(|| black_box(Event::decode("orders", j.clone()).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, chunks, logged_apart);
 criterion_main!(benches);

@@ -51,8 +51,9 @@ pub enum Error {
     #[error(transparent)]
     InvalidChannel(#[from] InvalidChannel),
 
-    /// The `pubsub` schema is missing: `pgpubsub migrate` has not been run.
-    #[error("the pubsub schema is not installed in this database: run `pgpubsub migrate` first")]
+    /// The `pubsub` schema is missing or older than this version:
+    /// `pgpubsub migrate` has not been run.
+    #[error("the pubsub schema is not installed in this database, or is older than this pgpubsub: run `pgpubsub migrate` first")]
     NotMigrated,
 
     /// A migration could not be applied or reverted.
@@ -132,6 +133,8 @@ impl Error {
             "relation \"pubsub.snapshots\"",
             "relation \"pubsub.history\"",
             "relation \"pubsub.watches\"",
+            // A schema from before 20261121000300 (`pgpubsub migrate` adds it).
+            "column \"payload\" does not exist",
         ]
         .iter()
         .any(|m| msg.message.contains(m));

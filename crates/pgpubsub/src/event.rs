@@ -170,6 +170,18 @@ impl Event {
         Ok(Event::notify(channel, raw))
     }
 
+    /// A message logged with its payload apart: `envelope` is the event's
+    /// JSON without the payload member, `json` the whole. `None` unless the
+    /// envelope is one of our messages for `channel`.
+    pub(crate) fn message_apart(channel: &str, envelope: &str, payload: String, json: String) -> Option<Event> {
+        let env = serde_json::from_str::<Envelope<'_>>(envelope).ok()?;
+        if env.kind != Some("message") || env.channel != Some(channel) || env.payload.is_some() {
+            return None;
+        }
+        let body = Body::Message(Message { payload });
+        Some(Event { channel: channel.to_string(), seq: Some(env.seq?), txid: env.txid, time: env.time, body, json })
+    }
+
     fn notify(channel: &str, raw: Box<RawValue>) -> Event {
         #[derive(serde::Serialize)]
         struct Wrapped<'a> {

@@ -29,7 +29,7 @@ use crate::channel::Channel;
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::log::LogConn;
+use crate::log::{LogConn, Unreadable};
 use crate::reassembly::Limits;
 use crate::session::{Item, Session};
 use crate::stats::Stats;
@@ -436,19 +436,17 @@ impl Listener {
                 self.scan_blocked = true;
             }
             let already = row.cursor <= self.cursor || self.delivered.contains(&row.cursor);
-            let event = match row.body {
-                Some(body) if !already => match Event::decode(&row.channel, body) {
-                    Ok(e) => Some(e),
-                    Err(e) => {
-                        Stats::bump(&self.stats.not_json);
-                        tracing::warn!(seq = row.cursor.seq, error = %e, "logged event is not JSON; skipped");
-                        None
-                    }
-                },
-                Some(_) => None,
-                None => {
+            let event = match row.event {
+                _ if already => None,
+                Ok(e) => Some(e),
+                Err(Unreadable::TooLarge(bytes)) => {
                     Stats::bump(&self.stats.oversize);
-                    tracing::warn!(seq = row.cursor.seq, "logged event over max_event_bytes; skipped");
+                    tracing::warn!(seq = row.cursor.seq, bytes, "logged event over max_event_bytes; skipped");
+                    None
+                }
+                Err(Unreadable::NotAnEvent) => {
+                    Stats::bump(&self.stats.not_json);
+                    tracing::warn!(seq = row.cursor.seq, "logged event is not an event of ours; skipped");
                     None
                 }
             };

@@ -37,6 +37,7 @@ macro_rules! embed {
 const FILES: &[(bool, &str, &str)] = &[
     embed!(false, "migrations", "20261121000100_pubsub_log.sql"),
     embed!(false, "migrations", "20261121000200_pubsub_store.sql"),
+    embed!(false, "migrations", "20261121000300_pubsub_message_payload.sql"),
     embed!(true, "examples", "20261121000900_job_example.sql"),
 ];
 

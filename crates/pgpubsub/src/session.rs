@@ -12,9 +12,12 @@
 //! own channel; a fence that does not come back within `deaf_after` means the
 //! connection is deaf (open, delivering nothing) and it is replaced.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::stream::FuturesOrdered;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
@@ -23,13 +26,30 @@ use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::listener::{ConnectionState, ListenerOptions};
-use crate::log::LogConn;
+use crate::log::{LogConn, Logged, Unreadable};
 use crate::reassembly::Reassembler;
 use crate::stats::Stats;
 use crate::wire::{self, Frame};
 
 /// Notifications read from the socket but not yet decoded.
 const NOTIFY_QUEUE: usize = 4096;
+
+/// References being read from the log at once, at most (one statement
+/// each, pipelined on the log connection: the database reads the next while
+/// this side renders and hands over the last).
+const MAX_FETCHES: usize = 16;
+/// ... and at most this many bytes of them, unless it is just one.
+const MAX_FETCH_BYTES: u64 = 8 << 20;
+
+/// One step of work in arrival order.
+enum Step {
+    /// An item to hand over as it is.
+    Ready(Item),
+    /// A referenced event read from the log.
+    Fetched { channel: String, seq: i64, bytes: u64, found: Result<Option<Logged>> },
+}
+
+type Pending = Pin<Box<dyn Future<Output = Step> + Send>>;
 
 /// What the reading task hands the subscriber side.
 #[derive(Debug)]
@@ -65,6 +85,11 @@ pub(crate) struct Session {
     fence: Option<(String, u64, Instant)>,
     fence_counter: u64,
     last_fence_ok: Instant,
+    /// Fetches under way, and anything that arrived after the first of
+    /// them: handed over in the order the notifications came.
+    inflight: FuturesOrdered<Pending>,
+    /// Bytes of the references in `inflight`.
+    inflight_bytes: u64,
 }
 
 /// An open LISTEN connection: its client (keeps the LISTENs alive) and its
@@ -101,6 +126,8 @@ impl Session {
             fence: None,
             fence_counter: 0,
             last_fence_ok: Instant::now(),
+            inflight: FuturesOrdered::new(),
+            inflight_bytes: 0,
         }
     }
 
@@ -108,7 +135,8 @@ impl Session {
     ///
     /// # Errors
     /// Connection failures, a read replica, a refused LISTEN.
-    pub async fn open(&self) -> Result<Live> {
+    /// (`&mut`: a session is `Send`, not `Sync`, for its fetches in flight.)
+    pub async fn open(&mut self) -> Result<Live> {
         let connect = self.config.connect(NoTls);
         let (client, mut connection) = tokio::time::timeout(self.options.deaf_after, connect)
             .await
@@ -168,7 +196,7 @@ impl Session {
                 Ok(None) => return Err(Error::ConnectionLost("listening connection closed".into())),
                 Err(_) => return Err(Error::NotifyUnavailable(crate::db::describe(&self.config))),
             };
-            self.on_notification(&n).await;
+            self.on_notification(&n);
         }
         tracing::info!(target = %crate::db::describe(&self.config), channels = ?self.channels, "listening");
         Ok(())
@@ -194,6 +222,8 @@ impl Session {
                 }
             }
             // Whatever was in flight is gone; the log has it.
+            self.inflight = FuturesOrdered::new();
+            self.inflight_bytes = 0;
             self.reassembler.clear();
             self.reassembler.take_losses();
             self.fence = None;
@@ -237,6 +267,7 @@ impl Session {
         /// borrow the session mutably.
         enum Wake {
             Notification(Option<Result<Notification, String>>),
+            Step(Option<Step>),
             Room(bool),
             Tick,
             Closed,
@@ -245,8 +276,11 @@ impl Session {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_fence_ok = Instant::now();
         loop {
+            let room = self.inflight.len() < MAX_FETCHES && self.inflight_bytes < MAX_FETCH_BYTES;
             let wake = tokio::select! {
-                n = live.notifications.recv() => Wake::Notification(n),
+                biased;
+                step = self.inflight.next(), if !self.inflight.is_empty() => Wake::Step(step),
+                n = live.notifications.recv(), if room => Wake::Notification(n),
                 permit = self.out.reserve(), if self.gap_pending => match permit {
                     Ok(p) => {
                         p.send(Item::Gap);
@@ -258,7 +292,15 @@ impl Session {
                 () = self.out.closed() => Wake::Closed,
             };
             match wake {
-                Wake::Notification(Some(Ok(n))) => self.on_notification(&n).await,
+                Wake::Notification(Some(Ok(n))) => self.on_notification(&n),
+                Wake::Step(Some(Step::Ready(item))) => self.push(item),
+                Wake::Step(Some(Step::Fetched { channel, seq, bytes, found })) => {
+                    self.inflight_bytes -= bytes;
+                    if let Some(event) = self.fetched(&channel, seq, bytes, found) {
+                        self.push(Item::Event(event));
+                    }
+                }
+                Wake::Step(None) => {}
                 Wake::Notification(Some(Err(e))) => return Stop::Lost(e),
                 Wake::Notification(None) => return Stop::Lost("listening connection closed".into()),
                 Wake::Room(true) => self.gap_pending = false,
@@ -309,7 +351,7 @@ impl Session {
         Ok(())
     }
 
-    async fn on_notification(&mut self, n: &Notification) {
+    fn on_notification(&mut self, n: &Notification) {
         if n.channel() == self.fence_channel.as_str() {
             if let Some((token, xmin, sent)) = self.fence.take() {
                 if token == n.payload() {
@@ -320,7 +362,7 @@ impl Session {
                     }
                     self.last_fence_ok = Instant::now();
                     self.stats.set_heartbeat_rtt(sent.elapsed());
-                    self.push(Item::Fence { xmin });
+                    self.emit(Item::Fence { xmin });
                 } else {
                     self.fence = Some((token, xmin, sent));
                 }
@@ -328,8 +370,17 @@ impl Session {
             return;
         }
         Stats::bump(&self.stats.notifications);
-        if let Some(event) = self.decode(n.channel(), n.payload()).await {
-            self.push(Item::Event(event));
+        if let Some(event) = self.decode(n.channel(), n.payload()) {
+            self.emit(Item::Event(event));
+        }
+    }
+
+    /// Hands `item` over now, or after the fetches before it.
+    fn emit(&mut self, item: Item) {
+        if self.inflight.is_empty() {
+            self.push(item);
+        } else {
+            self.inflight.push_back(Box::pin(std::future::ready(Step::Ready(item))));
         }
     }
 
@@ -367,14 +418,17 @@ impl Session {
     /// Turns one payload into an event, or `None` for a chunk still waiting
     /// for others, or bad input (warned and counted; a Gap is owed when the
     /// log may hold what was lost).
-    async fn decode(&mut self, channel: &str, payload: &str) -> Option<Event> {
+    fn decode(&mut self, channel: &str, payload: &str) -> Option<Event> {
         let now = Instant::now();
         let text = match wire::parse(payload) {
             Ok(Frame::Whole(text)) => Some(text.to_string()),
             Ok(Frame::Chunk(c)) => self.reassembler.push_chunk(channel, &c, now),
             Ok(Frame::SeedPart { id, offset, data }) => self.reassembler.push_seed_part(channel, id, offset, data, now),
             Ok(Frame::SeedEof { id }) => self.reassembler.push_seed_eof(channel, id, now),
-            Ok(Frame::Ref { seq, bytes }) => self.fetch(channel, seq, bytes).await,
+            Ok(Frame::Ref { seq, bytes }) => {
+                self.fetch(channel, seq, bytes);
+                None
+            }
             Err(e) => {
                 Stats::bump(&self.stats.malformed);
                 tracing::warn!(channel, error = %e, len = payload.len(), "malformed notification skipped");
@@ -395,20 +449,45 @@ impl Session {
         }
     }
 
-    async fn fetch(&mut self, channel: &str, seq: i64, bytes: u64) -> Option<String> {
+    /// Starts reading a referenced event from the log.
+    fn fetch(&mut self, channel: &str, seq: i64, bytes: u64) {
         if bytes > self.options.limits.max_event_bytes {
             Stats::bump(&self.stats.oversize);
             tracing::warn!(channel, seq, bytes, "referenced event over max_event_bytes; dropped");
-            return None;
+            return;
         }
-        match self.log.fetch(channel, seq).await {
-            Ok(Some(body)) if body.len() as u64 == bytes => {
-                Stats::bump(&self.stats.fetched);
-                Some(body)
+        let (log, channel) = (self.log.clone(), channel.to_string());
+        self.inflight_bytes += bytes;
+        self.inflight.push_back(Box::pin(async move {
+            let found = log.fetch(&channel, seq).await;
+            Step::Fetched { channel, seq, bytes, found }
+        }));
+    }
+
+    /// The event a finished fetch read, if it is whole and fits.
+    fn fetched(&mut self, channel: &str, seq: i64, bytes: u64, found: Result<Option<Logged>>) -> Option<Event> {
+        match found {
+            Ok(Some(logged)) if logged.stored_len() == bytes => {
+                match logged.into_event(channel, self.options.limits.max_event_bytes) {
+                    Ok(event) => {
+                        Stats::bump(&self.stats.fetched);
+                        Some(event)
+                    }
+                    Err(Unreadable::TooLarge(json)) => {
+                        Stats::bump(&self.stats.oversize);
+                        tracing::warn!(channel, seq, bytes, json, "referenced event over max_event_bytes; dropped");
+                        None
+                    }
+                    Err(Unreadable::NotAnEvent) => {
+                        Stats::bump(&self.stats.not_json);
+                        tracing::warn!(channel, seq, "referenced event is not an event of ours; skipped");
+                        None
+                    }
+                }
             }
             Ok(found) => {
                 Stats::bump(&self.stats.fetch_failed);
-                let found = found.map(|b| b.len());
+                let found = found.map(|b| b.stored_len());
                 tracing::warn!(channel, seq, bytes, ?found, "referenced event missing from the log or of another size");
                 None
             }

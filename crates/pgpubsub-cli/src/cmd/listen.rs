@@ -37,8 +37,7 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
     }
     log_state_changes(listener.state());
     let stats = listener.stats();
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(64 << 10, stdout.lock());
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, unbuffered_stdout());
     let mut printed = 0u64;
     let mut last_save = Instant::now();
     tokio::pin!(stop);
@@ -145,4 +144,18 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Standard output without the standard library's own line buffering,
+/// which searches every write for a newline (a megabyte event is searched
+/// whole): the loop above buffers and flushes by itself.
+fn unbuffered_stdout() -> Box<dyn std::io::Write> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        if let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() {
+            return Box::new(std::fs::File::from(fd));
+        }
+    }
+    Box::new(std::io::stdout().lock())
 }

@@ -124,6 +124,12 @@ pub async fn write(config: &Config, plan: &Plan, progress: Arc<AtomicU64>) -> an
     let mut tasks = Vec::new();
     for w in 0..plan.writers {
         let client = pgpubsub::db::connect(config).await.context("connecting a writer")?;
+        // A custom plan folds each parameter into a fresh plan: a copy of
+        // every megabyte payload per statement, which doubled the cost of
+        // writing 1 MB events (docs/performance.md). Generic plans pass the
+        // parameters by reference, as a prepared statement reused by an
+        // application does after its first five runs.
+        client.batch_execute("SET plan_cache_mode = force_generic_plan").await.context("configuring a writer")?;
         let (pad, progress, plan) = (pad.clone(), progress.clone(), plan.clone());
         let quota = per_writer.map(|q| q.min(plan.rows.unwrap_or(u64::MAX).saturating_sub(q * w as u64)));
         tasks

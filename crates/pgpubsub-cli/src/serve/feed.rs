@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use pgpubsub::hub::Shared;
-use pgpubsub::{Cursor, Delivery, Event, Filter, Subscription};
+use pgpubsub::{Cursor, Delivery, Filter, Subscription};
 
 use super::AppState;
 
@@ -188,8 +188,7 @@ impl Feed {
         for row in rows {
             last = row.cursor;
             safe = safe.filter(|_| row.cursor.txid < xmin).map(|_| row.cursor);
-            let Some(body) = row.body else { continue };
-            let Ok(event) = Event::decode(&row.channel, body) else { continue };
+            let Ok(event) = row.event else { continue };
             let position = safe.unwrap_or(self.position);
             let shared = Arc::new(Shared::new(event, position));
             if !self.filter.matches(&shared) {

@@ -179,3 +179,155 @@ async fn chunks_stay_under_the_limit_and_cut_between_characters() {
     assert!(datas.iter().all(|&n| n <= 7_800), "{datas:?}");
     assert_eq!(datas.iter().sum::<usize>(), body.len());
 }
+
+/// Every character JSON escapes (all of U+0000 is refused by PostgreSQL
+/// text, so from U+0001), DEL, multi-byte ones, repeated past `bytes`.
+fn every_escape(bytes: usize) -> String {
+    let unit: String = (1u8..0x80).map(char::from).chain(['é', '€', '😀', '\u{2028}']).collect();
+    unit.repeat(bytes / unit.len() + 1)
+}
+
+/// How a message over the reference threshold is logged: envelope in body,
+/// payload apart and unescaped.
+async fn logged_apart(client: &tokio_postgres::Client, seq: i64) -> (String, Option<String>, String) {
+    let r = client
+        .query_one("SELECT body, payload, pubsub.event_json(e) FROM pubsub.events e WHERE seq = $1", &[&seq])
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+#[tokio::test]
+async fn large_messages_are_logged_unescaped_and_arrive_as_postgres_renders_them() {
+    let db = db_with_threshold(8_000).await;
+    let client = db.client().await;
+    let ch = common::channel("apart");
+    let mut l = db.listen(&[ch.clone()]).await;
+    for sent in [every_escape(9_000), payload(300_000), every_escape(2_000_000)] {
+        let seq = pgpubsub::publish(&client, &ch, &sent).await.unwrap();
+        let (body, stored, rendered) = logged_apart(&client, seq).await;
+        assert!(stored.as_deref() == Some(sent.as_str()), "the payload is stored as sent");
+        assert!(!body.contains("payload") && body.ends_with('}'), "{body}");
+        // What PostgreSQL itself renders, to_json and all, is what arrives.
+        let e = next(&mut l).await;
+        assert_eq!(e.seq, Some(seq));
+        assert!(e.json() == rendered, "rendered differently: {:.200}", e.json());
+        assert!(e.message().unwrap().payload == sent);
+        assert!(e.json().starts_with(body.strip_suffix('}').unwrap()));
+    }
+    let s = l.stats().snapshot();
+    assert_eq!((s.fetched, s.fetch_failed, s.not_json), (3, 0, 0), "{s:?}");
+}
+
+#[tokio::test]
+async fn messages_under_the_threshold_are_logged_as_delivered() {
+    let db = db_with_threshold(300_000).await;
+    let client = db.client().await;
+    let ch = common::channel("whole");
+    // Over the threshold once escaped, under it as sent: still one body, by reference.
+    let sent = "\u{1}".repeat(100_000);
+    let seq = pgpubsub::publish(&client, &ch, &sent).await.unwrap();
+    let (body, stored, rendered) = logged_apart(&client, seq).await;
+    assert_eq!(stored, None);
+    assert_eq!(body, rendered);
+    assert!(body.len() > 600_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catching_up_renders_messages_logged_apart() {
+    let db = db_with_threshold(8_000).await;
+    let client = db.client().await;
+    let ch = common::channel("apart_catchup");
+    let name = common::unique("apart");
+    let options = || ListenerOptions::default().name(name.clone());
+    db.listen_with(&[ch.clone()], options()).await.close().await.unwrap();
+    // While it is down: only the log has these.
+    let sent = [every_escape(50_000), "small".to_string(), payload(1_000_000)];
+    let mut seqs = Vec::new();
+    for p in &sent {
+        seqs.push(pgpubsub::publish(&client, &ch, p).await.unwrap());
+    }
+    let mut l = db.listen_with(&[ch.clone()], options()).await;
+    for (p, seq) in sent.iter().zip(seqs) {
+        let e = next(&mut l).await;
+        assert_eq!(e.seq, Some(seq));
+        assert!(e.message().unwrap().payload == *p);
+        assert!(e.json() == logged_apart(&client, seq).await.2);
+    }
+    assert!(l.stats().snapshot().replayed >= 3, "{:?}", l.stats().snapshot());
+}
+
+/// The listener's limit is on the JSON delivered, not the bytes stored:
+/// 10,000 control characters are 10 kB stored and 60 kB as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_limit_counts_the_rendered_json_live_and_in_catch_up() {
+    let db = db_with_threshold(8_000).await;
+    let client = db.client().await;
+    let ch = Channel::new(common::unique("apart_limit")).unwrap();
+    let name = common::unique("limit");
+    let limits = pgpubsub::Limits { max_event_bytes: 20_000, ..Default::default() };
+    let options = || ListenerOptions::default().limits(limits.clone()).name(name.clone());
+    let mut l = db.listen_with(&[ch.clone()], options()).await;
+    pgpubsub::publish(&client, &ch, &"\u{1}".repeat(10_000)).await.unwrap();
+    pgpubsub::publish(&client, &ch, &"x".repeat(10_000)).await.unwrap();
+    assert_eq!(next(&mut l).await.message().unwrap().payload, "x".repeat(10_000));
+    assert_eq!(l.stats().snapshot().oversize, 1);
+    l.close().await.unwrap();
+
+    pgpubsub::publish(&client, &ch, &"\u{1}".repeat(10_000)).await.unwrap();
+    pgpubsub::publish(&client, &ch, "after").await.unwrap();
+    let mut l = db.listen_with(&[ch.clone()], options()).await;
+    // At least once: the x's may come again; the refused one never comes.
+    let mut got = next(&mut l).await.message().unwrap().payload.clone();
+    while got != "after" {
+        assert_eq!(got, "x".repeat(10_000));
+        got = next(&mut l).await.message().unwrap().payload.clone();
+    }
+    assert!(l.stats().snapshot().oversize >= 1, "{:?}", l.stats().snapshot());
+}
+
+/// A hand-written row with its payload apart but no envelope to put it in
+/// is skipped and counted; the next event is untouched.
+#[tokio::test]
+async fn a_logged_payload_without_an_envelope_is_refused() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("apart_bad");
+    let mut l = db.listen(&[ch.clone()]).await;
+    for body in ["[]", "{}", "not json"] {
+        let seq: i64 = client.query_one("SELECT nextval('pubsub.events_seq')", &[]).await.unwrap().get(0);
+        client
+            .execute(
+                "INSERT INTO pubsub.events (seq, channel, body, payload) VALUES ($1, $2, $3, 'p')",
+                &[&seq, &ch.as_str(), &body],
+            )
+            .await
+            .unwrap();
+        common::raw_notify(&client, &ch, &format!("~r:{seq}:{}", body.len() + 1)).await;
+    }
+    pgpubsub::publish(&client, &ch, "fine").await.unwrap();
+    assert_eq!(next(&mut l).await.message().unwrap().payload, "fine");
+    let s = l.stats().snapshot();
+    assert_eq!((s.not_json, s.fetched, s.fetch_failed), (3, 0, 0), "{s:?}");
+}
+
+/// Reverting the migration puts each payload back into its body.
+#[tokio::test]
+async fn migrating_down_renders_payloads_into_bodies() {
+    let db = db_with_threshold(8_000).await;
+    let mut client = db.client().await;
+    let ch = common::channel("apart_down");
+    let sent = every_escape(20_000);
+    let seq = pgpubsub::publish(&client, &ch, &sent).await.unwrap();
+    let rendered = logged_apart(&client, seq).await.2;
+    let m = pgpubsub::migrate::down(&mut client).await.unwrap().unwrap();
+    assert_eq!(m.name, "pubsub_message_payload");
+    let body: String = client.query_one("SELECT body FROM pubsub.events WHERE seq = $1", &[&seq]).await.unwrap().get(0);
+    assert!(body == rendered);
+    // The older schema publishes as before; up again logs large ones apart.
+    let old = pgpubsub::publish(&client, &ch, &sent).await.unwrap();
+    pgpubsub::migrate::up(&mut client, false).await.unwrap();
+    assert_eq!(logged_apart(&client, old).await.1, None);
+    let new = pgpubsub::publish(&client, &ch, &sent).await.unwrap();
+    assert!(logged_apart(&client, new).await.1.is_some());
+}
