@@ -331,3 +331,36 @@ async fn migrating_down_renders_payloads_into_bodies() {
     let new = pgpubsub::publish(&client, &ch, &sent).await.unwrap();
     assert!(logged_apart(&client, new).await.1.is_some());
 }
+
+/// References are read from the log several at a time; events still arrive
+/// in the order they were published, mixed with whole and chunked ones, and
+/// a reference that cannot be read holds up nothing behind it.
+#[tokio::test]
+async fn fetches_in_flight_keep_the_published_order() {
+    let db = db_with_threshold(20_000).await;
+    let client = db.client().await;
+    let ch = common::channel("order");
+    let mut l = db.listen(&[ch.clone()]).await;
+    let sizes = [300_000usize, 10, 50_000, 12_000, 2_000_000, 5, 30_000, 1_000_000, 9_000, 25_000];
+    let mut sent = Vec::new();
+    // One transaction: every notification arrives at once, at commit.
+    client.batch_execute("BEGIN").await.unwrap();
+    for round in 0..4 {
+        for (i, &n) in sizes.iter().enumerate() {
+            if round == 2 && i == 3 {
+                common::raw_notify(&client, &ch, "~r:999999999:100").await; // no such event
+            }
+            let p = format!("{round}:{i}:{}", payload(n));
+            sent.push((pgpubsub::publish(&client, &ch, &p).await.unwrap(), p));
+        }
+    }
+    client.batch_execute("COMMIT").await.unwrap();
+    for (seq, p) in &sent {
+        let e = next(&mut l).await;
+        assert_eq!(e.seq, Some(*seq));
+        assert!(e.message().unwrap().payload == *p, "event {seq} altered");
+    }
+    let s = l.stats().snapshot();
+    assert_eq!((s.fetch_failed, s.lagged), (1, 0), "{s:?}");
+    assert!(s.fetched >= 20, "{s:?}");
+}
