@@ -278,7 +278,6 @@ impl Session {
         loop {
             let room = self.inflight.len() < MAX_FETCHES && self.inflight_bytes < MAX_FETCH_BYTES;
             let wake = tokio::select! {
-                biased;
                 step = self.inflight.next(), if !self.inflight.is_empty() => Wake::Step(step),
                 n = live.notifications.recv(), if room => Wake::Notification(n),
                 permit = self.out.reserve(), if self.gap_pending => match permit {
