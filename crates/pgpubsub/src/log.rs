@@ -67,9 +67,9 @@ impl Logged {
         (self.body.len() + PAYLOAD_KEY.len() + json_string::len(payload.as_bytes())) as u64
     }
 
-    /// The envelope with the payload put back as its last member.
-    fn render(&self, payload: &str) -> Result<String, Unreadable> {
-        let head = match self.body.strip_suffix('}') {
+    /// The envelope `body` with `payload` put back as its last member.
+    fn render(body: &str, payload: &str) -> Result<String, Unreadable> {
+        let head = match body.strip_suffix('}') {
             Some(head) if head.starts_with('{') && head.len() > 1 => head,
             _ => return Err(Unreadable::NotAnEvent),
         };
@@ -90,7 +90,7 @@ impl Logged {
     pub fn into_json(self) -> Result<String, Unreadable> {
         match &self.payload {
             None => Ok(self.body),
-            Some(payload) => self.render(payload),
+            Some(payload) => Logged::render(&self.body, payload),
         }
     }
 
@@ -111,9 +111,8 @@ impl Logged {
         }
         match self.payload {
             None => Event::decode(channel, self.body).map_err(|_| Unreadable::NotAnEvent),
-            Some(ref payload) => {
-                let json = self.render(payload)?;
-                let payload = self.payload.unwrap_or_default();
+            Some(payload) => {
+                let json = Logged::render(&self.body, &payload)?;
                 Event::message_apart(channel, &self.body, payload, json).ok_or(Unreadable::NotAnEvent)
             }
         }
