@@ -473,3 +473,49 @@ async fn queue_pressure_is_reported_and_we_never_pin_the_queue() {
     assert_eq!(pinned, 0);
     open.rollback().await.unwrap();
 }
+
+/// References in flight when every connection of the listener is cut: what
+/// was being read is read again from the log, in order, nothing missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_in_flight_survive_their_connections_being_cut() {
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    admin.batch_execute(&format!("ALTER DATABASE {} SET pubsub.ref_threshold = 8000", db.name)).await.unwrap();
+    let client = db.client().await;
+    let ch = common::channel("refs_cut");
+    let mut l = db.listen_with(&[ch.clone()], fast_heartbeat()).await;
+    let mut sent = BTreeMap::new();
+    client.batch_execute("BEGIN").await.unwrap();
+    for i in 0..40 {
+        let p = format!("{i}:{}", "é".repeat(100_000));
+        sent.insert(pgpubsub::publish(&client, &ch, &p).await.unwrap(), p);
+    }
+    client.batch_execute("COMMIT").await.unwrap();
+    // Every backend of this database but the writer's: the LISTEN
+    // connection and the log connection with its reads under way.
+    let mine: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid <> $1",
+            &[&mine],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 2, "killed {killed}");
+    // At least once, in order: repeats only of what came before.
+    let mut got = BTreeSet::new();
+    let mut last = 0;
+    while got.len() < sent.len() {
+        let e = next(&mut l).await;
+        let seq = e.seq.unwrap();
+        assert!(e.message().unwrap().payload == sent[&seq], "event {seq} altered");
+        assert!(seq > last || got.contains(&seq), "event {seq} after {last}, not seen before");
+        last = last.max(seq);
+        got.insert(seq);
+    }
+    // Typically 16 reads fail mid-flight and the rest come from the log.
+    let s = l.stats().snapshot();
+    assert!(s.reconnects >= 1, "{s:?}");
+}
