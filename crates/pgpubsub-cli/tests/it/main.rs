@@ -12,5 +12,6 @@ mod events;
 mod faults;
 mod migrations;
 mod proxy;
+mod retention;
 mod serve;
 mod sizes;

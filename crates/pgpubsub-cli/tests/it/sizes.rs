@@ -320,8 +320,12 @@ async fn migrating_down_renders_payloads_into_bodies() {
     let sent = every_escape(20_000);
     let seq = pgpubsub::publish(&client, &ch, &sent).await.unwrap();
     let rendered = logged_apart(&client, seq).await.2;
-    let m = pgpubsub::migrate::down(&mut client).await.unwrap().unwrap();
-    assert_eq!(m.name, "pubsub_message_payload");
+    // Down to just before the migration that logs payloads apart.
+    while let Some(m) = pgpubsub::migrate::down(&mut client).await.unwrap() {
+        if m.name == "pubsub_message_payload" {
+            break;
+        }
+    }
     let body: String = client.query_one("SELECT body FROM pubsub.events WHERE seq = $1", &[&seq]).await.unwrap().get(0);
     assert!(body == rendered);
     // The older schema publishes as before; up again logs large ones apart.
