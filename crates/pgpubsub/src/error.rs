@@ -122,23 +122,14 @@ impl std::error::Error for DbMessage {
 }
 
 impl Error {
-    /// Wraps a driver error from a statement, turning "schema pubsub does not
-    /// exist" into [`Error::NotMigrated`].
+    /// Wraps a driver error from a statement, turning a missing schema,
+    /// table, column or function (SQLSTATE 3F000, 42P01, 42703, 42883: our
+    /// statements name only objects of the `pubsub` schema and the catalog)
+    /// into [`Error::NotMigrated`]. Classified by SQLSTATE, never by the
+    /// message, which depends on `lc_messages`.
     pub(crate) fn db(context: &'static str, source: tokio_postgres::Error) -> Self {
         let msg = DbMessage::new(source);
-        let missing_schema = [
-            "schema \"pubsub\" does not exist",
-            "function pubsub.",
-            "relation \"pubsub.events\"",
-            "relation \"pubsub.snapshots\"",
-            "relation \"pubsub.history\"",
-            "relation \"pubsub.watches\"",
-            // A schema from before 20261121000300 (`pgpubsub migrate` adds it).
-            "column \"payload\" does not exist",
-        ]
-        .iter()
-        .any(|m| msg.message.contains(m));
-        if missing_schema {
+        if matches!(msg.code.as_deref(), Some("3F000" | "42P01" | "42703" | "42883")) {
             return Error::NotMigrated;
         }
         Error::Db { context, source: msg }

@@ -4,8 +4,10 @@
 //! Three kinds arrive on a channel:
 //! - [`Body::Change`]: a row change captured by `pubsub.watch`;
 //! - [`Body::Message`]: a message sent with `pubsub.publish`;
-//! - [`Body::Notify`]: any other JSON someone sent with `pg_notify`
-//!   (for instance the seed's `job_channel`), passed on as it is.
+//! - [`Body::Notify`]: a foreign notification, anything someone sent with
+//!   `pg_notify` (for instance the seed's `job_channel`), passed on as it
+//!   is. Not from the log: `seq` is `None`, it is delivered live only, and
+//!   any role that can NOTIFY can send one.
 //!
 //! Row values are kept as raw JSON text and parsed only when asked
 //! ([`Change::new_as`] and friends), so decoding costs one scan of the text.
@@ -180,6 +182,22 @@ impl Event {
         }
         let body = Body::Message(Message { payload });
         Some(Event { channel: channel.to_string(), seq: Some(env.seq?), txid: env.txid, time: env.time, body, json })
+    }
+
+    /// A foreign notification's payload as an event of kind `notify`: JSON
+    /// is passed on as it is, any other text as a JSON string. Never taken
+    /// for one of our events, whatever it looks like: ours come from the log.
+    pub(crate) fn foreign(channel: &str, text: String) -> Event {
+        let raw = match serde_json::from_str::<Box<RawValue>>(&text) {
+            Ok(raw) => raw,
+            Err(_) => serde_json::value::to_raw_value(&text).unwrap_or_else(|_| Box::<RawValue>::default()),
+        };
+        Event::notify(channel, raw)
+    }
+
+    /// Whether `text` is shaped like one of our events on `channel`.
+    pub(crate) fn is_ours(channel: &str, text: &str) -> bool {
+        text.starts_with('{') && ours(channel, text).is_some()
     }
 
     fn notify(channel: &str, raw: Box<RawValue>) -> Event {

@@ -1,5 +1,5 @@
-//! The hub: fans the events of one [`Listener`](crate::Listener) out to many
-//! subscribers, each with its own bounded queue and filter.
+//! The hub: fans one stream of events (a [`Listener`](crate::Listener)'s)
+//! out to many subscribers, each with its own bounded queue and filter.
 //!
 //! Publishing never waits. An event is wrapped in an `Arc` once and shared by
 //! every subscriber's queue, so its JSON is serialized once, not once per
@@ -256,11 +256,21 @@ impl Hub {
 
     /// Adds a subscriber.
     pub fn subscribe(&self, filter: Filter) -> Subscription {
+        self.subscribe_at(filter).0
+    }
+
+    /// Adds a subscriber, and says from where: every event at or below the
+    /// position returned was published before it (so a subscriber resuming
+    /// from the log needs to remember only what it replays above it).
+    pub fn subscribe_at(&self, filter: Filter) -> (Subscription, Cursor) {
         let (tx, rx) = mpsc::channel(self.inner.capacity);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let missed = Arc::new(AtomicU64::new(0));
-        self.lock().insert(id, Subscriber { filter, tx, missed: missed.clone() });
-        Subscription { id, rx, missed, last_seq: None, hub: self.clone() }
+        let mut subs = self.lock();
+        subs.insert(id, Subscriber { filter, tx, missed: missed.clone() });
+        let at = self.position();
+        drop(subs);
+        (Subscription { id, rx, missed, last_seq: None, hub: self.clone() }, at)
     }
 
     /// Subscribers now.
@@ -289,7 +299,6 @@ impl Hub {
     /// [`Hub::publish`], with the position a subscriber holding this event
     /// may resume from.
     pub fn publish_at(&self, event: Event, position: Cursor) -> usize {
-        *self.inner.position.lock().unwrap_or_else(|e| e.into_inner()) = position;
         let shared = Arc::new(Shared::new(event, position));
         let stats = &self.inner.stats;
         stats.events.fetch_add(1, Ordering::Relaxed);
@@ -318,20 +327,31 @@ impl Hub {
         for id in gone {
             subs.remove(&id);
         }
+        // Moved under the subscribers' lock, after the event went out: a
+        // subscription taken with this position has all before it.
+        let mut at = self.inner.position.lock().unwrap_or_else(|e| e.into_inner());
+        *at = (*at).max(position);
+        drop(at);
         stats.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
     }
 
-    /// Feeds the hub from a listener until the listener ends (or every
-    /// handle to the hub but this one is gone). A resync is logged; the
-    /// listener goes on from the oldest event kept.
-    pub async fn run(self, mut listener: crate::Listener) {
-        while let Some(item) = listener.recv().await {
+    /// Feeds the hub from a stream of events with their resume positions
+    /// (such as [`Listener::into_positioned`](crate::Listener::into_positioned))
+    /// until it ends, or every handle to the hub but this one is gone. A
+    /// resync is logged; the stream goes on from the oldest event kept.
+    pub async fn run<S>(self, events: S)
+    where
+        S: futures_util::Stream<Item = crate::Result<(Event, Cursor)>>,
+    {
+        use futures_util::StreamExt;
+        let mut events = std::pin::pin!(events);
+        while let Some(item) = events.next().await {
             match item {
-                Ok(event) => {
-                    self.publish_at(event, listener.cursor());
+                Ok((event, position)) => {
+                    self.publish_at(event, position);
                 }
-                Err(e) => tracing::warn!(error = %e, "hub: listener reported an error"),
+                Err(e) => tracing::warn!(error = %e, "hub: the event stream reported an error"),
             }
             if Arc::strong_count(&self.inner) == 1 && self.subscribers() == 0 {
                 break;

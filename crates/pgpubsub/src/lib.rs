@@ -1,25 +1,29 @@
 //! pgpubsub: PostgreSQL `LISTEN`/`NOTIFY` as a typed, lossless pub/sub.
 //!
 //! Row changes (captured by a trigger that `pubsub.watch` attaches) and
-//! published messages are written to an event log and notified on a channel,
-//! whole, in chunks, or by reference when large. A [`Listener`] receives
-//! them on one connection and yields typed [`Event`]s.
+//! published messages are written to an event log; a NOTIFY only wakes a
+//! waiting reader and carries no data. A [`Listener`] reads the log with its
+//! own privileges and yields typed [`Event`]s, none lost, none forged.
 //!
 //! The modules, in the order data flows through them:
-//! - [`migrate`]: the `pubsub` schema (log, encoder, trigger, store) as
-//!   embedded dbmate migrations;
-//! - [`publish`]: `watch`/`unwatch` a table, `publish` a message;
+//! - [`migrate`]: the `pubsub` schema (the log, the capture trigger, the
+//!   store) as embedded dbmate migrations;
+//! - [`watch`]: `watch`/`unwatch` a table, `publish` a message: what writes
+//!   the log;
 //! - [`store`]: the event-sourced snapshot + history store;
 //! - [`retention`]: pruning the log by age or count;
 //! - [`channel`]: channel names, validated and quoted in one place;
-//! - [`listener`]: a subscriber's stream: live events, and catch-up from the
-//!   log after any gap, from a commit-safe [`cursor`];
-//! - [`wire`]: what one notification payload is (see docs/protocol.md);
-//! - [`reassembly`]: chunks back into events, within fixed bounds;
-//! - [`event`]: the typed event handed to subscribers;
-//! - [`hub`]: one listener fanned out to many subscribers, each with a
-//!   filter and a bounded queue;
-//! - [`log`]: reading the event log back (catch-up, references, cursors);
+//! - `event_log`: reading the log back (pages, the wake lock, cursors),
+//!   rendering stored events as JSON (`json_string`);
+//! - `tail`: the one delivery engine, from a commit-safe [`cursor`] through
+//!   the log, never skipping a late commit;
+//! - `reader`: the LISTEN connection: wake-ups, heartbeats, and foreign
+//!   notifications ([`wire`] frames, seed chunks put back together by
+//!   [`reassembly`]);
+//! - [`listener`]: a subscriber's stream of typed [`event`]s;
+//! - [`hub`]: one stream fanned out to many subscribers, each with a filter
+//!   and a bounded queue; [`feed`]: one subscriber's resume from the log,
+//!   then live from the hub, without a gap;
 //! - [`stats`]: counters of all the above; [`db`]: connecting; [`error`].
 //!
 //! ```no_run
@@ -38,24 +42,29 @@ pub mod cursor;
 pub mod db;
 pub mod error;
 pub mod event;
+mod event_log;
+pub mod feed;
 pub mod hub;
+mod json_string;
 pub mod listener;
-pub mod log;
 pub mod migrate;
-pub mod publish;
+mod reader;
 pub mod reassembly;
 pub mod retention;
-mod session;
 pub mod stats;
 pub mod store;
+mod tail;
+pub mod watch;
 pub mod wire;
 
 pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
 pub use event::{Body, Change, Event, Message, Op};
+pub use event_log::LogConn;
+pub use feed::{Feed, FeedItem};
 pub use hub::{Delivery, Filter, Hub, Subscription, Transport};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
-pub use publish::{publish, unwatch, watch};
 pub use reassembly::Limits;
 pub use stats::{Stats, StatsSnapshot};
+pub use watch::{publish, unwatch, watch};

@@ -1,52 +1,59 @@
-//! The listener: a subscriber's view of one or more channels, with nothing
-//! lost.
+//! The listener: a subscriber's view of one or more channels (or all of
+//! them), with nothing lost.
 //!
-//! A reading task (`session.rs`) owns the LISTEN connection and queues live
-//! events, fences and gaps. [`Listener::recv`] delivers them, and whenever
-//! something may have been missed (start-up from a stored cursor, reconnect,
-//! a full queue, a chunk that never came) it first reads the missed events
-//! from the log, in (txid, seq) order, skipping what it already delivered.
+//! Events come from the log only ([`tail`](crate::tail) reads it from a
+//! commit-safe position). A reading task (`reader.rs`) owns the LISTEN
+//! connection: it hears wake-ups and foreign notifications, nothing else.
+//!
+//! While events flow, [`Listener::recv`] reads the next page as soon as the
+//! last is handed over. When a read finds nothing, the listener tries to
+//! become the waiting one: it takes the wake lock (writers then send a
+//! wake-up; while nobody holds it they send nothing, so a busy system sends
+//! no NOTIFY at all), reads once more, and sleeps until a wake-up or the
+//! next heartbeat. If writers are in flight (they hold the lock shared) it
+//! reads again after a short, growing pause. A subscriber that does not call
+//! `recv` just makes the next page larger: nothing queues, nothing is
+//! dropped, and no writer waits for it.
 //!
 //! The subscriber's position is a [`Cursor`]: everything at or below it was
 //! returned by `recv` *and* the subscriber has asked for the next item since
-//! (so it has handled it). It advances on fences and while replaying final
-//! events, never past a transaction that might still commit. A named
-//! listener stores it in `pubsub.cursors` and resumes from it after a restart.
-//!
-//! Delivery is at least once: after a restart the events between the stored
-//! cursor and the last one handled are delivered again. Foreign
-//! notifications (no `seq`) are not in the log: delivered live only.
+//! (so it has handled it). A named listener stores it in `pubsub.cursors`
+//! and resumes from it after a restart: delivery is at least once.
+//! Foreign notifications (kind `notify`, no `seq`) are not in the log:
+//! delivered live only, in arrival order between pages.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, Stream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::Config;
 
 use crate::channel::Channel;
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::log::{LogConn, Unreadable};
+use crate::event_log::{LogConn, WaitLock};
+use crate::reader::{Command, Outputs, Reader};
 use crate::reassembly::Limits;
-use crate::session::{Item, Session};
 use crate::stats::Stats;
+use crate::tail::{PageLimits, Tail};
 
 /// How a listener behaves. Every field has a default.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ListenerOptions {
-    /// Bounds on chunk reassembly.
+    /// Bounds on event sizes and on reassembly of seed-format chunks.
     pub limits: Limits,
-    /// Live events queued for the subscriber. When full, live events are
-    /// dropped and read back from the log once the subscriber catches up.
+    /// Foreign notifications queued for the subscriber; past this they are
+    /// dropped (counted: they are not in the log).
     pub buffer: usize,
     /// A name to store the cursor under (`pubsub.cursors`), so a restarted
     /// listener resumes where it stopped. `None`: start from now.
     pub name: Option<String>,
-    /// How often the connection is proved alive (and the cursor moved).
+    /// How often the listening connection is proved alive, and the longest a
+    /// waiting listener sleeps without reading the log.
     pub heartbeat: Duration,
     /// A heartbeat not back within this marks the connection deaf: replaced.
     /// Also the limit for connecting and for each log statement.
@@ -57,13 +64,15 @@ pub struct ListenerOptions {
     pub backoff_max: Duration,
     /// Warn when `pg_notification_queue_usage()` reaches this (0 to 1).
     pub queue_warn: f64,
-    /// Most events read from the log per catch-up query.
-    pub catch_up_rows: i64,
-    /// Most bytes of events read per catch-up query (past the first event).
-    pub catch_up_bytes: i64,
-    /// Events above the cursor remembered to skip duplicates; past this the
-    /// oldest are forgotten (a duplicate may then be delivered).
-    pub max_remembered: usize,
+    /// Most events read from the log per page.
+    pub page_rows: i64,
+    /// Most bytes of events read per page (past the first event).
+    pub page_bytes: i64,
+    /// First pause before reading again while writers are in flight;
+    /// doubles up to `poll_max` while reads find nothing.
+    pub poll_min: Duration,
+    /// Longest such pause.
+    pub poll_max: Duration,
     /// Store a named listener's cursor by itself (at most once per
     /// heartbeat) as events are acknowledged. Turn off to call
     /// [`Listener::save`] at points of your own, such as after a flush.
@@ -81,22 +90,23 @@ impl Default for ListenerOptions {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             queue_warn: 0.5,
-            catch_up_rows: 1000,
-            catch_up_bytes: 16 << 20,
-            max_remembered: 1 << 20,
+            page_rows: 1000,
+            page_bytes: 16 << 20,
+            poll_min: Duration::from_micros(500),
+            poll_max: Duration::from_millis(20),
             autosave: true,
         }
     }
 }
 
 impl ListenerOptions {
-    /// Sets the reassembly bounds.
+    /// Sets the size and reassembly bounds.
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
     }
 
-    /// Sets the live-event buffer (at least 1).
+    /// Sets the foreign-notification buffer (at least 1).
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events.max(1);
         self
@@ -113,6 +123,10 @@ impl ListenerOptions {
         self.heartbeat = every;
         self.deaf_after = deaf_after.max(every);
         self
+    }
+
+    fn page_limits(&self) -> PageLimits {
+        PageLimits { rows: self.page_rows.max(1), bytes: self.page_bytes, max_event_bytes: self.limits.max_event_bytes }
     }
 }
 
@@ -131,33 +145,45 @@ pub enum ConnectionState {
     },
 }
 
+/// Whether this listener is the one writers wake, or sleeps on behalf of
+/// the one that is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// Not waiting: reads find events, or writers are in flight.
+    No,
+    /// Holds the wake lock, taken on this generation of the log connection.
+    Mine(u64),
+    /// Another listener holds it; wake-ups reach us too.
+    Peer,
+}
+
 /// A stream of events from one or more channels; see the module docs.
 pub struct Listener {
-    items: mpsc::Receiver<Item>,
+    tail: Tail,
     log: Arc<LogConn>,
     stats: Arc<Stats>,
     state: watch::Receiver<ConnectionState>,
+    wake: Arc<Notify>,
+    foreign: mpsc::Receiver<Event>,
+    commands: mpsc::Sender<Command>,
     channels: Vec<Channel>,
-    /// Channel names as strings, for catch-up queries.
-    names: Vec<String>,
     options: ListenerOptions,
     /// Everything at or below is delivered and handled.
     cursor: Cursor,
     /// Where the cursor moves when the subscriber asks for the next item.
     pending: Option<Cursor>,
-    /// Events above the cursor already delivered (to skip duplicates).
-    delivered: BTreeSet<Cursor>,
-    /// Events read from the log, to deliver before anything live; each with
-    /// the cursor it completes, if it is final.
-    replay: VecDeque<(Event, Option<Cursor>)>,
-    /// A catch-up is running from this position.
-    catching_up: Option<Cursor>,
-    /// The scan ran past a transaction that may still commit: the cursor
-    /// waits for the next fence.
-    scan_blocked: bool,
+    /// Events of the last page not yet handed over.
+    ready: VecDeque<Event>,
+    /// Where the cursor stands once `ready` is handed over.
+    page_end: Option<Cursor>,
+    /// Read the log before waiting again.
+    due: bool,
+    waiting: Waiting,
+    /// Pause before the next read while writers are in flight.
+    pause: Duration,
     last_saved: Instant,
     saved: Cursor,
-    /// Delay before the next catch-up attempt after a failure.
+    /// Delay before the next read after a failure.
     retry: Duration,
 }
 
@@ -171,62 +197,69 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Connects, LISTENs on `channels`, proves that notifications arrive, and
-    /// starts delivering. Whatever commits after this returns is delivered;
-    /// with a stored cursor (`options.name`), everything after it too.
+    /// Connects, LISTENs, proves that notifications arrive, and starts
+    /// delivering the events of `channels` (all channels when empty).
+    /// Whatever commits after this returns is delivered; with a stored
+    /// cursor (`options.name`), everything after it too.
     ///
     /// # Errors
     /// [`Error::Connect`] when the database cannot be reached;
     /// [`Error::ReadReplica`] on a standby; [`Error::NotifyUnavailable`] when
     /// a notification sent to ourselves never arrives (a transaction pooler);
-    /// [`Error::Db`] when LISTEN is refused; [`Error::NotMigrated`] for a
-    /// named listener without the schema.
+    /// [`Error::Db`] when LISTEN is refused; [`Error::NotMigrated`] without
+    /// the schema.
     pub async fn connect(config: &Config, channels: &[Channel], options: ListenerOptions) -> Result<Listener> {
         let config = crate::db::tuned(config);
         let log = Arc::new(LogConn::new(config.clone(), options.deaf_after));
         let stats = Arc::new(Stats::default());
-        let (tx, items) = mpsc::channel(options.buffer.max(1));
+        let (foreign_tx, foreign) = mpsc::channel(options.buffer.max(1));
         let (state_tx, state) = watch::channel(ConnectionState::Listening);
+        let (commands, commands_rx) = mpsc::channel(64);
+        let wake = Arc::new(Notify::new());
         let fence_channel = Channel::new(format!("pgpubsub_fence_{}", random_suffix()))?;
+        let names = (!channels.is_empty()).then(|| channels.iter().map(|c| c.as_str().to_string()).collect());
+        let limits = options.page_limits();
 
-        // Taken before LISTEN: every transaction older than this finished
-        // before we listened, so "from now" starts here.
-        let start = Cursor::before_txid(log.xmin().await?);
         let stored = match &options.name {
             Some(name) => log.load_cursor(name).await?,
             None => None,
         };
-
-        let mut session = Session::new(
+        // Taken before LISTEN: "from now" starts here.
+        let tail = match stored {
+            Some(from) => Tail::new(from, names, limits, stats.clone()),
+            None => Tail::from_now(&log, names, limits, stats.clone()).await?,
+        };
+        let outputs = Outputs { wake: wake.clone(), foreign: foreign_tx, state: state_tx };
+        let mut reader = Reader::new(
             config,
             channels.to_vec(),
             fence_channel,
-            options.clone(),
-            log.clone(),
-            stats.clone(),
-            tx,
-            state_tx,
+            (options.clone(), log.clone(), stats.clone()),
+            outputs,
+            commands_rx,
         );
-        let mut live = session.open().await?;
-        session.prove(&mut live).await?;
-        tokio::spawn(session.run(live));
+        let mut live = reader.open().await?;
+        reader.prove(&mut live).await?;
+        tokio::spawn(reader.run(live));
 
-        let cursor = stored.unwrap_or(start);
+        let cursor = tail.position();
         let mut listener = Listener {
-            items,
+            tail,
             log,
             stats,
             state,
-            names: channels.iter().map(|c| c.as_str().to_string()).collect(),
+            wake,
+            foreign,
+            commands,
             channels: channels.to_vec(),
-            options,
             cursor,
             pending: None,
-            delivered: BTreeSet::new(),
-            replay: VecDeque::new(),
-            // Resuming: first deliver what was missed while away.
-            catching_up: stored,
-            scan_blocked: false,
+            ready: VecDeque::new(),
+            page_end: None,
+            due: true,
+            waiting: Waiting::No,
+            pause: options.poll_min,
+            options,
             last_saved: Instant::now(),
             saved: stored.unwrap_or_default(),
             retry: Duration::ZERO,
@@ -246,50 +279,97 @@ impl Listener {
     pub async fn recv(&mut self) -> Option<Result<Event>> {
         loop {
             self.acknowledge().await;
-            if let Some((event, completes)) = self.replay.pop_front() {
-                self.pending = completes;
-                Stats::bump(&self.stats.replayed);
+            if let Ok(event) = self.foreign.try_recv() {
                 Stats::bump(&self.stats.events);
                 return Some(Ok(event));
             }
-            if let Some(from) = self.catching_up {
-                match self.catch_up(from).await {
-                    Ok(()) => {
-                        self.retry = Duration::ZERO;
-                        continue;
-                    }
+            if let Some(event) = self.ready.pop_front() {
+                if self.ready.is_empty() {
+                    self.pending = self.page_end.take();
+                }
+                Stats::bump(&self.stats.events);
+                return Some(Ok(event));
+            }
+            if let Some(end) = self.page_end.take() {
+                self.advance(end);
+            }
+            if self.due {
+                match self.read().await {
+                    Ok(()) => self.retry = Duration::ZERO,
                     Err(e @ Error::ResyncNeeded { .. }) => return Some(Err(e)),
-                    Err(Error::NotMigrated) => {
-                        // Only foreign notifications can be flowing: nothing
-                        // is logged, so there is nothing to catch up from.
-                        tracing::warn!("gap on a database without the pubsub schema: events in it are lost");
-                        self.catching_up = None;
-                        continue;
-                    }
                     Err(e) => {
                         self.retry = (self.retry * 2).clamp(self.options.backoff_min, self.options.backoff_max);
-                        tracing::warn!(error = %e, retry_in = ?self.retry, "catch-up failed; retrying");
-                        tokio::time::sleep(self.retry).await;
-                        continue;
+                        tracing::warn!(error = %e, retry_in = ?self.retry, "reading the log failed; retrying");
+                        self.waiting = Waiting::No;
+                        tokio::select! {
+                            () = tokio::time::sleep(self.retry) => {}
+                            e = self.foreign.recv() => return Some(Ok(e?)),
+                        }
                     }
                 }
+                continue;
             }
-            match self.items.recv().await? {
-                Item::Event(event) => {
-                    if self.is_duplicate(&event) {
-                        Stats::bump(&self.stats.duplicates);
-                        continue;
-                    }
+            // Nothing to read: sleep until a wake-up, a foreign notification,
+            // the end of the pause or the heartbeat.
+            let sleep = match self.waiting {
+                Waiting::No => self.pause,
+                _ => self.options.heartbeat,
+            };
+            tokio::select! {
+                () = self.wake.notified() => {}
+                e = self.foreign.recv() => {
+                    self.due = self.waiting == Waiting::No;
                     Stats::bump(&self.stats.events);
-                    return Some(Ok(event));
+                    return Some(Ok(e?));
                 }
-                Item::Fence { xmin } => self.on_fence(xmin),
-                Item::Gap => {
-                    Stats::bump(&self.stats.gaps);
-                    self.catching_up = Some(self.cursor);
+                () = tokio::time::sleep(sleep) => {
+                    if self.waiting == Waiting::No {
+                        self.pause = (self.pause * 2).min(self.options.poll_max);
+                    }
                 }
             }
+            self.due = true;
         }
+    }
+
+    /// Reads one page; when it is empty, moves towards waiting.
+    async fn read(&mut self) -> Result<()> {
+        if let Waiting::Mine(generation) = self.waiting {
+            if generation == self.log.generation() {
+                // Woken (or the heartbeat): writers may stop sending wake-ups.
+                self.log.stop_waiting().await?;
+            }
+            self.waiting = Waiting::No;
+        } else if self.waiting == Waiting::Peer {
+            self.waiting = Waiting::No;
+        }
+        self.due = false;
+        Stats::bump(&self.stats.polls);
+        let page = self.tail.next_page(&self.log).await?;
+        let found = !page.events.is_empty() || page.more;
+        self.page_end = Some(page.position);
+        self.ready.extend(page.events);
+        if found {
+            self.due = true;
+            self.pause = self.options.poll_min;
+            return Ok(());
+        }
+        // Nothing new. Become the waiting listener (or find the one that
+        // is), then read once more: a writer that sent no wake-up has
+        // finished by now, and its events are visible.
+        match self.log.try_wait().await? {
+            WaitLock::Busy => return Ok(()),
+            WaitLock::Mine => self.waiting = Waiting::Mine(self.log.generation()),
+            WaitLock::Peer => self.waiting = Waiting::Peer,
+        }
+        Stats::bump(&self.stats.polls);
+        let page = self.tail.next_page(&self.log).await?;
+        self.page_end = Some(page.position);
+        if !page.events.is_empty() || page.more {
+            self.ready.extend(page.events);
+            self.due = true;
+        }
+        Ok(())
     }
 
     /// The listener as a [`Stream`] of what [`recv`](Self::recv) returns.
@@ -297,10 +377,20 @@ impl Listener {
         futures_util::stream::unfold(self, |mut l| async move { l.recv().await.map(|item| (item, l)) })
     }
 
+    /// The listener as a [`Stream`] of events, each with the position a
+    /// subscriber holding it may resume from (what [`Listener::cursor`] says
+    /// right after it is returned): what a [`Hub`](crate::Hub) takes.
+    pub fn into_positioned(self) -> impl Stream<Item = Result<(Event, Cursor)>> + Send {
+        futures_util::stream::unfold(self, |mut l| async move {
+            let item = l.recv().await?;
+            let position = l.cursor();
+            Some((item.map(|e| (e, position)), l))
+        })
+    }
+
     /// The next event if one is ready without waiting for the network.
     pub fn try_recv(&mut self) -> Option<Result<Event>> {
-        // A catch-up page would start a query only to abandon it here.
-        if self.replay.is_empty() && self.catching_up.is_some() {
+        if self.ready.is_empty() && self.foreign.is_empty() {
             return None;
         }
         self.recv().now_or_never().flatten()
@@ -316,9 +406,33 @@ impl Listener {
         self.state.clone()
     }
 
-    /// The channels listened on.
+    /// The channels listened on (empty: all).
     pub fn channels(&self) -> &[Channel] {
         &self.channels
+    }
+
+    /// Adds a channel while running: its events that commit from the next
+    /// read on are delivered, and its foreign notifications once LISTEN is
+    /// issued (at once, and again after every reconnect). A listener of all
+    /// channels only LISTENs, for foreign notifications.
+    pub async fn add_channel(&mut self, channel: Channel) {
+        if self.tail.channels().is_some() && !self.channels.contains(&channel) {
+            self.tail.add_channel(channel.as_str());
+            self.channels.push(channel.clone());
+        }
+        let _ = self.commands.send(Command::Listen(channel)).await;
+        self.due = true;
+    }
+
+    /// Removes a channel while running: nothing more of it is delivered
+    /// after the events already read.
+    pub async fn remove_channel(&mut self, channel: &Channel) {
+        if self.tail.channels().is_some() {
+            self.tail.remove_channel(channel.as_str());
+            self.channels.retain(|c| c != channel);
+            self.ready.retain(|e| e.channel != channel.as_str());
+        }
+        let _ = self.commands.send(Command::Unlisten(channel.clone())).await;
     }
 
     /// The position: everything at or below it is delivered and handled.
@@ -335,35 +449,15 @@ impl Listener {
         if let Some(p) = self.pending.take() {
             self.advance(p);
         }
+        if let Waiting::Mine(_) = self.waiting {
+            let _ = self.log.stop_waiting().await;
+        }
         self.save().await
-    }
-
-    fn is_duplicate(&mut self, event: &Event) -> bool {
-        let (Some(seq), Some(txid)) = (event.seq, event.txid) else {
-            return false;
-        };
-        let at = Cursor { txid, seq };
-        if at <= self.cursor || !self.delivered.insert(at) {
-            return true;
-        }
-        if self.delivered.len() > self.options.max_remembered {
-            self.delivered.pop_first();
-            Stats::bump(&self.stats.forgotten);
-        }
-        false
-    }
-
-    fn on_fence(&mut self, xmin: u64) {
-        // Every event of a transaction older than xmin came before this fence
-        // and, if there was a gap, was replayed before it was popped.
-        self.advance(Cursor::before_txid(xmin));
-        self.scan_blocked = false;
     }
 
     fn advance(&mut self, to: Cursor) {
         if to > self.cursor {
             self.cursor = to;
-            self.delivered = self.delivered.split_off(&Cursor { txid: to.txid, seq: to.seq.saturating_add(1) });
         }
     }
 
@@ -395,85 +489,6 @@ impl Listener {
         self.log.save_cursor(name, self.cursor).await?;
         self.saved = self.cursor;
         self.last_saved = Instant::now();
-        Ok(())
-    }
-
-    /// Reads one page of missed events into `replay`.
-    async fn catch_up(&mut self, from: Cursor) -> Result<()> {
-        if from == self.cursor {
-            let pruned = self.log.pruned().await?;
-            if pruned > self.cursor {
-                let behind = self.cursor;
-                Stats::bump(&self.stats.resyncs);
-                tracing::warn!(cursor = %behind, pruned = %pruned, "events this subscriber missed were pruned");
-                self.cursor = pruned;
-                self.catching_up = Some(pruned);
-                return Err(Error::ResyncNeeded { cursor: behind, pruned });
-            }
-            self.scan_blocked = false;
-        }
-        let xmin = self.log.xmin().await?;
-        let rows = self
-            .log
-            .catch_up(
-                &self.names,
-                from,
-                self.options.catch_up_rows,
-                self.options.catch_up_bytes,
-                self.options.limits.max_event_bytes as i64,
-            )
-            .await?;
-        let more = rows
-            .first()
-            .is_some_and(|r| r.page_rows >= self.options.catch_up_rows || (rows.len() as i64) < r.page_rows);
-        let mut last = from;
-        for row in rows {
-            last = row.cursor;
-            // Final (no older transaction can still commit) and nothing
-            // unfinished before it in this scan: the cursor may move here.
-            let final_here = row.cursor.txid < xmin && !self.scan_blocked;
-            if !final_here {
-                self.scan_blocked = true;
-            }
-            let already = row.cursor <= self.cursor || self.delivered.contains(&row.cursor);
-            let event = match row.event {
-                _ if already => None,
-                Ok(e) => Some(e),
-                Err(Unreadable::TooLarge(bytes)) => {
-                    Stats::bump(&self.stats.oversize);
-                    tracing::warn!(seq = row.cursor.seq, bytes, "logged event over max_event_bytes; skipped");
-                    None
-                }
-                Err(Unreadable::NotAnEvent) => {
-                    Stats::bump(&self.stats.not_json);
-                    tracing::warn!(seq = row.cursor.seq, "logged event is not an event of ours; skipped");
-                    None
-                }
-            };
-            let completes = final_here.then_some(row.cursor);
-            match event {
-                Some(e) => {
-                    if !final_here {
-                        self.delivered.insert(row.cursor);
-                    }
-                    self.replay.push_back((e, completes));
-                }
-                None => {
-                    if let Some(c) = completes {
-                        match self.replay.back_mut() {
-                            Some((_, slot)) => *slot = Some(c),
-                            None => self.advance(c),
-                        }
-                    }
-                }
-            }
-        }
-        // The next page is read once this one is delivered, so `replay`
-        // never holds more than one page.
-        self.catching_up = more.then_some(last);
-        if self.catching_up.is_none() {
-            tracing::debug!(cursor = %self.cursor, "caught up");
-        }
         Ok(())
     }
 }

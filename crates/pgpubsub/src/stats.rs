@@ -1,5 +1,5 @@
 //! Counters a listener keeps, shared with whoever wants to read them
-//! (the CLI's summary, later `/metrics`). Relaxed atomics: each is an
+//! (the CLI's summary, the gateway's `/metrics`). Relaxed atomics: each is an
 //! independent tally, read for reporting only.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,45 +29,39 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Notifications received from Postgres.
+    /// Notifications received from Postgres (wake-ups and foreign ones).
     notifications,
-    /// Events delivered to the subscriber.
+    /// Wake-ups received: writers telling a waiting listener to read.
+    wakeups,
+    /// Reads of the log.
+    polls,
+    /// Events delivered to the subscriber (log and foreign).
     events,
-    /// Chunks received (ours and seed-format).
+    /// Foreign notifications delivered (not from the log).
+    foreign,
+    /// Foreign notifications dropped because the subscriber was behind
+    /// (they are not in the log: live only).
+    foreign_dropped,
+    /// Seed-format chunks received.
     chunks,
-    /// Events fetched from the log by reference.
-    fetched,
     /// Chunks received twice with the same content, ignored.
     duplicate_chunks,
     /// Payloads that start like a frame but do not parse.
     malformed,
-    /// Payloads that are not JSON (or not an event), skipped.
+    /// Logged rows that are not events of ours (skipped).
     not_json,
-    /// Messages whose chunks disagree, or whose size or digest is wrong.
+    /// Seed-format messages whose parts disagree or overlap.
     corrupt,
-    /// Incomplete messages dropped after `max_age`.
+    /// Incomplete seed-format messages dropped after `max_age`.
     expired,
     /// Incomplete messages evicted to stay under the message or byte limit.
     evicted,
     /// Events refused for being larger than `max_event_bytes`.
     oversize,
-    /// References whose event could not be read from the log.
-    fetch_failed,
     /// Times the listening connection was replaced.
     reconnects,
-    /// Live events dropped because the subscriber was behind (replayed
-    /// from the log later).
-    lagged,
-    /// Gaps repaired by reading the log.
-    gaps,
-    /// Events delivered from the log rather than live.
-    replayed,
-    /// Events skipped because they had already been delivered.
-    duplicates,
-    /// Times the log had been pruned past a subscriber's cursor.
+    /// Times the log had been pruned past a subscriber's position.
     resyncs,
-    /// Delivered events forgotten to keep the duplicate filter bounded.
-    forgotten,
     /// Gauge: `pg_notification_queue_usage()` at the last heartbeat, in
     /// millionths.
     queue_usage_ppm,

@@ -92,9 +92,9 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
     if let Err(e) = listener.close().await {
         tracing::warn!(error = %e, "could not store the final cursor");
     }
-    tracing::info!(printed, %cursor, notifications = s.notifications, chunks = s.chunks, fetched = s.fetched,
-        reconnects = s.reconnects, gaps = s.gaps, replayed = s.replayed, duplicates = s.duplicates,
-        lagged = s.lagged, malformed = s.malformed, not_json = s.not_json, corrupt = s.corrupt,
+    tracing::info!(printed, %cursor, polls = s.polls, wakeups = s.wakeups, notifications = s.notifications,
+        foreign = s.foreign, foreign_dropped = s.foreign_dropped, chunks = s.chunks, reconnects = s.reconnects,
+        resyncs = s.resyncs, malformed = s.malformed, not_json = s.not_json, corrupt = s.corrupt,
         expired = s.expired, evicted = s.evicted, oversize = s.oversize, "stopped");
     result
 }

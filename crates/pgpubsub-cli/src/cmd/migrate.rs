@@ -28,7 +28,7 @@ pub async fn run(config: &Config, args: &MigrateArgs) -> anyhow::Result<()> {
                 let example = if s.migration.example { " (example)" } else { "" };
                 println!("{state:8} {} {}{example}", s.migration.version, s.migration.name);
             }
-            if let Ok(watches) = pgpubsub::publish::watches(&client).await {
+            if let Ok(watches) = pgpubsub::watch::watches(&client).await {
                 for (table, channel) in watches {
                     println!("watched  {table} -> {channel}");
                 }

@@ -8,7 +8,7 @@ use tokio_postgres::Config;
 pub async fn run(config: &Config, table: Option<&str>, channel: Option<&Channel>) -> anyhow::Result<()> {
     let client = super::connect(config).await?;
     let Some(table) = table else {
-        for (table, channel) in pgpubsub::publish::watches(&client).await? {
+        for (table, channel) in pgpubsub::watch::watches(&client).await? {
             println!("{table} -> {channel}");
         }
         return Ok(());

@@ -7,7 +7,7 @@
 //! /store/{bucket}/{id}` and `GET /store/{bucket}/{id}/history`.
 //!
 //! Authentication (JWT, `auth.rs`) is off unless a secret or key is given,
-//! and the server says which at start. Not yet: the live page.
+//! and the server says which at start.
 
 mod auth;
 mod feed;
@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pgpubsub::log::LogConn;
-use pgpubsub::{Channel, ConnectionState, Hub, Listener, ListenerOptions, Stats};
+use pgpubsub::{Channel, ConnectionState, Hub, Listener, ListenerOptions, LogConn, Stats};
 use tokio::sync::watch;
 use tokio_postgres::Config;
 
@@ -83,7 +82,7 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         _alive: alive,
     };
-    tokio::spawn(hub.run(listener));
+    tokio::spawn(hub.run(listener.into_positioned()));
 
     let socket = tokio::net::TcpListener::bind(&args.bind).await.with_context(|| format!("binding {}", args.bind))?;
     let addr = socket.local_addr()?;

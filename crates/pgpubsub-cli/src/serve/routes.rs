@@ -523,8 +523,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         ),
         ("pgpubsub_lag_notices_total", "counter", "Lag notices sent.", h.lag_notices.load(Ordering::Relaxed) as f64),
         ("pgpubsub_reconnects_total", "counter", "Times the LISTEN connection was replaced.", s.reconnects as f64),
-        ("pgpubsub_gaps_total", "counter", "Gaps repaired from the log.", s.gaps as f64),
-        ("pgpubsub_replayed_total", "counter", "Events delivered from the log.", s.replayed as f64),
+        ("pgpubsub_wakeups_total", "counter", "Wake-ups received from writers.", s.wakeups as f64),
+        ("pgpubsub_polls_total", "counter", "Reads of the event log.", s.polls as f64),
         (
             "pgpubsub_bad_input_total",
             "counter",

@@ -1,9 +1,11 @@
-//! Reading the event log: catch-up after a gap, references, fences (the
-//! heartbeat that also moves cursors), durable cursors and retention.
+//! The event log, read back: pages of events after a position (see
+//! `tail.rs`), the wake lock, heartbeats, durable cursors, and how a stored
+//! event becomes the JSON delivered.
 //!
-//! One statement connection per listener, shared by its reading task and its
-//! subscriber, opened on first use and reopened after a failure.
+//! One statement connection per reader, opened on first use and reopened
+//! after a failure, every statement bounded by a timeout.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use tokio_postgres::{Client, Config};
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::json_string;
 
 /// A statement connection for reading the log: opened on first use,
 /// reopened after a failure, every statement bounded by a timeout.
@@ -23,6 +26,8 @@ pub struct LogConn {
     /// Longest any one statement may take before the connection is presumed
     /// dead (a silently cut network never answers).
     timeout: Duration,
+    /// Connections opened so far (see [`LogConn::generation`]).
+    generation: AtomicU64,
 }
 
 /// One event as the log stores it. A large published message keeps its
@@ -87,7 +92,8 @@ impl Logged {
     /// # Errors
     /// [`Unreadable::NotAnEvent`] when the payload is apart and the body is
     /// not a non-empty JSON object to put it in.
-    pub fn into_json(self) -> Result<String, Unreadable> {
+    #[cfg(test)]
+    fn into_json(self) -> Result<String, Unreadable> {
         match &self.payload {
             None => Ok(self.body),
             Some(payload) => Logged::render(&self.body, payload),
@@ -119,134 +125,70 @@ impl Logged {
     }
 }
 
-/// A string as a JSON string literal, escaped exactly as PostgreSQL's
-/// `to_json(text)` and serde_json escape it: `"` `\\` and the short forms
-/// `\b \f \n \r \t`, other control characters as `\u00xx` (lowercase hex),
-/// nothing else. Runs with nothing to escape are skipped eight bytes at a
-/// time and copied whole.
-pub mod json_string {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-    /// Bytes each byte takes once escaped.
-    const WIDTH: [u8; 256] = {
-        let mut t = [1u8; 256];
-        let mut b = 0;
-        while b < 0x20 {
-            t[b] = 6;
-            b += 1;
-        }
-        t[0x08] = 2;
-        t[0x0c] = 2;
-        t[b'\n' as usize] = 2;
-        t[b'\r' as usize] = 2;
-        t[b'\t' as usize] = 2;
-        t[b'"' as usize] = 2;
-        t[b'\\' as usize] = 2;
-        t
-    };
-
-    /// Whether any of the eight bytes in `w` needs escaping (exact: the
-    /// classic "has a zero byte" and "has a byte below n" tests).
-    fn any_special(w: u64) -> bool {
-        let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-        let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGHS;
-        (below_space | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\')))) != 0
-    }
-
-    /// The offset of the first byte at or after `i` that needs escaping, or
-    /// the length.
-    fn next_special(s: &[u8], mut i: usize) -> usize {
-        while let Some(word) = s.get(i..i + 8) {
-            if any_special(u64::from_le_bytes(word.try_into().unwrap_or([0; 8]))) {
-                break;
-            }
-            i += 8;
-        }
-        while i < s.len() && WIDTH[usize::from(s[i])] == 1 {
-            i += 1;
-        }
-        i
-    }
-
-    /// Length of `s` as a JSON string literal, quotes included.
-    pub fn len(s: &[u8]) -> usize {
-        let mut n = s.len() + 2;
-        let mut i = next_special(s, 0);
-        while i < s.len() {
-            n += usize::from(WIDTH[usize::from(s[i])]) - 1;
-            i = next_special(s, i + 1);
-        }
-        n
-    }
-
-    /// Appends `s` as a JSON string literal, quotes included.
-    pub fn write(out: &mut String, s: &str) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let bytes = s.as_bytes();
-        out.push('"');
-        let mut from = 0;
-        let mut i = next_special(bytes, 0);
-        // Every byte escaped is ASCII, so each run between two is whole
-        // characters.
-        while i < bytes.len() {
-            out.push_str(&s[from..i]);
-            let b = bytes[i];
-            match b {
-                b'"' => out.push_str("\\\""),
-                b'\\' => out.push_str("\\\\"),
-                0x08 => out.push_str("\\b"),
-                0x0c => out.push_str("\\f"),
-                b'\n' => out.push_str("\\n"),
-                b'\r' => out.push_str("\\r"),
-                b'\t' => out.push_str("\\t"),
-                _ => {
-                    out.push_str("\\u00");
-                    out.push(char::from(HEX[usize::from(b >> 4)]));
-                    out.push(char::from(HEX[usize::from(b & 15)]));
-                }
-            }
-            from = i + 1;
-            i = next_special(bytes, from);
-        }
-        out.push_str(&s[from..]);
-        out.push('"');
-    }
-}
-
 /// One row read back from the log.
 #[derive(Debug)]
-#[non_exhaustive]
-pub struct LogRow {
-    /// Its place in catch-up order.
+pub(crate) struct LogRow {
+    /// Its place in the log.
     pub cursor: Cursor,
     /// Its channel.
     pub channel: String,
     /// The event, unless over the size limit or not one of ours.
     pub event: Result<Event, Unreadable>,
-    /// Rows in the page before the byte limit cut it: more than returned,
-    /// or as many as asked for, means there is more to read.
-    pub page_rows: i64,
+}
+
+/// What one read of the log returns: rows and the snapshot they were read
+/// with, so the reader knows which transactions may still add rows below.
+#[derive(Debug)]
+pub(crate) struct Poll {
+    /// The rows, in (txid, seq) order.
+    pub rows: Vec<LogRow>,
+    /// More rows matched than the page could hold.
+    pub more: bool,
+    /// Transactions in progress when the rows were read (`pg_snapshot_xip`).
+    pub in_progress: Vec<u64>,
+    /// The highest (txid, seq) retention has removed.
+    pub pruned: Cursor,
 }
 
 /// What a fence statement reports.
 #[derive(Debug, Clone, Copy)]
-#[non_exhaustive]
-pub struct FenceInfo {
-    /// Oldest transaction that may still be running.
-    pub xmin: u64,
+pub(crate) struct FenceInfo {
     /// `pg_notification_queue_usage()`, 0 to 1.
     pub queue_usage: f64,
 }
+
+/// What an attempt to wait for a wake-up found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitLock {
+    /// This connection holds the wake lock: writers now send wake-ups.
+    Mine,
+    /// Another listener holds it: writers send wake-ups already.
+    Peer,
+    /// Writers are in flight (they hold it shared): try again shortly.
+    Busy,
+}
+
+/// The advisory lock a waiting listener holds and writers test
+/// (`pg_try_advisory_xact_lock_shared`): 'pgpswake' as a big-endian bigint,
+/// the same constant as in migration 20261130000100.
+pub(crate) const WAKE_KEY: i64 = 8_099_566_096_075_549_541;
+
+/// The channel wake-ups arrive on; the payload names the event's channel.
+pub(crate) const WAKE_CHANNEL: &str = "pubsub_wake";
 
 fn u64_of(text: &str) -> u64 {
     text.parse().unwrap_or(0)
 }
 
+/// `xmin:xmax:xip,xip,...` (pg_snapshot's text form) → the in-progress list.
+fn in_progress(snapshot: &str) -> Vec<u64> {
+    snapshot.splitn(3, ':').nth(2).unwrap_or("").split(',').filter(|s| !s.is_empty()).map(u64_of).collect()
+}
+
 impl LogConn {
     /// A connection to `config` whose statements give up after `timeout`.
     pub fn new(config: Config, timeout: Duration) -> Self {
-        LogConn { config, client: Mutex::new(None), timeout }
+        LogConn { config, client: Mutex::new(None), timeout, generation: AtomicU64::new(0) }
     }
 
     /// The connection itself, for statements of the caller's own (it is
@@ -264,8 +206,15 @@ impl LogConn {
             Ok(c) => Arc::new(c?),
             Err(_) => return Err(Error::ConnectionLost("connecting the log connection timed out".into())),
         };
+        self.generation.fetch_add(1, Ordering::AcqRel);
         *slot = Some(client.clone());
         Ok(client)
+    }
+
+    /// Counts the connections opened so far: a session-level lock taken on
+    /// one generation is gone in the next.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Forgets the connection so the next call opens a new one.
@@ -296,102 +245,150 @@ impl LogConn {
         }
     }
 
-    /// The oldest transaction that may still be running (nothing older can
-    /// commit from now on).
-    pub async fn xmin(&self) -> Result<u64> {
+    /// The transactions in progress now, and the first txid not yet given
+    /// out: where "from now" starts.
+    pub(crate) async fn now(&self) -> Result<(u64, Vec<u64>)> {
         self.run("reading the transaction horizon", |c| async move {
-            let row = c.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[]).await?;
-            Ok(u64_of(row.get(0)))
+            let row = c.query_one("SELECT pg_current_snapshot()::text", &[]).await?;
+            let snap: &str = row.get(0);
+            let xmax = snap.split(':').nth(1).map_or(0, u64_of);
+            Ok((xmax, in_progress(snap)))
         })
         .await
     }
 
-    /// Takes a snapshot, then notifies `token` on `channel`: when the
-    /// notification comes back on the listening connection, every
-    /// notification of a transaction older than the returned xmin has
-    /// arrived before it (the queue is in commit order, and those committed
-    /// before this snapshot was taken).
-    pub async fn fence(&self, channel: &str, token: &str) -> Result<FenceInfo> {
+    /// Notifies `token` on `channel` (the heartbeat that proves the listening
+    /// connection hears) and reads the notification queue's usage.
+    pub(crate) async fn fence(&self, channel: &str, token: &str) -> Result<FenceInfo> {
         let (channel, token) = (channel.to_string(), token.to_string());
         self.run("sending a heartbeat", |c| async move {
             let row = c
-                .query_one(
-                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, pg_notification_queue_usage(), \
-                     pg_notify($1, $2)::text",
-                    &[&channel, &token],
-                )
+                .query_one("SELECT pg_notification_queue_usage(), pg_notify($1, $2)::text", &[&channel, &token])
                 .await?;
-            Ok(FenceInfo { xmin: u64_of(row.get(0)), queue_usage: row.get(1) })
+            Ok(FenceInfo { queue_usage: row.get(0) })
         })
         .await
     }
 
-    /// Reads one referenced event as stored.
-    pub async fn fetch(&self, channel: &str, seq: i64) -> Result<Option<Logged>> {
-        let channel = channel.to_string();
-        self.run("reading a referenced event", |c| async move {
-            let row = c
-                .query_opt("SELECT body, payload FROM pubsub.events WHERE seq = $1 AND channel = $2", &[&seq, &channel])
-                .await?;
-            Ok(row.map(|r| Logged::new(r.get(0), r.get(1))))
-        })
-        .await
-    }
-
-    /// Events on `channels` after `after`, in (txid, seq) order: at most
-    /// `rows` of them and, past the first, at most `bytes` stored.
-    /// Events over `max_event_bytes` come back as [`Unreadable::TooLarge`].
-    pub async fn catch_up(
+    /// Reads the events on `channels` (all when `None`) that follow `after`
+    /// in (txid, seq) order, and those of the `open` transactions (txid, and
+    /// the last seq already read of it): at most `rows` of them and, past
+    /// the first, at most `bytes` stored. Events over `max_event_bytes` come
+    /// back as [`Unreadable::TooLarge`]. The rows are what one snapshot
+    /// shows, and the snapshot's in-progress list comes with them.
+    ///
+    /// Row-level security applies: a role sees a row change only if it may
+    /// SELECT the table it came from.
+    pub(crate) async fn poll(
         &self,
-        channels: &[String],
+        channels: Option<&[String]>,
         after: Cursor,
+        open: &[(u64, i64)],
         rows: i64,
         bytes: i64,
         max_event_bytes: i64,
-    ) -> Result<Vec<LogRow>> {
-        let channels = channels.to_vec();
-        self.run("catching up from the log", |c| async move {
+    ) -> Result<Poll> {
+        let channels = channels.map(<[String]>::to_vec);
+        let open_txids: Vec<String> = open.iter().map(|(t, _)| t.to_string()).collect();
+        let open_seqs: Vec<i64> = open.iter().map(|(_, s)| *s).collect();
+        self.run("reading the log", |c| async move {
             let found = c
                 .query(
-                    "SELECT txid, seq, channel, CASE WHEN len <= $6 THEN body END, CASE WHEN len <= $6 THEN payload END,
-                            len, page_rows
-                     FROM (SELECT *, (sum(len) OVER (ORDER BY t, seq))::bigint - len AS before, count(*) OVER () AS page_rows
-                           FROM (SELECT txid::text AS txid, txid AS t, seq, channel, body, payload,
-                                        (octet_length(body) + coalesce(octet_length(payload), 0))::bigint AS len
-                                 FROM pubsub.events
-                                 WHERE channel = ANY($1) AND (txid, seq) > ($2::text::xid8, $3)
-                                 ORDER BY txid, seq LIMIT $4) page) sized
-                     WHERE before < $5 OR before = 0
-                     ORDER BY t, seq",
-                    &[&channels, &after.txid.to_string(), &after.seq, &rows, &bytes, &max_event_bytes],
+                    "SELECT s.snap, s.pruned_txid, s.pruned_seq, p.txid::text, p.seq, p.channel,
+                            CASE WHEN p.len <= $8 THEN p.body END, CASE WHEN p.len <= $8 THEN p.payload END,
+                            p.len, p.page_rows
+                     FROM (SELECT pg_current_snapshot()::text AS snap, r.pruned_txid::text, r.pruned_seq
+                           FROM pubsub.retention r) s
+                     LEFT JOIN LATERAL (
+                         SELECT * FROM (
+                             SELECT *, (sum(len) OVER (ORDER BY txid, seq))::bigint - len AS before,
+                                    count(*) OVER () AS page_rows
+                             FROM ((SELECT e.txid, e.seq, e.channel, e.body, e.payload,
+                                           (octet_length(e.body) + coalesce(octet_length(e.payload), 0))::bigint AS len
+                                    FROM unnest($4::text[]::xid8[], $5::int8[]) o(t, s)
+                                    JOIN pubsub.events e ON e.txid = o.t AND e.seq > o.s
+                                    WHERE $1::text[] IS NULL OR e.channel = ANY($1))
+                                   UNION ALL
+                                   (SELECT e.txid, e.seq, e.channel, e.body, e.payload,
+                                           (octet_length(e.body) + coalesce(octet_length(e.payload), 0))::bigint
+                                    FROM pubsub.events e
+                                    WHERE (e.txid, e.seq) > ($2::text::xid8, $3) AND ($1::text[] IS NULL OR e.channel = ANY($1))
+                                    ORDER BY e.txid, e.seq LIMIT $6)
+                                   ORDER BY txid, seq LIMIT $6) page) sized
+                         WHERE before < $7 OR before = 0) p ON true
+                     ORDER BY p.txid, p.seq",
+                    &[
+                        &channels,
+                        &after.txid.to_string(),
+                        &after.seq,
+                        &open_txids,
+                        &open_seqs,
+                        &rows,
+                        &bytes,
+                        &max_event_bytes,
+                    ],
                 )
                 .await?;
-            Ok(found
+            let Some(first) = found.first() else {
+                // No retention row: not a schema of ours.
+                return Ok(None);
+            };
+            let snap: &str = first.get(0);
+            let pruned = Cursor { txid: u64_of(first.get(1)), seq: first.get(2) };
+            let page_rows: Option<i64> = first.get(9);
+            let rows_out: Vec<LogRow> = found
                 .iter()
-                .map(|r| {
-                    let channel: String = r.get(2);
-                    let event = match r.get::<_, Option<String>>(3) {
-                        Some(body) => Logged::new(body, r.get(4)).into_event(&channel, max_event_bytes as u64),
-                        None => Err(Unreadable::TooLarge(r.get::<_, i64>(5) as u64)),
+                .filter_map(|r| {
+                    let txid: &str = r.get::<_, Option<&str>>(3)?;
+                    let channel: String = r.get(5);
+                    let event = match r.get::<_, Option<String>>(6) {
+                        Some(body) => Logged::new(body, r.get(7)).into_event(&channel, max_event_bytes as u64),
+                        None => Err(Unreadable::TooLarge(r.get::<_, i64>(8) as u64)),
                     };
-                    LogRow { cursor: Cursor { txid: u64_of(r.get(0)), seq: r.get(1) }, channel, event, page_rows: r.get(6) }
+                    Some(LogRow { cursor: Cursor { txid: u64_of(txid), seq: r.get(4) }, channel, event })
                 })
-                .collect())
+                .collect();
+            let more = page_rows.is_some_and(|n| n >= rows || (rows_out.len() as i64) < n);
+            Ok(Some(Poll { rows: rows_out, more, in_progress: in_progress(snap), pruned }))
+        })
+        .await?
+        .ok_or(Error::NotMigrated)
+    }
+
+    /// Tries to become the waiting listener: takes the wake lock if no
+    /// writer holds it, or finds that another listener holds it.
+    pub(crate) async fn try_wait(&self) -> Result<WaitLock> {
+        self.run("taking the wake lock", |c| async move {
+            let row = c
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1),
+                            EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock'
+                                    AND granted AND objsubid = 1 AND pid <> pg_backend_pid()
+                                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                                    AND classid::bigint = ($1 >> 32) AND objid::bigint = ($1 & 4294967295))",
+                    &[&WAKE_KEY],
+                )
+                .await?;
+            Ok(match (row.get(0), row.get(1)) {
+                (true, _) => WaitLock::Mine,
+                (false, true) => WaitLock::Peer,
+                (false, false) => WaitLock::Busy,
+            })
         })
         .await
     }
 
-    /// The highest (txid, seq) retention has removed.
-    pub async fn pruned(&self) -> Result<Cursor> {
-        self.run("reading the retention mark", |c| async move {
-            let row = c.query_one("SELECT pruned_txid::text, pruned_seq FROM pubsub.retention", &[]).await?;
-            Ok(Cursor { txid: u64_of(row.get(0)), seq: row.get(1) })
+    /// Releases the wake lock: writers stop sending wake-ups.
+    pub(crate) async fn stop_waiting(&self) -> Result<()> {
+        self.run("releasing the wake lock", |c| async move {
+            c.execute("SELECT pg_advisory_unlock($1)", &[&WAKE_KEY]).await?;
+            Ok(())
         })
         .await
     }
 
     /// A named subscriber's stored cursor.
-    pub async fn load_cursor(&self, name: &str) -> Result<Option<Cursor>> {
+    pub(crate) async fn load_cursor(&self, name: &str) -> Result<Option<Cursor>> {
         let name = name.to_string();
         self.run("reading a stored cursor", |c| async move {
             let row = c.query_opt("SELECT txid::text, seq FROM pubsub.cursors WHERE name = $1", &[&name]).await?;
@@ -401,7 +398,7 @@ impl LogConn {
     }
 
     /// Stores a named subscriber's cursor (never moving it backwards).
-    pub async fn save_cursor(&self, name: &str, cursor: Cursor) -> Result<()> {
+    pub(crate) async fn save_cursor(&self, name: &str, cursor: Cursor) -> Result<()> {
         let name = name.to_string();
         self.run("storing a cursor", |c| async move {
             c.execute(
@@ -419,7 +416,8 @@ impl LogConn {
 
 #[cfg(test)]
 mod tests {
-    use super::{json_string, Logged, Unreadable};
+    use super::{Logged, Unreadable};
+    use crate::json_string;
 
     const HEAD: &str = r#"{"seq":7,"txid":9,"kind":"message","channel":"c","time":"2026-11-21T00:00:00Z"}"#;
 
