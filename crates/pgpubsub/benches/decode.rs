@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pgpubsub::log::{json_string, Logged};
+use pgpubsub::{json_string, Logged};
 use pgpubsub::reassembly::{Limits, Reassembler};
 use pgpubsub::wire::{self, Frame, CHUNK_DATA_BYTES};
 use pgpubsub::{Event, Stats};

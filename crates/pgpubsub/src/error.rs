@@ -122,15 +122,19 @@ impl std::error::Error for DbMessage {
 }
 
 impl Error {
-    /// Wraps a driver error from a statement, turning a missing schema,
-    /// table, column or function (SQLSTATE 3F000, 42P01, 42703, 42883: our
-    /// statements name only objects of the `pubsub` schema and the catalog)
-    /// into [`Error::NotMigrated`]. Classified by SQLSTATE, never by the
-    /// message, which depends on `lc_messages`.
+    /// Wraps a driver error from a statement, turning a missing `pubsub`
+    /// schema (SQLSTATE 3F000), or a missing table, column or function of it
+    /// (42P01, 42703, 42883 naming a `pubsub` object), into
+    /// [`Error::NotMigrated`]. Classified by SQLSTATE and the object's
+    /// name, which no `lc_messages` translates; a user's missing table stays
+    /// a [`Error::Db`] with its SQLSTATE.
     pub(crate) fn db(context: &'static str, source: tokio_postgres::Error) -> Self {
         let msg = DbMessage::new(source);
-        if matches!(msg.code.as_deref(), Some("3F000" | "42P01" | "42703" | "42883")) {
-            return Error::NotMigrated;
+        let ours = msg.message.contains("pubsub") || msg.message.contains("payload");
+        match msg.code.as_deref() {
+            Some("3F000") => return Error::NotMigrated,
+            Some("42P01" | "42703" | "42883") if ours => return Error::NotMigrated,
+            _ => {}
         }
         Error::Db { context, source: msg }
     }

@@ -92,8 +92,7 @@ impl Logged {
     /// # Errors
     /// [`Unreadable::NotAnEvent`] when the payload is apart and the body is
     /// not a non-empty JSON object to put it in.
-    #[cfg(test)]
-    fn into_json(self) -> Result<String, Unreadable> {
+    pub fn into_json(self) -> Result<String, Unreadable> {
         match &self.payload {
             None => Ok(self.body),
             Some(payload) => Logged::render(&self.body, payload),

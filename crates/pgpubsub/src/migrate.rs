@@ -39,8 +39,8 @@ const FILES: &[(bool, &str, &str)] = &[
     embed!(false, "migrations", "20261121000200_pubsub_store.sql"),
     embed!(false, "migrations", "20261121000300_pubsub_message_payload.sql"),
     embed!(false, "migrations", "20261121000400_pubsub_prune_by_key.sql"),
-    embed!(false, "migrations", "20261130000100_pubsub_log_only.sql"),
     embed!(true, "examples", "20261121000900_job_example.sql"),
+    embed!(false, "migrations", "20261130000100_pubsub_log_only.sql"),
 ];
 
 /// Every embedded migration, core and examples, in version order.

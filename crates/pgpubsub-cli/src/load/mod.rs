@@ -169,7 +169,15 @@ pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<
         }
     }
 
-    let trigger = if plan.raw || plan.publish { Trigger::None } else { Trigger::Pubsub };
+    // The bare baseline reads payloads: with it, tables are watched inline
+    // (pgpubsub's listener still reads the log).
+    let trigger = if plan.raw || plan.publish {
+        Trigger::None
+    } else if args.baseline || args.baseline_only {
+        Trigger::PubsubInline
+    } else {
+        Trigger::Pubsub
+    };
     workload::setup(&admin, plan.tables, trigger).await?;
     let channels: Vec<String> = (0..plan.tables).map(workload::channel).collect();
     let expected = plan.rows.map(|r| if plan.mixed { r * 3 } else { r });

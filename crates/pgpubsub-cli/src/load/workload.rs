@@ -23,8 +23,11 @@ pub enum Trigger {
     None,
     /// A trigger that only does `pg_notify(channel, row_to_json(NEW))`.
     NotifyOnly,
-    /// pgpubsub's capture trigger (log + encoder + notify).
+    /// pgpubsub's capture trigger (log, and a wake-up while a listener waits).
     Pubsub,
+    /// pgpubsub's capture trigger in `watch --inline` mode (log, and the
+    /// event in the payload), so a bare LISTEN baseline has payloads to read.
+    PubsubInline,
 }
 
 /// The channel of table `i`.
@@ -54,10 +57,14 @@ pub async fn setup(client: &Client, tables: usize, trigger: Trigger) -> anyhow::
         }
     }
     client.batch_execute(&sql).await.context("creating the load tables")?;
-    if trigger == Trigger::Pubsub {
+    if matches!(trigger, Trigger::Pubsub | Trigger::PubsubInline) {
+        let inline = trigger == Trigger::PubsubInline;
         for i in 0..tables {
             client
-                .execute("SELECT pubsub.watch($1::text::regclass, $2)", &[&format!("{SCHEMA}.t{i}"), &channel(i)])
+                .execute(
+                    "SELECT pubsub.watch($1::text::regclass, $2, $3)",
+                    &[&format!("{SCHEMA}.t{i}"), &channel(i), &inline],
+                )
                 .await
                 .context("watching a load table")?;
         }

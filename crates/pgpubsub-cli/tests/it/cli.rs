@@ -221,13 +221,13 @@ async fn migrate_watch_and_status_from_the_command_line() {
     assert!(text(&out.stdout).contains("channel w_events"), "{}", text(&out.stderr));
     assert!(text(&cmd(&["watch"]).stdout).contains("w -> w_events"));
     let status = text(&cmd(&["migrate", "status"]).stdout);
-    assert!(status.contains("applied  20261121000400 pubsub_prune_by_key"), "{status}");
+    assert!(status.contains("applied  20261130000100 pubsub_log_only"), "{status}");
     assert!(status.contains("pending  20261121000900 job_example (example)"), "{status}");
     assert!(status.contains("watched  w -> w_events"), "{status}");
     assert!(text(&cmd(&["unwatch", "w"]).stdout).contains("stopped watching w"));
 
     let down = cmd(&["migrate", "down"]);
-    assert!(text(&down.stdout).contains("reverted 20261121000400 pubsub_prune_by_key"), "{}", text(&down.stderr));
+    assert!(text(&down.stdout).contains("reverted 20261130000100 pubsub_log_only"), "{}", text(&down.stderr));
 }
 
 #[tokio::test]
@@ -346,7 +346,7 @@ async fn a_named_listen_resumes_after_the_process_restarts() {
     for p in ["three", "four", "five"] {
         pgpubsub::publish(&client, &ch, p).await.unwrap();
     }
-    let (child, stdout, _) = spawn_listener(listen("5"));
+    let (child, stdout, _) = spawn_listener(listen("4"));
     pgpubsub::publish(&client, &ch, "six").await.unwrap();
     let got = read_all(child, stdout);
     // At least once: "one"/"two" may come again; what was missed must come, in order.

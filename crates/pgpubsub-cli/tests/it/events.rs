@@ -82,7 +82,7 @@ async fn watch_defaults_to_the_table_name_and_unwatch_stops_events() {
     let ch = pgpubsub::watch(&client, &format!("app.{table}"), None).await.unwrap();
     assert_eq!(ch.as_str(), table);
     assert_eq!(
-        pgpubsub::publish::watches(&client).await.unwrap().into_iter().find(|(t, _)| t.ends_with(&table)),
+        pgpubsub::watch::watches(&client).await.unwrap().into_iter().find(|(t, _)| t.ends_with(&table)),
         Some((format!("app.{table}"), table.clone()))
     );
     let mut l = db.listen(&[ch.clone()]).await;
@@ -259,7 +259,7 @@ async fn hub_fans_out_and_a_stalled_subscriber_is_told_it_lagged() {
     let mut fast = hub.subscribe(Filter::channels([ch.as_str()]));
     let mut stalled = hub.subscribe(Filter::channels([ch.as_str()]));
     let mut other = hub.subscribe(Filter::channels(["not_this_one"]));
-    tokio::spawn(hub.clone().run(l));
+    tokio::spawn(hub.clone().run(l.into_positioned()));
 
     // The fast subscriber reads as it goes, as its own task would.
     let reader = tokio::spawn(async move {

@@ -189,7 +189,7 @@ async fn listener_backend_terminated_once() {
     let r = check(&mut l, &db.config, writers, None).await;
     assert_complete(&r);
     let s = l.stats().snapshot();
-    assert!(s.reconnects >= 1 && s.gaps >= 1, "{s:?}");
+    assert!(s.reconnects >= 1, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,78 +278,19 @@ async fn late_commit_of_an_earlier_seq_is_not_skipped() {
 
     let got = next(&mut l).await;
     assert_eq!((got.seq, got.message().unwrap().payload.as_str()), (Some(s1), "A"));
-    assert!(l.stats().snapshot().replayed >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_consumer_loses_nothing_and_never_blocks_writers() {
     let db = TestDb::new().await;
     let ch = workload_table(&db.config).await;
-    let opts = fast_heartbeat().buffer(32);
-    let mut l = db.listen_with(&[ch], opts).await;
+    let mut l = db.listen_with(&[ch], fast_heartbeat()).await;
     let writers = spawn_writers(&db.config, 2, 1000, Duration::ZERO, 50);
     let r = check(&mut l, &db.config, writers, Some(Duration::from_millis(500))).await;
     assert_complete(&r);
+    // Nothing queued for it meanwhile: its next reads were just larger.
     let s = l.stats().snapshot();
-    assert!(s.lagged > 0 && s.gaps >= 1 && s.replayed > 0, "{s:?}");
-}
-
-/// The connection dies in the middle of a chunk sequence: the listener
-/// has half an event. To cut at an exact point, the test plays the
-/// encoder: in one transaction it logs an event and notifies only the
-/// first half of the chunks the real encoder makes for it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunk_sequence_cut_by_a_disconnect_is_replayed_whole() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    let ch = common::channel("cutchunks");
-    let capture = common::channel("capture");
-    let payload = "é".repeat(40_000);
-
-    // The encoder's chunks for a body, captured on a channel of their own.
-    let (raw, mut conn) = db.config.connect(tokio_postgres::NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        use futures_util::StreamExt;
-        let mut m = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) = m.next().await {
-            let _ = tx.send(n.payload().to_string());
-        }
-    });
-    raw.batch_execute(&format!("LISTEN {capture}")).await.unwrap();
-
-    let mut l = db.listen_with(&[ch.clone()], fast_heartbeat()).await;
-    let t = client.transaction().await.unwrap();
-    let seq: i64 = t.query_one("SELECT nextval('pubsub.events_seq')", &[]).await.unwrap().get(0);
-    let body: String = t
-        .query_one(
-            "SELECT json_build_object('seq', $1::bigint, 'txid', pg_current_xact_id()::text::bigint,
-                    'kind', 'message', 'channel', $2::text, 'payload', $3::text)::text",
-            &[&seq, &ch.as_str(), &payload],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    t.execute("INSERT INTO pubsub.events (seq, channel, body) VALUES ($1, $2, $3)", &[&seq, &ch.as_str(), &body])
-        .await
-        .unwrap();
-    // pubsub.send on another connection, only to see the frames.
-    raw.execute("SELECT pubsub.send($1, $2, $3)", &[&capture.as_str(), &seq, &body]).await.unwrap();
-    let mut frames = Vec::new();
-    while let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
-        frames.push(p);
-    }
-    assert!(frames.len() >= 4, "{}", frames.len());
-    for f in &frames[..frames.len() / 2] {
-        t.execute("SELECT pg_notify($1, $2)", &[&ch.as_str(), f]).await.unwrap();
-    }
-    t.commit().await.unwrap();
-
-    common::until_stats(&l, |s| s.chunks as usize >= frames.len() / 2).await;
-    assert_eq!(kill_listeners(&db.name).await, 1);
-    let got = next(&mut l).await;
-    assert_eq!(got.seq, Some(seq));
-    assert!(got.message().unwrap().payload == payload);
+    assert!(s.polls > 0 && s.foreign_dropped == 0, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,13 +415,12 @@ async fn queue_pressure_is_reported_and_we_never_pin_the_queue() {
     open.rollback().await.unwrap();
 }
 
-/// References in flight when every connection of the listener is cut: what
-/// was being read is read again from the log, in order, nothing missing.
+/// Large events being read when every connection of the listener is cut:
+/// read again from the log, in order, nothing missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn references_in_flight_survive_their_connections_being_cut() {
+async fn large_events_being_read_survive_their_connections_being_cut() {
     let db = TestDb::new().await;
     let admin = db.client().await;
-    admin.batch_execute(&format!("ALTER DATABASE {} SET pubsub.ref_threshold = 8000", db.name)).await.unwrap();
     let client = db.client().await;
     let ch = common::channel("refs_cut");
     let mut l = db.listen_with(&[ch.clone()], fast_heartbeat()).await;
@@ -515,7 +455,6 @@ async fn references_in_flight_survive_their_connections_being_cut() {
         last = last.max(seq);
         got.insert(seq);
     }
-    // Typically 16 reads fail mid-flight and the rest come from the log.
     let s = l.stats().snapshot();
     assert!(s.reconnects >= 1, "{s:?}");
 }

@@ -4,14 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::cloned_ref_to_slice_refs, missing_docs)]
 
 mod browser;
-mod chunks;
 mod cli;
 mod cluster;
 mod common;
 mod events;
 mod faults;
+mod foreign;
 mod migrations;
 mod proxy;
 mod retention;
+mod security;
 mod serve;
 mod sizes;

@@ -23,7 +23,7 @@ async fn up_down_up() {
     let mut client = db.client().await;
 
     let first = pgpubsub::migrate::up(&mut client, false).await.unwrap();
-    assert_eq!(first.len(), 4);
+    assert_eq!(first.len(), 5);
     assert!(pgpubsub::migrate::up(&mut client, false).await.unwrap().is_empty(), "second up changes nothing");
     // Only dbmate's own bookkeeping table appears outside the schema.
     assert_eq!(tables_outside_pubsub(&client).await, vec!["public.schema_migrations".to_string()]);
@@ -34,7 +34,10 @@ async fn up_down_up() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec!["20261121000100", "20261121000200", "20261121000300", "20261121000400"]);
+    assert_eq!(
+        versions,
+        vec!["20261121000100", "20261121000200", "20261121000300", "20261121000400", "20261130000100"]
+    );
 
     // With the example: job and notification appear.
     let ex = pgpubsub::migrate::up(&mut client, true).await.unwrap();
@@ -48,7 +51,14 @@ async fn up_down_up() {
     }
     assert_eq!(
         reverted,
-        vec!["job_example", "pubsub_prune_by_key", "pubsub_message_payload", "pubsub_store", "pubsub_log"]
+        vec![
+            "pubsub_log_only",
+            "job_example",
+            "pubsub_prune_by_key",
+            "pubsub_message_payload",
+            "pubsub_store",
+            "pubsub_log"
+        ]
     );
     let schema: Option<String> = client
         .query_one("SELECT nspname::text FROM pg_namespace WHERE nspname = 'pubsub'", &[])
@@ -59,7 +69,7 @@ async fn up_down_up() {
     assert!(pgpubsub::migrate::status(&client).await.unwrap().iter().all(|s| !s.applied));
 
     // And up again, working as before.
-    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 4);
+    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 5);
     let ch = pgpubsub::Channel::new("again").unwrap();
     assert!(pgpubsub::publish(&client, &ch, "x").await.unwrap() > 0);
 }
@@ -118,5 +128,5 @@ async fn sql_side_refuses_bad_channels_and_non_tables() {
     // Injection through the table name is just a name that does not exist.
     let err = pgpubsub::watch(&client, "x; DROP SCHEMA pubsub CASCADE", None).await.unwrap_err();
     assert!(err.sqlstate().is_some(), "{err}");
-    assert!(pgpubsub::publish::watches(&client).await.is_ok());
+    assert!(pgpubsub::watch::watches(&client).await.is_ok());
 }

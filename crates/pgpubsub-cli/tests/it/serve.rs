@@ -345,7 +345,7 @@ async fn healthz_and_metrics() {
         "pgpubsub_dropped_total",
         "pgpubsub_lag_notices_total",
         "pgpubsub_reconnects_total",
-        "pgpubsub_gaps_total",
+        "pgpubsub_polls_total",
         "pgpubsub_subscribers",
         "pgpubsub_notify_queue_usage",
         "pgpubsub_listener_up 1",
