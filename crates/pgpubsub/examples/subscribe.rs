@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let channel: Channel = pgpubsub::watch(&client, "todo", None).await?;
 
-    let mut listener = Listener::connect(&config, &[channel.clone()], ListenerOptions::default()).await?;
+    let mut listener = Listener::connect(&config, std::slice::from_ref(&channel), ListenerOptions::default()).await?;
     println!("listening on {channel}; Ctrl-C to stop");
 
     client
