@@ -1,7 +1,8 @@
 //! Puts chunked events back together, within fixed bounds.
 //!
 //! Tolerates chunks that arrive twice or out of order; checks each event's
-//! size and MD5 (ours) or contiguity (seed format) before releasing it; and
+//! size and MD5 (ours), or that its parts provably cover it (seed format, see
+//! docs/protocol.md), before releasing it; and
 //! bounds what it holds: at most `max_messages` incomplete events and
 //! `max_bytes` of their text, each event at most `max_event_bytes`, none older
 //! than `max_age`. Whatever it drops is counted in [`Stats`].
@@ -55,6 +56,11 @@ struct Partial {
     header: Option<(u32, u64, Box<str>)>,
     /// Seed format: whether `<id>EOF` has arrived.
     eof: bool,
+    /// Seed format: whether a new part arrived after the EOF (the parts
+    /// are not in the order senders send them).
+    late: bool,
+    /// Seed format: characters held, the sum over `parts`.
+    chars: u64,
     parts: BTreeMap<u64, Box<str>>,
 }
 
@@ -161,18 +167,26 @@ impl Reassembler {
         Some(text)
     }
 
-    /// Adds a seed-format part.
+    /// Adds a seed-format part; returns the message text once its parts
+    /// provably cover it (see docs/protocol.md, "Seed 004 format").
     pub fn push_seed_part(&mut self, channel: &str, id: &str, offset: u64, data: &str, now: Instant) -> Option<String> {
         Stats::bump(&self.stats.chunks);
         let key = Key { channel: channel.into(), id: MsgId::Seed(id.into()) };
-        self.entry(key.clone(), now);
+        let p = self.entry(key.clone(), now);
+        let (new, after_eof) = (!p.parts.contains_key(&offset), p.eof);
         if !self.insert_part(&key, offset, data) {
             return None;
+        }
+        if new {
+            let p = self.pending.get_mut(&key)?;
+            p.chars += data.chars().count() as u64;
+            p.late |= after_eof;
         }
         self.try_finish_seed(&key)
     }
 
-    /// Marks a seed-format message as ended.
+    /// Marks a seed-format message as ended; returns its text if its parts
+    /// already provably cover it.
     pub fn push_seed_eof(&mut self, channel: &str, id: &str, now: Instant) -> Option<String> {
         let key = Key { channel: channel.into(), id: MsgId::Seed(id.into()) };
         self.entry(key.clone(), now).eof = true;
@@ -189,10 +203,14 @@ impl Reassembler {
             .map(|(k, _)| k.clone())
             .collect();
         for key in &old {
-            self.remove(key);
+            let Some(p) = self.remove(key) else { continue };
             self.losses += 1;
             Stats::bump(&self.stats.expired);
-            tracing::warn!(channel = &*key.channel, id = ?key.id, "incomplete event expired; dropped");
+            let why = match key.id {
+                MsgId::Seq(_) => "chunks missing",
+                MsgId::Seed(_) => seed_verdict(&p, true).err().unwrap_or("complete"),
+            };
+            tracing::warn!(channel = &*key.channel, id = ?key.id, parts = p.parts.len(), why, "incomplete event expired; dropped");
         }
         old.len()
     }
@@ -208,6 +226,8 @@ impl Reassembler {
             held: 0,
             header: None,
             eof: false,
+            late: false,
+            chars: 0,
             parts: BTreeMap::new(),
         })
     }
@@ -246,7 +266,7 @@ impl Reassembler {
 
     fn try_finish_seed(&mut self, key: &Key) -> Option<String> {
         let p = self.pending.get(key)?;
-        if !p.eof || !seed_contiguous(&p.parts) {
+        if seed_verdict(p, false).is_err() {
             return None;
         }
         // Not remembered as done: seed 004 keys messages by row id, so the
@@ -293,29 +313,141 @@ impl Reassembler {
     }
 }
 
-/// Whether seed-format parts cover the text with no gap. Two counters are in
-/// use in the wild: chunk numbers 0, 1, 2, … and character offsets (seed 004's
-/// trigger: `substr(text, counter, 1000)` with counter 0, 1000, 2000, …, where
-/// the one at 0 carries 999 characters because `substr` starts at 1).
-fn seed_contiguous(parts: &BTreeMap<u64, Box<str>>) -> bool {
-    // Senders always send at least one part before EOF; an EOF that
-    // overtook its parts waits for them.
-    if parts.is_empty() {
-        return false;
+/// The ways senders number seed-format parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbering {
+    /// Chunk numbers from `0` or `1`: counters `from`, `from + 1`, ….
+    Chunks { from: u64 },
+    /// 0-based character offsets: each counter is the number of characters
+    /// before its piece (0, 1000, 2000, … for pieces of 1000).
+    Offsets,
+    /// seed 004's trigger, `substr(text, counter, size)` for counter 0,
+    /// size, 2·size, …: 1-based character positions, except the first
+    /// part's 0, which therefore carries `size - 1` characters.
+    Substr,
+}
+
+/// How a numbering's reading of the parts ends.
+#[derive(Debug, PartialEq, Eq)]
+enum Fit {
+    /// The parts do not tile the text from its start under this numbering,
+    /// or not with one fixed piece size (yet: a gap may still fill).
+    No,
+    /// They tile it, and the last piece is as long as the others: further
+    /// parts may still come.
+    FullEnd,
+    /// They tile it, and the last piece is shorter than the others: a sender
+    /// cutting pieces of one size sends a short piece only last.
+    ShortEnd,
+}
+
+/// Whether a seed-format message can be released: `Ok` once its parts
+/// provably cover it, else why it waits.
+///
+/// Senders cut the text into pieces of one size `C` characters, the last
+/// shorter or equal (seed 004's first piece is `C - 1`), number them one of
+/// the [`Numbering`] ways, and send `EOF` after the parts. In the order they
+/// were sent or not, a message is released when its `EOF` is in and:
+///
+/// - its parts start at counter 0 and tile the text under one numbering,
+///   every piece but the last `C` characters and the last shorter. A short
+///   piece can only be the last, and the tiling leaves no gap: proof in any
+///   arrival order. Where two numberings fit (pieces of one character
+///   numbered 0, 1, 2 …), both read the same text: parts concatenated in
+///   counter order.
+/// - or no part arrived after the `EOF`, and the parts are either one lone
+///   part at counter 0 or 1 (the whole of a short message), or tile the
+///   text numbered from 1 with a short last piece. Order is the evidence
+///   here: parts 1..n and `EOF` cannot otherwise be told from a message
+///   numbered from 0 whose part 0 is still on the way.
+///
+/// Everything else waits, and expires at `max_age`: a gap; a last piece of
+/// the full size (a text of exactly `k·C` characters, or `k·C - 1` in seed
+/// 004's cut), which cannot be told from a message whose `EOF` overtook its
+/// last parts; a lone part, or a message numbered from 1, whose parts came
+/// after its `EOF`; pieces of uneven sizes.
+///
+/// `exact` walks every plausible numbering to say precisely why a message
+/// waits (for the expiry warning); without it, a numbering whose last piece
+/// is not shorter than its first is not walked, so that a message whose `EOF`
+/// came first costs one walk, not one per part.
+fn seed_verdict(p: &Partial, exact: bool) -> Result<(), &'static str> {
+    if !p.eof {
+        return Err("no EOF yet");
     }
-    let numbered = parts.keys().enumerate().all(|(i, &k)| k == i as u64);
-    if numbered {
-        return true;
+    let (Some((&first, first_piece)), Some((&last, last_piece))) =
+        (p.parts.first_key_value(), p.parts.last_key_value())
+    else {
+        return Err("EOF but no parts");
+    };
+    if first > 1 {
+        return Err("the first part is missing");
     }
-    let mut next: Option<u64> = None;
-    for (&at, data) in parts {
-        let start = at.max(1);
-        if next.is_some_and(|n| n != start) || (next.is_none() && start != 1) {
-            return false;
+    let n = p.parts.len() as u64;
+    if n == 1 {
+        return if p.late { Err("one part, after its EOF: it may be the first of several") } else { Ok(()) };
+    }
+    // Cheap tests of the last counter first, so that the full walk runs
+    // about once per message, however many parts it has.
+    let (first_len, last_len) = (first_piece.chars().count() as u64, last_piece.chars().count() as u64);
+    let before_last = p.chars - last_len;
+    let candidates = [
+        (Numbering::Chunks { from: first }, last - first == n - 1),
+        (Numbering::Offsets, first == 0 && last == before_last),
+        (Numbering::Substr, first == 0 && last == before_last + 1),
+    ];
+    let mut why = "a gap: no numbering fits the parts yet";
+    for (numbering, plausible) in candidates {
+        if !plausible {
+            continue;
         }
-        next = Some(start + data.chars().count() as u64);
+        // The piece size is the first piece's (substr: plus one).
+        let size = first_len + u64::from(numbering == Numbering::Substr);
+        if !exact && last_len >= size {
+            why = "the last piece is full-size: more parts may follow";
+            continue;
+        }
+        match seed_fit(&p.parts, numbering) {
+            Fit::No => {}
+            Fit::FullEnd => why = "the last piece is full-size: more parts may follow",
+            Fit::ShortEnd if first == 0 || !p.late => return Ok(()),
+            Fit::ShortEnd => why = "numbered from 1 with parts after the EOF: part 0 may still come",
+        }
     }
-    true
+    Err(why)
+}
+
+/// How `parts` (two or more) fit `numbering`.
+fn seed_fit(parts: &BTreeMap<u64, Box<str>>, numbering: Numbering) -> Fit {
+    let n = parts.len();
+    // Characters before the current piece, and the piece size `C`.
+    let mut before = 0u64;
+    let mut size = 0u64;
+    for (i, (&at, piece)) in parts.iter().enumerate() {
+        let len = piece.chars().count() as u64;
+        let (expected, slot) = match numbering {
+            Numbering::Chunks { from } => (from + i as u64, len),
+            Numbering::Offsets => (before, len),
+            Numbering::Substr if i == 0 => (0, len + 1),
+            Numbering::Substr => (before + 1, len),
+        };
+        if at != expected {
+            return Fit::No;
+        }
+        if i == 0 {
+            size = slot;
+        } else if i < n - 1 && slot != size {
+            return Fit::No;
+        } else if i == n - 1 {
+            return match len.cmp(&size) {
+                std::cmp::Ordering::Less => Fit::ShortEnd,
+                std::cmp::Ordering::Equal => Fit::FullEnd,
+                std::cmp::Ordering::Greater => Fit::No,
+            };
+        }
+        before += len;
+    }
+    Fit::No
 }
 
 #[cfg(test)]
@@ -437,9 +569,12 @@ mod tests {
         let out: Vec<String> = frames.iter().filter_map(|f| push(&mut r, f, now)).collect();
         assert_eq!(out, vec![text.clone()]);
 
-        let numbered = [format!("{id}0:ab"), format!("{id}1:cd"), format!("{id}EOF")];
+        // Numbered 0, 1: released once a short last piece ends it ("ab",
+        // "cd" alone could be the start of "abcde": see
+        // seed_full_last_piece_is_not_provably_the_end).
+        let numbered = [format!("{id}0:ab"), format!("{id}1:cd"), format!("{id}EOF"), format!("{id}2:e")];
         let out: Vec<String> = numbered.iter().filter_map(|f| push(&mut r, f, now)).collect();
-        assert_eq!(out, vec!["abcd".to_string()]);
+        assert_eq!(out, vec!["abcde".to_string()]);
     }
 
     #[test]
@@ -452,5 +587,315 @@ mod tests {
         assert!(push(&mut r, &format!("{id}EOF"), t0).is_none());
         assert_eq!(r.expire(t0 + Duration::from_secs(2)), 1);
         assert_eq!(stats.snapshot().expired, 1);
+    }
+
+    // ---- Seed 004 frames as other programs write them ----
+
+    const ID: &str = "123e4567-e89b-12d3-a456-426614174000";
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Numbering {
+        /// Chunk numbers 0, 1, 2, …
+        From0,
+        /// Chunk numbers 1, 2, 3, …
+        From1,
+        /// 0-based character offsets 0, size, 2·size, …
+        Offsets,
+        /// Seed 004's trigger: `substr(doc, pos, size)` for pos 0, size, …
+        /// while `pos <= length(doc)`.
+        Substr,
+    }
+
+    /// The parts a sender numbering this way sends for `text`, cut every
+    /// `size` characters, in the order it sends them (EOF not included).
+    fn seed_parts(text: &str, numbering: Numbering, size: usize) -> Vec<String> {
+        let chars: Vec<char> = text.chars().collect();
+        let piece = |a: usize, b: usize| chars[a.min(chars.len())..b.min(chars.len())].iter().collect::<String>();
+        if numbering == Numbering::Substr {
+            let mut out = vec![];
+            let mut pos = 0;
+            while pos <= chars.len() {
+                // 1-based positions pos..pos+size-1, clipped to 1..=length.
+                out.push(format!("{ID}{pos}:{}", piece(pos.max(1) - 1, pos + size - 1)));
+                pos += size;
+            }
+            return out;
+        }
+        // An empty text is still sent as one (empty) part.
+        let starts: Vec<usize> = (0..chars.len().max(1)).step_by(size).collect();
+        let counter = |i: usize, at: usize| match numbering {
+            Numbering::From0 => i,
+            Numbering::From1 => i + 1,
+            _ => at,
+        };
+        starts.iter().enumerate().map(|(i, &at)| format!("{ID}{}:{}", counter(i, at), piece(at, at + size))).collect()
+    }
+
+    /// A deterministic shuffle (xorshift), so failures replay.
+    fn shuffled(v: &[String], seed: u64) -> Vec<String> {
+        let mut v = v.to_vec();
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for i in (1..v.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+
+    /// The arrival orders to try: (name, frames, whether every part
+    /// arrives before the EOF).
+    fn arrangements(parts: &[String]) -> Vec<(String, Vec<String>, bool)> {
+        let eof = format!("{ID}EOF");
+        let n = parts.len();
+        assert!(n >= 4, "EOF in the middle needs at least two parts on each side");
+        let with_eof_at = |v: &[String], at: usize| {
+            let mut v = v.to_vec();
+            v.insert(at, eof.clone());
+            v
+        };
+        let mut out = vec![
+            ("in order".to_string(), with_eof_at(parts, n), true),
+            ("EOF first".to_string(), with_eof_at(parts, 0), false),
+            ("EOF in the middle".to_string(), with_eof_at(parts, n / 2), false),
+        ];
+        let mut rev = with_eof_at(parts, n);
+        rev.reverse();
+        out.push(("reversed".to_string(), rev, false));
+        for seed in 1..=12 {
+            let s = shuffled(parts, seed);
+            out.push((format!("shuffled #{seed}"), with_eof_at(&s, n), true));
+            out.push((format!("shuffled #{seed}, EOF first"), with_eof_at(&s, 0), false));
+            out.push((format!("shuffled #{seed}, EOF in the middle"), with_eof_at(&s, n / 2), false));
+            // Every part twice, the copies shuffled in among the first.
+            let mut dup = parts.to_vec();
+            dup.extend(shuffled(parts, seed + 100));
+            let dup = shuffled(&dup, seed + 200);
+            out.push((format!("duplicated #{seed}"), with_eof_at(&dup, dup.len()), true));
+            out.push((format!("duplicated #{seed}, EOF in the middle"), with_eof_at(&dup, dup.len() / 2), false));
+        }
+        out
+    }
+
+    /// Multi-byte text of `n` characters, so that offsets in bytes and in
+    /// characters differ.
+    fn multibyte(n: usize) -> String {
+        "ñandú 🦤 é0123456789{}\"".chars().cycle().take(n).collect()
+    }
+
+    /// Feeds `frames`; returns what was released.
+    fn feed_seed(r: &mut Reassembler, frames: &[String], now: Instant) -> Vec<String> {
+        frames.iter().filter_map(|f| push(r, f, now)).collect()
+    }
+
+    /// Whether every distinct part in `frames` comes before the first EOF.
+    fn parts_before_eof(frames: &[String]) -> bool {
+        let eof = frames.iter().position(|f| f.ends_with("EOF")).unwrap_or(frames.len());
+        frames[eof..].iter().all(|f| f.ends_with("EOF") || frames[..eof].contains(f))
+    }
+
+    /// Every arrangement of `text` sent this way is released exactly once,
+    /// whole, with nothing left behind.
+    fn assert_every_order_reassembles(numbering: Numbering, text: &str, size: usize) {
+        let parts = seed_parts(text, numbering, size);
+        for (name, frames, _) in arrangements(&parts) {
+            let eof = frames.iter().position(|f| f.ends_with("EOF")).unwrap();
+            let before: Vec<&String> = parts.iter().filter(|p| frames[..eof].contains(p)).collect();
+            if before.len() == 1 && before[0] == &parts[0] {
+                // Part 0 alone, then EOF: a whole one-part message.
+                continue;
+            }
+            if numbering == Numbering::From0 && before.len() == parts.len() - 1 && !before.contains(&&parts[0]) {
+                // Parts 1..n, then EOF: a whole message numbered from 1.
+                continue;
+            }
+            let (mut r, stats) = new(Limits::default());
+            let now = Instant::now();
+            let mut out = vec![];
+            for (i, f) in frames.iter().enumerate() {
+                if let Some(text) = push(&mut r, f, now) {
+                    out.push(text);
+                    // Nothing is held once it is released. (A copy arriving
+                    // later starts a new message: seed ids are row ids.)
+                    assert_eq!((r.pending(), r.held_bytes()), (0, 0), "{numbering:?}, {name}");
+                    assert!(frames[i + 1..].iter().all(|f| frames[..=i].contains(f)), "{numbering:?}, {name}: early");
+                }
+            }
+            assert!(out.len() == 1 && out[0] == text, "{numbering:?}, {name}: released {out:?}");
+            assert_eq!(stats.snapshot().corrupt, 0, "{numbering:?}, {name}");
+        }
+    }
+
+    #[test]
+    fn seed_chunk_numbers_from_0() {
+        assert_every_order_reassembles(Numbering::From0, &multibyte(3_456), 1000);
+        assert_every_order_reassembles(Numbering::From0, &multibyte(101), 7);
+    }
+
+    #[test]
+    fn seed_char_offsets_from_0() {
+        assert_every_order_reassembles(Numbering::Offsets, &multibyte(3_456), 1000);
+        assert_every_order_reassembles(Numbering::Offsets, &multibyte(101), 7);
+    }
+
+    #[test]
+    fn seed_substr_offsets() {
+        assert_every_order_reassembles(Numbering::Substr, &multibyte(3_456), 1000);
+        assert_every_order_reassembles(Numbering::Substr, &multibyte(101), 7);
+        // The seed's own frames: 999 characters at 0, then 1000 each.
+        let parts = seed_parts(&multibyte(2_500), Numbering::Substr, 1000);
+        let lens: Vec<usize> = parts.iter().map(|p| p.split_once(':').unwrap().1.chars().count()).collect();
+        assert_eq!(lens, [999, 1000, 501]);
+        assert!(parts[1].starts_with(&format!("{ID}1000:")));
+    }
+
+    /// Numbered from 1, a message is released when all its parts came
+    /// before its EOF, in any order. When parts come after the EOF it waits,
+    /// then expires: counted, never truncated. (Parts 1..n then EOF cannot be
+    /// told from a message numbered from 0 whose part 0 is still to come.)
+    #[test]
+    fn seed_chunk_numbers_from_1() {
+        for (text, size) in [(multibyte(3_456), 1000), (multibyte(101), 7)] {
+            let parts = seed_parts(&text, Numbering::From1, size);
+            for (name, frames, _) in arrangements(&parts) {
+                let (mut r, stats) = new(Limits { max_age: Duration::from_secs(1), ..Limits::default() });
+                let t0 = Instant::now();
+                let out = feed_seed(&mut r, &frames, t0);
+                if parts_before_eof(&frames) {
+                    assert!(out.len() == 1 && out[0] == text, "{name}: released {out:?}");
+                } else {
+                    assert!(out.is_empty(), "{name}: released {out:?}");
+                    assert_eq!(r.expire(t0 + Duration::from_secs(2)), 1, "{name}");
+                    assert_eq!(stats.snapshot().expired, 1, "{name}");
+                }
+            }
+        }
+    }
+
+    /// A sender counting offsets in bytes is not one of the numberings:
+    /// on multi-byte text nothing fits, and nothing is released.
+    #[test]
+    fn seed_offsets_count_characters_not_bytes() {
+        let text = multibyte(35);
+        let (a, b) = text.split_at(text.char_indices().nth(20).unwrap().0);
+        let frames = [format!("{ID}0:{a}"), format!("{ID}{}:{b}", a.len()), format!("{ID}EOF")];
+        assert_ne!(a.len(), 20);
+        let (mut r, _) = new(Limits::default());
+        assert!(feed_seed(&mut r, &frames, Instant::now()).is_empty());
+        // The same in characters is released.
+        let frames = [format!("{ID}0:{a}"), format!("{ID}20:{b}"), format!("{ID}EOF")];
+        let (mut r, _) = new(Limits::default());
+        assert_eq!(feed_seed(&mut r, &frames, Instant::now()), vec![text.clone()]);
+    }
+
+    /// A missing part (first, middle or last), under every numbering and in
+    /// every order, never releases a truncated message; it expires, counted
+    /// and warned about.
+    #[test]
+    fn seed_gap_never_releases_and_expires_with_a_warning() {
+        for numbering in [Numbering::From0, Numbering::From1, Numbering::Offsets, Numbering::Substr] {
+            let text = multibyte(101);
+            let parts = seed_parts(&text, numbering, 7);
+            for missing in [0, 1, parts.len() / 2, parts.len() - 1] {
+                let mut sent = parts.clone();
+                sent.remove(missing);
+                for (name, frames, _) in arrangements(&sent) {
+                    let (mut r, stats) = new(Limits { max_age: Duration::from_secs(1), ..Limits::default() });
+                    let t0 = Instant::now();
+                    let out = feed_seed(&mut r, &frames, t0);
+                    let what = format!("{numbering:?}, part {missing} missing, {name}");
+                    if numbering == Numbering::From0 && missing == 0 && parts_before_eof(&frames) {
+                        // The one ambiguity left: parts 1..n, all before
+                        // their EOF, are a whole message numbered from 1.
+                        let rest: String = sent.iter().map(|p| p.split_once(':').unwrap().1).collect();
+                        assert_eq!(out, vec![rest], "{what}");
+                        continue;
+                    }
+                    assert!(out.is_empty(), "{what}: released {out:?}");
+                    let warnings = capture_warnings(|| assert_eq!(r.expire(t0 + Duration::from_secs(2)), 1, "{what}"));
+                    assert_eq!((stats.snapshot().expired, r.pending(), r.held_bytes()), (1, 0, 0), "{what}");
+                    assert!(warnings.len() == 1 && warnings[0].contains("expired"), "{what}: {warnings:?}");
+                }
+            }
+        }
+    }
+
+    /// A text that fills its last piece exactly cannot be told from one whose
+    /// further parts are still on the way (an EOF that overtook them): it
+    /// waits, and expires if nothing follows. A short last piece ends it.
+    #[test]
+    fn seed_full_last_piece_is_not_provably_the_end() {
+        for numbering in [Numbering::From0, Numbering::Offsets, Numbering::Substr] {
+            // Pieces of 7, 7, 7 (substr: 6, 7, 7): the cut fills the last.
+            let full = multibyte(if numbering == Numbering::Substr { 20 } else { 21 });
+            let mut frames = seed_parts(&full, numbering, 7);
+            assert_eq!(frames.len(), 3);
+            frames.push(format!("{ID}EOF"));
+            let (mut r, stats) = new(Limits { max_age: Duration::from_secs(1), ..Limits::default() });
+            let t0 = Instant::now();
+            assert!(feed_seed(&mut r, &frames, t0).is_empty(), "{numbering:?}");
+            assert_eq!(r.expire(t0 + Duration::from_secs(2)), 1);
+            assert_eq!(stats.snapshot().expired, 1);
+            // Two full parts, EOF, then a short third: released whole, and
+            // not at the EOF.
+            let text = multibyte(18);
+            let parts = seed_parts(&text, numbering, 7);
+            assert_eq!(parts.len(), 3);
+            let eof = format!("{ID}EOF");
+            assert!(feed_seed(&mut r, &[parts[0].clone(), parts[1].clone(), eof], t0).is_empty(), "{numbering:?}");
+            assert_eq!(feed_seed(&mut r, &parts[2..], t0), vec![text], "{numbering:?}");
+        }
+    }
+
+    /// One part then its EOF is a whole message (the sender's order); one
+    /// part after its EOF may be the first of several, and waits.
+    #[test]
+    fn seed_lone_part() {
+        for counter in [0, 1] {
+            let (mut r, stats) = new(Limits { max_age: Duration::from_secs(1), ..Limits::default() });
+            let t0 = Instant::now();
+            let part = format!("{ID}{counter}:{}", multibyte(50));
+            let eof = format!("{ID}EOF");
+            assert_eq!(feed_seed(&mut r, &[part.clone(), eof.clone()], t0), vec![multibyte(50)]);
+            assert!(feed_seed(&mut r, &[eof, part], t0).is_empty());
+            assert_eq!(r.expire(t0 + Duration::from_secs(2)), 1);
+            assert_eq!(stats.snapshot().expired, 1);
+        }
+        // seed 004's trigger on an empty text: one empty part at 0.
+        let (mut r, _) = new(Limits::default());
+        assert_eq!(seed_parts("", Numbering::Substr, 1000), vec![format!("{ID}0:")]);
+        assert_eq!(feed_seed(&mut r, &[format!("{ID}0:"), format!("{ID}EOF")], Instant::now()), vec![String::new()]);
+    }
+
+    /// Warnings logged while `f` runs.
+    fn capture_warnings(f: impl FnOnce()) -> Vec<String> {
+        use std::sync::Mutex;
+        struct Capture(Arc<Mutex<Vec<String>>>);
+        impl tracing::Subscriber for Capture {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+                tracing::span::Id::from_u64(1)
+            }
+            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+            fn event(&self, e: &tracing::Event<'_>) {
+                if *e.metadata().level() == tracing::Level::WARN {
+                    let mut s = String::new();
+                    e.record(&mut |f: &tracing::field::Field, v: &dyn std::fmt::Debug| {
+                        s.push_str(&format!("{}={v:?} ", f.name()));
+                    });
+                    self.0.lock().unwrap().push(s);
+                }
+            }
+            fn enter(&self, _: &tracing::span::Id) {}
+            fn exit(&self, _: &tracing::span::Id) {}
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        tracing::subscriber::with_default(Capture(seen.clone()), f);
+        let seen = seen.lock().unwrap().clone();
+        seen
     }
 }
