@@ -48,6 +48,7 @@ pub mod retention;
 mod session;
 pub mod stats;
 pub mod store;
+mod tls;
 pub mod wire;
 
 pub use channel::Channel;

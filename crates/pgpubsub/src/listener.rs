@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, Stream};
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::Config;
 
 use crate::channel::Channel;
 use crate::cursor::Cursor;
+use crate::db::Config;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::log::{LogConn, Unreadable};

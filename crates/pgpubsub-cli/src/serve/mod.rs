@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use pgpubsub::db::Config;
 use pgpubsub::log::LogConn;
 use pgpubsub::{Channel, ConnectionState, Hub, Listener, ListenerOptions, Stats};
 use tokio::sync::watch;
-use tokio_postgres::Config;
 
 /// Options of `serve`.
 #[derive(Debug, clap::Args)]

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pgpubsub::db::Config;
 use pgpubsub::{Channel, ConnectionState, Error, Listener, ListenerOptions};
-use tokio_postgres::Config;
 
 use crate::cluster::Cluster;
 use crate::common::{self, next, TestDb};
@@ -307,7 +307,7 @@ async fn a_chunk_sequence_cut_by_a_disconnect_is_replayed_whole() {
     let payload = "é".repeat(40_000);
 
     // The encoder's chunks for a body, captured on a channel of their own.
-    let (raw, mut conn) = db.config.connect(tokio_postgres::NoTls).await.unwrap();
+    let (raw, mut conn) = pgpubsub::db::open(&db.config).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         use futures_util::StreamExt;
@@ -449,7 +449,8 @@ async fn queue_pressure_is_reported_and_we_never_pin_the_queue() {
     let db = TestDb::new().await;
     let ch = common::channel("pressure");
     let mut stuck = db.client().await;
-    stuck.batch_execute(&format!("LISTEN {ch}")).await.unwrap();
+    // Not ours: the check below counts connections named pgpubsub.
+    stuck.batch_execute(&format!("SET application_name = 'stuck'; LISTEN {ch}")).await.unwrap();
     let open = stuck.transaction().await.unwrap();
     open.batch_execute("SELECT 1").await.unwrap();
 
