@@ -15,3 +15,4 @@ mod proxy;
 mod retention;
 mod serve;
 mod sizes;
+mod tls;
