@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -69,6 +69,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,
         Some(Command::Demo) => cmd::demo::run(&config, debug).await,
     }
+}
+
+/// The error and its causes, `: `-separated, each once: the library's
+/// messages already include the driver's reasons (a certificate that does
+/// not verify), which `{:#}` would print again.
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&more);
+        }
+    }
+    text
 }
 
 /// Logs go to stderr, filtered by RUST_LOG (default: info for pgpubsub).

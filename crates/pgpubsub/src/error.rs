@@ -11,8 +11,10 @@ pub enum Error {
     #[error("invalid connection string: {0}")]
     Config(String),
 
-    /// The database could not be reached or the connection was lost.
-    #[error("cannot connect to {target}: {source}")]
+    /// The database could not be reached or the connection was lost. The
+    /// message includes the driver's reasons (a certificate that does not
+    /// verify, a refused connection), which its own message leaves out.
+    #[error("cannot connect to {target}: {}", with_causes(source))]
     Connect {
         /// Where we tried to connect (password hidden).
         target: String,
@@ -156,6 +158,22 @@ pub struct InvalidChannel {
     pub name: String,
     /// What is wrong with it.
     pub reason: &'static str,
+}
+
+/// An error and its causes, `: `-separated: the driver's own messages are
+/// generic ("error performing TLS handshake"), the cause says what happened.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Shorthand for results of this crate.

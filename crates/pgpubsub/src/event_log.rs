@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 
 use crate::cursor::Cursor;
+use crate::db::Config;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::json_string;

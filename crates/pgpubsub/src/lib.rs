@@ -54,6 +54,7 @@ pub mod retention;
 pub mod stats;
 pub mod store;
 mod tail;
+mod tls;
 pub mod watch;
 pub mod wire;
 

@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, Stream};
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_postgres::Config;
 
 use crate::channel::Channel;
 use crate::cursor::Cursor;
+use crate::db::Config;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::event_log::{LogConn, WaitLock};

@@ -22,7 +22,9 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Client, Notification};
+
+use crate::db::Config;
 
 use crate::channel::Channel;
 use crate::error::{Error, Result};
@@ -113,11 +115,10 @@ impl Reader {
     /// # Errors
     /// Connection failures, a read replica, a refused LISTEN.
     pub async fn open(&mut self) -> Result<Live> {
-        let connect = self.config.connect(NoTls);
+        let connect = crate::db::open(&self.config);
         let (client, mut connection) = tokio::time::timeout(self.options.deaf_after, connect)
             .await
-            .map_err(|_| Error::ConnectionLost(format!("connecting took over {:?}", self.options.deaf_after)))?
-            .map_err(|source| Error::Connect { target: crate::db::describe(&self.config), source })?;
+            .map_err(|_| Error::ConnectionLost(format!("connecting took over {:?}", self.options.deaf_after)))??;
         let (tx, notifications) = mpsc::channel(NOTIFY_QUEUE);
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -9,8 +9,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use pgpubsub::db::Config;
 use pgpubsub::{Channel, Listener, ListenerOptions};
-use tokio_postgres::Config;
 
 use crate::output::{self, Style};
 

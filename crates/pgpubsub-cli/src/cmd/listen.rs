@@ -4,8 +4,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use pgpubsub::db::Config;
 use pgpubsub::{ConnectionState, Limits, Listener, ListenerOptions};
-use tokio_postgres::Config;
 
 use crate::cli::ListenArgs;
 use crate::output::{self, Style};

@@ -1,7 +1,7 @@
 //! `pgpubsub migrate [up|down|status] [--example]`.
 
 use anyhow::Context;
-use tokio_postgres::Config;
+use pgpubsub::db::Config;
 
 use crate::cli::{MigrateAction, MigrateArgs};
 

@@ -8,7 +8,8 @@ pub mod publish;
 pub mod watch;
 
 use anyhow::Context;
-use tokio_postgres::{Client, Config};
+use pgpubsub::db::Config;
+use tokio_postgres::Client;
 
 /// A connection for statements, with the target named in the error.
 pub async fn connect(config: &Config) -> anyhow::Result<Client> {

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use pgpubsub::db::Config;
 use pgpubsub::retention::{self, Retention};
-use tokio_postgres::Config;
 
 use crate::cli::RetentionArgs;
 

@@ -1,8 +1,8 @@
 //! `pgpubsub publish CHANNEL [PAYLOAD | -]`.
 
 use anyhow::Context;
+use pgpubsub::db::Config;
 use tokio::io::AsyncReadExt;
-use tokio_postgres::Config;
 
 use crate::cli::PublishArgs;
 

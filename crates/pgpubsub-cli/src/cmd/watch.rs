@@ -1,8 +1,8 @@
 //! `pgpubsub watch [TABLE] [--channel C]` and `pgpubsub unwatch TABLE`.
 
 use anyhow::Context;
+use pgpubsub::db::Config;
 use pgpubsub::Channel;
-use tokio_postgres::Config;
 
 /// Watches a table, or lists watched tables when none is given.
 pub async fn run(config: &Config, table: Option<&str>, channel: Option<&Channel>) -> anyhow::Result<()> {

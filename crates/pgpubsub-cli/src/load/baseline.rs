@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use pgpubsub::db::Config;
+use tokio_postgres::AsyncMessage;
 
 use super::probe::{now_us, Probe};
 
@@ -28,7 +29,7 @@ pub struct BaselineArgs {
 
 /// Receives, then prints one JSON summary line on stdout.
 pub async fn run(config: &Config, args: &BaselineArgs) -> anyhow::Result<()> {
-    let (client, mut connection) = config.connect(NoTls).await.context("baseline: connecting")?;
+    let (client, mut connection) = pgpubsub::db::open(config).await.context("baseline: connecting")?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

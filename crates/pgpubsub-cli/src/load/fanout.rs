@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use pgpubsub::db::Config;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio_postgres::Config;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::probe::now_us;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
-use tokio_postgres::Config;
+use pgpubsub::db::Config;
 
 use self::receiver::Receivers;
 use self::report::{Report, WriteRun};

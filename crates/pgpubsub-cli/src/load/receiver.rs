@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
+use pgpubsub::db::Config;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
 
 use super::probe::{now_us, Probe};
 use super::proc::{self, Usage};
@@ -119,7 +120,7 @@ impl Receivers {
             receivers.baseline = Some((ChildReceiver { child, pid, usage: Arc::default() }, task));
         }
         for _ in 0..idle {
-            let (client, mut conn) = config.connect(NoTls).await.context("connecting an idle listener")?;
+            let (client, mut conn) = pgpubsub::db::open(config).await.context("connecting an idle listener")?;
             tokio::spawn(async move {
                 let mut m = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                 while let Some(Ok(_)) = m.next().await {}

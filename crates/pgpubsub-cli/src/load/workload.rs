@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio_postgres::{Client, Config};
+use pgpubsub::db::Config;
+use tokio_postgres::Client;
 
 use super::probe::now_us;
 

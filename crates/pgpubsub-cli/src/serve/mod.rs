@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use pgpubsub::db::Config;
 use pgpubsub::{Channel, ConnectionState, Hub, Listener, ListenerOptions, LogConn, Stats};
 use tokio::sync::watch;
-use tokio_postgres::Config;
 
 /// Options of `serve`.
 #[derive(Debug, clap::Args)]

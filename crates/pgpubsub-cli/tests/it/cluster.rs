@@ -41,10 +41,23 @@ fn try_as_postgres(tool: &str, args: &[&str]) -> std::process::Output {
     cmd.args(args).output().unwrap()
 }
 
+/// Whether the PostgreSQL server binaries (initdb) are installed.
+pub fn available() -> bool {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join("bin/initdb").exists()))
+        .unwrap_or(false)
+}
+
 impl Cluster {
     /// initdb and start on a free port. `standby` makes it a (primary-less)
     /// standby: in recovery, read-only.
     pub fn start(standby: bool) -> Cluster {
+        Cluster::start_with(standby, |_| {})
+    }
+
+    /// As [`Cluster::start`], with `configure` run on the data directory
+    /// (as root, before the first start): its files may be edited or added.
+    pub fn start_with(standby: bool, configure: impl FnOnce(&std::path::Path)) -> Cluster {
         let dir = std::env::temp_dir().join(crate::common::unique("pgpubsub_cluster"));
         std::fs::create_dir_all(&dir).unwrap();
         let _ = Command::new("chown").args(["postgres:postgres", dir.to_str().unwrap()]).status();
@@ -56,6 +69,8 @@ impl Cluster {
                 .args(["postgres:postgres", data.join("standby.signal").to_str().unwrap()])
                 .status();
         }
+        configure(&data);
+        let _ = Command::new("chown").args(["-R", "postgres:postgres", data.to_str().unwrap()]).status();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let cluster = Cluster { dir, port };
         cluster.ctl(&["start"]);

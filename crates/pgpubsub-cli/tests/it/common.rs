@@ -4,8 +4,9 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use pgpubsub::db::Config;
 use pgpubsub::{Channel, Event, Listener, ListenerOptions};
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
 
 /// The server under test; override with PGPUBSUB_TEST_URL.
 pub fn admin_url() -> String {
@@ -51,7 +52,7 @@ impl TestDb {
         let admin = pgpubsub::db::connect(&admin_url().parse().unwrap()).await.unwrap();
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
         let mut config: Config = admin_url().parse().unwrap();
-        config.dbname(&name);
+        config.pg_mut().dbname(&name);
         let url = with_dbname(&admin_url(), &name);
         TestDb { name, url, config }
     }

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pgpubsub::db::Config;
 use pgpubsub::{Channel, ConnectionState, Error, Listener, ListenerOptions};
-use tokio_postgres::Config;
 
 use crate::cluster::Cluster;
 use crate::common::{self, next, TestDb};
@@ -390,7 +390,8 @@ async fn queue_pressure_is_reported_and_we_never_pin_the_queue() {
     let db = TestDb::new().await;
     let ch = common::channel("pressure");
     let mut stuck = db.client().await;
-    stuck.batch_execute(&format!("LISTEN {ch}")).await.unwrap();
+    // Not ours: the check below counts connections named pgpubsub.
+    stuck.batch_execute(&format!("SET application_name = 'stuck'; LISTEN {ch}")).await.unwrap();
     let open = stuck.transaction().await.unwrap();
     open.batch_execute("SELECT 1").await.unwrap();
 

@@ -16,3 +16,4 @@ mod retention;
 mod security;
 mod serve;
 mod sizes;
+mod tls;

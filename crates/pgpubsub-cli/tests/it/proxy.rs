@@ -50,7 +50,7 @@ impl Proxy {
     }
 
     /// A connection string to database `db` through the proxy.
-    pub fn config(&self, db: &str) -> tokio_postgres::Config {
+    pub fn config(&self, db: &str) -> pgpubsub::db::Config {
         format!("postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable", self.port).parse().unwrap()
     }
 

@@ -576,7 +576,7 @@ async fn sigterm_closes_streams_and_exits() {
 async fn a_subscriber_keeps_its_stream_across_a_database_restart() {
     let cluster = tokio::task::spawn_blocking(|| crate::cluster::Cluster::start(false)).await.unwrap();
     let url = cluster.url("postgres");
-    let config: tokio_postgres::Config = url.parse().unwrap();
+    let config: pgpubsub::db::Config = url.parse().unwrap();
     let mut client = pgpubsub::db::connect(&config).await.unwrap();
     pgpubsub::migrate::up(&mut client, false).await.unwrap();
     let ch = common::channel("dbrestart");

@@ -104,7 +104,7 @@ async fn chunks_stay_under_the_limit_and_cut_between_characters() {
 
     let db = TestDb::new().await;
     let ch = common::channel("raw");
-    let (raw, mut conn) = db.config.connect(tokio_postgres::NoTls).await.unwrap();
+    let (raw, mut conn) = pgpubsub::db::open(&db.config).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
