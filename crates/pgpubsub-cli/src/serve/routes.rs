@@ -24,6 +24,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.max_event_bytes;
     Router::new()
         .route("/", get(page))
+        .route("/client.js", get(client_js))
         .route("/events", get(sse))
         .route("/ws", get(ws))
         .route("/publish/{channel}", post(publish).layer(DefaultBodyLimit::max(limit)))
@@ -248,6 +249,13 @@ async fn sse(
 /// `GET /`: the live page (pick channels, watch events, rate and latency).
 async fn page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("page.html"))
+}
+
+/// `GET /client.js`: the JavaScript client (`clients/js`), for pages that
+/// `import { connect } from "/client.js"`.
+async fn client_js() -> impl IntoResponse {
+    let headers = [("content-type", "text/javascript; charset=utf-8"), ("cache-control", "no-cache")];
+    (headers, include_str!("../../../../clients/js/src/client.js"))
 }
 
 /// `GET /ws`: the client's first message is the request as JSON
