@@ -302,7 +302,10 @@ export class Subscription {
     this.#onEvent = onEvent;
     this.#handlers = handlers ?? {};
     this.#hooks = hooks;
-    if (request.since != null) this.#advance(String(request.since));
+    if (request.since != null) {
+      if (!parseCursor(request.since)) throw new TypeError(`since: not a position: ${request.since}`);
+      this.#advance(request.since);
+    }
     let ready, done;
     /** Resolves once subscribed the first time; rejects if the subscription fails or is closed first. */
     this.ready = new Promise((resolve, reject) => (ready = { resolve, reject }));

@@ -94,6 +94,7 @@ for (const [name, options] of TRANSPORTS) {
       const server = await serve(t, db, { channels: ch });
       const client = connect(server.url, options);
       t.after(() => client.close());
+      assert.throws(() => client.subscribe({ since: "yesterday" }, () => {}), TypeError);
       const states = [];
       const sub = client.subscribe({ channels: ["not_served_here"] }, () => {}, { onState: (s) => states.push(s) });
       await assert.rejects(bounded(sub.done, "refusal"), RefusedError);
