@@ -203,11 +203,12 @@ async function failure(res) {
   return new Kind(message, { status: res.status });
 }
 
+/** Calls a listener; what it throws is logged, never thrown into the client's own loop. */
 function safely(fn, ...args) {
   try {
     fn(...args);
   } catch (e) {
-    console.error("pgpubsub-client: a state listener threw", e);
+    console.error("pgpubsub-client: a listener threw", e);
   }
 }
 
@@ -361,7 +362,7 @@ export class Subscription {
     this.#queue.length = 0;
     this.#conn?.close();
     this.#setState("failed", { error });
-    this.#handlers.onError?.(error);
+    if (this.#handlers.onError) safely(this.#handlers.onError, error);
     this.#settle.ready.reject(error);
     this.#settle.done.reject(error);
     this.#hooks.gone();
@@ -699,7 +700,7 @@ export class Subscription {
         `events after ${info.cursor} were pruned (up to ${info.pruned}) before this subscriber read them: resync`,
       );
       error.resync = info;
-      if (this.#handlers.onError) this.#handlers.onError(error);
+      if (this.#handlers.onError) safely(this.#handlers.onError, error);
       else console.warn(`pgpubsub-client: ${error.message} (pass onResync to handle it)`);
     }
   }
