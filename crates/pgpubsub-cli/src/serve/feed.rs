@@ -11,6 +11,8 @@ use super::AppState;
 /// A subscriber's feed.
 pub struct Feed {
     inner: pgpubsub::Feed,
+    /// Where this subscriber stood when it subscribed.
+    start: Cursor,
     /// The server's shutdown: the feed ends when it turns true.
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -19,11 +21,25 @@ impl Feed {
     /// Subscribes now; with `since`, first replays what came after it.
     ///
     /// # Errors
-    /// Never today; kept fallible for feeds that must check something first.
+    /// Before the hub's first event, when the database cannot say where
+    /// "now" is.
     pub async fn new(state: AppState, filter: Filter, since: Option<Cursor>) -> Result<Feed, pgpubsub::Error> {
+        // Until the hub's first event its position is the start of the log,
+        // which a subscriber must not be told to resume from. Then it starts
+        // before the oldest transaction in progress, as a listener "from now"
+        // does: every older one has finished. Taken before subscribing.
+        let start = match since {
+            None if state.hub.position() == Cursor::default() => now(&state).await?,
+            _ => Cursor::default(),
+        };
         let limits = Limits { max_event_bytes: state.max_event_bytes as u64, ..Limits::default() };
         let inner = pgpubsub::Feed::new(state.log.clone(), &state.hub, filter, since, &limits);
-        Ok(Feed { inner, shutdown: state.shutdown.clone() })
+        Ok(Feed { inner, start, shutdown: state.shutdown.clone() })
+    }
+
+    /// Where this subscriber may resume from before it is handed anything.
+    pub fn position(&self) -> Cursor {
+        self.inner.position().max(self.start)
     }
 
     /// The next item; `None` when the server is shutting down. Cancel-safe.
@@ -44,4 +60,16 @@ impl Feed {
     pub fn try_next(&mut self) -> Option<Item> {
         self.inner.try_next()
     }
+}
+
+/// The position "from now": before the oldest transaction in progress.
+async fn now(state: &AppState) -> Result<Cursor, pgpubsub::Error> {
+    let db = |source| pgpubsub::Error::Db {
+        context: "reading the snapshot",
+        source: pgpubsub::error::DbMessage::new(source),
+    };
+    let client = state.log.client().await?;
+    let row = client.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[]).await.map_err(db)?;
+    let xmin: String = row.get(0);
+    Ok(Cursor::before_txid(xmin.parse().unwrap_or(0)))
 }

@@ -24,6 +24,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.max_event_bytes;
     Router::new()
         .route("/", get(page))
+        .route("/client.js", get(client_js))
         .route("/events", get(sse))
         .route("/ws", get(ws))
         .route("/publish/{channel}", post(publish).layer(DefaultBodyLimit::max(limit)))
@@ -102,6 +103,10 @@ pub struct Request {
     since: Option<String>,
     /// WebSocket only: the token, when not sent as a header or cookie.
     token: Option<String>,
+    /// WebSocket only: first answer `{"type": "subscribed", "id": <resume>}`
+    /// once subscribed, so a client knows where it stands before any event.
+    #[serde(default)]
+    ack: bool,
 }
 
 impl Request {
@@ -191,13 +196,16 @@ async fn sse(
     let (filter, since) = request.resolve(&state, &claims, last)?;
     let expires = expiry(&claims);
     let feed = Feed::new(state, filter, since).await?;
+    let start = feed.position();
     let record = |event: &str, data: &str, id: Option<Cursor>| {
         let id = id.map(|c| format!("id: {c}\n")).unwrap_or_default();
         Bytes::from(format!("{id}event: {event}\ndata: {data}\n\n"))
     };
-    // First, how soon a browser should reconnect after a drop.
-    let hello =
-        futures_util::stream::once(async { Ok::<_, Infallible>(Bytes::from_static(b"retry: 1000\n: pgpubsub\n\n")) });
+    // First, how soon a browser should reconnect after a drop, and where
+    // this subscriber stands before any event (an id alone is no event).
+    let hello = futures_util::stream::once(async move {
+        Ok::<_, Infallible>(Bytes::from(format!("retry: 1000\nid: {start}\n: pgpubsub\n\n")))
+    });
     let events = futures_util::stream::unfold(Some(feed), move |feed| async move {
         let mut feed = feed?;
         // Feed::next is cancel-safe: the keep-alive may interrupt it.
@@ -243,8 +251,15 @@ async fn page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("page.html"))
 }
 
+/// `GET /client.js`: the JavaScript client (`clients/js`), for pages that
+/// `import { connect } from "/client.js"`.
+async fn client_js() -> impl IntoResponse {
+    let headers = [("content-type", "text/javascript; charset=utf-8"), ("cache-control", "no-cache")];
+    (headers, include_str!("../../../../clients/js/src/client.js"))
+}
+
 /// `GET /ws`: the client's first message is the request as JSON
-/// (`{"channels": [...], "table", "ops", "where", "since"}`); then each event
+/// (`{"channels": [...], "table", "ops", "where", "since", "ack"}`); then each event
 /// comes as `{"type": "event", "id": "<resume>", "event": {...}}`. A
 /// subscriber that falls behind gets `{"type": "lagged", ...}` and close code
 /// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
@@ -275,16 +290,17 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
                     Some(c) => c,
                     None => state.auth.check(r.token.as_deref())?,
                 };
+                let ack = r.ack;
                 let resolved = r.resolve(&state, &claims, None)?;
-                Ok((resolved, claims))
+                Ok((resolved, claims, ack))
             }),
         _ => Err(ApiError::BadRequest("expected the subscription request as the first message within 10 s".into())),
     };
-    let (feed, expires) = match request {
-        Ok(((filter, since), claims)) => {
-            (Feed::new(state, filter, since).await.map_err(ApiError::from), expiry(&claims))
+    let (feed, expires, ack) = match request {
+        Ok(((filter, since), claims, ack)) => {
+            (Feed::new(state, filter, since).await.map_err(ApiError::from), expiry(&claims), ack)
         }
-        Err(e) => (Err(e), tokio::time::Instant::now()),
+        Err(e) => (Err(e), tokio::time::Instant::now(), false),
     };
     let mut feed = match feed {
         Ok(f) => f,
@@ -296,6 +312,12 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
             return;
         }
     };
+    if ack {
+        let subscribed = json!({"type": "subscribed", "id": feed.position().to_string()}).to_string();
+        if tx.send(Message::Text(subscribed.into())).await.is_err() {
+            return;
+        }
+    }
     // The read side is watched by a task of its own, so that sending never
     // polls it: it only wakes when the client sends something (a close).
     let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
