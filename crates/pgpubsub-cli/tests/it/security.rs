@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use pgpubsub::{Listener, ListenerOptions};
-use tokio_postgres::{AsyncMessage, Client, Config};
+use pgpubsub::db::Config;
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::common::{self, next, TestDb};
 
@@ -22,7 +23,7 @@ impl Role {
         let admin = db.client().await;
         admin.batch_execute(&format!("CREATE ROLE {name} LOGIN; {}", grants.replace("ROLE", &name))).await.unwrap();
         let mut config = db.config.clone();
-        config.user(&name);
+        config.pg_mut().user(&name);
         Role { name, config, admin }
     }
 
@@ -41,7 +42,7 @@ async fn raw_listen(
     config: &Config,
     channels: &[&str],
 ) -> (Client, tokio::sync::mpsc::UnboundedReceiver<(String, String)>) {
-    let (client, mut conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let (client, mut conn) = pgpubsub::db::open(config).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut m = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
