@@ -172,6 +172,12 @@ pub struct WatchArgs {
     /// Channel for its events (default: the table's name).
     #[arg(long, short = 'c')]
     pub channel: Option<Channel>,
+    /// Also notify each event's JSON in the payload (chunked past 8000
+    /// bytes), the seeds' way, for programs that read NOTIFY themselves.
+    /// Readable by every role that can LISTEN, and every write takes
+    /// PostgreSQL's NOTIFY lock: see docs/delivery.md.
+    #[arg(long)]
+    pub inline: bool,
 }
 
 /// Options of `publish`.

@@ -59,7 +59,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => cmd::listen::run(&config, &cli.listen, debug).await,
         Some(Command::Listen(args)) => cmd::listen::run(&config, &args, debug).await,
         Some(Command::Migrate(args)) => cmd::migrate::run(&config, &args).await,
-        Some(Command::Watch(args)) => cmd::watch::run(&config, args.table.as_deref(), args.channel.as_ref()).await,
+        Some(Command::Watch(args)) => {
+            cmd::watch::run(&config, args.table.as_deref(), args.channel.as_ref(), args.inline).await
+        }
         Some(Command::Unwatch { table }) => cmd::watch::unwatch(&config, &table).await,
         Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,

@@ -1,12 +1,12 @@
-//! Publishing messages and watching tables: the statement side of pub/sub.
+//! Watching tables and publishing messages: what writes the log.
 
 use tokio_postgres::Client;
 
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 
-/// Publishes `payload` on `channel` through `pubsub.publish`: logged, then
-/// notified whole, in chunks or by reference depending on its size. Any size
+/// Publishes `payload` on `channel` through `pubsub.publish`: logged (a
+/// waiting listener is woken; no payload travels in a notification). Any size
 /// and any text; it arrives byte for byte. Returns the event's sequence.
 ///
 /// Runs in the client's current transaction if one is open, so the message
@@ -35,8 +35,18 @@ pub async fn publish(client: &Client, channel: &Channel, payload: &str) -> Resul
 /// [`Error::Db`] when the table does not exist (SQLSTATE `42P01`) or is not a
 /// table, or the channel name is invalid.
 pub async fn watch(client: &Client, table: &str, channel: Option<&Channel>) -> Result<Channel> {
+    watch_with(client, table, channel, false).await
+}
+
+/// [`watch`], and with `inline` also each event's JSON in its NOTIFY payload
+/// (chunked past 8000 bytes): the seeds' way, for programs that read
+/// payloads themselves. Readable by every role that can LISTEN.
+///
+/// # Errors
+/// As [`watch`].
+pub async fn watch_with(client: &Client, table: &str, channel: Option<&Channel>, inline: bool) -> Result<Channel> {
     let row = client
-        .query_one("SELECT pubsub.watch($1::text::regclass, $2)", &[&table, &channel.map(Channel::as_str)])
+        .query_one("SELECT pubsub.watch($1::text::regclass, $2, $3)", &[&table, &channel.map(Channel::as_str), &inline])
         .await
         .map_err(|e| Error::db("watching the table", e))?;
     Ok(Channel::new(row.get::<_, String>(0))?)

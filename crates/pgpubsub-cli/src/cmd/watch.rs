@@ -1,11 +1,11 @@
-//! `pgpubsub watch [TABLE] [--channel C]` and `pgpubsub unwatch TABLE`.
+//! `pgpubsub watch [TABLE] [--channel C] [--inline]` and `pgpubsub unwatch TABLE`.
 
 use anyhow::Context;
 use pgpubsub::db::Config;
 use pgpubsub::Channel;
 
 /// Watches a table, or lists watched tables when none is given.
-pub async fn run(config: &Config, table: Option<&str>, channel: Option<&Channel>) -> anyhow::Result<()> {
+pub async fn run(config: &Config, table: Option<&str>, channel: Option<&Channel>, inline: bool) -> anyhow::Result<()> {
     let client = super::connect(config).await?;
     let Some(table) = table else {
         for (table, channel) in pgpubsub::watch::watches(&client).await? {
@@ -13,8 +13,13 @@ pub async fn run(config: &Config, table: Option<&str>, channel: Option<&Channel>
         }
         return Ok(());
     };
-    let channel = pgpubsub::watch(&client, table, channel).await.with_context(|| format!("watching {table}"))?;
+    let channel = pgpubsub::watch::watch_with(&client, table, channel, inline)
+        .await
+        .with_context(|| format!("watching {table}"))?;
     println!("watching {table}: its changes are events on channel {channel}");
+    if inline {
+        println!("inline: each event is also in its NOTIFY payload, readable by every role that can LISTEN");
+    }
     Ok(())
 }
 

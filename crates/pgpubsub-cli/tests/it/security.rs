@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use pgpubsub::{Listener, ListenerOptions};
 use pgpubsub::db::Config;
+use pgpubsub::{Listener, ListenerOptions};
 use tokio_postgres::{AsyncMessage, Client};
 
 use crate::common::{self, next, TestDb};
