@@ -1,6 +1,7 @@
 //! The `pgpubsub` binary: a thin shell over the library. It alone uses
 //! `anyhow`; `main` prints the error chain and chooses the exit code.
 
+mod bridge;
 mod cli;
 mod cmd;
 mod load;
@@ -64,6 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
         Some(Command::Serve(args)) => serve::run(&config, &args).await,
+        Some(Command::Bridge(args)) => bridge::run(&config, &args).await,
         Some(Command::Load(args)) => load::run(&config, &cli.database_url, &args).await,
         Some(Command::LoadFanout(args)) => load::fanout::run(&config, &cli.database_url, &args).await,
         Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,
