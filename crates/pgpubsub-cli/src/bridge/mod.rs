@@ -153,6 +153,8 @@ struct Ctx<'a> {
     config: &'a Config,
     args: &'a BridgeArgs,
     client: async_nats::Client,
+    /// Bumped whenever the NATS connection is lost.
+    disconnections: watch::Receiver<u64>,
     js: jetstream::Context,
     stats: Arc<BridgeStats>,
     stop: watch::Receiver<bool>,
@@ -177,13 +179,13 @@ pub async fn run(config: &Config, args: &BridgeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("serving metrics on {bind}"))?;
     }
-    let client = connect_nats(args, &me).await?;
+    let (client, disconnections) = connect_nats(args, &me).await?;
     let js = jetstream::ContextBuilder::new()
         .timeout(args.ack_timeout)
         .ack_timeout(args.ack_timeout)
         .max_ack_inflight(args.max_in_flight.max(1) * 8)
         .build(client.clone());
-    let ctx = Ctx { config, args, client, js, stats: stats.clone(), stop: stop.clone() };
+    let ctx = Ctx { config, args, client, disconnections, js, stats: stats.clone(), stop: stop.clone() };
     tracing::info!(name = %args.name, stream = %args.stream, prefix = %args.subject_prefix,
         channels = ?args.channels.iter().map(Channel::as_str).collect::<Vec<_>>(), "bridge starting");
 
@@ -227,8 +229,11 @@ pub async fn run(config: &Config, args: &BridgeArgs) -> anyhow::Result<()> {
 }
 
 /// The NATS client: connects in the background (the bridge starts while NATS
-/// is down) and reconnects forever, at most 2 s apart.
-async fn connect_nats(args: &BridgeArgs, me: &str) -> anyhow::Result<async_nats::Client> {
+/// is down) and reconnects forever, at most 2 s apart. With it, a count of
+/// its disconnections.
+async fn connect_nats(args: &BridgeArgs, me: &str) -> anyhow::Result<(async_nats::Client, watch::Receiver<u64>)> {
+    let (lost, disconnections) = watch::channel(0u64);
+    let lost = Arc::new(lost);
     let options = async_nats::ConnectOptions::new()
         .name(me)
         .retry_on_initial_connect()
@@ -237,11 +242,17 @@ async fn connect_nats(args: &BridgeArgs, me: &str) -> anyhow::Result<async_nats:
         .reconnect_delay_callback(|attempt| {
             Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6) as u64)).min(Duration::from_secs(2))
         })
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
-                other => tracing::info!(event = %other, "NATS"),
+        .event_callback(move |event| {
+            let lost = lost.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => {
+                        lost.send_modify(|n| *n += 1);
+                        tracing::warn!("NATS disconnected; reconnecting");
+                    }
+                    other => tracing::info!(event = %other, "NATS"),
+                }
             }
         });
     let servers: Vec<async_nats::ServerAddr> = args
@@ -249,7 +260,8 @@ async fn connect_nats(args: &BridgeArgs, me: &str) -> anyhow::Result<async_nats:
         .split(',')
         .map(|s| s.trim().parse::<async_nats::ServerAddr>().with_context(|| format!("invalid NATS URL {s:?}")))
         .collect::<anyhow::Result<_>>()?;
-    options.connect(servers).await.context("connecting to NATS")
+    let client = options.connect(servers).await.context("connecting to NATS")?;
+    Ok((client, disconnections))
 }
 
 /// One active period: from taking the lock to losing it, stopping, or an
@@ -267,7 +279,7 @@ async fn active(ctx: &Ctx<'_>, lock: &Lock) -> anyhow::Result<Exit> {
     };
     let window = Window { messages: args.max_in_flight.max(1), bytes: args.max_in_flight_bytes.max(1) };
     let outbox = tokio::select! {
-        o = Outbox::open(ctx.js.clone(), ctx.client.clone(), stream, window, ctx.stats.clone()) => o,
+        o = Outbox::open(ctx.js.clone(), ctx.client.clone(), ctx.disconnections.clone(), stream, window, ctx.stats.clone()) => o,
         () = lock.lost() => return Ok(Exit::LockLost),
         () = stopped(&ctx.stop) => return Ok(Exit::Stopped),
     };
@@ -374,18 +386,24 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
 /// bridge may call `save` only at a moment when *every* event returned so
 /// far is acknowledged by JetStream, and it makes such moments: it reads
 /// events only while there is room in the window and the cursor is not
-/// due, and it saves only with nothing in flight. With events still in
-/// flight it may read on (the cursor moves in memory) but never saves;
-/// when a store falls due (every `SAVE_EVERY`) it stops reading until the
-/// window is empty, then saves. A crash therefore re-sends at most what was
-/// returned since the last save, about `SAVE_EVERY` plus one window of
-/// events, all of which JetStream drops as duplicates.
+/// due, and it saves only with nothing in flight. With events in flight it
+/// may read on (the cursor moves in memory) but never saves; when a store
+/// falls due (every `SAVE_EVERY`) it stops reading until the window is
+/// empty, then saves. While JetStream does not acknowledge, the bridge
+/// waits on the oldest event and reads nothing more.
+///
+/// A crash therefore re-sends what was returned after the stored cursor:
+/// up to `SAVE_EVERY` of events, plus however far the listener's own cursor
+/// trails what it returned (it advances on its heartbeat fences, about once
+/// a second, and never past a transaction still open). JetStream drops the
+/// re-sent events by their `Nats-Msg-Id` as long as they were first sent
+/// within the duplicate window.
 ///
 /// Blocking in `recv` only happens with nothing in flight and nothing owed;
 /// while a store is owed but not yet due, the bridge polls with `try_recv`,
 /// so an idle bridge's cursor is stored within `SAVE_EVERY` of its last
-/// acknowledgement (and the re-send window stays short whatever the idle
-/// time, which the duplicate window relies on).
+/// acknowledgement (and the re-send window stays short however long the
+/// bridge then idles, which the duplicate window relies on).
 async fn pump(
     ctx: &Ctx<'_>,
     lock: &Lock,

@@ -32,11 +32,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::header::{NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::{jetstream, HeaderMap};
 use bytes::Bytes;
 use pgpubsub::Event;
+use tokio::sync::watch;
 
 use super::metrics::BridgeStats;
 
@@ -103,6 +104,9 @@ pub struct Window {
 
 struct InFlight {
     msg: Prepared,
+    /// The client's connection count when it was sent: if the connection is
+    /// lost after that, its acknowledgement is likely lost with it.
+    connection: u64,
     /// The last sequence it expected when last sent: stored by that send,
     /// it is at `expected + 1`.
     expected: u64,
@@ -114,6 +118,8 @@ struct InFlight {
 pub struct Outbox {
     js: jetstream::Context,
     client: async_nats::Client,
+    /// Bumped on every disconnection of the client.
+    disconnections: watch::Receiver<u64>,
     stream: jetstream::stream::Stream,
     /// The last sequence the stream will have when everything in flight is
     /// stored: what the next message expects.
@@ -131,6 +137,7 @@ impl Outbox {
     pub async fn open(
         js: jetstream::Context,
         client: async_nats::Client,
+        disconnections: watch::Receiver<u64>,
         stream: jetstream::stream::Stream,
         window: Window,
         stats: Arc<BridgeStats>,
@@ -138,6 +145,7 @@ impl Outbox {
         let mut outbox = Outbox {
             js,
             client,
+            disconnections,
             stream,
             next_expected: 0,
             in_flight: VecDeque::new(),
@@ -166,10 +174,11 @@ impl Outbox {
     /// reports when it is stored.
     pub async fn publish(&mut self, msg: Prepared) {
         let expected = self.next_expected;
+        let connection = *self.disconnections.borrow();
         let ack = self.send(&msg, expected).await;
         self.next_expected += 1;
         self.bytes += msg.size;
-        self.in_flight.push_back(InFlight { msg, expected, ack });
+        self.in_flight.push_back(InFlight { msg, connection, expected, ack });
         BridgeStats::set(&self.stats.in_flight, self.in_flight.len() as u64);
     }
 
@@ -191,9 +200,20 @@ impl Outbox {
     pub async fn confirm_oldest(&mut self) -> Option<i64> {
         loop {
             let head = self.in_flight.front_mut()?;
+            let sent_on = head.connection;
             let outcome = match head.ack.take() {
-                Some(ack) => ack.await,
-                None => Err(async_nats::jetstream::context::PublishError::new(PublishErrorKind::Other)),
+                // An acknowledgement owed by a connection that is gone will
+                // not come: fail now rather than after the ack timeout.
+                Some(ack) => {
+                    let mut disconnections = self.disconnections.clone();
+                    tokio::select! {
+                        biased;
+                        outcome = ack => outcome,
+                        _ = disconnections.wait_for(|n| *n != sent_on) =>
+                            Err(PublishError::new(PublishErrorKind::BrokenPipe)),
+                    }
+                }
+                None => Err(PublishError::new(PublishErrorKind::Other)),
             };
             match outcome {
                 Ok(ack) => {
@@ -262,6 +282,7 @@ impl Outbox {
         self.next_expected = last;
         let mut queue = std::mem::take(&mut self.in_flight);
         for f in queue.iter_mut() {
+            f.connection = *self.disconnections.borrow();
             f.expected = self.next_expected;
             f.ack = self.send(&f.msg, f.expected).await;
             self.next_expected += 1;
