@@ -34,9 +34,13 @@ use self::outbox::{Outbox, Prepared, Window};
 /// or stops with everything acknowledged).
 const SAVE_EVERY: Duration = Duration::from_millis(250);
 
-/// While a cursor store is owed but not yet due, the bridge looks for new
-/// events this often instead of blocking in `recv`.
+/// While a cursor store is owed, the bridge looks for new events this often
+/// instead of blocking in `recv`...
 const OWED_POLL: Duration = Duration::from_millis(2);
+
+/// ...for at most this long (two listener heartbeats: a fence normally
+/// lets the cursor cover everything acknowledged well before).
+const OWED_MAX: Duration = Duration::from_secs(2);
 
 /// How long a stopping bridge waits for its unacknowledged events.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -385,25 +389,35 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
 /// every event returned before the last `recv`/`try_recv` call. So the
 /// bridge may call `save` only at a moment when *every* event returned so
 /// far is acknowledged by JetStream, and it makes such moments: it reads
-/// events only while there is room in the window and the cursor is not
-/// due, and it saves only with nothing in flight. With events in flight it
-/// may read on (the cursor moves in memory) but never saves; when a store
-/// falls due (every `SAVE_EVERY`) it stops reading until the window is
+/// events only while there is room in the window, and it saves only with
+/// nothing in flight. With events in flight it may read on (the cursor
+/// moves in memory) but never saves; when a store falls due (every
+/// `SAVE_EVERY`, if the cursor moved) it stops reading until the window is
 /// empty, then saves. While JetStream does not acknowledge, the bridge
 /// waits on the oldest event and reads nothing more.
 ///
-/// A crash therefore re-sends what was returned after the stored cursor:
-/// up to `SAVE_EVERY` of events, plus however far the listener's own cursor
-/// trails what it returned (it advances on its heartbeat fences, about once
-/// a second, and never past a transaction still open). JetStream drops the
-/// re-sent events by their `Nats-Msg-Id` as long as they were first sent
-/// within the duplicate window.
+/// A store is owed while some acknowledged event lies above the stored
+/// cursor. With nothing in flight and nothing ready, the bridge then saves
+/// at once if the listener's cursor already covers every acknowledged
+/// event (one store settles it: the end of a catch-up page, or a burst
+/// followed by a fence), else every `SAVE_EVERY` as the cursor moves;
+/// meanwhile it polls with `try_recv` rather than block in `recv`, so that
+/// the store is not left waiting for the next event. The listener's cursor
+/// moves on its fences (about once a second), which `try_recv` processes.
+/// But `try_recv` does not read the log: when the listener has been
+/// catching up (its `gaps` or `replayed` counters moved since the last
+/// blocking `recv`) and one store does not settle the debt, the bridge
+/// stores what it can and blocks in `recv` at once, so the next page is
+/// read; it also gives up polling after `OWED_MAX` (a transaction held open
+/// keeps the cursor back). So an idle bridge's stored cursor normally
+/// covers everything acknowledged within about a heartbeat. The exception:
+/// a catch-up that ends exactly on a full page leaves its last event
+/// covered only in memory until the next event arrives.
 ///
-/// Blocking in `recv` only happens with nothing in flight and nothing owed;
-/// while a store is owed but not yet due, the bridge polls with `try_recv`,
-/// so an idle bridge's cursor is stored within `SAVE_EVERY` of its last
-/// acknowledgement (and the re-send window stays short however long the
-/// bridge then idles, which the duplicate window relies on).
+/// A crash therefore re-sends what was returned after the stored cursor:
+/// up to `SAVE_EVERY` plus about a heartbeat of events (more behind a long
+/// transaction). JetStream drops them by their `Nats-Msg-Id` as long as
+/// they were first sent within the duplicate window.
 async fn pump(
     ctx: &Ctx<'_>,
     lock: &Lock,
@@ -411,10 +425,17 @@ async fn pump(
     mut outbox: Outbox,
     source: &str,
 ) -> anyhow::Result<Exit> {
-    let mut owed = false;
+    let mut saved = listener.cursor();
+    let mut acked = saved;
     let mut last_save = Instant::now();
+    let stats = listener.stats();
+    // Gaps and replayed events as of the last blocking `recv`; more since:
+    // the listener is (or was) reading the log, which `try_recv` does not.
+    let reading_log = |s: pgpubsub::StatsSnapshot| (s.gaps, s.replayed);
+    let mut seen = reading_log(stats.snapshot());
+    let mut polling_since: Option<Instant> = None;
     let mut stopping: Option<Instant> = None;
-    let mut warned_foreign = false;
+    let mut take_state = TakeState::default();
     loop {
         if lock.is_lost() {
             return Ok(Exit::LockLost);
@@ -422,26 +443,27 @@ async fn pump(
         if stopping.is_none() && *ctx.stop.borrow() {
             stopping = Some(Instant::now() + STOP_GRACE);
         }
-        let save_due = owed && last_save.elapsed() >= SAVE_EVERY;
+        let owed = acked > saved;
+        let save_due = owed && last_save.elapsed() >= SAVE_EVERY && listener.cursor() > saved;
         // 1. Take what is ready now, while there is room.
         if !save_due && stopping.is_none() {
             while outbox.has_room() {
                 let Some(item) = listener.try_recv() else { break };
-                take(ctx, &mut outbox, Some(item), source, &mut warned_foreign).await?;
+                take(ctx, &mut outbox, Some(item), source, &mut take_state).await?;
             }
         }
         // 2. Wait for the oldest acknowledgement.
         if outbox.in_flight() > 0 {
-            match stopping {
+            let confirmed = match stopping {
                 None => tokio::select! {
-                    confirmed = outbox.confirm_oldest() => owed |= confirmed.is_some(),
+                    confirmed = outbox.confirm_oldest() => confirmed,
                     () = lock.lost() => return Ok(Exit::LockLost),
-                    () = stopped(&ctx.stop) => {}
+                    () = stopped(&ctx.stop) => Vec::new(),
                 },
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match tokio::time::timeout(left, outbox.confirm_oldest()).await {
-                        Ok(confirmed) => owed |= confirmed.is_some(),
+                        Ok(confirmed) => confirmed,
                         Err(_) => {
                             tracing::warn!(
                                 in_flight = outbox.in_flight(),
@@ -451,7 +473,8 @@ async fn pump(
                         }
                     }
                 }
-            }
+            };
+            acked = confirmed.into_iter().fold(acked, Ord::max);
             continue;
         }
         // 3. Nothing in flight: every event returned so far is in JetStream.
@@ -461,35 +484,60 @@ async fn pump(
             return Ok(Exit::Stopped);
         }
         if owed {
-            if last_save.elapsed() >= SAVE_EVERY {
+            let cursor = listener.cursor();
+            let settles = cursor >= acked;
+            let catch_up_waits = reading_log(stats.snapshot()) != seen;
+            let polled_enough = polling_since.get_or_insert_with(Instant::now).elapsed() >= OWED_MAX;
+            let give_up = catch_up_waits || polled_enough;
+            let mut failed = false;
+            if cursor > saved && (settles || give_up || last_save.elapsed() >= SAVE_EVERY) {
                 if lock.is_lost() {
                     return Ok(Exit::LockLost);
                 }
                 match listener.save().await {
                     Ok(()) => {
                         BridgeStats::bump(&ctx.stats.saves);
-                        owed = false;
+                        saved = cursor;
                     }
-                    Err(e) => tracing::warn!(error = %e, "could not store the cursor; will retry"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not store the cursor; will retry");
+                        failed = true;
+                    }
                 }
                 last_save = Instant::now();
+            }
+            if failed || (!settles && !give_up) {
+                tokio::select! {
+                    () = tokio::time::sleep(if failed { SAVE_EVERY } else { OWED_POLL }) => {}
+                    () = lock.lost() => return Ok(Exit::LockLost),
+                    () = stopped(&ctx.stop) => {}
+                }
                 continue;
             }
-            tokio::select! {
-                () = tokio::time::sleep(OWED_POLL) => {}
-                () = lock.lost() => return Ok(Exit::LockLost),
-                () = stopped(&ctx.stop) => {}
+            if settles {
+                continue;
             }
-            continue;
         }
-        // 4. Idle and nothing owed: wait for the next event.
+        // 4. Nothing in flight, nothing ready, nothing owed (or a catch-up
+        // waits, or polling gave up): wait for the next event.
         let item = tokio::select! {
             item = listener.recv() => item,
             () = lock.lost() => return Ok(Exit::LockLost),
             () = stopped(&ctx.stop) => continue,
         };
-        take(ctx, &mut outbox, item, source, &mut warned_foreign).await?;
+        seen = reading_log(stats.snapshot());
+        polling_since = None;
+        take(ctx, &mut outbox, item, source, &mut take_state).await?;
     }
+}
+
+/// What [`take`] remembers between events.
+#[derive(Default)]
+struct TakeState {
+    warned_foreign: bool,
+    /// The server's max_payload, read again after each disconnection (the
+    /// client may be on another server).
+    max_payload: Option<(u64, usize)>,
 }
 
 /// Publishes one item from the listener (or counts why not).
@@ -498,7 +546,7 @@ async fn take(
     outbox: &mut Outbox,
     item: Option<pgpubsub::Result<pgpubsub::Event>>,
     source: &str,
-    warned_foreign: &mut bool,
+    state: &mut TakeState,
 ) -> anyhow::Result<()> {
     let event = match item {
         None => bail!("the listener stopped"),
@@ -516,14 +564,22 @@ async fn take(
     };
     let Some(msg) = Prepared::new(&event, &ctx.args.subject_prefix, source) else {
         BridgeStats::bump(&ctx.stats.skipped_foreign);
-        if !*warned_foreign {
+        if !state.warned_foreign {
             tracing::warn!(channel = %event.channel,
                 "a foreign notification (not in the log, no seq) is not copied; counted in pgpubsub_bridge_skipped_foreign_total");
-            *warned_foreign = true;
+            state.warned_foreign = true;
         }
         return Ok(());
     };
-    let max_payload = ctx.client.server_info().max_payload;
+    let connection = *ctx.disconnections.borrow();
+    let max_payload = match state.max_payload {
+        Some((on, max)) if on == connection && max > 0 => max,
+        _ => {
+            let max = ctx.client.server_info().max_payload;
+            state.max_payload = Some((connection, max));
+            max
+        }
+    };
     if max_payload > 0 && msg.size > max_payload {
         if ctx.args.skip_oversize {
             BridgeStats::bump(&ctx.stats.skipped_oversize);

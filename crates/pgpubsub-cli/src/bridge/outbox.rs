@@ -36,7 +36,7 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErro
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::{jetstream, HeaderMap};
 use bytes::Bytes;
-use pgpubsub::Event;
+use pgpubsub::{Cursor, Event};
 use tokio::sync::watch;
 
 use super::metrics::BridgeStats;
@@ -51,6 +51,8 @@ pub struct Prepared {
     pub payload: Bytes,
     pub msg_id: String,
     pub seq: i64,
+    /// The event's place in the log.
+    pub at: Cursor,
     /// Bytes on the wire: payload and headers.
     pub size: usize,
 }
@@ -67,6 +69,7 @@ impl Prepared {
     ///   changes `Pgpubsub-Table` (schema.table) and `Pgpubsub-Op`.
     pub fn new(event: &Event, prefix: &str, source: &str) -> Option<Prepared> {
         let seq = event.seq?;
+        let at = Cursor { txid: event.txid.unwrap_or_default(), seq };
         let msg_id = format!("{source}:{seq}");
         let mut fields: Vec<(&str, String)> = vec![
             ("Pgpubsub-Seq", seq.to_string()),
@@ -91,7 +94,7 @@ impl Prepared {
         }
         let payload = Bytes::copy_from_slice(event.json().as_bytes());
         let size = payload.len() + header_bytes;
-        Some(Prepared { subject: format!("{prefix}.{}", event.channel), headers, payload, msg_id, seq, size })
+        Some(Prepared { subject: format!("{prefix}.{}", event.channel), headers, payload, msg_id, seq, at, size })
     }
 }
 
@@ -195,11 +198,11 @@ impl Outbox {
     }
 
     /// Waits until the oldest message in flight is stored, retrying as long
-    /// as it takes. Returns the seq of the last event confirmed, `None` when
-    /// nothing was in flight.
-    pub async fn confirm_oldest(&mut self) -> Option<i64> {
+    /// as it takes. Returns the log positions of the events confirmed (empty
+    /// when nothing was in flight).
+    pub async fn confirm_oldest(&mut self) -> Vec<Cursor> {
         loop {
-            let head = self.in_flight.front_mut()?;
+            let Some(head) = self.in_flight.front_mut() else { return Vec::new() };
             let sent_on = head.connection;
             let outcome = match head.ack.take() {
                 // An acknowledgement owed by a connection that is gone will
@@ -224,11 +227,11 @@ impl Outbox {
                     } else {
                         BridgeStats::bump(&self.stats.published);
                     }
-                    let seq = self.pop();
+                    let at = self.pop();
                     if let Some(since) = self.failing_since.take() {
                         tracing::info!(after = ?since.elapsed(), "JetStream accepts events again");
                     }
-                    return Some(seq);
+                    return vec![at];
                 }
                 Err(e) => {
                     let refused_in_turn = matches!(e.kind(), PublishErrorKind::WrongLastSequence);
@@ -240,33 +243,34 @@ impl Outbox {
                         tracing::debug!(error = %e, "publish refused or failed; sending again");
                     }
                     BridgeStats::bump(&self.stats.retries);
-                    if let Some(seq) = self.resend().await {
-                        return Some(seq);
+                    let confirmed = self.resend().await;
+                    if !confirmed.is_empty() {
+                        return confirmed;
                     }
                 }
             }
         }
     }
 
-    fn pop(&mut self) -> i64 {
-        let done = self.in_flight.pop_front().map(|f| f.msg).map(|m| (m.seq, m.size)).unwrap_or_default();
-        self.bytes = self.bytes.saturating_sub(done.1);
+    fn pop(&mut self) -> Cursor {
+        let Some(done) = self.in_flight.pop_front().map(|f| f.msg) else { return Cursor::default() };
+        self.bytes = self.bytes.saturating_sub(done.size);
         BridgeStats::set(&self.stats.in_flight, self.in_flight.len() as u64);
-        BridgeStats::set(&self.stats.last_seq, done.0.max(0) as u64);
-        done.0
+        BridgeStats::set(&self.stats.last_seq, done.seq.max(0) as u64);
+        done.at
     }
 
     /// After a failure: confirms what the stream already holds, sends the
     /// rest again chained from the stream's real last sequence. Returns the
-    /// seq of the last event confirmed without sending, if any.
-    async fn resend(&mut self) -> Option<i64> {
+    /// positions of the events confirmed without sending.
+    async fn resend(&mut self) -> Vec<Cursor> {
         // Acknowledgements still pending may belong to messages the retry
         // sends again; the tail read below tells what is stored.
         for f in self.in_flight.iter_mut() {
             f.ack = None;
         }
         let (last, last_id) = self.tail_until_read().await;
-        let mut confirmed = None;
+        let mut confirmed = Vec::new();
         if let Some(id) = last_id {
             // Stored by our own chained send (not an earlier copy, say from
             // before a restart, which proves nothing about the others): then
@@ -275,7 +279,7 @@ impl Outbox {
             if let Some(at) = self.in_flight.iter().position(ours) {
                 for _ in 0..=at {
                     BridgeStats::bump(&self.stats.published);
-                    confirmed = Some(self.pop());
+                    confirmed.push(self.pop());
                 }
             }
         }
