@@ -571,6 +571,64 @@ async fn events_sent_again_are_dropped_by_their_msg_id() {
     assert_eq!(payloads, want);
 }
 
+/// A backlog of several catch-up pages, written while the bridge was
+/// stopped (SIGTERM: it stores its cursor and exits 0), is copied whole and
+/// in order when it comes back; then, idle, it stores a cursor past
+/// everything it copied within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_copied_and_an_idle_bridge_stores_its_cursor() {
+    let db = TestDb::new().await;
+    let ch = workload_table(&db.config).await;
+    let stream = TestStream::new(&shared_nats());
+    let name = common::unique("backlog");
+    let mut bridge = Bridge::spawn(&db.url, &shared_nats(), &ch, &name, &stream, &[]);
+    bridge.wait_log("copying", 1).await;
+    let _ = Command::new("kill").args(["-TERM", &bridge.child.id().to_string()]).status();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = bridge.child.wait().unwrap();
+        (bridge, status)
+    });
+    let (bridge, status) = tokio::time::timeout(WAIT, status).await.unwrap().unwrap();
+    assert!(status.success(), "{status}\n{}", bridge.logs());
+    drop(bridge);
+
+    // 4,900 events: catch-up pages of 1,000, the last one partial.
+    let writers = spawn_writers(&db.config, 2, 2450, 50, Duration::ZERO);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let bridge = Bridge::spawn(&db.url, &shared_nats(), &ch, &name, &stream, &[]);
+    let started = Instant::now();
+    wait_stored(&stream, 4900).await;
+    let copied = started.elapsed();
+    let r = check(&db.config, &stream, &ch, Vec::new()).await;
+    assert_exactly_once(&r, &bridge.logs());
+    assert!(copied < Duration::from_secs(10), "5 pages took {copied:?}");
+
+    let client = db.client().await;
+    let last: (String, i64) = client
+        .query_one("SELECT txid::text, seq FROM pubsub.events ORDER BY txid DESC, seq DESC LIMIT 1", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let covered: bool = client
+            .query_one(
+                "SELECT (txid, seq) >= ($2::text::xid8, $3::bigint) FROM pubsub.cursors WHERE name = $1",
+                &[&format!("bridge:{name}"), &last.0, &last.1],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if covered {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the idle bridge's stored cursor does not cover its last event");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The test's own nats-server is killed (SIGKILL) and started again twice
 /// while writers run: publishes fail, time out or vanish with the server;
 /// the bridge sends them again until acknowledged.
