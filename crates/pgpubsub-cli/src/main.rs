@@ -27,10 +27,14 @@ fn main() -> ExitCode {
         eprintln!("error: cannot read .env: {e}");
         return ExitCode::from(2);
     }
-    // `listen` is one pipeline (socket, decode, stdout): on one thread its
-    // hand-offs are plain wake-ups, not cross-thread ones. The rest (load's
-    // writers, demo) want both cores.
-    let single = matches!(cli.command, None | Some(Command::Listen(_)) | Some(Command::LoadBaseline(_)));
+    // `listen` is one pipeline (socket, decode, stdout), and so is `bridge`
+    // (socket, decode, NATS): on one thread their hand-offs are plain
+    // wake-ups, not cross-thread ones. The rest (load's writers, demo) want
+    // both cores.
+    let single = matches!(
+        cli.command,
+        None | Some(Command::Listen(_)) | Some(Command::LoadBaseline(_)) | Some(Command::Bridge(_))
+    );
     let mut builder = if single {
         tokio::runtime::Builder::new_current_thread()
     } else {

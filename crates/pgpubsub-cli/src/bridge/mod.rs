@@ -42,6 +42,9 @@ const OWED_POLL: Duration = Duration::from_millis(2);
 /// lets the cursor cover everything acknowledged well before).
 const OWED_MAX: Duration = Duration::from_secs(2);
 
+/// Events the listener reads from the log per catch-up query.
+const CATCH_UP_ROWS: i64 = 5000;
+
 /// How long a stopping bridge waits for its unacknowledged events.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -289,6 +292,9 @@ async fn active(ctx: &Ctx<'_>, lock: &Lock) -> anyhow::Result<Exit> {
     };
     let mut options = ListenerOptions::default().name(format!("bridge:{}", args.name));
     options.autosave = false;
+    // Larger catch-up pages: the bridge publishes a page before the
+    // listener reads the next one, so each page costs a round trip to both.
+    options.catch_up_rows = CATCH_UP_ROWS;
     let listener = tokio::select! {
         l = Listener::connect(ctx.config, &args.channels, options) => l.context("starting the listener")?,
         () = lock.lost() => return Ok(Exit::LockLost),
@@ -490,7 +496,8 @@ async fn pump(
             let polled_enough = polling_since.get_or_insert_with(Instant::now).elapsed() >= OWED_MAX;
             let give_up = catch_up_waits || polled_enough;
             let mut failed = false;
-            if cursor > saved && (settles || give_up || last_save.elapsed() >= SAVE_EVERY) {
+            // Between catch-up pages a store is only made when due.
+            if cursor > saved && (settles || polled_enough || last_save.elapsed() >= SAVE_EVERY) {
                 if lock.is_lost() {
                     return Ok(Exit::LockLost);
                 }
