@@ -63,6 +63,9 @@ pub enum Command {
     /// The bare LISTEN loop `load --baseline` runs beside pgpubsub.
     #[command(hide = true)]
     LoadBaseline(crate::load::baseline::BaselineArgs),
+    /// Events/s and latency through the bridge beside the plain listener.
+    #[command(hide = true)]
+    LoadBridge(crate::bridge::bench::BenchArgs),
     /// Run the whole flow once: migrate, watch a demo table, write rows,
     /// print the events that arrive.
     Demo,

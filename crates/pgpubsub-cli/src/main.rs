@@ -70,6 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
         Some(Command::Serve(args)) => serve::run(&config, &args).await,
         Some(Command::Bridge(args)) => bridge::run(&config, &args).await,
+        Some(Command::LoadBridge(args)) => bridge::bench::run(&config, &cli.database_url, &args).await,
         Some(Command::Load(args)) => load::run(&config, &cli.database_url, &args).await,
         Some(Command::LoadFanout(args)) => load::fanout::run(&config, &cli.database_url, &args).await,
         Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,

@@ -13,6 +13,7 @@
 //! Listening to every channel is not possible through the listener's public
 //! API yet (channels are fixed at connect), so `--channel` is required.
 
+pub mod bench;
 mod lock;
 mod metrics;
 mod outbox;
