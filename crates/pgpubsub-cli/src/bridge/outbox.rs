@@ -28,11 +28,14 @@
 //! from the real last sequence.
 
 use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::header::{NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::{jetstream, HeaderMap};
 use bytes::Bytes;
@@ -105,6 +108,9 @@ pub struct Window {
     pub bytes: usize,
 }
 
+/// An acknowledgement to wait for; its timeout starts when first polled.
+type Ack = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
 struct InFlight {
     msg: Prepared,
     /// The client's connection count when it was sent: if the connection is
@@ -114,7 +120,9 @@ struct InFlight {
     /// it is at `expected + 1`.
     expected: u64,
     /// `None` when sending failed: handled as a failed acknowledgement.
-    ack: Option<PublishAckFuture>,
+    /// Polled in place (never taken out), so that a caller giving up on
+    /// [`Outbox::confirm_oldest`] loses nothing.
+    ack: Option<Ack>,
 }
 
 /// Publishes into one stream; see the module docs.
@@ -185,11 +193,11 @@ impl Outbox {
         BridgeStats::set(&self.stats.in_flight, self.in_flight.len() as u64);
     }
 
-    async fn send(&self, msg: &Prepared, expected: u64) -> Option<PublishAckFuture> {
+    async fn send(&self, msg: &Prepared, expected: u64) -> Option<Ack> {
         let mut headers = msg.headers.clone();
         headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected.to_string());
         match self.js.publish_with_headers(msg.subject.clone(), headers, msg.payload.clone()).await {
-            Ok(ack) => Some(ack),
+            Ok(ack) => Some(ack.into_future()),
             Err(e) => {
                 tracing::debug!(seq = msg.seq, error = %e, "could not send");
                 None
@@ -204,7 +212,7 @@ impl Outbox {
         loop {
             let Some(head) = self.in_flight.front_mut() else { return Vec::new() };
             let sent_on = head.connection;
-            let outcome = match head.ack.take() {
+            let outcome = match head.ack.as_mut() {
                 // An acknowledgement owed by a connection that is gone will
                 // not come: fail now rather than after the ack timeout.
                 Some(ack) => {
