@@ -52,6 +52,9 @@ pub enum Command {
     Prune(RetentionArgs),
     /// The HTTP gateway: SSE and WebSocket subscribe, publish, health, metrics.
     Serve(crate::serve::ServeArgs),
+    /// Copy the channels' events into NATS JetStream (one active bridge per
+    /// name; others stand by).
+    Bridge(crate::bridge::BridgeArgs),
     /// The load test: writers, pgpubsub's listener and a bare baseline.
     Load(crate::load::LoadArgs),
     /// The gateway's fan-out with real WebSocket clients.
@@ -60,6 +63,9 @@ pub enum Command {
     /// The bare LISTEN loop `load --baseline` runs beside pgpubsub.
     #[command(hide = true)]
     LoadBaseline(crate::load::baseline::BaselineArgs),
+    /// Events/s and latency through the bridge beside the plain listener.
+    #[command(hide = true)]
+    LoadBridge(crate::bridge::bench::BenchArgs),
     /// Run the whole flow once: migrate, watch a demo table, write rows,
     /// print the events that arrive.
     Demo,

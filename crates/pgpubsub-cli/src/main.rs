@@ -1,6 +1,7 @@
 //! The `pgpubsub` binary: a thin shell over the library. It alone uses
 //! `anyhow`; `main` prints the error chain and chooses the exit code.
 
+mod bridge;
 mod cli;
 mod cmd;
 mod load;
@@ -26,10 +27,14 @@ fn main() -> ExitCode {
         eprintln!("error: cannot read .env: {e}");
         return ExitCode::from(2);
     }
-    // `listen` is one pipeline (socket, decode, stdout): on one thread its
-    // hand-offs are plain wake-ups, not cross-thread ones. The rest (load's
-    // writers, demo) want both cores.
-    let single = matches!(cli.command, None | Some(Command::Listen(_)) | Some(Command::LoadBaseline(_)));
+    // `listen` is one pipeline (socket, decode, stdout), and so is `bridge`
+    // (socket, decode, NATS): on one thread their hand-offs are plain
+    // wake-ups, not cross-thread ones. The rest (load's writers, demo) want
+    // both cores.
+    let single = matches!(
+        cli.command,
+        None | Some(Command::Listen(_)) | Some(Command::LoadBaseline(_)) | Some(Command::Bridge(_))
+    );
     let mut builder = if single {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -66,6 +71,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
         Some(Command::Serve(args)) => serve::run(&config, &args).await,
+        Some(Command::Bridge(args)) => bridge::run(&config, &args).await,
+        Some(Command::LoadBridge(args)) => bridge::bench::run(&config, &cli.database_url, &args).await,
         Some(Command::Load(args)) => load::run(&config, &cli.database_url, &args).await,
         Some(Command::LoadFanout(args)) => load::fanout::run(&config, &cli.database_url, &args).await,
         Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,

@@ -357,8 +357,14 @@ impl Listener {
         // Nothing new. Become the waiting listener (or find the one that
         // is), then read once more: a writer that sent no wake-up has
         // finished by now, and its events are visible.
+        // Assumed taken until the answer says otherwise: a call cancelled
+        // here must not leave the lock held and forgotten.
+        self.waiting = Waiting::Mine(self.log.generation());
         match self.log.try_wait().await? {
-            WaitLock::Busy => return Ok(()),
+            WaitLock::Busy => {
+                self.waiting = Waiting::No;
+                return Ok(());
+            }
             WaitLock::Mine => self.waiting = Waiting::Mine(self.log.generation()),
             WaitLock::Peer => self.waiting = Waiting::Peer,
         }
@@ -433,6 +439,13 @@ impl Listener {
             self.ready.retain(|e| e.channel != channel.as_str());
         }
         let _ = self.commands.send(Command::Unlisten(channel.clone())).await;
+    }
+
+    /// Turns storing the cursor by itself on or off (see
+    /// [`ListenerOptions::autosave`]); for instance on only while every
+    /// event returned so far is handled, such as while waiting for the next.
+    pub fn set_autosave(&mut self, on: bool) {
+        self.options.autosave = on;
     }
 
     /// The position: everything at or below it is delivered and handled.

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::cloned_ref_to_slice_refs, missing_docs)]
 
+mod bridge;
 mod browser;
 mod cli;
 mod cluster;
