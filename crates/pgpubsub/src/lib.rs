@@ -8,7 +8,7 @@
 //! The modules, in the order data flows through them:
 //! - [`migrate`]: the `pubsub` schema (the log, the capture trigger, the
 //!   store) as embedded dbmate migrations;
-//! - [`watch`]: `watch`/`unwatch` a table, `publish` a message: what writes
+//! - [`watch`](mod@watch): `watch`/`unwatch` a table, `publish` a message: what writes
 //!   the log;
 //! - [`store`]: the event-sourced snapshot + history store;
 //! - [`retention`]: pruning the log by age or count;

@@ -1,7 +1,7 @@
 //! The listener: a subscriber's view of one or more channels (or all of
 //! them), with nothing lost.
 //!
-//! Events come from the log only ([`tail`](crate::tail) reads it from a
+//! Events come from the log only (`tail.rs` reads it from a
 //! commit-safe position). A reading task (`reader.rs`) owns the LISTEN
 //! connection: it hears wake-ups and foreign notifications, nothing else.
 //!
