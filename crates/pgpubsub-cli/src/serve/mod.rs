@@ -9,17 +9,20 @@
 //! Authentication (JWT, `auth.rs`) is off unless a secret or key is given,
 //! and the server says which at start.
 
+mod access;
 mod auth;
+mod caps;
 mod feed;
 mod routes;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use pgpubsub::db::Config;
 use pgpubsub::{Channel, ConnectionState, Hub, Listener, ListenerOptions, LogConn, Stats};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// Options of `serve`.
 #[derive(Debug, clap::Args)]
@@ -27,9 +30,30 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "PGPUBSUB_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
-    /// The channels served; clients subscribe to any of them.
-    #[command(flatten)]
-    pub channels: crate::cli::Channels,
+    /// The channels served: names or patterns (`orders`, `tenant_*`; `*`
+    /// any run of characters, `?` one), repeated or comma-separated. None:
+    /// every channel (a client still needs a token's claims, with auth on).
+    #[arg(
+        long = "channel",
+        short = 'c',
+        env = "PGPUBSUB_SERVE_CHANNELS",
+        value_delimiter = ',',
+        value_name = "CHANNEL|PATTERN"
+    )]
+    pub channels: Vec<String>,
+    /// Origins whose pages may use the `pgpubsub_token` cookie and get CORS
+    /// headers (comma-separated, `https://app.example`; `*`: CORS for every
+    /// origin, bearer tokens only). The gateway's own origin always may.
+    #[arg(long, env = "PGPUBSUB_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGINS")]
+    pub allowed_origins: Vec<String>,
+    /// Requests and streams (SSE, WebSocket) open at once; past it, 503.
+    /// Probes and /metrics are not counted.
+    #[arg(long, env = "PGPUBSUB_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Publishes (and store writes) per second per token, or per client
+    /// address without one, with bursts of twice that; past it, 429. 0: no limit.
+    #[arg(long, env = "PGPUBSUB_PUBLISH_RATE", default_value_t = 0.0)]
+    pub publish_rate: f64,
     /// Deliveries queued per subscriber before it is told it lagged.
     #[arg(long, env = "PGPUBSUB_SUBSCRIBER_QUEUE", default_value_t = 1024)]
     pub queue: usize,
@@ -46,7 +70,18 @@ pub struct ServeArgs {
 pub struct AppState {
     pub hub: Hub,
     pub log: Arc<LogConn>,
-    pub channels: Arc<Vec<Channel>>,
+    /// The channels served.
+    pub served: Arc<access::Served>,
+    /// Origins trusted with the cookie.
+    pub origins: Arc<access::Origins>,
+    /// Channels the listener was asked to LISTEN on (for foreign
+    /// notifications), and where to ask for more.
+    pub listening: Arc<Mutex<HashSet<String>>>,
+    pub listen: mpsc::UnboundedSender<Channel>,
+    /// Open requests and streams.
+    pub slots: caps::Slots,
+    /// Publishes per second per client.
+    pub rate: Arc<caps::Rate>,
     pub listener_stats: Arc<Stats>,
     pub listener_state: watch::Receiver<ConnectionState>,
     pub max_event_bytes: usize,
@@ -67,14 +102,26 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let (stop_tx, shutdown) = watch::channel(false);
     let (alive, mut drained) = tokio::sync::mpsc::channel::<()>(1);
     let auth = auth::Auth::new(&args.auth).context("configuring authentication")?;
-    let listener = Listener::connect(config, &args.channels.list, ListenerOptions::default())
-        .await
-        .context("starting the listener")?;
+    let served = access::Served::parse(&args.channels)?;
+    let origins = access::Origins::parse(&args.allowed_origins)?;
+    anyhow::ensure!(args.max_connections > 0, "--max-connections must be at least 1");
+    anyhow::ensure!(args.publish_rate >= 0.0, "--publish-rate must be 0 (no limit) or more");
+    // Plain names: the listener reads only those. Patterns or none: every
+    // channel of the log, filtered per subscriber.
+    let listened = served.names().unwrap_or_default();
+    let listener =
+        Listener::connect(config, &listened, ListenerOptions::default()).await.context("starting the listener")?;
     let hub = Hub::new(args.queue);
+    let (listen, listen_rx) = mpsc::unbounded_channel();
     let state = AppState {
         hub: hub.clone(),
         log: Arc::new(LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10))),
-        channels: Arc::new(args.channels.list.clone()),
+        served: Arc::new(served.clone()),
+        origins: Arc::new(origins),
+        listening: Arc::new(Mutex::new(listened.iter().map(|c| c.as_str().to_string()).collect())),
+        listen,
+        slots: caps::Slots::new(args.max_connections),
+        rate: Arc::new(caps::Rate::new(args.publish_rate)),
         listener_stats: listener.stats(),
         listener_state: listener.state(),
         max_event_bytes: args.max_event_bytes,
@@ -82,16 +129,16 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         _alive: alive,
     };
-    tokio::spawn(hub.run(listener.into_positioned()));
+    tokio::spawn(feed_hub(hub, listener, listen_rx));
 
     let socket = tokio::net::TcpListener::bind(&args.bind).await.with_context(|| format!("binding {}", args.bind))?;
     let addr = socket.local_addr()?;
     if auth.enabled() {
         tracing::info!("authentication is on: tokens' read and write claims decide who may do what");
     } else {
-        tracing::warn!("authentication is off: every client may read and publish on {:?}", args.channels.list);
+        tracing::warn!("authentication is off: every client may read and publish on {}", served.describe());
     }
-    tracing::info!(%addr, channels = ?args.channels.list, "serving on http://{addr}");
+    tracing::info!(%addr, channels = %served.describe(), "serving on http://{addr}");
     tokio::spawn(async move {
         signal.await;
         tracing::info!("shutting down: closing streams");
@@ -108,11 +155,65 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(socket, routes::router(state)).with_graceful_shutdown(until_stopped).await.context("serving HTTP")?;
+    let app = routes::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(socket, app).with_graceful_shutdown(until_stopped).await.context("serving HTTP")?;
     // The router and its state are gone; wait for the sockets still closing.
     if tokio::time::timeout(Duration::from_secs(5), drained.recv()).await.is_err() {
         tracing::warn!("some WebSocket sessions did not close within 5 s");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Feeds the hub from the listener, and has it LISTEN on the channels
+/// subscribers ask for (foreign `pg_notify` payloads are heard only on
+/// channels LISTENed to). Ends once every handle to the server is gone.
+async fn feed_hub(hub: Hub, mut listener: Listener, mut listen: mpsc::UnboundedReceiver<Channel>) {
+    enum Step {
+        Listen(Option<Channel>),
+        Event(Option<pgpubsub::Result<pgpubsub::Event>>),
+    }
+    loop {
+        // A request to LISTEN interrupts a `recv` that is waiting: nothing is
+        // lost (its state moves only once a read is back), and `add_channel`
+        // has it read the log again at once.
+        let step = tokio::select! {
+            biased;
+            c = listen.recv() => Step::Listen(c),
+            e = listener.recv() => Step::Event(e),
+        };
+        match step {
+            Step::Listen(Some(channel)) => listener.add_channel(channel).await,
+            Step::Listen(None) | Step::Event(None) => break,
+            Step::Event(Some(Ok(event))) => {
+                hub.publish_at(event, listener.cursor());
+            }
+            Step::Event(Some(Err(e))) => tracing::warn!(error = %e, "the listener reported an error"),
+        }
+    }
+}
+
+/// The most channels the gateway LISTENs on for subscribers (each is one
+/// entry in PostgreSQL's listen list of the connection); past it, foreign
+/// notifications of further channels are not heard (log events still are).
+const MAX_LISTENED: usize = 10_000;
+
+impl AppState {
+    /// Makes sure the listener LISTENs on `channels`.
+    pub fn ensure_listening<'a>(&self, channels: impl IntoIterator<Item = &'a str>) {
+        let mut set = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        for c in channels {
+            if set.contains(c) {
+                continue;
+            }
+            if set.len() >= MAX_LISTENED {
+                tracing::warn!(channel = c, "not LISTENing: {MAX_LISTENED} channels already are");
+                return;
+            }
+            if let Ok(channel) = Channel::new(c) {
+                set.insert(c.to_string());
+                let _ = self.listen.send(channel);
+            }
+        }
+    }
 }
