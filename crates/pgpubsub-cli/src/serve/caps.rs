@@ -1,84 +1,11 @@
-//! Caps: requests and streams open at once, and publishes per second per
-//! client.
+//! Publishes per second per client (the connection cap is the server
+//! loop's, `server.rs`).
 
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Mutex;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
 use super::routes::ApiError;
-use super::AppState;
-
-/// The open requests and streams, at most a configured number.
-#[derive(Clone)]
-pub struct Slots {
-    sem: Arc<Semaphore>,
-    max: usize,
-}
-
-/// One place, held by a request until its response body ends, and by a
-/// WebSocket session until it closes.
-#[derive(Clone)]
-pub struct Slot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
-
-impl Slots {
-    /// `max` places.
-    pub fn new(max: usize) -> Slots {
-        Slots { sem: Arc::new(Semaphore::new(max)), max }
-    }
-
-    /// Places in use.
-    pub fn used(&self) -> usize {
-        self.max - self.sem.available_permits()
-    }
-}
-
-/// Middleware: takes a place for the request, or answers 503 at once.
-pub async fn limit(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let Ok(permit) = state.slots.sem.clone().try_acquire_owned() else {
-        return ApiError::Busy(format!(
-            "the gateway is at its limit of {} open requests and streams (--max-connections); retry later",
-            state.slots.max
-        ))
-        .into_response();
-    };
-    let slot = Slot(Arc::new(permit));
-    request.extensions_mut().insert(slot.clone());
-    next.run(request).await.map(|body| Body::new(Held { body, _slot: slot }))
-}
-
-/// A response body that holds its request's place until it ends.
-struct Held {
-    body: Body,
-    _slot: Slot,
-}
-
-impl HttpBody for Held {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
 
 /// Token buckets, one per client: `rate` per second, bursts of `2 × rate`.
 pub struct Rate {

@@ -14,6 +14,7 @@ mod auth;
 mod caps;
 mod feed;
 mod routes;
+mod server;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -46,10 +47,14 @@ pub struct ServeArgs {
     /// origin, bearer tokens only). The gateway's own origin always may.
     #[arg(long, env = "PGPUBSUB_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGINS")]
     pub allowed_origins: Vec<String>,
-    /// Requests and streams (SSE, WebSocket) open at once; past it, 503.
-    /// Probes and /metrics are not counted.
+    /// Connections open at once (each SSE or WebSocket subscriber is one);
+    /// past it, 503, except the probes and /metrics.
     #[arg(long, env = "PGPUBSUB_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Time a client has to send a request's head, and the longest a
+    /// kept-alive connection may idle between requests (e.g. 10s).
+    #[arg(long, env = "PGPUBSUB_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
     /// Publishes (and store writes) per second per token, or per client
     /// address without one, with bursts of twice that; past it, 429. 0: no limit.
     #[arg(long, env = "PGPUBSUB_PUBLISH_RATE", default_value_t = 0.0)]
@@ -78,8 +83,8 @@ pub struct AppState {
     /// notifications), and where to ask for more.
     pub listening: Arc<Mutex<HashSet<String>>>,
     pub listen: mpsc::UnboundedSender<Channel>,
-    /// Open requests and streams.
-    pub slots: caps::Slots,
+    /// Open connections.
+    pub places: server::Places,
     /// Publishes per second per client.
     pub rate: Arc<caps::Rate>,
     pub listener_stats: Arc<Stats>,
@@ -120,7 +125,7 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         origins: Arc::new(origins),
         listening: Arc::new(Mutex::new(listened.iter().map(|c| c.as_str().to_string()).collect())),
         listen,
-        slots: caps::Slots::new(args.max_connections),
+        places: server::Places::new(args.max_connections),
         rate: Arc::new(caps::Rate::new(args.publish_rate)),
         listener_stats: listener.stats(),
         listener_state: listener.state(),
@@ -148,15 +153,9 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let until_stopped = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    // No Nagle: a socket's batched flush is one write already, and Nagle
-    // held small frames for the client's delayed ACK (a 40 ms tail).
-    let socket = axum::serve::ListenerExt::tap_io(socket, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let app = routes::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(socket, app).with_graceful_shutdown(until_stopped).await.context("serving HTTP")?;
+    let places = state.places.clone();
+    let options = server::Options { header_timeout: args.header_timeout };
+    server::serve(socket, routes::router(state), places, options, until_stopped).await;
     // The router and its state are gone; wait for the sockets still closing.
     if tokio::time::timeout(Duration::from_secs(5), drained.recv()).await.is_err() {
         tracing::warn!("some WebSocket sessions did not close within 5 s");

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Extension, Path, RawQuery, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,15 +17,13 @@ use pgpubsub::{store, Channel, ConnectionState, Cursor, Filter, Op, Transport};
 use serde_json::{json, Value};
 
 use super::auth::{self, Claims};
-use super::caps::{self, Slot};
 use super::feed::{Feed, Item};
 use super::AppState;
 
 /// The routes, ready to serve (tests bind it to port 0 the same way).
 pub fn router(state: AppState) -> Router {
-    // Counted against --max-connections; the probes and metrics are not,
-    // so that a full gateway still says so.
-    let counted = Router::new()
+    let cors = state.origins.cors();
+    Router::new()
         .route("/", get(page))
         .route("/client.js", get(client_js))
         .route("/events", get(sse))
@@ -33,10 +31,6 @@ pub fn router(state: AppState) -> Router {
         .route("/publish/{channel}", post(publish))
         .route("/store/{bucket}/{id}", get(store_get).put(store_put).delete(store_delete))
         .route("/store/{bucket}/{id}/history", get(store_history))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), caps::limit));
-    let cors = state.origins.cors();
-    Router::new()
-        .merge(counted)
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/healthz", get(readyz))
@@ -304,12 +298,7 @@ async fn client_js() -> impl IntoResponse {
 /// comes as `{"type": "event", "id": "<resume>", "event": {...}}`. A
 /// subscriber that falls behind gets `{"type": "lagged", ...}` and close code
 /// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
-async fn ws(
-    State(state): State<AppState>,
-    slot: Option<Extension<Slot>>,
-    headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Response {
+async fn ws(State(state): State<AppState>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
     // A token in a header or cookie is checked before the upgrade; without
     // one, the first message must carry it. A cookie from an origin not
     // trusted refuses the handshake (403): a foreign page must not read
@@ -322,15 +311,11 @@ async fn ws(
         Ok(None) => None,
         Err(e) => return e.into_response(),
     };
-    let slot = slot.map(|Extension(s)| s);
+
     // Clients only send their request: a small read buffer. (The default,
     // 128 KiB, is zero-filled on every read and was most of the CPU of a
     // fan-out to 1,000 sockets; docs/performance.md.)
-    upgrade.read_buffer_size(4096).on_upgrade(move |socket| async move {
-        // The place is held for as long as the session.
-        let _slot = slot;
-        serve_socket(state, early, socket).await;
-    })
+    upgrade.read_buffer_size(4096).on_upgrade(move |socket| serve_socket(state, early, socket))
 }
 
 async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket) {
@@ -744,10 +729,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         ),
         ("pgpubsub_heartbeat_seconds", "gauge", "Round trip of the last heartbeat.", s.heartbeat_rtt_us as f64 / 1e6),
         (
-            "pgpubsub_open_requests",
+            "pgpubsub_open_connections",
             "gauge",
-            "Requests and streams open (capped by --max-connections).",
-            state.slots.used() as f64,
+            "Connections open (capped by --max-connections).",
+            state.places.used() as f64,
         ),
         ("pgpubsub_listener_up", "gauge", "1 while the LISTEN connection is up.", if up { 1.0 } else { 0.0 }),
     ];

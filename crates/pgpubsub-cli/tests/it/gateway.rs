@@ -298,12 +298,14 @@ async fn readiness_follows_the_database() {
     drop(server);
 }
 
-/// Past `--max-connections` open streams, 503 at once (the probes still
-/// answer); past `--publish-rate`, 429.
+/// Past `--max-connections` open connections, 503 at once (the probes still
+/// answer); past `--publish-rate`, 429; a client that does not finish its
+/// request head within `--header-timeout` is disconnected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caps_refuse_clearly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = TestDb::new().await;
-    let server: Server = serve(&db, "", &["--max-connections", "2", "--publish-rate", "1"]);
+    let server: Server = serve(&db, "", &["--max-connections", "2", "--publish-rate", "1", "--header-timeout", "1s"]);
     let base = format!("http://{}", server.addr);
     let ch = common::channel("caps");
     let (mut a, _ra) = sse(&format!("{base}/events?channel={ch}"), None);
@@ -311,7 +313,7 @@ async fn caps_refuse_clearly() {
     let deadline = Instant::now() + WAIT;
     loop {
         let (_, m) = curl_get(&format!("{base}/metrics"));
-        if m.contains("pgpubsub_open_requests 2") {
+        if m.contains("pgpubsub_open_connections 2") {
             break;
         }
         assert!(Instant::now() < deadline, "{m}");
@@ -336,4 +338,13 @@ async fn caps_refuse_clearly() {
         tokio::time::sleep(Duration::from_millis(1100)).await;
     };
     assert_eq!(codes.last(), Some(&429), "{codes:?}");
+
+    // Slowloris: half a request head, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    slow.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(WAIT, slow.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(started.elapsed() < Duration::from_secs(5), "held for {:?}", started.elapsed());
 }
