@@ -1,7 +1,14 @@
 //! `pgpubsub serve`: the HTTP gateway. One LISTEN connection feeds a hub;
 //! browsers and services subscribe over Server-Sent Events (`/events`) or
 //! WebSocket (`/ws`), resume from the log after a disconnect, and publish
-//! with `POST /publish/{channel}`. `/healthz` and `/metrics` for operators.
+//! with `POST /publish/{channel}`. `/livez`, `/readyz` (`/healthz`) and
+//! `/metrics` for operators.
+//!
+//! Safe to expose (docs/deploying.md): every channel or an allow-list of
+//! patterns (`access.rs`), the cookie only from trusted origins, bodies read
+//! only once the token allows them and never past the limit, bad input as a
+//! 4xx, capped connections and header timeouts (`server.rs`), a publish
+//! rate (`caps.rs`).
 //!
 //! The event-sourced store is there too: `PUT/GET/DELETE
 //! /store/{bucket}/{id}` and `GET /store/{bucket}/{id}/history`.
