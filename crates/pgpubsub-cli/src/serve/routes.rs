@@ -513,10 +513,12 @@ async fn store_get(
 /// `DELETE /store/{bucket}/{id}`: `{"version": n}` (the deleting version), or 404.
 async fn store_delete(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     store_check(&state, &headers, true, &bucket, &id)?;
+    state.rate.take(&rate_key(auth::token_from(&headers, &state.origins)?.as_deref(), peer))?;
     match with_db(&state, |c| {
         let (b, i) = (bucket.as_str(), id.as_str());
         async move { store::remove(&c, b, i).await }

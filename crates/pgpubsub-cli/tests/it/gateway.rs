@@ -23,16 +23,28 @@ async fn without_channels_every_channel_is_served_even_new_ones() {
     let client = db.client().await;
     let server = serve(&db, "", &[]);
     let base = format!("http://{}", server.addr);
+    // No channel named: everything.
+    let (mut everything, all_rx) = sse(&format!("{base}/events"), None);
 
     client.batch_execute("CREATE TABLE late (id int PRIMARY KEY)").await.unwrap();
     pgpubsub::watch(&client, "late", None).await.unwrap();
     let (mut sub, rx) = sse(&format!("{base}/events?channel=late"), None);
-    subscribed(&server, "late").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = curl_get(&format!("{base}/readyz"));
+        if serde_json::from_str::<Value>(&body).unwrap()["subscribers"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     client.batch_execute("INSERT INTO late VALUES (7)").await.unwrap();
-    let e = next_sse(&rx);
-    let v: Value = serde_json::from_str(&e.data).unwrap();
-    assert_eq!((e.event.as_str(), v["table"].as_str(), v["new"]["id"].as_i64()), ("change", Some("late"), Some(7)));
-    let _ = sub.kill();
+    for rx in [&rx, &all_rx] {
+        let e = next_sse(rx);
+        let v: Value = serde_json::from_str(&e.data).unwrap();
+        assert_eq!((e.event.as_str(), v["table"].as_str(), v["new"]["id"].as_i64()), ("change", Some("late"), Some(7)));
+    }
+    let _ = (sub.kill(), everything.kill());
 
     // Any channel, over WebSocket; and a foreign pg_notify on it once asked for.
     let ch = common::channel("anych");
