@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// address without one, with bursts of twice that; past it, 429. 0: no limit.
     #[arg(long, env = "PGPUBSUB_PUBLISH_RATE", default_value_t = 0.0)]
     pub publish_rate: f64,
+    /// PostgreSQL connections for publishes, store requests and replays
+    /// (opened when first needed), besides the listener's two.
+    #[arg(long, env = "PGPUBSUB_DB_CONNECTIONS", default_value_t = 4)]
+    pub db_connections: usize,
     /// Deliveries queued per subscriber before it is told it lagged.
     #[arg(long, env = "PGPUBSUB_SUBSCRIBER_QUEUE", default_value_t = 1024)]
     pub queue: usize,
@@ -81,7 +85,8 @@ pub struct ServeArgs {
 #[derive(Clone)]
 pub struct AppState {
     pub hub: Hub,
-    pub log: Arc<LogConn>,
+    /// Connections for publishes, store requests and replays.
+    pub db: Arc<Pool>,
     /// The channels served.
     pub served: Arc<access::Served>,
     /// Origins trusted with the cookie.
@@ -117,6 +122,7 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let served = access::Served::parse(&args.channels)?;
     let origins = access::Origins::parse(&args.allowed_origins)?;
     anyhow::ensure!(args.max_connections > 0, "--max-connections must be at least 1");
+    anyhow::ensure!(args.db_connections > 0, "--db-connections must be at least 1");
     anyhow::ensure!(args.publish_rate >= 0.0, "--publish-rate must be 0 (no limit) or more");
     // Plain names: the listener reads only those. Patterns or none: every
     // channel of the log, filtered per subscriber.
@@ -127,7 +133,7 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let (listen, listen_rx) = mpsc::unbounded_channel();
     let state = AppState {
         hub: hub.clone(),
-        log: Arc::new(LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10))),
+        db: Arc::new(Pool::new(config, args.db_connections)),
         served: Arc::new(served.clone()),
         origins: Arc::new(origins),
         listening: Arc::new(Mutex::new(listened.iter().map(|c| c.as_str().to_string()).collect())),
@@ -196,6 +202,27 @@ async fn feed_hub(hub: Hub, mut listener: Listener, mut listen: mpsc::UnboundedR
             }
             Step::Event(Some(Err(e))) => tracing::warn!(error = %e, "the listener reported an error"),
         }
+    }
+}
+
+/// A few connections, taken in turn: one large or slow statement does not
+/// hold up every other request. Each is opened when first needed, and
+/// replaced after a failure.
+pub struct Pool {
+    conns: Vec<Arc<LogConn>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    fn new(config: &Config, n: usize) -> Pool {
+        let conns = (0..n).map(|_| Arc::new(LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10))));
+        Pool { conns: conns.collect(), next: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    /// The next connection in turn.
+    pub fn pick(&self) -> Arc<LogConn> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
     }
 }
 

@@ -572,17 +572,18 @@ where
     F: FnOnce(std::sync::Arc<tokio_postgres::Client>) -> Fut,
     Fut: std::future::Future<Output = Result<T, pgpubsub::Error>>,
 {
-    let client = state.log.client().await?;
+    let log = state.db.pick();
+    let client = log.client().await?;
     match tokio::time::timeout(DB_TIMEOUT, f(client)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             if e.sqlstate().is_none() {
-                state.log.reset().await;
+                log.reset().await;
             }
             Err(e.into())
         }
         Err(_) => {
-            state.log.reset().await;
+            log.reset().await;
             Err(ApiError::Unavailable(format!("the database did not answer within {DB_TIMEOUT:?}")))
         }
     }
@@ -660,14 +661,15 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if !matches!(listener, ConnectionState::Listening) {
         reason = Some(format!("the LISTEN connection is not up ({listening})"));
     } else {
+        let log = state.db.pick();
         let schema = async {
-            let client = state.log.client().await?;
+            let client = log.client().await?;
             pgpubsub::migrate::status(&client).await
         };
         let answer = tokio::time::timeout(std::time::Duration::from_secs(3), schema).await;
         if answer.as_ref().map_or(true, |r| r.as_ref().is_err_and(|e| e.sqlstate().is_none())) {
             // Replaced on the next use.
-            state.log.reset().await;
+            log.reset().await;
         }
         match answer {
             Ok(Ok(steps)) => {

@@ -324,13 +324,17 @@ async fn caps_refuse_clearly() {
     let (mut b, _rb) = sse(&format!("{base}/events?channel={ch}"), None);
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, m) = curl_get(&format!("{base}/metrics"));
-        if m.contains("pgpubsub_open_connections 2") {
+        // Both streams subscribed: both connections hold their places (the
+        // probe answers over the cap too).
+        let (_, body) = curl_get(&format!("{base}/readyz"));
+        if serde_json::from_str::<Value>(&body).unwrap()["subscribers"] == 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "{m}");
+        assert!(Instant::now() < deadline, "{body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (_, m) = curl_get(&format!("{base}/metrics"));
+    assert!(m.contains("pgpubsub_open_connections 2"), "{m}");
     let (code, v) = curl("POST", &format!("{base}/publish/{ch}"), Some("x"), &[]);
     assert_eq!(code, 503, "{v}");
     assert!(v["error"].as_str().unwrap().contains("--max-connections"), "{v}");
