@@ -133,7 +133,8 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 /// The channels a command works on: `--channel`, repeated or
 /// comma-separated, else `PUB_SUB_CHANNEL` (the seed's name), else the
-/// seed's `job_channel`. Shared by `listen` and `serve`.
+/// seed's `job_channel`. `listen`'s (`serve` has its own: none means every
+/// channel, and patterns).
 #[derive(Debug, Args, Clone)]
 pub struct Channels {
     /// Channels (repeat, or separate with commas).

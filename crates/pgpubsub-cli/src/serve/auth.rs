@@ -4,16 +4,18 @@
 //! the configured public key (RS256 or ES256); no other algorithm is
 //! accepted, `none` included. `exp` is required, `nbf` and `aud` (when an
 //! audience is configured) are checked. The claims `read` and `write` list
-//! the channels the bearer may subscribe to and publish on (`"*"`: all
-//! served). Tokens come in the `Authorization: Bearer` header, the
+//! the channels the bearer may subscribe to and publish on, as names or
+//! patterns (`"*"`: all served, `"tenant_42_*"`). Tokens come in the `Authorization: Bearer` header, the
 //! `pgpubsub_token` cookie (what a browser's EventSource can send), or a
-//! WebSocket's first message; never in the URL, which ends up in logs.
+//! WebSocket's first message; never in the URL, which ends up in logs. The
+//! cookie counts only for requests from a trusted origin (`access.rs`).
 
 use std::path::PathBuf;
 
 use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
+use super::access::{glob, Origins};
 use super::routes::ApiError;
 
 /// The cookie a browser sends its token in.
@@ -46,14 +48,25 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// Whether the bearer may subscribe to `channel`.
+    /// Whether the bearer may subscribe to `channel` (entries may be
+    /// patterns: `"*"`, `"tenant_42_*"`).
     pub fn can_read(&self, channel: &str) -> bool {
-        self.read.iter().any(|c| c == "*" || c == channel)
+        self.read.iter().any(|c| glob(c, channel))
     }
 
     /// Whether the bearer may publish on `channel`.
     pub fn can_write(&self, channel: &str) -> bool {
-        self.write.iter().any(|c| c == "*" || c == channel)
+        self.write.iter().any(|c| glob(c, channel))
+    }
+
+    /// Whether the token may read every channel.
+    pub fn can_read_all(&self) -> bool {
+        self.read.iter().any(|c| !c.is_empty() && c.chars().all(|ch| ch == '*'))
+    }
+
+    /// The channels the token may read, when they are all plain names.
+    pub fn readable_names(&self) -> Option<Vec<String>> {
+        super::access::plain_names(&self.read)
     }
 }
 
@@ -123,11 +136,28 @@ impl Auth {
     }
 }
 
-/// The token of an HTTP request: the bearer header, else the cookie.
-pub fn token_from(headers: &HeaderMap) -> Option<String> {
+/// The token of an HTTP request: the bearer header, else the cookie. The
+/// cookie counts only from a trusted origin (or a request with no `Origin`):
+/// a browser sends it along with a foreign page's requests too.
+///
+/// # Errors
+/// `Forbidden` when the token would be the cookie of a request from an
+/// origin not trusted.
+pub fn token_from(headers: &HeaderMap, origins: &Origins) -> Result<Option<String>, ApiError> {
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        return v.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+        return Ok(v.strip_prefix("Bearer ").map(|t| t.trim().to_string()));
     }
+    match cookie(headers) {
+        Some(_) if !origins.trusted(headers) => Err(ApiError::Forbidden(format!(
+            "the {COOKIE} cookie is not accepted from origin {} (see --allowed-origins); send the token in the Authorization header or a WebSocket's first message",
+            Origins::of(headers)
+        ))),
+        found => Ok(found),
+    }
+}
+
+/// The `pgpubsub_token` cookie.
+fn cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all("cookie")
         .iter()

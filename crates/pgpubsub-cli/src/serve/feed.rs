@@ -33,7 +33,7 @@ impl Feed {
             _ => Cursor::default(),
         };
         let limits = Limits { max_event_bytes: state.max_event_bytes as u64, ..Limits::default() };
-        let inner = pgpubsub::Feed::new(state.log.clone(), &state.hub, filter, since, &limits);
+        let inner = pgpubsub::Feed::new(state.db.pick(), &state.hub, filter, since, &limits);
         Ok(Feed { inner, start, shutdown: state.shutdown.clone() })
     }
 
@@ -68,8 +68,23 @@ async fn now(state: &AppState) -> Result<Cursor, pgpubsub::Error> {
         context: "reading the snapshot",
         source: pgpubsub::error::DbMessage::new(source),
     };
-    let client = state.log.client().await?;
-    let row = client.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[]).await.map_err(db)?;
+    let log = state.db.pick();
+    let client = log.client().await?;
+    let query = client.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[]);
+    let row = match tokio::time::timeout(std::time::Duration::from_secs(10), query).await {
+        Ok(Ok(row)) => row,
+        Ok(Err(e)) => {
+            if e.as_db_error().is_none() {
+                log.reset().await;
+            }
+            return Err(db(e));
+        }
+        Err(_) => {
+            // A connection gone silent: replaced on the next use.
+            log.reset().await;
+            return Err(pgpubsub::Error::ConnectionLost("reading the snapshot: no answer within 10 s".into()));
+        }
+    };
     let xmin: String = row.get(0);
     Ok(Cursor::before_txid(xmin.parse().unwrap_or(0)))
 }

@@ -1,7 +1,14 @@
 //! `pgpubsub serve`: the HTTP gateway. One LISTEN connection feeds a hub;
 //! browsers and services subscribe over Server-Sent Events (`/events`) or
 //! WebSocket (`/ws`), resume from the log after a disconnect, and publish
-//! with `POST /publish/{channel}`. `/healthz` and `/metrics` for operators.
+//! with `POST /publish/{channel}`. `/livez`, `/readyz` (`/healthz`) and
+//! `/metrics` for operators.
+//!
+//! Safe to expose (docs/deploying.md): every channel or an allow-list of
+//! patterns (`access.rs`), the cookie only from trusted origins, bodies read
+//! only once the token allows them and never past the limit, bad input as a
+//! 4xx, capped connections and header timeouts (`server.rs`), a publish
+//! rate (`caps.rs`).
 //!
 //! The event-sourced store is there too: `PUT/GET/DELETE
 //! /store/{bucket}/{id}` and `GET /store/{bucket}/{id}/history`.
@@ -9,17 +16,21 @@
 //! Authentication (JWT, `auth.rs`) is off unless a secret or key is given,
 //! and the server says which at start.
 
+mod access;
 mod auth;
+mod caps;
 mod feed;
 mod routes;
+mod server;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use pgpubsub::db::Config;
 use pgpubsub::{Channel, ConnectionState, Hub, Listener, ListenerOptions, LogConn, Stats};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// Options of `serve`.
 #[derive(Debug, clap::Args)]
@@ -27,9 +38,38 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "PGPUBSUB_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
-    /// The channels served; clients subscribe to any of them.
-    #[command(flatten)]
-    pub channels: crate::cli::Channels,
+    /// The channels served: names or patterns (`orders`, `tenant_*`; `*`
+    /// any run of characters, `?` one), repeated or comma-separated. None:
+    /// every channel (a client still needs a token's claims, with auth on).
+    #[arg(
+        long = "channel",
+        short = 'c',
+        env = "PGPUBSUB_SERVE_CHANNELS",
+        value_delimiter = ',',
+        value_name = "CHANNEL|PATTERN"
+    )]
+    pub channels: Vec<String>,
+    /// Origins whose pages may use the `pgpubsub_token` cookie and get CORS
+    /// headers (comma-separated, `https://app.example`; `*`: CORS for every
+    /// origin, bearer tokens only). The gateway's own origin always may.
+    #[arg(long, env = "PGPUBSUB_ALLOWED_ORIGINS", value_delimiter = ',', value_name = "ORIGINS")]
+    pub allowed_origins: Vec<String>,
+    /// Connections open at once (each SSE or WebSocket subscriber is one);
+    /// past it, 503, except the probes and /metrics.
+    #[arg(long, env = "PGPUBSUB_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Time a client has to send a request's head, and the longest a
+    /// kept-alive connection may idle between requests (e.g. 10s).
+    #[arg(long, env = "PGPUBSUB_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// Publishes (and store writes) per second per token, or per client
+    /// address without one, with bursts of twice that; past it, 429. 0: no limit.
+    #[arg(long, env = "PGPUBSUB_PUBLISH_RATE", default_value_t = 0.0)]
+    pub publish_rate: f64,
+    /// PostgreSQL connections for publishes, store requests and replays
+    /// (opened when first needed), besides the listener's two.
+    #[arg(long, env = "PGPUBSUB_DB_CONNECTIONS", default_value_t = 4)]
+    pub db_connections: usize,
     /// Deliveries queued per subscriber before it is told it lagged.
     #[arg(long, env = "PGPUBSUB_SUBSCRIBER_QUEUE", default_value_t = 1024)]
     pub queue: usize,
@@ -45,8 +85,20 @@ pub struct ServeArgs {
 #[derive(Clone)]
 pub struct AppState {
     pub hub: Hub,
-    pub log: Arc<LogConn>,
-    pub channels: Arc<Vec<Channel>>,
+    /// Connections for publishes, store requests and replays.
+    pub db: Arc<Pool>,
+    /// The channels served.
+    pub served: Arc<access::Served>,
+    /// Origins trusted with the cookie.
+    pub origins: Arc<access::Origins>,
+    /// Channels the listener was asked to LISTEN on (for foreign
+    /// notifications), and where to ask for more.
+    pub listening: Arc<Mutex<HashSet<String>>>,
+    pub listen: mpsc::UnboundedSender<Channel>,
+    /// Open connections.
+    pub places: server::Places,
+    /// Publishes per second per client.
+    pub rate: Arc<caps::Rate>,
     pub listener_stats: Arc<Stats>,
     pub listener_state: watch::Receiver<ConnectionState>,
     pub max_event_bytes: usize,
@@ -67,14 +119,27 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let (stop_tx, shutdown) = watch::channel(false);
     let (alive, mut drained) = tokio::sync::mpsc::channel::<()>(1);
     let auth = auth::Auth::new(&args.auth).context("configuring authentication")?;
-    let listener = Listener::connect(config, &args.channels.list, ListenerOptions::default())
-        .await
-        .context("starting the listener")?;
+    let served = access::Served::parse(&args.channels)?;
+    let origins = access::Origins::parse(&args.allowed_origins)?;
+    anyhow::ensure!(args.max_connections > 0, "--max-connections must be at least 1");
+    anyhow::ensure!(args.db_connections > 0, "--db-connections must be at least 1");
+    anyhow::ensure!(args.publish_rate >= 0.0, "--publish-rate must be 0 (no limit) or more");
+    // Plain names: the listener reads only those. Patterns or none: every
+    // channel of the log, filtered per subscriber.
+    let listened = served.names().unwrap_or_default();
+    let listener =
+        Listener::connect(config, &listened, ListenerOptions::default()).await.context("starting the listener")?;
     let hub = Hub::new(args.queue);
+    let (listen, listen_rx) = mpsc::unbounded_channel();
     let state = AppState {
         hub: hub.clone(),
-        log: Arc::new(LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10))),
-        channels: Arc::new(args.channels.list.clone()),
+        db: Arc::new(Pool::new(config, args.db_connections)),
+        served: Arc::new(served.clone()),
+        origins: Arc::new(origins),
+        listening: Arc::new(Mutex::new(listened.iter().map(|c| c.as_str().to_string()).collect())),
+        listen,
+        places: server::Places::new(args.max_connections),
+        rate: Arc::new(caps::Rate::new(args.publish_rate)),
         listener_stats: listener.stats(),
         listener_state: listener.state(),
         max_event_bytes: args.max_event_bytes,
@@ -82,16 +147,16 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         _alive: alive,
     };
-    tokio::spawn(hub.run(listener.into_positioned()));
+    tokio::spawn(feed_hub(hub, listener, listen_rx));
 
     let socket = tokio::net::TcpListener::bind(&args.bind).await.with_context(|| format!("binding {}", args.bind))?;
     let addr = socket.local_addr()?;
     if auth.enabled() {
         tracing::info!("authentication is on: tokens' read and write claims decide who may do what");
     } else {
-        tracing::warn!("authentication is off: every client may read and publish on {:?}", args.channels.list);
+        tracing::warn!("authentication is off: every client may read and publish on {}", served.describe());
     }
-    tracing::info!(%addr, channels = ?args.channels.list, "serving on http://{addr}");
+    tracing::info!(%addr, channels = %served.describe(), "serving on http://{addr}");
     tokio::spawn(async move {
         signal.await;
         tracing::info!("shutting down: closing streams");
@@ -101,18 +166,87 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     let until_stopped = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    // No Nagle: a socket's batched flush is one write already, and Nagle
-    // held small frames for the client's delayed ACK (a 40 ms tail).
-    let socket = axum::serve::ListenerExt::tap_io(socket, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(socket, routes::router(state)).with_graceful_shutdown(until_stopped).await.context("serving HTTP")?;
+    let places = state.places.clone();
+    let options = server::Options { header_timeout: args.header_timeout };
+    server::serve(socket, routes::router(state), places, options, until_stopped).await;
     // The router and its state are gone; wait for the sockets still closing.
     if tokio::time::timeout(Duration::from_secs(5), drained.recv()).await.is_err() {
         tracing::warn!("some WebSocket sessions did not close within 5 s");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Feeds the hub from the listener, and has it LISTEN on the channels
+/// subscribers ask for (foreign `pg_notify` payloads are heard only on
+/// channels LISTENed to). Ends once every handle to the server is gone.
+async fn feed_hub(hub: Hub, mut listener: Listener, mut listen: mpsc::UnboundedReceiver<Channel>) {
+    enum Step {
+        Listen(Option<Channel>),
+        Event(Option<pgpubsub::Result<pgpubsub::Event>>),
+    }
+    loop {
+        // A request to LISTEN interrupts a `recv` that is waiting: nothing is
+        // lost (its state moves only once a read is back), and `add_channel`
+        // has it read the log again at once.
+        let step = tokio::select! {
+            biased;
+            c = listen.recv() => Step::Listen(c),
+            e = listener.recv() => Step::Event(e),
+        };
+        match step {
+            Step::Listen(Some(channel)) => listener.add_channel(channel).await,
+            Step::Listen(None) | Step::Event(None) => break,
+            Step::Event(Some(Ok(event))) => {
+                hub.publish_at(event, listener.cursor());
+            }
+            Step::Event(Some(Err(e))) => tracing::warn!(error = %e, "the listener reported an error"),
+        }
+    }
+}
+
+/// A few connections, taken in turn: one large or slow statement does not
+/// hold up every other request. Each is opened when first needed, and
+/// replaced after a failure.
+pub struct Pool {
+    conns: Vec<Arc<LogConn>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    fn new(config: &Config, n: usize) -> Pool {
+        let conns = (0..n).map(|_| Arc::new(LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10))));
+        Pool { conns: conns.collect(), next: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    /// The next connection in turn.
+    pub fn pick(&self) -> Arc<LogConn> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
+}
+
+/// The most channels the gateway LISTENs on for subscribers (each is one
+/// entry in PostgreSQL's listen list of the connection); past it, foreign
+/// notifications of further channels are not heard (log events still are).
+const MAX_LISTENED: usize = 10_000;
+
+impl AppState {
+    /// Makes sure the listener LISTENs on `channels`.
+    pub fn ensure_listening<'a>(&self, channels: impl IntoIterator<Item = &'a str>) {
+        let mut set = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        for c in channels {
+            if set.contains(c) {
+                continue;
+            }
+            if set.len() >= MAX_LISTENED {
+                tracing::warn!(channel = c, "not LISTENing: {MAX_LISTENED} channels already are");
+                return;
+            }
+            if let Ok(channel) = Channel::new(c) {
+                set.insert(c.to_string());
+                let _ = self.listen.send(channel);
+            }
+        }
+    }
 }

@@ -4,10 +4,11 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 
+use axum::body::Body;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -21,17 +22,20 @@ use super::AppState;
 
 /// The routes, ready to serve (tests bind it to port 0 the same way).
 pub fn router(state: AppState) -> Router {
-    let limit = state.max_event_bytes;
+    let cors = state.origins.cors();
     Router::new()
         .route("/", get(page))
         .route("/client.js", get(client_js))
         .route("/events", get(sse))
         .route("/ws", get(ws))
-        .route("/publish/{channel}", post(publish).layer(DefaultBodyLimit::max(limit)))
+        .route("/publish/{channel}", post(publish))
         .route("/store/{bucket}/{id}", get(store_get).put(store_put).delete(store_delete))
         .route("/store/{bucket}/{id}/history", get(store_history))
-        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(cors)
         .with_state(state)
 }
 
@@ -42,14 +46,20 @@ pub enum ApiError {
     BadRequest(String),
     /// No valid token (401).
     Unauthorized(String),
-    /// The channel is not served here (403).
-    NotServed(String),
+    /// Not served here, or not allowed to this token or origin (403).
+    Forbidden(String),
     /// Nothing there (404).
     NotFound(String),
-    /// A version precondition failed (409).
+    /// A version precondition failed, or the data conflicts (409).
     Conflict(String),
+    /// The body is over the limit (413).
+    TooLarge(String),
+    /// Over the publish rate (429).
+    TooMany(String),
     /// The database cannot do it now (503).
     Unavailable(String),
+    /// The gateway is at its connection limit (503).
+    Busy(String),
 }
 
 impl IntoResponse for ApiError {
@@ -57,10 +67,12 @@ impl IntoResponse for ApiError {
         let (status, msg) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
-            ApiError::NotServed(m) => (StatusCode::FORBIDDEN, m),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
-            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+            ApiError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
+            ApiError::TooMany(m) => (StatusCode::TOO_MANY_REQUESTS, m),
+            ApiError::Unavailable(m) | ApiError::Busy(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
         };
         (status, Json(json!({ "error": msg }))).into_response()
     }
@@ -71,10 +83,13 @@ impl ApiError {
         match self {
             ApiError::BadRequest(m)
             | ApiError::Unauthorized(m)
-            | ApiError::NotServed(m)
+            | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
-            | ApiError::Unavailable(m) => m,
+            | ApiError::TooLarge(m)
+            | ApiError::TooMany(m)
+            | ApiError::Unavailable(m)
+            | ApiError::Busy(m) => m,
         }
     }
 }
@@ -83,7 +98,17 @@ impl From<pgpubsub::Error> for ApiError {
     fn from(e: pgpubsub::Error) -> Self {
         match e {
             pgpubsub::Error::InvalidChannel(c) => ApiError::BadRequest(c.to_string()),
-            other => ApiError::Unavailable(other.to_string()),
+            other => match other.sqlstate() {
+                // Bad input is the client's to fix, never a 5xx: SQLSTATE
+                // class 22 (data exception: a NUL byte, bad encoding, out of
+                // range) and 23 (integrity); uniqueness and exclusion
+                // conflicts are 409, as is the store's version check.
+                Some(s) if s == store::VERSION_CONFLICT || s == "23505" || s == "23P01" => {
+                    ApiError::Conflict(other.to_string())
+                }
+                Some(s) if s.starts_with("22") || s.starts_with("23") => ApiError::BadRequest(other.to_string()),
+                _ => ApiError::Unavailable(other.to_string()),
+            },
         }
     }
 }
@@ -148,22 +173,32 @@ impl Request {
         let mut channels = Vec::new();
         for name in self.channels {
             let c = Channel::new(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            if !state.channels.contains(&c) {
-                return Err(ApiError::NotServed(format!("channel {c} is not served here")));
+            if !state.served.allows(c.as_str()) {
+                return Err(ApiError::Forbidden(format!("channel {c} is not served here")));
             }
             if !claims.can_read(c.as_str()) {
-                return Err(ApiError::NotServed(format!("this token may not read channel {c}")));
+                return Err(ApiError::Forbidden(format!("this token may not read channel {c}")));
             }
             channels.push(c.as_str().to_string());
         }
         if channels.is_empty() {
-            // All served channels the token may read.
-            channels =
-                state.channels.iter().map(Channel::as_str).filter(|c| claims.can_read(c)).map(str::to_string).collect();
-            if channels.is_empty() {
-                return Err(ApiError::NotServed("this token may read none of the served channels".into()));
+            // Every channel served that the token may read: all of them when
+            // both say "all"; else the plain names of either list.
+            let everything = state.served.all() && claims.can_read_all();
+            if !everything {
+                let names = state.served.names().map(|n| n.iter().map(|c| c.as_str().to_string()).collect());
+                let names = names.or_else(|| claims.readable_names()).ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "name the channels to subscribe to (the channels served or readable are patterns)".into(),
+                    )
+                })?;
+                channels = names.into_iter().filter(|c| state.served.allows(c) && claims.can_read(c)).collect();
+                if channels.is_empty() {
+                    return Err(ApiError::Forbidden("this token may read none of the served channels".into()));
+                }
             }
         }
+        state.ensure_listening(channels.iter().map(String::as_str));
         let mut ops = Vec::new();
         for op in self.ops {
             let parsed = serde_json::from_value::<Op>(Value::String(op.to_uppercase()))
@@ -192,7 +227,7 @@ async fn sse(
 ) -> Result<Response, ApiError> {
     let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let request = Request::from_query(query.as_deref())?;
-    let claims = state.auth.check(auth::token_from(&headers).as_deref())?;
+    let claims = state.auth.check(auth::token_from(&headers, &state.origins)?.as_deref())?;
     let (filter, since) = request.resolve(&state, &claims, last)?;
     let expires = expiry(&claims);
     let feed = Feed::new(state, filter, since).await?;
@@ -265,14 +300,18 @@ async fn client_js() -> impl IntoResponse {
 /// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
 async fn ws(State(state): State<AppState>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
     // A token in a header or cookie is checked before the upgrade; without
-    // one, the first message must carry it.
-    let early = match auth::token_from(&headers) {
-        Some(t) => match state.auth.check(Some(&t)) {
+    // one, the first message must carry it. A cookie from an origin not
+    // trusted refuses the handshake (403): a foreign page must not read
+    // with its visitor's cookie.
+    let early = match auth::token_from(&headers, &state.origins) {
+        Ok(Some(t)) => match state.auth.check(Some(&t)) {
             Ok(claims) => Some(claims),
             Err(e) => return e.into_response(),
         },
-        None => None,
+        Ok(None) => None,
+        Err(e) => return e.into_response(),
     };
+
     // Clients only send their request: a small read buffer. (The default,
     // 128 KiB, is zero-filled on every read and was most of the CPU of a
     // fan-out to 1,000 sockets; docs/performance.md.)
@@ -395,24 +434,29 @@ fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(
 }
 
 /// `POST /publish/{channel}`: the body, any size up to the limit, as a
-/// message; answers `{"seq": n}`.
+/// message; answers `{"seq": n}`. The token and channel are checked before
+/// a byte of the body is read.
 async fn publish(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path(channel): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let claims = state.auth.check(auth::token_from(&headers).as_deref())?;
+    let token = auth::token_from(&headers, &state.origins)?;
+    let claims = state.auth.check(token.as_deref())?;
     let channel = Channel::new(channel).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if !state.channels.contains(&channel) {
-        return Err(ApiError::NotServed(format!("channel {channel} is not served here")));
+    if !state.served.allows(channel.as_str()) {
+        return Err(ApiError::Forbidden(format!("channel {channel} is not served here")));
     }
     if !claims.can_write(channel.as_str()) {
-        return Err(ApiError::NotServed(format!("this token may not publish on {channel}")));
+        return Err(ApiError::Forbidden(format!("this token may not publish on {channel}")));
     }
+    state.rate.take(&rate_key(token.as_deref(), peer))?;
+    let body = read_body(&headers, body, state.max_event_bytes).await?;
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the body must be UTF-8 text".into()))?;
-    let client = state.log.client().await?;
-    let seq = pgpubsub::publish(&client, &channel, text).await?;
+    no_nul("the message", text)?;
+    let seq = with_db(&state, |c| async move { pgpubsub::publish(&c, &channel, text).await }).await?;
     Ok(Json(json!({ "seq": seq })))
 }
 
@@ -421,11 +465,14 @@ async fn publish(
 /// exist yet); 409 otherwise. Answers `{"version": n}`.
 async fn store_put(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let client = store_client(&state, &headers, true).await?;
+    store_check(&state, &headers, true, &bucket, &id)?;
+    state.rate.take(&rate_key(auth::token_from(&headers, &state.origins)?.as_deref(), peer))?;
+    let body = read_body(&headers, body, state.max_event_bytes).await?;
     let val: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body must be JSON: {e}")))?;
     let expected = match headers.get("if-match") {
@@ -437,11 +484,12 @@ async fn store_put(
         ),
         None => None,
     };
-    match store::put(&client, &bucket, &id, &val, expected).await {
-        Ok(version) => Ok(Json(json!({ "version": version }))),
-        Err(e) if e.sqlstate() == Some(store::VERSION_CONFLICT) => Err(ApiError::Conflict(e.to_string())),
-        Err(e) => Err(e.into()),
-    }
+    let version = with_db(&state, |c| {
+        let (b, i) = (bucket.as_str(), id.as_str());
+        async move { store::put(&c, b, i, &val, expected).await }
+    })
+    .await?;
+    Ok(Json(json!({ "version": version })))
 }
 
 /// `GET /store/{bucket}/{id}`: `{"version": n, "val": ...}`, or 404.
@@ -450,8 +498,13 @@ async fn store_get(
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let client = store_client(&state, &headers, false).await?;
-    match store::get(&client, &bucket, &id).await? {
+    store_check(&state, &headers, false, &bucket, &id)?;
+    match with_db(&state, |c| {
+        let (b, i) = (bucket.as_str(), id.as_str());
+        async move { store::get(&c, b, i).await }
+    })
+    .await?
+    {
         Some(s) => Ok(Json(json!({ "version": s.version, "val": s.val }))),
         None => Err(ApiError::NotFound(format!("{bucket}/{id} does not exist"))),
     }
@@ -460,11 +513,18 @@ async fn store_get(
 /// `DELETE /store/{bucket}/{id}`: `{"version": n}` (the deleting version), or 404.
 async fn store_delete(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let client = store_client(&state, &headers, true).await?;
-    match store::remove(&client, &bucket, &id).await? {
+    store_check(&state, &headers, true, &bucket, &id)?;
+    state.rate.take(&rate_key(auth::token_from(&headers, &state.origins)?.as_deref(), peer))?;
+    match with_db(&state, |c| {
+        let (b, i) = (bucket.as_str(), id.as_str());
+        async move { store::remove(&c, b, i).await }
+    })
+    .await?
+    {
         Some(version) => Ok(Json(json!({ "version": version }))),
         None => Err(ApiError::NotFound(format!("{bucket}/{id} does not exist"))),
     }
@@ -476,27 +536,103 @@ async fn store_history(
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let client = store_client(&state, &headers, false).await?;
-    let history = store::history(&client, &bucket, &id).await?;
+    store_check(&state, &headers, false, &bucket, &id)?;
+    let history = with_db(&state, |c| {
+        let (b, i) = (bucket.as_str(), id.as_str());
+        async move { store::history(&c, b, i).await }
+    })
+    .await?;
     Ok(Json(json!(history)))
 }
 
-/// The connection for a store request, once the token allows it: the store
-/// is read and written as the channel it announces changes on.
-async fn store_client(
-    state: &AppState,
-    headers: &HeaderMap,
-    write: bool,
-) -> Result<std::sync::Arc<tokio_postgres::Client>, ApiError> {
-    let claims = state.auth.check(auth::token_from(headers).as_deref())?;
+/// Whether the token allows a store request: the store is read and written
+/// as the channel it announces changes on.
+fn store_check(state: &AppState, headers: &HeaderMap, write: bool, bucket: &str, id: &str) -> Result<(), ApiError> {
+    let claims = state.auth.check(auth::token_from(headers, &state.origins)?.as_deref())?;
     let allowed = if write { claims.can_write(store::STORE_CHANNEL) } else { claims.can_read(store::STORE_CHANNEL) };
     if !allowed {
-        return Err(ApiError::NotServed(format!(
+        return Err(ApiError::Forbidden(format!(
             "this token may not {} the store",
             if write { "write" } else { "read" }
         )));
     }
-    Ok(state.log.client().await?)
+    no_nul("the bucket", bucket)?;
+    no_nul("the id", id)?;
+    Ok(())
+}
+
+/// How long a request's statements may take.
+const DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs statements on the gateway's connection within [`DB_TIMEOUT`]. A
+/// connection that fails or does not answer (a network path that went
+/// silent) is dropped, so the next request opens a new one.
+async fn with_db<T, F, Fut>(state: &AppState, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(std::sync::Arc<tokio_postgres::Client>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, pgpubsub::Error>>,
+{
+    let log = state.db.pick();
+    let client = log.client().await?;
+    match tokio::time::timeout(DB_TIMEOUT, f(client)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            if e.sqlstate().is_none() {
+                log.reset().await;
+            }
+            Err(e.into())
+        }
+        Err(_) => {
+            log.reset().await;
+            Err(ApiError::Unavailable(format!("the database did not answer within {DB_TIMEOUT:?}")))
+        }
+    }
+}
+
+/// PostgreSQL text cannot hold NUL: say so, rather than fail in the database.
+fn no_nul(what: &str, text: &str) -> Result<(), ApiError> {
+    if text.contains('\0') {
+        return Err(ApiError::BadRequest(format!(
+            "{what} contains a NUL byte (U+0000), which PostgreSQL text cannot hold"
+        )));
+    }
+    Ok(())
+}
+
+/// Whose publish-rate bucket a request draws from: its token's, else its
+/// address's.
+fn rate_key(token: Option<&str>, peer: std::net::SocketAddr) -> String {
+    use std::hash::{Hash, Hasher};
+    match token {
+        Some(t) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            t.hash(&mut h);
+            format!("t{:x}", h.finish())
+        }
+        None => format!("a{}", peer.ip()),
+    }
+}
+
+/// The body, at most `limit` bytes: a larger `Content-Length` is refused
+/// before reading anything, a body without one as soon as it passes the
+/// limit. Nothing is read past it.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::TooLarge(format!("the body is over the limit of {limit} bytes (--max-event-bytes)"));
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut buf = bytes::BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 /// When a stream opened with these claims must end.
@@ -507,15 +643,50 @@ fn expiry(claims: &Claims) -> tokio::time::Instant {
     tokio::time::Instant::now() + std::time::Duration::from_secs(left)
 }
 
-/// `GET /healthz`: 200 while the LISTEN connection is up, 503 otherwise.
-async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+/// `GET /livez`: the process answers.
+async fn livez() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz` (and `/healthz`): 200 while the LISTEN connection is up and
+/// the schema is migrated, else 503 with the reason.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let s = state.listener_stats.snapshot();
-    let (status, listening) = match &*state.listener_state.borrow() {
-        ConnectionState::Listening => (StatusCode::OK, json!("listening")),
-        other => (StatusCode::SERVICE_UNAVAILABLE, json!(format!("{other:?}"))),
+    let listener = state.listener_state.borrow().clone();
+    let listening = match &listener {
+        ConnectionState::Listening => "listening".to_string(),
+        other => format!("{other:?}"),
     };
+    let mut reason = None;
+    if !matches!(listener, ConnectionState::Listening) {
+        reason = Some(format!("the LISTEN connection is not up ({listening})"));
+    } else {
+        let log = state.db.pick();
+        let schema = async {
+            let client = log.client().await?;
+            pgpubsub::migrate::status(&client).await
+        };
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(3), schema).await;
+        if answer.as_ref().map_or(true, |r| r.as_ref().is_err_and(|e| e.sqlstate().is_none())) {
+            // Replaced on the next use.
+            log.reset().await;
+        }
+        match answer {
+            Ok(Ok(steps)) => {
+                if let Some(p) = steps.iter().find(|s| !s.applied && !s.migration.example) {
+                    let (version, name) = (p.migration.version, p.migration.name);
+                    reason =
+                        Some(format!("the schema is not migrated: {version}_{name} is pending (pgpubsub migrate)"));
+                }
+            }
+            Ok(Err(e)) => reason = Some(format!("the database does not answer: {e}")),
+            Err(_) => reason = Some("the database did not answer within 3 s".into()),
+        }
+    }
+    let status = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
-        "status": if status == StatusCode::OK { "ok" } else { "degraded" },
+        "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
+        "reason": reason,
         "listener": listening,
         "reconnects": s.reconnects,
         "subscribers": state.hub.subscribers(),
@@ -529,7 +700,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.listener_stats.snapshot();
     let h = state.hub.stats();
     let up = matches!(&*state.listener_state.borrow(), ConnectionState::Listening);
-    let rows: [(&str, &str, &str, f64); 12] = [
+    let rows: [(&str, &str, &str, f64); 13] = [
         ("pgpubsub_events_in_total", "counter", "Events received from PostgreSQL.", s.events as f64),
         (
             "pgpubsub_deliveries_total",
@@ -561,6 +732,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.queue_usage_ppm as f64 / 1e6,
         ),
         ("pgpubsub_heartbeat_seconds", "gauge", "Round trip of the last heartbeat.", s.heartbeat_rtt_us as f64 / 1e6),
+        (
+            "pgpubsub_open_connections",
+            "gauge",
+            "Connections open (capped by --max-connections).",
+            state.places.used() as f64,
+        ),
         ("pgpubsub_listener_up", "gauge", "1 while the LISTEN connection is up.", if up { 1.0 } else { 0.0 }),
     ];
     let mut text = String::new();

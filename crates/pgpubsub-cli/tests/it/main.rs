@@ -11,6 +11,7 @@ mod common;
 mod events;
 mod faults;
 mod foreign;
+mod gateway;
 mod migrations;
 mod proxy;
 mod retention;

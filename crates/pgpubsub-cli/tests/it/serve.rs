@@ -13,9 +13,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::common::{self, TestDb, WAIT};
 
 /// A running `pgpubsub serve`, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
+pub(crate) struct Server {
+    pub child: Child,
+    pub addr: String,
 }
 
 impl Drop for Server {
@@ -25,23 +25,23 @@ impl Drop for Server {
     }
 }
 
-fn serve(db: &TestDb, channels: &str, extra: &[&str]) -> Server {
+pub(crate) fn serve(db: &TestDb, channels: &str, extra: &[&str]) -> Server {
     serve_url(&db.url, channels, extra)
 }
 
-/// `pgpubsub serve` on the database at `url`, once it says where it listens.
-fn serve_url(url: &str, channels: &str, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
-        .env_remove("PUB_SUB_CHANNEL")
+/// `pgpubsub serve` on the database at `url`, once it says where it listens;
+/// `channels` empty: without `--channel` (every channel).
+pub(crate) fn serve_url(url: &str, channels: &str, extra: &[&str]) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
+    cmd.env_remove("PUB_SUB_CHANNEL")
+        .env_remove("PGPUBSUB_SERVE_CHANNELS")
         .env("DATABASE_URL", url)
         .env("RUST_LOG", "warn,pgpubsub=info")
-        .args(["serve", "--bind", "127.0.0.1:0", "--channel", channels])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .args(["serve", "--bind", "127.0.0.1:0"]);
+    if !channels.is_empty() {
+        cmd.args(["--channel", channels]);
+    }
+    let mut child = cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let deadline = Instant::now() + WAIT;
     let addr = loop {
@@ -58,18 +58,18 @@ fn serve_url(url: &str, channels: &str, extra: &[&str]) -> Server {
 
 /// One SSE event as curl delivers it.
 #[derive(Debug, Default, Clone)]
-struct Sse {
-    id: Option<String>,
-    event: String,
-    data: String,
+pub(crate) struct Sse {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
 }
 
 /// `curl -sN` on an SSE URL; events arrive on the returned channel.
-fn sse(url: &str, last_event_id: Option<&str>) -> (Child, Receiver<Sse>) {
+pub(crate) fn sse(url: &str, last_event_id: Option<&str>) -> (Child, Receiver<Sse>) {
     sse_with(url, last_event_id, &[])
 }
 
-fn sse_with(url: &str, last_event_id: Option<&str>, headers: &[String]) -> (Child, Receiver<Sse>) {
+pub(crate) fn sse_with(url: &str, last_event_id: Option<&str>, headers: &[String]) -> (Child, Receiver<Sse>) {
     let mut cmd = Command::new("curl");
     cmd.args(["-sN", url]);
     if let Some(id) = last_event_id {
@@ -100,10 +100,10 @@ fn sse_with(url: &str, last_event_id: Option<&str>, headers: &[String]) -> (Chil
     (child, rx)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Reads until the server closes; its close code.
-async fn close_code(ws: &mut Ws) -> Option<u16> {
+pub(crate) async fn close_code(ws: &mut Ws) -> Option<u16> {
     while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
         if let Message::Close(frame) = m {
             return frame.map(|f| u16::from(f.code));
@@ -112,11 +112,11 @@ async fn close_code(ws: &mut Ws) -> Option<u16> {
     None
 }
 
-fn next_sse(rx: &Receiver<Sse>) -> Sse {
+pub(crate) fn next_sse(rx: &Receiver<Sse>) -> Sse {
     rx.recv_timeout(WAIT).expect("no SSE event in time")
 }
 
-fn curl_post(url: &str, body: &[u8]) -> (u16, Value) {
+pub(crate) fn curl_post(url: &str, body: &[u8]) -> (u16, Value) {
     let mut child = Command::new("curl")
         .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", "POST", "--data-binary", "@-", url])
         .stdin(Stdio::piped())
@@ -130,14 +130,14 @@ fn curl_post(url: &str, body: &[u8]) -> (u16, Value) {
     (code.parse().unwrap(), serde_json::from_str(json).unwrap_or(Value::Null))
 }
 
-fn curl_get(url: &str) -> (u16, String) {
+pub(crate) fn curl_get(url: &str) -> (u16, String) {
     let out = Command::new("curl").args(["-s", "-o", "-", "-w", "\n%{http_code}", url]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.parse().unwrap(), body.to_string())
 }
 
-async fn subscribed(server: &Server, channel: &str) {
+pub(crate) async fn subscribed(server: &Server, channel: &str) {
     // A subscriber is counted once its feed exists.
     let deadline = Instant::now() + WAIT;
     loop {
@@ -354,7 +354,7 @@ async fn healthz_and_metrics() {
     }
 }
 
-fn curl(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> (u16, Value) {
+pub(crate) fn curl(method: &str, url: &str, body: Option<&str>, headers: &[&str]) -> (u16, Value) {
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method, url]);
     for h in headers {
@@ -415,13 +415,13 @@ async fn the_fanout_benchmark_runs() {
     assert!(v["latency_ms"]["p99"].as_f64().unwrap() > 0.0 && v["server_cpu_ms"].as_f64().unwrap() > 0.0);
 }
 
-const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+pub(crate) const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
 
-fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
-fn token(secret: &str, claims: Value) -> String {
+pub(crate) fn token(secret: &str, claims: Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key).unwrap()
 }

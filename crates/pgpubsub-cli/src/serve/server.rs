@@ -1,0 +1,182 @@
+//! The HTTP server loop (hyper, HTTP/1.1 with upgrades for WebSocket), in
+//! place of `axum::serve` for what that does not offer:
+//!
+//! - a cap on open connections: past `--max-connections`, a connection is
+//!   answered once (503 with a JSON body, then closed), except the probes
+//!   and `/metrics`, which still answer;
+//! - a header read timeout (`--header-timeout`): a client that does not send
+//!   a whole request head in time, or idles that long between requests on a
+//!   kept-alive connection, is disconnected (slowloris);
+//! - `TCP_NODELAY` on every socket, the client's address for handlers
+//!   ([`ConnectInfo`]), and graceful shutdown.
+//!
+//! A connection keeps its place while it is upgraded to a WebSocket: the
+//! place belongs to the socket.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
+
+use super::routes::ApiError;
+
+/// Limits of the server loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Time to send a request head (and to idle between requests).
+    pub header_timeout: Duration,
+}
+
+/// The open connections, for `/metrics`.
+#[derive(Clone)]
+pub struct Places {
+    sem: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Places {
+    /// `max` places.
+    pub fn new(max: usize) -> Places {
+        Places { sem: Arc::new(Semaphore::new(max)), max }
+    }
+
+    /// Connections open now.
+    pub fn used(&self) -> usize {
+        self.max - self.sem.available_permits()
+    }
+}
+
+/// A socket holding its place until it is closed.
+struct Placed {
+    tcp: TcpStream,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl AsyncRead for Placed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Placed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+}
+
+/// Whether a path still answers on a connection over the cap.
+fn always_served(path: &str) -> bool {
+    matches!(path, "/livez" | "/readyz" | "/healthz" | "/metrics")
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets open
+/// connections finish (streams end with the server's own shutdown signal).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    places: Places,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection task holds a clone; all gone = all closed.
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait, do not spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // No Nagle: a socket's batched flush is one write already, and Nagle
+        // held small frames for the client's delayed ACK (a 40 ms tail).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let place = places.sem.clone().try_acquire_owned().ok();
+        let full = place.is_none();
+        let io = TokioIo::new(Placed { tcp, _place: place });
+        let app = app.clone();
+        let max = places.max;
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let mut req = req.map(Body::new);
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let app = app.clone();
+            async move {
+                if full && !always_served(req.uri().path()) {
+                    let busy = ApiError::Busy(format!(
+                        "the gateway is at its limit of {max} open connections (--max-connections); retry later"
+                    ));
+                    return Ok::<Response, Infallible>(busy.into_response());
+                }
+                app.oneshot(req).await
+            }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(options.header_timeout).keep_alive(!full);
+        let mut stop = stop_rx.clone();
+        let open = open_tx.clone();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection(io, service).with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::trace!(error = %e, "connection ended");
+                    }
+                }
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    if let Err(e) = conn.await {
+                        tracing::trace!(error = %e, "connection ended");
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_tx);
+    let _ = open_rx.recv().await;
+}
