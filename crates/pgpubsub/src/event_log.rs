@@ -206,6 +206,11 @@ impl LogConn {
             Ok(c) => Arc::new(c?),
             Err(_) => return Err(Error::ConnectionLost("connecting the log connection timed out".into())),
         };
+        // A page read is a few index scans: JIT compiling it would cost more
+        // (35 ms measured on a 200k-event log) than running it.
+        if let Err(e) = client.batch_execute("SET jit = off").await {
+            return Err(Error::db("setting up the log connection", e));
+        }
         self.generation.fetch_add(1, Ordering::AcqRel);
         *slot = Some(client.clone());
         Ok(client)
@@ -279,6 +284,11 @@ impl LogConn {
     ///
     /// Row-level security applies: a role sees a row change only if it may
     /// SELECT the table it came from.
+    ///
+    /// Each open transaction is read through its own range of the
+    /// (txid, seq) index (a row comparison on both ends: PostgreSQL's
+    /// estimate for `txid = …` is poor, and a join on it scanned the whole
+    /// log).
     pub(crate) async fn poll(
         &self,
         channels: Option<&[String]>,
@@ -303,11 +313,16 @@ impl LogConn {
                          SELECT * FROM (
                              SELECT *, (sum(len) OVER (ORDER BY txid, seq))::bigint - len AS before,
                                     count(*) OVER () AS page_rows
-                             FROM ((SELECT e.txid, e.seq, e.channel, e.body, e.payload,
-                                           (octet_length(e.body) + coalesce(octet_length(e.payload), 0))::bigint AS len
+                             FROM ((SELECT e.txid, e.seq, e.channel, e.body, e.payload, e.len
                                     FROM unnest($4::text[]::xid8[], $5::int8[]) o(t, s)
-                                    JOIN pubsub.events e ON e.txid = o.t AND e.seq > o.s
-                                    WHERE $1::text[] IS NULL OR e.channel = ANY($1))
+                                    CROSS JOIN LATERAL (
+                                        SELECT x.txid, x.seq, x.channel, x.body, x.payload,
+                                               (octet_length(x.body) + coalesce(octet_length(x.payload), 0))::bigint AS len
+                                        FROM pubsub.events x
+                                        WHERE (x.txid, x.seq) > (o.t, o.s)
+                                          AND (x.txid, x.seq) <= (o.t, 9223372036854775807::bigint)
+                                          AND ($1::text[] IS NULL OR x.channel = ANY($1))
+                                        ORDER BY x.txid, x.seq LIMIT $6) e)
                                    UNION ALL
                                    (SELECT e.txid, e.seq, e.channel, e.body, e.payload,
                                            (octet_length(e.body) + coalesce(octet_length(e.payload), 0))::bigint

@@ -73,6 +73,12 @@ pub struct ListenerOptions {
     pub poll_min: Duration,
     /// Longest such pause.
     pub poll_max: Duration,
+    /// After a page that was not full, the next read starts no sooner than
+    /// this after the last one began: under a steady stream of small
+    /// commits, reads then carry several events each instead of one, which
+    /// leaves the database's CPU to the writers. Adds at most this much
+    /// latency; zero reads again at once.
+    pub linger: Duration,
     /// Store a named listener's cursor by itself (at most once per
     /// heartbeat) as events are acknowledged. Turn off to call
     /// [`Listener::save`] at points of your own, such as after a flush.
@@ -94,6 +100,7 @@ impl Default for ListenerOptions {
             page_bytes: 16 << 20,
             poll_min: Duration::from_micros(500),
             poll_max: Duration::from_millis(20),
+            linger: Duration::from_millis(2),
             autosave: true,
         }
     }
@@ -181,6 +188,8 @@ pub struct Listener {
     waiting: Waiting,
     /// Pause before the next read while writers are in flight.
     pause: Duration,
+    /// The next read waits until then (see [`ListenerOptions::linger`]).
+    not_before: Option<Instant>,
     last_saved: Instant,
     saved: Cursor,
     /// Delay before the next read after a failure.
@@ -259,6 +268,7 @@ impl Listener {
             due: true,
             waiting: Waiting::No,
             pause: options.poll_min,
+            not_before: None,
             options,
             last_saved: Instant::now(),
             saved: stored.unwrap_or_default(),
@@ -294,6 +304,17 @@ impl Listener {
                 self.advance(end);
             }
             if self.due {
+                if let Some(at) = self.not_before.take() {
+                    // A partial page just went out: let a few more commits
+                    // gather before reading again (see `linger`).
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at.into()) => {}
+                        e = self.foreign.recv() => {
+                            Stats::bump(&self.stats.events);
+                            return Some(Ok(e?));
+                        }
+                    }
+                }
                 match self.read().await {
                     Ok(()) => self.retry = Duration::ZERO,
                     Err(e @ Error::ResyncNeeded { .. }) => return Some(Err(e)),
@@ -345,6 +366,7 @@ impl Listener {
         }
         self.due = false;
         Stats::bump(&self.stats.polls);
+        let started = Instant::now();
         let page = self.tail.next_page(&self.log).await?;
         let found = !page.events.is_empty() || page.more;
         self.page_end = Some(page.position);
@@ -352,6 +374,9 @@ impl Listener {
         if found {
             self.due = true;
             self.pause = self.options.poll_min;
+            if !page.more {
+                self.not_before = Some(started + self.options.linger);
+            }
             return Ok(());
         }
         // Nothing new. Become the waiting listener (or find the one that
