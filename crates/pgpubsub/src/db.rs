@@ -430,8 +430,8 @@ mod tests {
     fn describe_hides_the_password() {
         let c = parse_config("postgres://alice:s3cret@db.example:6432/app").unwrap();
         assert_eq!(describe(&c), "alice@db.example:6432/app");
-        let c = parse_config("host=h user=u password=p").unwrap();
-        assert!(!describe(&c).contains('p') || !describe(&c).contains("password"));
+        let c = parse_config("host=h user=u password=s3cretpw").unwrap();
+        assert!(!describe(&c).contains("s3cretpw"));
         assert_eq!(describe(&c), "u@h:5432/u");
     }
 

@@ -7,4 +7,4 @@ const here = fileURLToPath(new URL(".", import.meta.url));
 export const BIN = process.env.PGPUBSUB_BIN ?? resolve(here, "../../../../target/debug/pgpubsub");
 
 /** The PostgreSQL server the scratch databases are made on (as the Rust tests). */
-export const ADMIN_URL = process.env.PGPUBSUB_TEST_URL ?? "postgres://postgres@127.0.0.1:5432/postgres";
+export const ADMIN_URL = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/postgres";

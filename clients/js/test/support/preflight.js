@@ -13,6 +13,6 @@ try {
   execFileSync("psql", ["-X", "-qAt", ADMIN_URL, "-c", "SELECT 1"], { stdio: ["ignore", "pipe", "pipe"] });
 } catch (e) {
   console.error(`pgpubsub-client tests: PostgreSQL at ${ADMIN_URL} does not answer (psql: ${e.stderr || e.message}).
-Start it, or set PGPUBSUB_TEST_URL.`);
+Start it, or set DATABASE_URL.`);
   process.exit(1);
 }

@@ -8,9 +8,10 @@ use pgpubsub::db::Config;
 use pgpubsub::{Channel, Event, Listener, ListenerOptions};
 use tokio_postgres::Client;
 
-/// The server under test; override with PGPUBSUB_TEST_URL.
+/// The server under test: `DATABASE_URL`, as the README says (each test
+/// makes and drops a database of its own there).
 pub fn admin_url() -> String {
-    std::env::var("PGPUBSUB_TEST_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// The longest any test waits for one thing.

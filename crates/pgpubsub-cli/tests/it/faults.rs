@@ -223,7 +223,20 @@ async fn silent_network_cut_is_detected_and_nothing_lost() {
     let proxy = Proxy::start("127.0.0.1:5432".into()).await;
     let via = proxy.config(&db.name);
     let mut l = Listener::connect(&via, &[ch], fast_heartbeat()).await.unwrap();
+    // Every state the connection goes through, in order.
     let mut state = l.state();
+    let seen = tokio::spawn(async move {
+        let mut seen = vec![state.borrow_and_update().clone()];
+        while state.changed().await.is_ok() {
+            let now = state.borrow_and_update().clone();
+            let back = now == ConnectionState::Listening && seen.len() > 1;
+            seen.push(now);
+            if back {
+                break;
+            }
+        }
+        seen
+    });
     let writers = spawn_writers(&db.config, 2, 300, Duration::from_millis(5), 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut();
@@ -231,7 +244,9 @@ async fn silent_network_cut_is_detected_and_nothing_lost() {
     assert_complete(&r);
     assert!(l.stats().snapshot().reconnects >= 1, "{:?}", l.stats().snapshot());
     // The state went through Reconnecting and back.
-    assert_eq!(*state.borrow_and_update(), ConnectionState::Listening);
+    let seen = tokio::time::timeout(common::WAIT, seen).await.unwrap().unwrap();
+    assert!(seen.iter().any(|s| matches!(s, ConnectionState::Reconnecting { .. })), "{seen:?}");
+    assert_eq!(seen.last(), Some(&ConnectionState::Listening), "{seen:?}");
 }
 
 #[tokio::test]
