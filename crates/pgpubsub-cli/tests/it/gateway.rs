@@ -320,10 +320,18 @@ async fn caps_refuse_clearly() {
     let server: Server = serve(&db, "", &["--max-connections", "2", "--publish-rate", "1", "--header-timeout", "1s"]);
     let base = format!("http://{}", server.addr);
     let ch = common::channel("caps");
-    let (mut a, _ra) = sse(&format!("{base}/events?channel={ch}"), None);
-    let (mut b, _rb) = sse(&format!("{base}/events?channel={ch}"), None);
+    let url = format!("{base}/events?channel={ch}");
+    let (mut a, _ra) = sse(&url, None);
+    let (mut b, _rb) = sse(&url, None);
     let deadline = Instant::now() + WAIT;
     loop {
+        // A stream that raced a probe for the last place was refused (its
+        // curl exited): open it again.
+        for stream in [&mut a, &mut b] {
+            if matches!(stream.try_wait(), Ok(Some(_))) {
+                *stream = sse(&url, None).0;
+            }
+        }
         // Both streams subscribed: both connections hold their places (the
         // probe answers over the cap too).
         let (_, body) = curl_get(&format!("{base}/readyz"));
