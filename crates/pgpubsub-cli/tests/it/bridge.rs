@@ -261,15 +261,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
-/// A watched table `w(writer, n, pad)` and its channel.
-async fn workload_table(config: &Config) -> Channel {
-    let client = pgpubsub::db::connect(config).await.unwrap();
-    client.batch_execute("CREATE TABLE w (writer int, n int, pad text, PRIMARY KEY (writer, n))").await.unwrap();
-    let ch = common::channel("bw");
-    pgpubsub::watch(&client, "w", Some(&ch)).await.unwrap();
-    ch
-}
-
 /// One writer: rows n = 0..count, `batch` rows per transaction (one
 /// multi-row INSERT, rows in n order), `pause` apart. Survives its
 /// connection failing: reconnects and retries the same rows (a retry of a
@@ -505,7 +496,7 @@ async fn bridge_copies_every_kind_of_event_exactly_as_listen_prints_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_sigkilled_mid_stream_leaves_every_event_once_in_order() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "bw").await;
     let stream = TestStream::new(&shared_nats());
     let name = common::unique("kill");
     let start = || Bridge::spawn(&db.url, &shared_nats(), &ch, &name, &stream, &[]);
@@ -578,7 +569,7 @@ async fn events_sent_again_are_dropped_by_their_msg_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_copied_and_an_idle_bridge_stores_its_cursor() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "bw").await;
     let stream = TestStream::new(&shared_nats());
     let name = common::unique("backlog");
     let mut bridge = Bridge::spawn(&db.url, &shared_nats(), &ch, &name, &stream, &[]);
@@ -637,7 +628,7 @@ async fn a_backlog_is_copied_and_an_idle_bridge_stores_its_cursor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarted_mid_stream_leaves_every_event_once_in_order() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "bw").await;
     let mut nats = tokio::task::spawn_blocking(Nats::start).await.unwrap();
     let stream = TestStream::new(&nats.url());
     let bridge = Bridge::spawn(&db.url, &nats.url(), &ch, &common::unique("natsrestart"), &stream, &[]);
@@ -716,7 +707,7 @@ async fn a_bridge_killed_while_nats_is_down_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_backends_terminated_mid_stream_leave_every_event_once_in_order() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "bw").await;
     let stream = TestStream::new(&shared_nats());
     let bridge = Bridge::spawn(&db.url, &shared_nats(), &ch, &common::unique("pgkill"), &stream, &[]);
     bridge.wait_log("copying", 1).await;
@@ -750,7 +741,7 @@ async fn postgres_restarted_mid_stream_leaves_every_event_once_in_order() {
     let config: Config = url.parse().unwrap();
     let mut client = pgpubsub::db::connect(&config).await.unwrap();
     pgpubsub::migrate::up(&mut client, false).await.unwrap();
-    let ch = workload_table(&config).await;
+    let ch = common::workload_table(&config, "bw").await;
     let stream = TestStream::new(&shared_nats());
     let bridge = Bridge::spawn(&url, &shared_nats(), &ch, &common::unique("pgrestart"), &stream, &[]);
     bridge.wait_log("copying", 1).await;
@@ -771,7 +762,7 @@ async fn postgres_restarted_mid_stream_leaves_every_event_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_within_seconds_when_the_active_bridge_dies() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "bw").await;
     let stream = TestStream::new(&shared_nats());
     let name = common::unique("pair");
     let metrics = ["--metrics-bind", "127.0.0.1:0"];

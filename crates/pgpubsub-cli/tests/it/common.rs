@@ -136,3 +136,13 @@ pub async fn until_stats(listener: &Listener, check: impl Fn(&pgpubsub::StatsSna
 pub async fn raw_notify(client: &Client, channel: &Channel, payload: &str) {
     client.execute("SELECT pg_notify($1, $2)", &[&channel.as_str(), &payload]).await.unwrap();
 }
+
+/// A watched table `w(writer, n, pad)` and its channel (named from
+/// `prefix`): what the fault tests' writers fill.
+pub async fn workload_table(config: &pgpubsub::db::Config, prefix: &str) -> Channel {
+    let client = pgpubsub::db::connect(config).await.unwrap();
+    client.batch_execute("CREATE TABLE w (writer int, n int, pad text, PRIMARY KEY (writer, n))").await.unwrap();
+    let ch = channel(prefix);
+    pgpubsub::watch(&client, "w", Some(&ch)).await.unwrap();
+    ch
+}

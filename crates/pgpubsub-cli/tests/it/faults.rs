@@ -8,20 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgpubsub::db::Config;
-use pgpubsub::{Channel, ConnectionState, Error, Listener, ListenerOptions};
+use pgpubsub::{ConnectionState, Error, Listener, ListenerOptions};
 
 use crate::cluster::Cluster;
 use crate::common::{self, next, TestDb};
 use crate::proxy::Proxy;
-
-/// A watched table `w(writer, n, pad)` and its channel.
-async fn workload_table(config: &Config) -> Channel {
-    let client = pgpubsub::db::connect(config).await.unwrap();
-    client.batch_execute("CREATE TABLE w (writer int, n int, pad text, PRIMARY KEY (writer, n))").await.unwrap();
-    let ch = common::channel("w");
-    pgpubsub::watch(&client, "w", Some(&ch)).await.unwrap();
-    ch
-}
 
 /// One writer: rows n = 0..count, one transaction each, `pause` apart.
 /// Survives its own connection failing: reconnects and retries the same
@@ -178,7 +169,7 @@ fn spawn_writers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_backend_terminated_once() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "w").await;
     let mut l = db.listen_with(&[ch], fast_heartbeat()).await;
     let writers = spawn_writers(&db.config, 3, 300, Duration::from_millis(2), 10);
     let name = db.name.clone();
@@ -195,7 +186,7 @@ async fn listener_backend_terminated_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_backend_terminated_every_2s_for_20s() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "w").await;
     let mut l = db.listen_with(&[ch], fast_heartbeat()).await;
     // ~20 s of writing: 3 writers, 1,000 rows each, 20 ms apart; every 10th
     // row is chunked, so disconnects also cut chunk sequences.
@@ -219,7 +210,7 @@ async fn listener_backend_terminated_every_2s_for_20s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_network_cut_is_detected_and_nothing_lost() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "w").await;
     let proxy = Proxy::start("127.0.0.1:5432".into()).await;
     let via = proxy.config(&db.name);
     let mut l = Listener::connect(&via, &[ch], fast_heartbeat()).await.unwrap();
@@ -298,7 +289,7 @@ async fn late_commit_of_an_earlier_seq_is_not_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_consumer_loses_nothing_and_never_blocks_writers() {
     let db = TestDb::new().await;
-    let ch = workload_table(&db.config).await;
+    let ch = common::workload_table(&db.config, "w").await;
     let mut l = db.listen_with(&[ch], fast_heartbeat()).await;
     let writers = spawn_writers(&db.config, 2, 1000, Duration::ZERO, 50);
     let r = check(&mut l, &db.config, writers, Some(Duration::from_millis(500))).await;
@@ -370,7 +361,7 @@ async fn postgres_restarts_fast_and_immediate_while_writers_run() {
     let config: Config = cluster.url("postgres").parse().unwrap();
     let mut client = pgpubsub::db::connect(&config).await.unwrap();
     pgpubsub::migrate::up(&mut client, false).await.unwrap();
-    let ch = workload_table(&config).await;
+    let ch = common::workload_table(&config, "w").await;
     let mut l = Listener::connect(&config, &[ch], fast_heartbeat()).await.unwrap();
     let writers = spawn_writers(&config, 2, 400, Duration::from_millis(10), 20);
     let cluster = Arc::new(cluster);
