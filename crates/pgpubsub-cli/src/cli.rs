@@ -23,6 +23,11 @@ pub struct Cli {
           default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     pub debug: bool,
 
+    /// How log lines (on stderr) look: `text` for people, `json` (one
+    /// object per line) for a log collector.
+    #[arg(long, env = "PGPUBSUB_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// What to do; without one, `listen`.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -30,6 +35,15 @@ pub struct Cli {
     /// `listen`'s options, for a bare `pgpubsub`.
     #[command(flatten)]
     pub listen: ListenArgs,
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`, `spans`).
+    Json,
 }
 
 /// The subcommands.

@@ -1,19 +1,14 @@
-//! The `pgpubsub` binary: a thin shell over the library. It alone uses
-//! `anyhow`; `main` prints the error chain and chooses the exit code.
-
-mod bridge;
-mod cli;
-mod cmd;
-mod load;
-mod output;
-mod serve;
+//! The `pgpubsub` binary: parses the command line, starts logging and the
+//! runtime, runs the command (in `pgpubsub_cli`), prints the error chain
+//! and chooses the exit code.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use pgpubsub_cli::cli::{Cli, Command, LogFormat};
+use pgpubsub_cli::{bridge, cmd, load, serve};
 
 fn main() -> ExitCode {
     // .env first: it only fills in what the environment does not set.
@@ -22,7 +17,7 @@ fn main() -> ExitCode {
         other => other,
     };
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     if let Err(e) = dotenv {
         eprintln!("error: cannot read .env: {e}");
         return ExitCode::from(2);
@@ -97,13 +92,14 @@ fn chain(e: &anyhow::Error) -> String {
     text
 }
 
-/// Logs go to stderr, filtered by RUST_LOG (default: info for pgpubsub).
-fn init_tracing() {
+/// Logs go to stderr, filtered by RUST_LOG (default: info for pgpubsub and
+/// pgpubsub_cli, whose targets both start with `pgpubsub`).
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pgpubsub=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }

@@ -105,6 +105,12 @@ impl Feed {
         self.position
     }
 
+    /// Whether it is still reading the log (a catch-up) rather than the
+    /// hub's live events.
+    pub fn replaying(&self) -> bool {
+        self.replay.is_some()
+    }
+
     /// The next item; `None` when the hub is gone.
     ///
     /// Cancel-safe: every await comes before the state it changes, so a

@@ -15,6 +15,10 @@ pub struct Feed {
     start: Cursor,
     /// The server's shutdown: the feed ends when it turns true.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// When a catch-up from the log began, until it ends.
+    replay_started: Option<std::time::Instant>,
+    /// Keeps its channels LISTENed to while it lives.
+    _held: super::listening::Held,
 }
 
 impl Feed {
@@ -33,8 +37,10 @@ impl Feed {
             _ => Cursor::default(),
         };
         let limits = Limits { max_event_bytes: state.max_event_bytes as u64, ..Limits::default() };
+        let held = state.listening.hold(filter.channels.iter().map(String::as_str));
         let inner = pgpubsub::Feed::new(state.db.pick(), &state.hub, filter, since, &limits);
-        Ok(Feed { inner, start, shutdown: state.shutdown.clone() })
+        let replay_started = inner.replaying().then(std::time::Instant::now);
+        Ok(Feed { inner, start, shutdown: state.shutdown.clone(), replay_started, _held: held })
     }
 
     /// Where this subscriber may resume from before it is handed anything.
@@ -50,10 +56,15 @@ impl Feed {
         if *self.shutdown.borrow() {
             return Ok(None);
         }
-        tokio::select! {
+        let item = tokio::select! {
             item = self.inner.next() => item,
             _ = self.shutdown.wait_for(|s| *s) => Ok(None),
+        };
+        if let Some(began) = self.replay_started.filter(|_| !self.inner.replaying()) {
+            self.replay_started = None;
+            super::ops::observe_catch_up(began.elapsed());
         }
+        item
     }
 
     /// The next item if one is ready without waiting.

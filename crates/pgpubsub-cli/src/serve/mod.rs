@@ -17,20 +17,28 @@
 //! and the server says which at start.
 
 mod access;
+mod api;
 mod auth;
 mod caps;
 mod feed;
-mod routes;
+mod listening;
+mod ops;
 mod server;
+mod stream;
+mod writes;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use pgpubsub::db::Config;
-use pgpubsub::{Channel, ConnectionState, Hub, Listener, ListenerOptions, LogConn, Stats};
-use tokio::sync::{mpsc, watch};
+use pgpubsub::{ConnectionState, Hub, Listener, ListenerOptions, LogConn, Stats};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use api::documented as openapi;
 
 /// Options of `serve`.
 #[derive(Debug, clap::Args)]
@@ -76,6 +84,13 @@ pub struct ServeArgs {
     /// Largest message accepted by POST /publish, in bytes.
     #[arg(long, env = "PGPUBSUB_MAX_EVENT_BYTES", default_value_t = 64 << 20)]
     pub max_event_bytes: usize,
+    /// HTTPS: the certificate chain (PEM) the gateway presents; with
+    /// --tls-key. Without both, plain HTTP (a proxy in front may do TLS).
+    #[arg(long, env = "PGPUBSUB_TLS_CERT", requires = "tls_key", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// HTTPS: the private key (PEM) of --tls-cert.
+    #[arg(long, env = "PGPUBSUB_TLS_KEY", requires = "tls_cert", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
     /// Who may read and write what (off unless a secret or key is given).
     #[command(flatten)]
     pub auth: auth::AuthArgs,
@@ -91,10 +106,8 @@ pub struct AppState {
     pub served: Arc<access::Served>,
     /// Origins trusted with the cookie.
     pub origins: Arc<access::Origins>,
-    /// Channels the listener was asked to LISTEN on (for foreign
-    /// notifications), and where to ask for more.
-    pub listening: Arc<Mutex<HashSet<String>>>,
-    pub listen: mpsc::UnboundedSender<Channel>,
+    /// The channels LISTENed to for subscribers (foreign notifications).
+    pub listening: Arc<listening::Listening>,
     /// Open connections.
     pub places: server::Places,
     /// Publishes per second per client.
@@ -115,7 +128,18 @@ pub struct AppState {
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and lets
 /// open streams end.
 pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
-    let signal = crate::cmd::listen::shutdown_signal();
+    run_until(config, args, crate::cmd::listen::shutdown_signal(), None).await
+}
+
+/// Runs the gateway until `stop` resolves; tells `ready` the address it
+/// serves on once it accepts connections (tests bind port 0).
+pub async fn run_until(
+    config: &Config,
+    args: &ServeArgs,
+    stop: impl Future<Output = ()> + Send + 'static,
+    ready: Option<oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let signal = stop;
     let (stop_tx, shutdown) = watch::channel(false);
     let (alive, mut drained) = tokio::sync::mpsc::channel::<()>(1);
     let auth = auth::Auth::new(&args.auth).context("configuring authentication")?;
@@ -124,20 +148,24 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_connections > 0, "--max-connections must be at least 1");
     anyhow::ensure!(args.db_connections > 0, "--db-connections must be at least 1");
     anyhow::ensure!(args.publish_rate >= 0.0, "--publish-rate must be 0 (no limit) or more");
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    ops::install_metrics();
     // Plain names: the listener reads only those. Patterns or none: every
     // channel of the log, filtered per subscriber.
     let listened = served.names().unwrap_or_default();
     let listener =
         Listener::connect(config, &listened, ListenerOptions::default()).await.context("starting the listener")?;
     let hub = Hub::new(args.queue);
-    let (listen, listen_rx) = mpsc::unbounded_channel();
+    let (listening, changes) = listening::Listening::new(&listened);
     let state = AppState {
         hub: hub.clone(),
         db: Arc::new(Pool::new(config, args.db_connections)),
         served: Arc::new(served.clone()),
         origins: Arc::new(origins),
-        listening: Arc::new(Mutex::new(listened.iter().map(|c| c.as_str().to_string()).collect())),
-        listen,
+        listening,
         places: server::Places::new(args.max_connections),
         rate: Arc::new(caps::Rate::new(args.publish_rate)),
         listener_stats: listener.stats(),
@@ -147,7 +175,7 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         _alive: alive,
     };
-    tokio::spawn(feed_hub(hub, listener, listen_rx));
+    tokio::spawn(feed_hub(hub, listener, changes));
 
     let socket = tokio::net::TcpListener::bind(&args.bind).await.with_context(|| format!("binding {}", args.bind))?;
     let addr = socket.local_addr()?;
@@ -156,7 +184,11 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
     } else {
         tracing::warn!("authentication is off: every client may read and publish on {}", served.describe());
     }
-    tracing::info!(%addr, channels = %served.describe(), "serving on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, channels = %served.describe(), "serving on {scheme}://{addr}");
+    if let Some(ready) = ready {
+        let _ = ready.send(addr);
+    }
     tokio::spawn(async move {
         signal.await;
         tracing::info!("shutting down: closing streams");
@@ -167,8 +199,8 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
         let _ = stopped.wait_for(|s| *s).await;
     };
     let places = state.places.clone();
-    let options = server::Options { header_timeout: args.header_timeout };
-    server::serve(socket, routes::router(state), places, options, until_stopped).await;
+    let options = server::Options { header_timeout: args.header_timeout, tls };
+    server::serve(socket, api::router(state), places, options, until_stopped).await;
     // The router and its state are gone; wait for the sockets still closing.
     if tokio::time::timeout(Duration::from_secs(5), drained.recv()).await.is_err() {
         tracing::warn!("some WebSocket sessions did not close within 5 s");
@@ -178,25 +210,27 @@ pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Feeds the hub from the listener, and has it LISTEN on the channels
-/// subscribers ask for (foreign `pg_notify` payloads are heard only on
-/// channels LISTENed to). Ends once every handle to the server is gone.
-async fn feed_hub(hub: Hub, mut listener: Listener, mut listen: mpsc::UnboundedReceiver<Channel>) {
+/// subscribers ask for and UNLISTEN those they left (foreign `pg_notify`
+/// payloads are heard only on channels LISTENed to). Ends once every handle
+/// to the server is gone.
+async fn feed_hub(hub: Hub, mut listener: Listener, mut changes: mpsc::UnboundedReceiver<listening::Change>) {
     enum Step {
-        Listen(Option<Channel>),
+        Change(Option<listening::Change>),
         Event(Option<pgpubsub::Result<pgpubsub::Event>>),
     }
     loop {
-        // A request to LISTEN interrupts a `recv` that is waiting: nothing is
-        // lost (its state moves only once a read is back), and `add_channel`
-        // has it read the log again at once.
+        // A change interrupts a `recv` that is waiting: nothing is lost (its
+        // state moves only once a read is back), and `add_channel` has it
+        // read the log again at once.
         let step = tokio::select! {
             biased;
-            c = listen.recv() => Step::Listen(c),
+            c = changes.recv() => Step::Change(c),
             e = listener.recv() => Step::Event(e),
         };
         match step {
-            Step::Listen(Some(channel)) => listener.add_channel(channel).await,
-            Step::Listen(None) | Step::Event(None) => break,
+            Step::Change(Some(listening::Change::Listen(channel))) => listener.add_channel(channel).await,
+            Step::Change(Some(listening::Change::Unlisten(channel))) => listener.remove_channel(&channel).await,
+            Step::Change(None) | Step::Event(None) => break,
             Step::Event(Some(Ok(event))) => {
                 hub.publish_at(event, listener.cursor());
             }
@@ -223,30 +257,5 @@ impl Pool {
     pub fn pick(&self) -> Arc<LogConn> {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
         self.conns[i].clone()
-    }
-}
-
-/// The most channels the gateway LISTENs on for subscribers (each is one
-/// entry in PostgreSQL's listen list of the connection); past it, foreign
-/// notifications of further channels are not heard (log events still are).
-const MAX_LISTENED: usize = 10_000;
-
-impl AppState {
-    /// Makes sure the listener LISTENs on `channels`.
-    pub fn ensure_listening<'a>(&self, channels: impl IntoIterator<Item = &'a str>) {
-        let mut set = self.listening.lock().unwrap_or_else(|e| e.into_inner());
-        for c in channels {
-            if set.contains(c) {
-                continue;
-            }
-            if set.len() >= MAX_LISTENED {
-                tracing::warn!(channel = c, "not LISTENing: {MAX_LISTENED} channels already are");
-                return;
-            }
-            if let Ok(channel) = Channel::new(c) {
-                set.insert(c.to_string());
-                let _ = self.listen.send(channel);
-            }
-        }
     }
 }

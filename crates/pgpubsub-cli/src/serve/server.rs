@@ -8,7 +8,9 @@
 //!   a whole request head in time, or idles that long between requests on a
 //!   kept-alive connection, is disconnected (slowloris);
 //! - `TCP_NODELAY` on every socket, the client's address for handlers
-//!   ([`ConnectInfo`]), and graceful shutdown.
+//!   ([`ConnectInfo`]), and graceful shutdown;
+//! - HTTPS (`--tls-cert`, `--tls-key`, rustls), the handshake held to the
+//!   same timeout as a request head.
 //!
 //! A connection keeps its place while it is upgraded to a WebSocket: the
 //! place belongs to the socket.
@@ -31,13 +33,42 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
-use super::routes::ApiError;
+use super::api::ApiError;
 
 /// Limits of the server loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Options {
-    /// Time to send a request head (and to idle between requests).
+    /// Time to send a request head (and to idle between requests), and to
+    /// finish a TLS handshake.
     pub header_timeout: Duration,
+    /// HTTPS, when given.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The TLS acceptor for a certificate chain and its key (PEM files).
+///
+/// # Errors
+/// When a file cannot be read or holds no certificate or key, or the key
+/// does not fit the certificate.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading --tls-cert {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading --tls-cert {}", cert.display()))?;
+    anyhow::ensure!(!chain.is_empty(), "--tls-cert {} holds no PEM certificate", cert.display());
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("--tls-key does not fit --tls-cert")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The open connections, for `/metrics`.
@@ -135,9 +166,47 @@ pub async fn serve(
         }
         let place = places.sem.clone().try_acquire_owned().ok();
         let full = place.is_none();
-        let io = TokioIo::new(Placed { tcp, _place: place });
-        let app = app.clone();
-        let max = places.max;
+        let placed = Placed { tcp, _place: place };
+        let conn = Conn { app: app.clone(), peer, full, max: places.max, header_timeout: options.header_timeout };
+        let stop = stop_rx.clone();
+        let open = open_tx.clone();
+        let tls = options.tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => conn.serve(placed, stop).await,
+                Some(acceptor) => match tokio::time::timeout(conn.header_timeout, acceptor.accept(placed)).await {
+                    Ok(Ok(stream)) => conn.serve(stream, stop).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_tx);
+    let _ = open_rx.recv().await;
+}
+
+/// One accepted connection, and what serving it needs.
+struct Conn {
+    app: Router,
+    peer: std::net::SocketAddr,
+    /// Over the connection cap: answered once, then closed.
+    full: bool,
+    max: usize,
+    header_timeout: Duration,
+}
+
+impl Conn {
+    /// Serves HTTP/1.1 (with upgrades) on `io` until it closes, or until
+    /// `stop`, then gracefully.
+    async fn serve<I>(self, io: I, mut stop: watch::Receiver<bool>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn { app, peer, full, max, header_timeout } = self;
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let mut req = req.map(Body::new);
             req.extensions_mut().insert(ConnectInfo(peer));
@@ -153,30 +222,21 @@ pub async fn serve(
             }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(TokioTimer::new()).header_read_timeout(options.header_timeout).keep_alive(!full);
-        let mut stop = stop_rx.clone();
-        let open = open_tx.clone();
-        tokio::spawn(async move {
-            let conn = builder.serve_connection(io, service).with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::trace!(error = %e, "connection ended");
-                    }
-                }
-                () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    if let Err(e) = conn.await {
-                        tracing::trace!(error = %e, "connection ended");
-                    }
+        builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(!full);
+        let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::trace!(error = %e, "connection ended");
                 }
             }
-            drop(open);
-        });
+            () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                conn.as_mut().graceful_shutdown();
+                if let Err(e) = conn.await {
+                    tracing::trace!(error = %e, "connection ended");
+                }
+            }
+        }
     }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    drop(open_tx);
-    let _ = open_rx.recv().await;
 }

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::{self, TestDb, WAIT};
 use crate::serve::{
-    curl, curl_get, next_sse, now_s, serve, serve_url, sse, sse_with, subscribed, token, Server, SECRET,
+    curl, curl_get, next_sse, now_s, serve, serve_process, serve_url, sse, sse_with, subscribed, token, Server, SECRET,
 };
 
 /// A channel watched after the server started is served, with no
@@ -213,8 +213,8 @@ async fn bodies_are_refused_before_they_are_read() {
     let file = std::env::temp_dir().join(common::unique("body60m"));
     std::fs::write(&file, vec![b'x'; 60 << 20]).unwrap();
 
-    let server = serve(&db, "", &["--jwt-secret", SECRET]);
-    let pid = server.child.id();
+    let mut server = serve_process(&db.url, "", &["--jwt-secret", SECRET]);
+    let pid = server.child().id();
     let before = rss_kb(pid);
     for _ in 0..3 {
         let code = post_file(&format!("http://{}/publish/{ch}", server.addr), &file, &[]);
@@ -223,7 +223,7 @@ async fn bodies_are_refused_before_they_are_read() {
     let grown = rss_kb(pid).saturating_sub(before);
     assert!(grown < 30 << 10, "the server grew by {grown} kB on refused bodies");
 
-    let small = serve(&db, "", &["--max-event-bytes", "1024"]);
+    let mut small = serve_process(&db.url, "", &["--max-event-bytes", "1024"]);
     let url = format!("http://{}/publish/{ch}", small.addr);
     let two_k = std::env::temp_dir().join(common::unique("body2k"));
     std::fs::write(&two_k, vec![b'y'; 2048]).unwrap();
@@ -232,7 +232,7 @@ async fn bodies_are_refused_before_they_are_read() {
     assert!(v["error"].as_str().unwrap().contains("limit"), "{v}");
     assert_eq!(post_file(&url, &two_k, &["Transfer-Encoding: chunked"]), 413);
     assert_eq!(curl("POST", &url, Some("fits"), &[]).0, 200);
-    let pid = small.child.id();
+    let pid = small.child().id();
     let before = rss_kb(pid);
     let code = post_file(&url, &file, &["Transfer-Encoding: chunked"]);
     assert!(code == 413 || code == 0, "{code}");

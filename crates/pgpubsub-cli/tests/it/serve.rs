@@ -1,5 +1,6 @@
 //! The gateway with real clients: curl for SSE and publish,
-//! tokio-tungstenite for WebSocket, the server as its own process.
+//! tokio-tungstenite for WebSocket; the server in the test's process (its
+//! own thread and runtime), or as its own process where a test needs one.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -12,16 +13,44 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::{self, TestDb, WAIT};
 
-/// A running `pgpubsub serve`, killed on drop.
+/// A running gateway: in this process (its own thread and runtime), or a
+/// `pgpubsub serve` process; stopped abruptly on drop, as a crash would.
 pub(crate) struct Server {
-    pub child: Child,
     pub addr: String,
+    run: Run,
+}
+
+enum Run {
+    InProcess { stop: Option<tokio::sync::oneshot::Sender<()>>, thread: Option<std::thread::JoinHandle<()>> },
+    Process(Child),
+}
+
+impl Server {
+    /// The process serving, when it is one (`serve_process`).
+    pub fn child(&mut self) -> &mut Child {
+        match &mut self.run {
+            Run::Process(child) => child,
+            Run::InProcess { .. } => panic!("this server runs in the test's process: use serve_process"),
+        }
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.run {
+            Run::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Run::InProcess { stop, thread } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                if let Some(thread) = thread.take() {
+                    let _ = thread.join();
+                }
+            }
+        }
     }
 }
 
@@ -29,9 +58,59 @@ pub(crate) fn serve(db: &TestDb, channels: &str, extra: &[&str]) -> Server {
     serve_url(&db.url, channels, extra)
 }
 
-/// `pgpubsub serve` on the database at `url`, once it says where it listens;
-/// `channels` empty: without `--channel` (every channel).
+/// The gateway's flags as `pgpubsub serve` parses them.
+#[derive(clap::Parser)]
+struct ServeCommand {
+    #[command(flatten)]
+    args: pgpubsub_cli::serve::ServeArgs,
+}
+
+/// The gateway on the database at `url`, in this process, on a port of its
+/// own; `channels` empty: without `--channel` (every channel).
 pub(crate) fn serve_url(url: &str, channels: &str, extra: &[&str]) -> Server {
+    use clap::Parser;
+    let mut argv = vec!["serve", "--bind", "127.0.0.1:0"];
+    if !channels.is_empty() {
+        argv.extend(["--channel", channels]);
+    }
+    argv.extend(extra);
+    let args = ServeCommand::try_parse_from(argv).unwrap_or_else(|e| panic!("bad serve flags: {e}")).args;
+    let config = pgpubsub::db::parse_config(url).unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let (ready, at) = tokio::sync::oneshot::channel();
+            let forward = addr_tx.clone();
+            tokio::spawn(async move {
+                if let Ok(addr) = at.await {
+                    let _ = forward.send(Ok(addr));
+                }
+            });
+            let never = std::future::pending::<()>();
+            tokio::select! {
+                result = pgpubsub_cli::serve::run_until(&config, &args, never, Some(ready)) => {
+                    let _ = addr_tx.send(Err(format!("{result:?}")));
+                }
+                _ = stopped => {}
+            }
+        });
+        // Every connection's task goes with the runtime: a crash, not a
+        // graceful stop.
+        rt.shutdown_timeout(Duration::from_millis(100));
+    });
+    let addr = match addr_rx.recv_timeout(WAIT) {
+        Ok(Ok(addr)) => addr.to_string(),
+        Ok(Err(e)) => panic!("the gateway did not start: {e}"),
+        Err(_) => panic!("the gateway did not start in time"),
+    };
+    Server { addr, run: Run::InProcess { stop: Some(stop), thread: Some(thread) } }
+}
+
+/// `pgpubsub serve` as its own process, once it says where it listens (for
+/// what a process alone shows: signals, its memory).
+pub(crate) fn serve_process(url: &str, channels: &str, extra: &[&str]) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
     cmd.env_remove("PUB_SUB_CHANNEL")
         .env_remove("PGPUBSUB_SERVE_CHANNELS")
@@ -47,13 +126,14 @@ pub(crate) fn serve_url(url: &str, channels: &str, extra: &[&str]) -> Server {
     let addr = loop {
         assert!(Instant::now() < deadline, "server did not start");
         let line = lines.next().expect("server exited").unwrap();
-        if let Some(rest) = line.split("serving on http://").nth(1) {
+        if let Some(rest) = line.split("serving on http").nth(1) {
+            let rest = rest.trim_start_matches('s').trim_start_matches("://");
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };
     // Keep draining its logs so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Server { child, addr }
+    Server { addr, run: Run::Process(child) }
 }
 
 /// One SSE event as curl delivers it.
@@ -544,17 +624,17 @@ async fn the_store_requires_its_claims() {
 async fn sigterm_closes_streams_and_exits() {
     let db = TestDb::new().await;
     let ch = common::channel("term");
-    let mut server = serve(&db, ch.as_str(), &[]);
+    let mut server = serve_process(&db.url, ch.as_str(), &[]);
     let (mut sse_client, _rx) = sse(&format!("http://{}/events?channel={ch}", server.addr), None);
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr)).await.unwrap();
     ws.send(Message::Text(json!({"channels": [ch.as_str()]}).to_string().into())).await.unwrap();
     subscribed(&server, ch.as_str()).await;
 
-    Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    Command::new("kill").args(["-TERM", &server.child().id().to_string()]).status().unwrap();
     assert_eq!(close_code(&mut ws).await, Some(1001));
     let deadline = Instant::now() + WAIT;
     let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
+        if let Some(s) = server.child().try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");

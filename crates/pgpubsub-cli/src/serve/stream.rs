@@ -1,0 +1,265 @@
+//! The subscriber routes: `GET /events` (Server-Sent Events) and `GET /ws`
+//! (WebSocket). Both resume from a position (`since`, `Last-Event-ID`)
+//! through the log, then go on live, and end when the token expires.
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use pgpubsub::{Cursor, Transport};
+use serde_json::{json, Value};
+
+use super::api::{ApiError, ErrorBody, Request};
+use super::auth::{self, Claims};
+use super::feed::{Feed, Item};
+use super::{ops, AppState};
+
+/// `GET /events`: Server-Sent Events. Each event's id is its resume
+/// position, so a browser's EventSource resumes by itself (`Last-Event-ID`).
+/// A subscriber that falls behind gets `event: lagged` and the stream ends:
+/// reconnecting resumes from the log. Each event's record is rendered once
+/// and shared by every subscriber's stream.
+#[utoipa::path(get, path = "/events", tag = "subscribe",
+    params(
+        ("channel" = Option<Vec<String>>, Query, description = "Channels, repeated or comma-separated; none: every channel served that the token may read"),
+        ("table" = Option<String>, Query, description = "Only changes of this table"),
+        ("op" = Option<Vec<String>>, Query, description = "Only these operations (INSERT, UPDATE, DELETE, TRUNCATE), repeated"),
+        ("where" = Option<Vec<String>>, Query, description = "`column:value`: only rows whose column equals the value, repeated"),
+        ("since" = Option<String>, Query, description = "Resume after this position (an event's id)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position (what EventSource sends when it reconnects)"),
+    ),
+    responses(
+        (status = 200, description = "The stream: `change`, `message` and `notify` events whose id is the position to resume from; `resync`, `lagged`, `expired`, `error`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A bad parameter or position", body = ErrorBody),
+        (status = 401, description = "No valid token (authentication on)", body = ErrorBody),
+        (status = 403, description = "A channel not served here or not readable with this token", body = ErrorBody),
+        (status = 503, description = "The log cannot be read now, or the gateway is full", body = ErrorBody),
+    )
+)]
+pub async fn sse(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let request = Request::from_query(query.as_deref())?;
+    let claims = state.auth.check(auth::token_from(&headers, &state.origins)?.as_deref())?;
+    let (filter, since) = request.resolve(&state, &claims, last)?;
+    let expires = expiry(&claims);
+    let feed = Feed::new(state, filter, since).await?;
+    let start = feed.position();
+    let record = |event: &str, data: &str, id: Option<Cursor>| {
+        let id = id.map(|c| format!("id: {c}\n")).unwrap_or_default();
+        Bytes::from(format!("{id}event: {event}\ndata: {data}\n\n"))
+    };
+    // First, how soon a browser should reconnect after a drop, and where
+    // this subscriber stands before any event (an id alone is no event).
+    let hello = futures_util::stream::once(async move {
+        Ok::<_, Infallible>(Bytes::from(format!("retry: 1000\nid: {start}\n: pgpubsub\n\n")))
+    });
+    let events = futures_util::stream::unfold(Some(feed), move |feed| async move {
+        let mut feed = feed?;
+        // Feed::next is cancel-safe: the keep-alive may interrupt it.
+        let next = tokio::select! {
+            next = feed.next() => next,
+            // A comment now and then keeps proxies from closing an idle stream.
+            () = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+                return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(feed)));
+            }
+            () = tokio::time::sleep_until(expires) => {
+                let data = json!({"error": "the token expired"}).to_string();
+                return Some((Ok(record("expired", &data, None)), None));
+            }
+        };
+        let (bytes, go_on) = match next {
+            Ok(Some(Item::Event { shared, .. })) => {
+                let frame = shared.frame(Transport::EventStream, |s| {
+                    ops::observe_delivery(&s.event);
+                    record(s.event.kind(), s.event.json(), Some(s.position))
+                });
+                (frame, true)
+            }
+            Ok(Some(Item::Resync { cursor, pruned })) => {
+                let data = json!({"cursor": cursor.to_string(), "pruned": pruned.to_string()}).to_string();
+                (record("resync", &data, None), true)
+            }
+            Ok(Some(Item::Lagged { missed, position })) => {
+                let data = json!({"missed": missed, "resume": position.to_string()}).to_string();
+                (record("lagged", &data, Some(position)), false)
+            }
+            Ok(None) => return None,
+            Err(e) => (record("error", &json!({"error": e.to_string()}).to_string(), None), false),
+        };
+        Some((Ok(bytes), go_on.then_some(feed)))
+    });
+    Ok(Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(axum::body::Body::from_stream(hello.chain(events)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// `GET /ws`: the client's first message is the request as JSON
+/// (`{"channels": [...], "table", "ops", "where", "since", "ack"}`); then each event
+/// comes as `{"type": "event", "id": "<resume>", "event": {...}}`. A
+/// subscriber that falls behind gets `{"type": "lagged", ...}` and close code
+/// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
+#[utoipa::path(get, path = "/ws", tag = "subscribe",
+    description = "Upgrades to a WebSocket. The client's first message is the request as JSON: \
+`{\"channels\": [...], \"table\", \"ops\", \"where\": {\"col\": value}, \"since\", \"ack\", \"token\"}`. \
+Then each event comes as `{\"type\": \"event\", \"id\": \"<position>\", \"event\": {...}}`; also \
+`subscribed`, `resync`, `lagged` (close 4000), `expired` and `error` (close 4400, 4401).",
+    params(("Origin" = Option<String>, Header, description = "With a token in the cookie, must be a trusted origin")),
+    responses(
+        (status = 101, description = "Switched to WebSocket"),
+        (status = 401, description = "A token in a header or cookie that is not valid", body = ErrorBody),
+        (status = 403, description = "A cookie sent from an origin not trusted", body = ErrorBody),
+    )
+)]
+pub async fn ws(State(state): State<AppState>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+    // A token in a header or cookie is checked before the upgrade; without
+    // one, the first message must carry it. A cookie from an origin not
+    // trusted refuses the handshake (403): a foreign page must not read
+    // with its visitor's cookie.
+    let early = match auth::token_from(&headers, &state.origins) {
+        Ok(Some(t)) => match state.auth.check(Some(&t)) {
+            Ok(claims) => Some(claims),
+            Err(e) => return e.into_response(),
+        },
+        Ok(None) => None,
+        Err(e) => return e.into_response(),
+    };
+
+    // Clients only send their request: a small read buffer. (The default,
+    // 128 KiB, is zero-filled on every read and was most of the CPU of a
+    // fan-out to 1,000 sockets; docs/performance.md.)
+    upgrade.read_buffer_size(4096).on_upgrade(move |socket| serve_socket(state, early, socket))
+}
+
+async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.next()).await;
+    let request = match first {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<Request>(&text)
+            .map_err(|e| ApiError::BadRequest(format!("first message: {e}")))
+            .and_then(|r| {
+                let claims = match early {
+                    Some(c) => c,
+                    None => state.auth.check(r.token.as_deref())?,
+                };
+                let ack = r.ack;
+                let resolved = r.resolve(&state, &claims, None)?;
+                Ok((resolved, claims, ack))
+            }),
+        _ => Err(ApiError::BadRequest("expected the subscription request as the first message within 10 s".into())),
+    };
+    let (feed, expires, ack) = match request {
+        Ok(((filter, since), claims, ack)) => {
+            (Feed::new(state, filter, since).await.map_err(ApiError::from), expiry(&claims), ack)
+        }
+        Err(e) => (Err(e), tokio::time::Instant::now(), false),
+    };
+    let mut feed = match feed {
+        Ok(f) => f,
+        Err(e) => {
+            let msg = e.message().to_string();
+            let code = if matches!(e, ApiError::Unauthorized(_)) { 4401 } else { 4400 };
+            let _ = tx.send(Message::Text(json!({"type": "error", "error": msg}).to_string().into())).await;
+            let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: "refused".into() }))).await;
+            return;
+        }
+    };
+    if ack {
+        let subscribed = json!({"type": "subscribed", "id": feed.position().to_string()}).to_string();
+        if tx.send(Message::Text(subscribed.into())).await.is_err() {
+            return;
+        }
+    }
+    // The read side is watched by a task of its own, so that sending never
+    // polls it: it only wakes when the client sends something (a close).
+    let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    // One timer for the token's expiry, not one per delivery.
+    let expiry = tokio::time::sleep_until(expires);
+    tokio::pin!(expiry);
+    loop {
+        let item = tokio::select! {
+            item = feed.next() => item,
+            _ = &mut closed => return,
+            () = &mut expiry => {
+                let _ = tx.send(Message::Text(json!({"type": "expired", "error": "the token expired"}).to_string().into())).await;
+                let _ = tx.send(Message::Close(Some(CloseFrame { code: 4401, reason: "token expired".into() }))).await;
+                return;
+            }
+        };
+        // This item, then whatever else is ready, in one flush.
+        let mut next = Some(item);
+        let mut sent = 0;
+        while let Some(item) = next.take() {
+            let (message, close) = ws_message(item);
+            if tx.feed(message).await.is_err() {
+                return;
+            }
+            if let Some((code, reason)) = close {
+                let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                return;
+            }
+            sent += 1;
+            if sent < 64 {
+                next = feed.try_next().map(|i| Ok(Some(i)));
+            }
+        }
+        if tx.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One feed item as a WebSocket message, and the close that must follow it.
+fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(u16, &'static str)>) {
+    let text = |v: Value| Message::Text(v.to_string().into());
+    match item {
+        Ok(Some(Item::Event { shared, .. })) => {
+            // Rendered once per event and shared by every subscriber. Its id
+            // is the event's own position, the same for all of them; where a
+            // subscriber's own is further on (after a catch-up), resuming
+            // from the event's may repeat events, never skip one.
+            let frame = shared.frame(Transport::WebSocket, |s| {
+                ops::observe_delivery(&s.event);
+                bytes::Bytes::from(format!(r#"{{"type":"event","id":"{}","event":{}}}"#, s.position, s.event.json()))
+            });
+            match axum::extract::ws::Utf8Bytes::try_from(frame) {
+                Ok(t) => (Message::Text(t), None),
+                Err(_) => (text(json!({"type": "error", "error": "frame is not UTF-8"})), None),
+            }
+        }
+        Ok(Some(Item::Resync { cursor, pruned })) => {
+            (text(json!({"type": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string()})), None)
+        }
+        Ok(Some(Item::Lagged { missed, position })) => (
+            text(json!({"type": "lagged", "missed": missed, "resume": position.to_string()})),
+            Some((4000, "lagged: reconnect with since")),
+        ),
+        Ok(None) => (text(json!({"type": "closing"})), Some((1001, "server shutting down"))),
+        Err(e) => (text(json!({"type": "error", "error": e.to_string()})), Some((1011, "log unavailable"))),
+    }
+}
+
+/// When a stream opened with these claims must end.
+fn expiry(claims: &Claims) -> tokio::time::Instant {
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // Far enough for "never" without overflowing the clock.
+    let left = claims.exp.saturating_sub(now_s).min(100 * 365 * 24 * 3600);
+    tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+}
