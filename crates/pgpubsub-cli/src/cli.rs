@@ -10,7 +10,7 @@ use pgpubsub::Channel;
 /// PostgreSQL as a pub/sub service: row changes and messages, typed, complete
 /// and in order, over LISTEN/NOTIFY.
 #[derive(Debug, Parser)]
-#[command(name = "pgpubsub", version, args_conflicts_with_subcommands = true)]
+#[command(name = "pgpubsub", version)]
 pub struct Cli {
     /// Connection string (URL or key=value). Read after parsing so that an
     /// invalid one is reported without echoing its password.
@@ -35,6 +35,34 @@ pub struct Cli {
     /// `listen`'s options, for a bare `pgpubsub`.
     #[command(flatten)]
     pub listen: ListenArgs,
+}
+
+impl Cli {
+    /// Parses the command line (exits with clap's message on an error).
+    /// Global flags (`--database-url`, `--log-format`, `--debug`) go before
+    /// or after a subcommand; `listen`'s own flags, given bare (`pgpubsub
+    /// --json`), are refused with a subcommand.
+    pub fn parse_args() -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Cli::command();
+        let matches = command.get_matches_mut();
+        if let Some((sub, _)) = matches.subcommand() {
+            let listen = ListenArgs::augment_args(clap::Command::new("listen"));
+            for arg in listen.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                    let flag = arg.get_long().map_or_else(|| id.to_string(), |l| format!("--{l}"));
+                    command
+                        .error(
+                            clap::error::ErrorKind::ArgumentConflict,
+                            format!("{flag} is an option of `listen`, not of `{sub}`"),
+                        )
+                        .exit();
+                }
+            }
+        }
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
 }
 
 /// The shape of log lines.

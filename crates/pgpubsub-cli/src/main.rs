@@ -5,8 +5,6 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use pgpubsub_cli::cli::{Cli, Command, LogFormat};
 use pgpubsub_cli::{bridge, cmd, load, serve};
 
@@ -16,7 +14,7 @@ fn main() -> ExitCode {
         Err(e) if e.not_found() => Ok(()),
         other => other,
     };
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     init_tracing(cli.log_format);
     if let Err(e) = dotenv {
         eprintln!("error: cannot read .env: {e}");

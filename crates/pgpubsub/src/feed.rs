@@ -29,6 +29,11 @@ const PAGE_ROWS: i64 = 500;
 /// Bytes read from the log per page (past the first event).
 const PAGE_BYTES: i64 = 8 << 20;
 
+/// The histogram (through the `metrics` facade; an application installs the
+/// exporter) of how long resuming subscribers took to read the log up to the
+/// live events, in seconds.
+pub const CATCH_UP_METRIC: &str = "pgpubsub_catch_up_seconds";
+
 /// What a feed yields.
 #[derive(Debug)]
 pub enum FeedItem {
@@ -71,6 +76,8 @@ pub struct Feed {
     subscribed_at: Cursor,
     /// The position of the last item handed out.
     position: Cursor,
+    /// When the catch-up from the log began, until it ends.
+    replay_began: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for Feed {
@@ -97,18 +104,13 @@ impl Feed {
             replayed: HashSet::new(),
             subscribed_at,
             position: since.unwrap_or(subscribed_at),
+            replay_began: since.map(|_| std::time::Instant::now()),
         }
     }
 
     /// The position of the last item handed out.
     pub fn position(&self) -> Cursor {
         self.position
-    }
-
-    /// Whether it is still reading the log (a catch-up) rather than the
-    /// hub's live events.
-    pub fn replaying(&self) -> bool {
-        self.replay.is_some()
     }
 
     /// The next item; `None` when the hub is gone.
@@ -208,6 +210,9 @@ impl Feed {
         if caught_up {
             // The subscription has the rest.
             self.replay = None;
+            if let Some(began) = self.replay_began.take() {
+                metrics::histogram!(CATCH_UP_METRIC).record(began.elapsed().as_secs_f64());
+            }
         }
         Ok(())
     }

@@ -15,8 +15,6 @@ pub struct Feed {
     start: Cursor,
     /// The server's shutdown: the feed ends when it turns true.
     shutdown: tokio::sync::watch::Receiver<bool>,
-    /// When a catch-up from the log began, until it ends.
-    replay_started: Option<std::time::Instant>,
     /// Keeps its channels LISTENed to while it lives.
     _held: super::listening::Held,
 }
@@ -39,8 +37,7 @@ impl Feed {
         let limits = Limits { max_event_bytes: state.max_event_bytes as u64, ..Limits::default() };
         let held = state.listening.hold(filter.channels.iter().map(String::as_str));
         let inner = pgpubsub::Feed::new(state.db.pick(), &state.hub, filter, since, &limits);
-        let replay_started = inner.replaying().then(std::time::Instant::now);
-        Ok(Feed { inner, start, shutdown: state.shutdown.clone(), replay_started, _held: held })
+        Ok(Feed { inner, start, shutdown: state.shutdown.clone(), _held: held })
     }
 
     /// Where this subscriber may resume from before it is handed anything.
@@ -56,15 +53,10 @@ impl Feed {
         if *self.shutdown.borrow() {
             return Ok(None);
         }
-        let item = tokio::select! {
+        tokio::select! {
             item = self.inner.next() => item,
             _ = self.shutdown.wait_for(|s| *s) => Ok(None),
-        };
-        if let Some(began) = self.replay_started.filter(|_| !self.inner.replaying()) {
-            self.replay_started = None;
-            super::ops::observe_catch_up(began.elapsed());
         }
-        item
     }
 
     /// The next item if one is ready without waiting.

@@ -5,7 +5,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -21,7 +20,7 @@ use super::AppState;
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 const DELIVERY: &str = "pgpubsub_delivery_latency_seconds";
-const CATCH_UP: &str = "pgpubsub_catch_up_seconds";
+const CATCH_UP: &str = pgpubsub::feed::CATCH_UP_METRIC;
 
 /// The process's metrics recorder, installed once (tests run several
 /// gateways in one process: they share it, and each scrape writes its own
@@ -66,11 +65,6 @@ pub fn observe_delivery(event: &pgpubsub::Event) {
     let seconds = (time::OffsetDateTime::now_utc() - at).as_seconds_f64();
     // Clocks of two machines may disagree by a little: never negative.
     metrics::histogram!(DELIVERY).record(seconds.max(0.0));
-}
-
-/// Records how long a subscriber's catch-up from the log took.
-pub fn observe_catch_up(took: Duration) {
-    metrics::histogram!(CATCH_UP).record(took.as_secs_f64());
 }
 
 /// `GET /`: the live page (pick channels, watch events, rate and latency).

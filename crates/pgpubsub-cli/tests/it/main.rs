@@ -13,6 +13,7 @@ mod faults;
 mod foreign;
 mod gateway;
 mod migrations;
+mod operable;
 mod proxy;
 mod retention;
 mod security;
