@@ -1,22 +1,30 @@
-//! A subscriber's feed in the gateway: the library's [`pgpubsub::Feed`]
-//! (replay from the log, then live from the hub), ended by the server's
-//! shutdown.
+//! A subscriber's feed in the gateway: from PostgreSQL, the library's
+//! [`pgpubsub::Feed`] (replay from the log, then live from the hub); from
+//! NATS, [`StreamFeed`] (replay from the stream, then live). Either ends with
+//! the server's shutdown, and keeps its channels LISTENed to while it lives.
 
 use pgpubsub::{Cursor, Filter, Limits};
 
 pub use pgpubsub::FeedItem as Item;
 
+use super::api::ApiError;
+use super::nats::StreamFeed;
 use super::AppState;
+
+enum Inner {
+    Log(pgpubsub::Feed),
+    Stream(StreamFeed),
+}
 
 /// A subscriber's feed.
 pub struct Feed {
-    inner: pgpubsub::Feed,
+    inner: Inner,
     /// Where this subscriber stood when it subscribed.
     start: Cursor,
     /// The server's shutdown: the feed ends when it turns true.
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Keeps its channels LISTENed to while it lives.
-    _held: super::listening::Held,
+    _held: Option<super::listening::Held>,
 }
 
 impl Feed {
@@ -24,8 +32,15 @@ impl Feed {
     ///
     /// # Errors
     /// Before the hub's first event, when the database cannot say where
-    /// "now" is.
-    pub async fn new(state: AppState, filter: Filter, since: Option<Cursor>) -> Result<Feed, pgpubsub::Error> {
+    /// "now" is; when the stream cannot be read.
+    pub async fn new(state: AppState, filter: Filter, since: Option<Cursor>) -> Result<Feed, ApiError> {
+        let shutdown = state.shutdown.clone();
+        if let Some(source) = &state.source {
+            let inner = StreamFeed::new(source, &state.hub, filter, since)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("{e:#}")))?;
+            return Ok(Feed { inner: Inner::Stream(inner), start: Cursor::default(), shutdown, _held: None });
+        }
         // Until the hub's first event its position is the start of the log,
         // which a subscriber must not be told to resume from. Then it starts
         // before the oldest transaction in progress, as a listener "from now"
@@ -37,31 +52,46 @@ impl Feed {
         let limits = Limits { max_event_bytes: state.max_event_bytes as u64, ..Limits::default() };
         let held = state.listening.hold(filter.channels.iter().map(String::as_str));
         let inner = pgpubsub::Feed::new(state.db.pick(), &state.hub, filter, since, &limits);
-        Ok(Feed { inner, start, shutdown: state.shutdown.clone(), _held: held })
+        Ok(Feed { inner: Inner::Log(inner), start, shutdown, _held: Some(held) })
     }
 
     /// Where this subscriber may resume from before it is handed anything.
     pub fn position(&self) -> Cursor {
-        self.inner.position().max(self.start)
+        let at = match &self.inner {
+            Inner::Log(f) => f.position(),
+            Inner::Stream(f) => f.position(),
+        };
+        at.max(self.start)
     }
 
     /// The next item; `None` when the server is shutting down. Cancel-safe.
     ///
     /// # Errors
-    /// When the log cannot be read (the subscriber should retry later).
-    pub async fn next(&mut self) -> Result<Option<Item>, pgpubsub::Error> {
+    /// When the log or stream cannot be read (the subscriber should retry
+    /// later).
+    pub async fn next(&mut self) -> anyhow::Result<Option<Item>> {
         if *self.shutdown.borrow() {
             return Ok(None);
         }
+        let inner = &mut self.inner;
+        let next = async move {
+            match inner {
+                Inner::Log(f) => f.next().await.map_err(anyhow::Error::new),
+                Inner::Stream(f) => f.next().await,
+            }
+        };
         tokio::select! {
-            item = self.inner.next() => item,
+            item = next => item,
             _ = self.shutdown.wait_for(|s| *s) => Ok(None),
         }
     }
 
     /// The next item if one is ready without waiting.
     pub fn try_next(&mut self) -> Option<Item> {
-        self.inner.try_next()
+        match &mut self.inner {
+            Inner::Log(f) => f.try_next(),
+            Inner::Stream(f) => f.try_next(),
+        }
     }
 }
 

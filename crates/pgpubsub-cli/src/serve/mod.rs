@@ -22,6 +22,7 @@ mod auth;
 mod caps;
 mod feed;
 mod listening;
+mod nats;
 mod ops;
 mod server;
 mod stream;
@@ -91,6 +92,18 @@ pub struct ServeArgs {
     /// HTTPS: the private key (PEM) of --tls-cert.
     #[arg(long, env = "PGPUBSUB_TLS_KEY", requires = "tls_cert", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
+    /// Where events come from: `pg` (the default: this gateway reads the
+    /// log) or `nats [URL]` (the JetStream stream `pgpubsub bridge` writes;
+    /// URL defaults to PGPUBSUB_NATS_URL or nats://127.0.0.1:4222). Publishing
+    /// and the store always go to PostgreSQL.
+    #[arg(long, num_args = 1..=2, value_names = ["pg|nats", "URL"], default_value = "pg")]
+    pub source: Vec<String>,
+    /// With `--source nats`: the stream, as given to `pgpubsub bridge`.
+    #[arg(long, env = "PGPUBSUB_STREAM", default_value = "PGPUBSUB")]
+    pub stream: String,
+    /// With `--source nats`: the subjects' prefix, as given to `pgpubsub bridge`.
+    #[arg(long, env = "PGPUBSUB_SUBJECT_PREFIX", default_value = "pgpubsub")]
+    pub subject_prefix: String,
     /// Who may read and write what (off unless a secret or key is given).
     #[command(flatten)]
     pub auth: auth::AuthArgs,
@@ -108,6 +121,8 @@ pub struct AppState {
     pub origins: Arc<access::Origins>,
     /// The channels LISTENed to for subscribers (foreign notifications).
     pub listening: Arc<listening::Listening>,
+    /// Fed from NATS (`--source nats`) rather than PostgreSQL.
+    pub source: Option<Arc<nats::Source>>,
     /// Open connections.
     pub places: server::Places,
     /// Publishes per second per client.
@@ -156,10 +171,27 @@ pub async fn run_until(
     // Plain names: the listener reads only those. Patterns or none: every
     // channel of the log, filtered per subscriber.
     let listened = served.names().unwrap_or_default();
-    let listener =
-        Listener::connect(config, &listened, ListenerOptions::default()).await.context("starting the listener")?;
     let hub = Hub::new(args.queue);
     let (listening, changes) = listening::Listening::new(&listened);
+    let (source, listener_stats, listener_state) = match source_of(args)? {
+        None => {
+            let listener = Listener::connect(config, &listened, ListenerOptions::default())
+                .await
+                .context("starting the listener")?;
+            let (stats, state) = (listener.stats(), listener.state());
+            tokio::spawn(feed_hub(hub.clone(), listener, changes));
+            (None, stats, state)
+        }
+        Some(url) => {
+            let source = Arc::new(nats::Source::connect(&url, &args.stream, &args.subject_prefix).await?);
+            let stats = Arc::new(Stats::default());
+            let (state_tx, state_rx) =
+                watch::channel(ConnectionState::Reconnecting { attempt: 0, error: "starting".into() });
+            tokio::spawn(nats::feed_hub(hub.clone(), source.clone(), state_tx, stats.clone()));
+            tracing::info!(nats = %source.url, stream = %args.stream, "events come from NATS; publishes go to PostgreSQL");
+            (Some(source), stats, state_rx)
+        }
+    };
     let state = AppState {
         hub: hub.clone(),
         db: Arc::new(Pool::new(config, args.db_connections)),
@@ -168,14 +200,14 @@ pub async fn run_until(
         listening,
         places: server::Places::new(args.max_connections),
         rate: Arc::new(caps::Rate::new(args.publish_rate)),
-        listener_stats: listener.stats(),
-        listener_state: listener.state(),
+        source,
+        listener_stats,
+        listener_state,
         max_event_bytes: args.max_event_bytes,
         auth: auth.clone(),
         shutdown: shutdown.clone(),
         _alive: alive,
     };
-    tokio::spawn(feed_hub(hub, listener, changes));
 
     let socket = tokio::net::TcpListener::bind(&args.bind).await.with_context(|| format!("binding {}", args.bind))?;
     let addr = socket.local_addr()?;
@@ -207,6 +239,16 @@ pub async fn run_until(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `--source`: `None` for PostgreSQL, the NATS URL for NATS.
+fn source_of(args: &ServeArgs) -> anyhow::Result<Option<String>> {
+    match args.source.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["pg"] | ["postgres"] | [] => Ok(None),
+        ["nats"] => Ok(Some(std::env::var("PGPUBSUB_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()))),
+        ["nats", url] => Ok(Some(url.to_string())),
+        other => anyhow::bail!("--source {}: expected `pg` or `nats [URL]`", other.join(" ")),
+    }
 }
 
 /// Feeds the hub from the listener, and has it LISTEN on the channels

@@ -102,7 +102,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     };
     let mut reason = None;
     if !matches!(listener, ConnectionState::Listening) {
-        reason = Some(format!("the LISTEN connection is not up ({listening})"));
+        let what = if state.source.is_some() { "the NATS source" } else { "the LISTEN connection" };
+        reason = Some(format!("{what} is not up ({listening})"));
     } else {
         let log = state.db.pick();
         let schema = async {

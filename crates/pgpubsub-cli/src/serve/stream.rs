@@ -92,7 +92,7 @@ pub async fn sse(
                 (record("lagged", &data, Some(position)), false)
             }
             Ok(None) => return None,
-            Err(e) => (record("error", &json!({"error": e.to_string()}).to_string(), None), false),
+            Err(e) => (record("error", &json!({"error": format!("{e:#}")}).to_string(), None), false),
         };
         Some((Ok(bytes), go_on.then_some(feed)))
     });
@@ -158,9 +158,7 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
         _ => Err(ApiError::BadRequest("expected the subscription request as the first message within 10 s".into())),
     };
     let (feed, expires, ack) = match request {
-        Ok(((filter, since), claims, ack)) => {
-            (Feed::new(state, filter, since).await.map_err(ApiError::from), expiry(&claims), ack)
-        }
+        Ok(((filter, since), claims, ack)) => (Feed::new(state, filter, since).await, expiry(&claims), ack),
         Err(e) => (Err(e), tokio::time::Instant::now(), false),
     };
     let mut feed = match feed {
@@ -227,7 +225,7 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
 }
 
 /// One feed item as a WebSocket message, and the close that must follow it.
-fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(u16, &'static str)>) {
+fn ws_message(item: anyhow::Result<Option<Item>>) -> (Message, Option<(u16, &'static str)>) {
     let text = |v: Value| Message::Text(v.to_string().into());
     match item {
         Ok(Some(Item::Event { shared, .. })) => {
@@ -252,7 +250,7 @@ fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(
             Some((4000, "lagged: reconnect with since")),
         ),
         Ok(None) => (text(json!({"type": "closing"})), Some((1001, "server shutting down"))),
-        Err(e) => (text(json!({"type": "error", "error": e.to_string()})), Some((1011, "log unavailable"))),
+        Err(e) => (text(json!({"type": "error", "error": format!("{e:#}")})), Some((1011, "log unavailable"))),
     }
 }
 

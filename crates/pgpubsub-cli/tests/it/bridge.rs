@@ -793,3 +793,102 @@ async fn a_standby_takes_over_within_seconds_when_the_active_bridge_dies() {
     assert_eq!(metric(&text, "pgpubsub_bridge_active"), 1.0);
     assert!(text.contains(&format!(":{}\"", b.child.id())), "{text}");
 }
+
+/// The next JSON message of a WebSocket.
+async fn next_ws(ws: &mut crate::serve::Ws) -> Value {
+    use futures_util::StreamExt;
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next()).await.expect("no WebSocket message in time").unwrap().unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// A WebSocket subscriber from `since` (or from now), once subscribed.
+async fn ws_subscribe(addr: &str, channel: &Channel, since: Option<&str>) -> crate::serve::Ws {
+    use futures_util::SinkExt;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await.unwrap();
+    let mut request = serde_json::json!({"channels": [channel.as_str()], "ack": true});
+    if let Some(since) = since {
+        request["since"] = since.into();
+    }
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(request.to_string().into())).await.unwrap();
+    assert_eq!(next_ws(&mut ws).await["type"], "subscribed");
+    ws
+}
+
+/// `serve --source nats`: a gateway fed from the stream the bridge writes
+/// serves SSE and WebSocket subscribers; publishing through it writes to
+/// PostgreSQL and comes back through the stream; ids are stream positions,
+/// and both kinds of subscriber resume from them across a gateway restart,
+/// missing nothing and repeating nothing. A position from a gateway fed by
+/// PostgreSQL gets a `resync`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_fed_from_nats_serves_and_resumes_across_a_restart() {
+    use crate::serve::{curl_post, next_sse, serve, sse, subscribed};
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("natsgw");
+    let stream = TestStream::new(&shared_nats());
+    let bridge = Bridge::spawn(&db.url, &stream.nats, &ch, &common::unique("gw"), &stream, &[]);
+    bridge.wait_log("copying", 1).await;
+    // The bridge creates the stream; the gateway needs it.
+    pgpubsub::publish(&client, &ch, "before the gateway").await.unwrap();
+    wait_stored(&stream, 1).await;
+    let flags = ["--source", "nats", &stream.nats, "--stream", &stream.name, "--subject-prefix", &stream.prefix];
+    let server = serve(&db, "", &flags);
+    let base = format!("http://{}", server.addr);
+    let (mut first_sse, rx) = sse(&format!("{base}/events?channel={ch}"), None);
+    subscribed(&server, ch.as_str()).await;
+    let mut ws = ws_subscribe(&server.addr, &ch, None).await;
+
+    let (code, v) = curl_post(&format!("{base}/publish/{ch}"), b"through the gateway");
+    assert_eq!(code, 200, "{v}");
+    pgpubsub::publish(&client, &ch, "straight to PostgreSQL").await.unwrap();
+    let live: Vec<_> = (0..2).map(|_| next_sse(&rx)).collect();
+    let payload = |data: &str| serde_json::from_str::<Value>(data).unwrap()["payload"].as_str().unwrap().to_string();
+    assert_eq!(
+        live.iter().map(|e| payload(&e.data)).collect::<Vec<_>>(),
+        ["through the gateway", "straight to PostgreSQL"]
+    );
+    let sse_id = live[0].id.clone().unwrap();
+    assert!(sse_id.starts_with("0:"), "a stream position: {sse_id}");
+    let w1 = next_ws(&mut ws).await;
+    let w2 = next_ws(&mut ws).await;
+    assert_eq!(
+        (w1["event"]["payload"].as_str(), w2["event"]["payload"].as_str()),
+        (Some("through the gateway"), Some("straight to PostgreSQL"))
+    );
+    assert_eq!(w1["id"].as_str(), Some(sse_id.as_str()), "the same position on both transports");
+
+    // The gateway goes away; events go on into the stream meanwhile.
+    drop(server);
+    let _ = (first_sse.kill(), first_sse.wait());
+    drop(ws);
+    for i in 0..3 {
+        pgpubsub::publish(&client, &ch, &format!("while down {i}")).await.unwrap();
+    }
+    wait_stored(&stream, 6).await;
+    let server = serve(&db, "", &flags);
+    let base = format!("http://{}", server.addr);
+    let want = ["straight to PostgreSQL", "while down 0", "while down 1", "while down 2", "after"];
+
+    let (mut resumed, rx) = sse(&format!("{base}/events?channel={ch}"), Some(&sse_id));
+    let mut ws = ws_subscribe(&server.addr, &ch, Some(&sse_id)).await;
+    subscribed(&server, ch.as_str()).await;
+    pgpubsub::publish(&client, &ch, "after").await.unwrap();
+    let got: Vec<String> = (0..want.len()).map(|_| payload(&next_sse(&rx).data)).collect();
+    assert_eq!(got, want, "SSE resumed from {sse_id}");
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        got.push(next_ws(&mut ws).await["event"]["payload"].as_str().unwrap().to_string());
+    }
+    assert_eq!(got, want, "WebSocket resumed from {sse_id}");
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "nothing more, nothing twice");
+
+    // A position of PostgreSQL's log means nothing to the stream: resync.
+    let (mut other, rx) = sse(&format!("{base}/events?channel={ch}&since=12345:6"), None);
+    assert_eq!(next_sse(&rx).event, "resync");
+    let _ = (resumed.kill(), other.kill());
+}
