@@ -2,7 +2,10 @@
 //! real WebSocket clients. Starts `pgpubsub serve` as a child process (its
 //! CPU and memory read from /proc), connects N clients to one channel,
 //! publishes timestamped messages, and reports deliveries per second and
-//! latency from publish to a client's receipt.
+//! latency from publish to a client's receipt. With `--nats URL`, the
+//! gateway is fed from NATS (`serve --source nats`), through a `pgpubsub
+//! bridge` into a stream of the run's own (deleted after), so the two
+//! sources compare on the same load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,9 +36,42 @@ pub struct FanoutArgs {
     /// Bytes of padding per message.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
+    /// Feed the gateway from this NATS server (a bridge copies the channel
+    /// into a stream of the run's own) instead of from PostgreSQL.
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A child `pgpubsub` with the given arguments, once it logged `needle`:
+/// the child and the rest of the line after the needle. Its log is drained.
+async fn spawn_until(url: &str, args: &[&str], needle: &str) -> anyhow::Result<(tokio::process::Child, String)> {
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn,pgpubsub=info")
+        .env_remove("PGPUBSUB_SERVE_CHANNELS")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting pgpubsub {}", args[0]))?;
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let rest = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .with_context(|| format!("pgpubsub {} did not start", args[0]))??
+            .with_context(|| format!("pgpubsub {} exited", args[0]))?;
+        if let Some(rest) = line.split(needle).nth(1) {
+            break rest.to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, rest))
 }
 
 const CHANNEL: &str = "pgpubsub_fanout";
@@ -44,29 +80,32 @@ const CHANNEL: &str = "pgpubsub_fanout";
 pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Result<()> {
     let mut admin = crate::cmd::connect(config).await?;
     pgpubsub::migrate::up(&mut admin, false).await?;
-    let exe = std::env::current_exe()?;
-    let mut server = tokio::process::Command::new(exe)
-        .args(["serve", "--bind", "127.0.0.1:0", "--channel", CHANNEL, "--queue", "4096"])
-        .env("DATABASE_URL", url)
-        .env("RUST_LOG", "warn,pgpubsub=info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting pgpubsub serve")?;
+    let run = format!("{}_{}", std::process::id(), now_us() % 1_000_000);
+    let (stream, prefix) = (format!("PGPUBSUB_FANOUT_{run}"), format!("pgpubsub_fanout_{run}"));
+    let mut bridge = None;
+    let mut serve_args = vec!["serve", "--bind", "127.0.0.1:0", "--channel", CHANNEL, "--queue", "4096"];
+    if let Some(nats) = &args.nats {
+        let name = format!("fanout-{run}");
+        let bridge_args = [
+            "bridge",
+            "--nats",
+            nats,
+            "--channel",
+            CHANNEL,
+            "--name",
+            &name,
+            "--stream",
+            &stream,
+            "--subject-prefix",
+            &prefix,
+        ];
+        bridge = Some(spawn_until(url, &bridge_args, "copying").await?.0);
+        serve_args.extend(["--source", "nats", nats, "--stream", &stream, "--subject-prefix", &prefix]);
+    }
+    let (mut server, rest) = spawn_until(url, &serve_args, "serving on http://").await?;
     let pid = server.id().context("server pid")?;
-    let mut lines = BufReader::new(server.stderr.take().context("server stderr")?).lines();
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .context("the server did not start")??
-            .context("the server exited")?;
-        if let Some(rest) = line.split("serving on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap_or_default().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+    let bridge_pid = bridge.as_ref().and_then(tokio::process::Child::id);
 
     let received = Arc::new(AtomicU64::new(0));
     let lagged = Arc::new(AtomicU64::new(0));
@@ -128,6 +167,7 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cpu_before = proc::usage(pid).map(|u| u.cpu_ns).unwrap_or(0);
+    let bridge_before = bridge_pid.and_then(proc::usage).map(|u| u.cpu_ns).unwrap_or(0);
 
     let channel = pgpubsub::Channel::new(CHANNEL)?;
     let pad = "x".repeat(args.payload);
@@ -141,7 +181,14 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
         let _ = c.await;
     }
     let usage = proc::usage(pid).unwrap_or_default();
+    let bridge_ns = bridge_pid.and_then(proc::usage).map(|u| u.cpu_ns.saturating_sub(bridge_before)).unwrap_or(0);
     let _ = server.kill().await;
+    if let (Some(mut bridge), Some(nats)) = (bridge, &args.nats) {
+        let _ = bridge.kill().await;
+        if let Ok(client) = async_nats::connect(nats).await {
+            let _ = async_nats::jetstream::new(client).delete_stream(&stream).await;
+        }
+    }
 
     let total = received.load(Ordering::Relaxed);
     let span = match (*first.lock().unwrap_or_else(|e| e.into_inner()), *last.lock().unwrap_or_else(|e| e.into_inner()))
@@ -152,6 +199,7 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
     let h = hist.lock().unwrap_or_else(|e| e.into_inner());
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let report = serde_json::json!({
+        "source": if args.nats.is_some() { "nats" } else { "postgres" },
         "clients": args.clients,
         "events": args.events,
         "expected_deliveries": args.events * args.clients as u64,
@@ -163,6 +211,7 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
         "server_cpu_ms": (usage.cpu_ns.saturating_sub(cpu_before)) as f64 / 1e6,
         "server_cpu_us_per_delivery": (usage.cpu_ns.saturating_sub(cpu_before)) as f64 / 1e3 / total.max(1) as f64,
         "server_peak_rss_mb": usage.peak_rss as f64 / 1048576.0,
+        "bridge_cpu_ms": bridge_ns as f64 / 1e6,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -479,20 +479,27 @@ async fn the_store_over_http() {
     let _ = changes.kill();
 }
 
-/// The fan-out benchmark itself, small: every delivery arrives.
+/// The fan-out benchmark itself, small, with the gateway fed from
+/// PostgreSQL and from NATS (through a bridge): every delivery arrives.
 #[tokio::test]
 async fn the_fanout_benchmark_runs() {
-    let db = TestDb::new().await;
-    let out = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .args(["load-fanout", "--clients", "20", "--events", "20", "--rate", "200", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((v["deliveries"].as_u64(), v["lagged_clients"].as_u64()), (Some(400), Some(0)), "{v}");
-    assert!(v["latency_ms"]["p99"].as_f64().unwrap() > 0.0 && v["server_cpu_ms"].as_f64().unwrap() > 0.0);
+    let nats = std::env::var("PGPUBSUB_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    for source in [None, Some(nats.as_str())] {
+        let db = TestDb::new().await;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
+        cmd.env("DATABASE_URL", &db.url).env("RUST_LOG", "warn");
+        cmd.args(["load-fanout", "--clients", "20", "--events", "20", "--rate", "200", "--json"]);
+        if let Some(url) = source {
+            cmd.args(["--nats", url]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{source:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((v["deliveries"].as_u64(), v["lagged_clients"].as_u64()), (Some(400), Some(0)), "{v}");
+        assert!(v["latency_ms"]["p99"].as_f64().unwrap() > 0.0 && v["server_cpu_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["source"], if source.is_some() { "nats" } else { "postgres" });
+        assert_eq!(v["bridge_cpu_ms"].as_f64().unwrap() > 0.0, source.is_some(), "{v}");
+    }
 }
 
 pub(crate) const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
