@@ -1,5 +1,6 @@
-//! `pgpubsub bridge`: copies every committed event of some channels into a
-//! NATS JetStream stream, once, in order, through crashes and outages.
+//! `pgpubsub bridge`: copies every committed event of some channels (all,
+//! when none is given) into a NATS JetStream stream, once, in order, through
+//! crashes and outages.
 //!
 //! - Input: a durable named [`Listener`] (cursor `bridge:<name>` in
 //!   `pubsub.cursors`), with autosave off: the bridge stores the cursor only
@@ -9,9 +10,6 @@
 //!   `Nats-Msg-Id` so that what a crash re-sends is dropped by JetStream,
 //!   and chained so that nothing is stored out of order.
 //! - One active bridge per name: [`lock::Lock`]. Others wait as standbys.
-//!
-//! Listening to every channel is not possible through the listener's public
-//! API yet (channels are fixed at connect), so `--channel` is required.
 
 pub mod bench;
 mod lock;
@@ -55,9 +53,9 @@ pub struct BridgeArgs {
     /// NATS server URL(s), comma-separated.
     #[arg(long, env = "PGPUBSUB_NATS_URL", default_value = "nats://127.0.0.1:4222", value_name = "URL")]
     pub nats: String,
-    /// Channels to copy (repeat, or separate with commas). Required for now:
-    /// the listener cannot yet follow every channel.
-    #[arg(long = "channel", short = 'c', value_delimiter = ',', required = true, value_name = "CHANNEL")]
+    /// Channels to copy (repeat, or separate with commas); none: every
+    /// channel of the log, those that appear later included.
+    #[arg(long = "channel", short = 'c', value_delimiter = ',', value_name = "CHANNEL")]
     pub channels: Vec<Channel>,
     /// The bridge's name: its cursor (`bridge:<NAME>` in pubsub.cursors) and
     /// its lock. Bridges started with the same name: one copies, the others
@@ -358,8 +356,12 @@ async fn ensure_stream(ctx: &Ctx<'_>) -> anyhow::Result<jetstream::stream::Strea
         }
     };
     let info = stream.info().await.context("reading the stream's configuration")?;
-    for channel in &args.channels {
-        let subject = format!("{}.{channel}", args.subject_prefix);
+    let every = [format!("{}.>", args.subject_prefix)];
+    let subjects: Vec<String> = match args.channels.as_slice() {
+        [] => every.to_vec(),
+        some => some.iter().map(|c| format!("{}.{c}", args.subject_prefix)).collect(),
+    };
+    for subject in subjects {
         if !info.config.subjects.iter().any(|pattern| subject_matches(pattern, &subject)) {
             return Err(Fatal(format!(
                 "stream {} does not take subject {subject} (its subjects: {:?}); choose another --stream or --subject-prefix",

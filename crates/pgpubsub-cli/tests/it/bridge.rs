@@ -188,11 +188,18 @@ struct Bridge {
 
 impl Bridge {
     fn spawn(db_url: &str, nats: &str, channel: &Channel, name: &str, stream: &TestStream, extra: &[&str]) -> Bridge {
+        let mut args = vec!["--channel", channel.as_str()];
+        args.extend(extra);
+        Bridge::spawn_all(db_url, nats, name, stream, &args)
+    }
+
+    /// Without `--channel`: every channel.
+    fn spawn_all(db_url: &str, nats: &str, name: &str, stream: &TestStream, extra: &[&str]) -> Bridge {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
             .env_remove("PUB_SUB_CHANNEL")
             .env("DATABASE_URL", db_url)
             .env("RUST_LOG", "warn,pgpubsub=info")
-            .args(["bridge", "--nats", nats, "--channel", channel.as_str(), "--name", name])
+            .args(["bridge", "--nats", nats, "--name", name])
             .args(["--stream", &stream.name, "--subject-prefix", &stream.prefix])
             .args(extra)
             .stdin(Stdio::null())
@@ -891,4 +898,26 @@ async fn a_gateway_fed_from_nats_serves_and_resumes_across_a_restart() {
     let (mut other, rx) = sse(&format!("{base}/events?channel={ch}&since=12345:6"), None);
     assert_eq!(next_sse(&rx).event, "resync");
     let _ = (resumed.kill(), other.kill());
+}
+
+/// Without `--channel` the bridge copies every channel, one that first
+/// appears after it started included, each to its own subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_channels_the_bridge_copies_every_channel() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let stream = TestStream::new(&shared_nats());
+    let bridge = Bridge::spawn_all(&db.url, &stream.nats, &common::unique("all"), &stream, &[]);
+    bridge.wait_log("copying", 1).await;
+    let (a, b) = (common::channel("alla"), common::channel("allb"));
+    client.batch_execute("CREATE TABLE things (id int PRIMARY KEY)").await.unwrap();
+    pgpubsub::watch(&client, "things", Some(&b)).await.unwrap();
+    pgpubsub::publish(&client, &a, "one").await.unwrap();
+    client.batch_execute("INSERT INTO things VALUES (1)").await.unwrap();
+    pgpubsub::publish(&client, &a, "two").await.unwrap();
+    let stored = wait_stored(&stream, 3).await;
+    let subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
+    let (sa, sb) = (format!("{}.{a}", stream.prefix), format!("{}.{b}", stream.prefix));
+    assert_eq!(subjects, [sa.as_str(), sb.as_str(), sa.as_str()], "{stored:?}");
+    assert_eq!(stored[1].op.as_deref(), Some("INSERT"));
 }
