@@ -48,7 +48,6 @@ pub mod hub;
 pub mod json_string;
 pub mod listener;
 pub mod migrate;
-mod reader;
 pub mod reassembly;
 pub mod retention;
 pub mod stats;
