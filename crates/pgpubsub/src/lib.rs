@@ -53,7 +53,6 @@ pub mod retention;
 pub mod stats;
 pub mod store;
 mod tail;
-mod tls;
 pub mod watch;
 pub mod wire;
 

@@ -1,4 +1,4 @@
-//! The rustls side of [`crate::db`]'s TLS settings: which certificates to
+//! The rustls side of the TLS settings (`tls.rs`): which certificates to
 //! trust, how much of the server's certificate to check, the client's own.
 
 use std::path::Path;
@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::db::{RootCert, SslMode, Tls};
+use super::tls::{RootCert, SslMode, Tls};
 use crate::error::{Error, Result};
 
 /// Builds the TLS side of a connection from its settings, reading the files
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 ///
 /// # Errors
 /// [`Error::Config`] naming the setting or the file that is wrong.
-pub(crate) fn connector(tls: &Tls) -> Result<MakeRustlsConnect> {
+pub(super) fn connector(tls: &Tls) -> Result<MakeRustlsConnect> {
     tls.check()?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
