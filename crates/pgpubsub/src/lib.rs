@@ -61,7 +61,7 @@ pub use error::{Error, Result};
 pub use event::{Body, Change, Event, Message, Op};
 pub use event_log::LogConn;
 pub use feed::{Feed, FeedItem};
-pub use hub::{Delivery, Filter, Hub, Subscription, Transport};
+pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;
 pub use stats::{Stats, StatsSnapshot};

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
-use pgpubsub::{store, Channel, ConnectionState, Cursor, Filter, Op, Transport};
+use pgpubsub::{store, Channel, ConnectionState, Cursor, Filter, Op};
 use serde_json::{json, Value};
 
 use super::auth::{self, Claims};
@@ -37,6 +37,16 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .layer(cors)
         .with_state(state)
+}
+
+/// The gateway's renderings of an event, each kept in a frame slot of the
+/// event (`pgpubsub::hub::Shared::frame`) and shared by every subscriber.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// A WebSocket text frame.
+    WebSocket = 0,
+    /// A Server-Sent Events record.
+    EventStream = 1,
 }
 
 /// Every refusal, as a status and `{"error": "..."}`.
@@ -257,8 +267,9 @@ async fn sse(
         };
         let (bytes, go_on) = match next {
             Ok(Some(Item::Event { shared, .. })) => {
-                let frame =
-                    shared.frame(Transport::EventStream, |s| record(s.event.kind(), s.event.json(), Some(s.position)));
+                let frame = shared.frame(Transport::EventStream as usize, |s| {
+                    record(s.event.kind(), s.event.json(), Some(s.position))
+                });
                 (frame, true)
             }
             Ok(Some(Item::Resync { cursor, pruned })) => {
@@ -413,7 +424,7 @@ fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(
             // is the event's own position, the same for all of them; where a
             // subscriber's own is further on (after a catch-up), resuming
             // from the event's may repeat events, never skip one.
-            let frame = shared.frame(Transport::WebSocket, |s| {
+            let frame = shared.frame(Transport::WebSocket as usize, |s| {
                 bytes::Bytes::from(format!(r#"{{"type":"event","id":"{}","event":{}}}"#, s.position, s.event.json()))
             });
             match axum::extract::ws::Utf8Bytes::try_from(frame) {
