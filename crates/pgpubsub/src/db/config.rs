@@ -10,7 +10,7 @@ use super::tls::{RootCert, SslMode, Tls};
 use crate::error::{Error, Result};
 
 /// Where and how to connect: the driver's settings and the TLS ones, which
-/// the driver does not know (see the [module](self) docs).
+/// the driver does not know (see the [module](crate::db) docs).
 ///
 /// Parse one with [`parse_config`] or `str::parse`; wrap a driver `Config`
 /// with `From` (its `sslmode`, if any, is kept).
