@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}{}", chain(&e), hint(&e));
             ExitCode::FAILURE
         }
     }
@@ -88,6 +88,19 @@ fn chain(e: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// What to do about a library error, in the binary's words (the library's
+/// messages name no command or variable of ours).
+fn hint(e: &anyhow::Error) -> &'static str {
+    match e.chain().find_map(|c| c.downcast_ref::<pgpubsub::Error>()) {
+        Some(pgpubsub::Error::NotMigrated) => ": run `pgpubsub migrate` first",
+        Some(pgpubsub::Error::ReadReplica(_)) => " (point DATABASE_URL at the primary)",
+        Some(pgpubsub::Error::NotifyUnavailable(_)) => {
+            " (point DATABASE_URL at the server, or at a session-mode pooler)"
+        }
+        _ => "",
+    }
 }
 
 /// Logs go to stderr, filtered by RUST_LOG (default: info for pgpubsub and

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pgpubsub::internals::{json_string, Logged};
 use pgpubsub::reassembly::{Limits, Reassembler};
 use pgpubsub::wire::{self, Frame, CHUNK_DATA_BYTES};
-use pgpubsub::{json_string, Logged};
 use pgpubsub::{Event, Stats};
 
 /// A change event as the trigger writes it, with a row of `pad` bytes.

@@ -28,14 +28,16 @@ pub enum Error {
     ConnectionLost(String),
 
     /// The server is a standby: LISTEN/NOTIFY only works on the primary.
-    #[error("{0} is a read replica (pg_is_in_recovery() is true): LISTEN/NOTIFY needs the primary; point DATABASE_URL at it")]
+    #[error(
+        "{0} is a read replica (pg_is_in_recovery() is true): LISTEN/NOTIFY needs the primary: connect to it instead"
+    )]
     ReadReplica(String),
 
     /// A notification sent to ourselves never came back: LISTEN is accepted
     /// but nothing is delivered, as behind a transaction pooler.
     #[error(
         "notifications do not reach this connection to {0}: a notification sent to ourselves never arrived. \
-         Is DATABASE_URL a transaction pooler (PgBouncer in transaction mode)? LISTEN needs a direct or session-pooled connection"
+         Is this a transaction pooler (PgBouncer in transaction mode)? LISTEN needs a direct or session-pooled connection"
     )]
     NotifyUnavailable(String),
 
@@ -53,9 +55,9 @@ pub enum Error {
     #[error(transparent)]
     InvalidChannel(#[from] InvalidChannel),
 
-    /// The `pubsub` schema is missing or older than this version:
-    /// `pgpubsub migrate` has not been run.
-    #[error("the pubsub schema is not installed in this database, or is older than this pgpubsub: run `pgpubsub migrate` first")]
+    /// The `pubsub` schema is missing or older than this version: its
+    /// migrations ([`crate::migrate::up`]) have not been applied.
+    #[error("the pubsub schema is not installed in this database, or is older than this pgpubsub: apply its migrations first")]
     NotMigrated,
 
     /// A migration could not be applied or reverted.

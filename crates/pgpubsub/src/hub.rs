@@ -48,35 +48,30 @@ pub struct Shared {
     pub position: Cursor,
     /// Its new (or old) row parsed, on first use by a column filter.
     row: OnceLock<Option<Value>>,
-    /// Each transport's rendering of this event, made by the first
-    /// subscriber that needs it and shared by the rest.
-    frames: [OnceLock<bytes::Bytes>; 2],
+    /// The caller's renderings of this event (one per slot), each made by
+    /// the first subscriber that needs it and shared by the rest.
+    frames: [OnceLock<bytes::Bytes>; FRAME_SLOTS],
 }
 
-/// The renderings [`Shared::frame`] keeps, one per transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Transport {
-    /// A WebSocket text frame.
-    WebSocket,
-    /// A Server-Sent Events record.
-    EventStream,
-}
+/// How many renderings of an event [`Shared::frame`] keeps: one per wire
+/// format the caller serves (the gateway's are WebSocket and SSE).
+pub const FRAME_SLOTS: usize = 2;
 
 impl Shared {
     /// Wraps an event for sharing.
     pub fn new(event: Event, position: Cursor) -> Self {
-        Shared { event, position, row: OnceLock::new(), frames: [OnceLock::new(), OnceLock::new()] }
+        Shared { event, position, row: OnceLock::new(), frames: std::array::from_fn(|_| OnceLock::new()) }
     }
 
-    /// This event rendered for `transport` by `make`, made once for all
-    /// subscribers (each gets a reference-counted handle to the same bytes).
-    pub fn frame(&self, transport: Transport, make: impl FnOnce(&Shared) -> bytes::Bytes) -> bytes::Bytes {
-        let slot = match transport {
-            Transport::WebSocket => 0,
-            Transport::EventStream => 1,
-        };
-        self.frames[slot].get_or_init(|| make(self)).clone()
+    /// This event rendered by `make` into `slot` (below [`FRAME_SLOTS`]; the
+    /// caller gives each of its wire formats a slot of its own), made once
+    /// for all subscribers: each gets a reference-counted handle to the same
+    /// bytes. A slot past the last is rendered anew on every call.
+    pub fn frame(&self, slot: usize, make: impl FnOnce(&Shared) -> bytes::Bytes) -> bytes::Bytes {
+        match self.frames.get(slot) {
+            Some(cell) => cell.get_or_init(|| make(self)).clone(),
+            None => make(self),
+        }
     }
 
     /// The row a column filter looks at: `new`, or `old` for a delete.

@@ -6,25 +6,27 @@
 //! own privileges and yields typed [`Event`]s, none lost, none forged.
 //!
 //! The modules, in the order data flows through them:
+//! - [`db`]: connection strings (with libpq's TLS parameters) and opening
+//!   every connection pgpubsub makes;
 //! - [`migrate`]: the `pubsub` schema (the log, the capture trigger, the
 //!   store) as embedded dbmate migrations;
-//! - [`watch`](mod@watch): `watch`/`unwatch` a table, `publish` a message: what writes
-//!   the log;
-//! - [`store`]: the event-sourced snapshot + history store;
-//! - [`retention`]: pruning the log by age or count;
 //! - [`channel`]: channel names, validated and quoted in one place;
-//! - `event_log`: reading the log back (pages, the wake lock, cursors),
-//!   rendering stored events as JSON (`json_string`);
+//! - [`watch`](mod@watch): `watch`/`unwatch` a table, `publish` a message:
+//!   what writes the log; [`store`]: the event-sourced snapshot + history
+//!   store, which writes it too;
+//! - [`retention`]: pruning the log by age or count;
+//! - `event_log`: reading the log back through a [`LogConn`]: pages, the
+//!   wake lock, durable cursors, stored events rendered as JSON;
 //! - `tail`: the one delivery engine, from a commit-safe [`cursor`] through
 //!   the log, never skipping a late commit;
-//! - `reader`: the LISTEN connection: wake-ups, heartbeats, and foreign
+//! - [`listener`]: a subscriber's stream of typed [`event`]s: pages of the
+//!   `tail`, a LISTEN connection for wake-ups, heartbeats and foreign
 //!   notifications ([`wire`] frames, seed chunks put back together by
-//!   [`reassembly`]);
-//! - [`listener`]: a subscriber's stream of typed [`event`]s;
+//!   [`reassembly`]), and the subscriber's cursor, stored if named;
 //! - [`hub`]: one stream fanned out to many subscribers, each with a filter
 //!   and a bounded queue; [`feed`]: one subscriber's resume from the log,
 //!   then live from the hub, without a gap;
-//! - [`stats`]: counters of all the above; [`db`]: connecting; [`error`].
+//! - [`stats`]: counters of all the above; [`error`]: the one error type.
 //!
 //! ```no_run
 //! # async fn demo() -> pgpubsub::Result<()> {
@@ -45,16 +47,13 @@ pub mod event;
 mod event_log;
 pub mod feed;
 pub mod hub;
-pub mod json_string;
 pub mod listener;
 pub mod migrate;
-mod reader;
 pub mod reassembly;
 pub mod retention;
 pub mod stats;
 pub mod store;
 mod tail;
-mod tls;
 pub mod watch;
 pub mod wire;
 
@@ -62,10 +61,19 @@ pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
 pub use event::{Body, Change, Event, Message, Op};
-pub use event_log::{LogConn, Logged, Unreadable};
+pub use event_log::LogConn;
 pub use feed::{Feed, FeedItem};
-pub use hub::{Delivery, Filter, Hub, Subscription, Transport};
+pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;
 pub use stats::{Stats, StatsSnapshot};
 pub use watch::{publish, unwatch, watch};
+
+/// Not part of the API: how a stored event renders to JSON, public only so
+/// the decode benchmark (`benches/decode.rs`) and the property tests
+/// (`tests/props.rs`), which build outside the crate, can measure and check
+/// it. Anything here may change in any release.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::event_log::{json_string, Logged, Unreadable};
+}

@@ -12,9 +12,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgpubsub::internals::{json_string, Logged};
 use pgpubsub::reassembly::{Limits, Reassembler};
 use pgpubsub::wire::{self, Frame};
-use pgpubsub::{json_string, Logged};
 use pgpubsub::{Event, Stats};
 use proptest::prelude::*;
 

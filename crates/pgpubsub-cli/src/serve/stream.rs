@@ -10,13 +10,23 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use pgpubsub::{Cursor, Transport};
+use pgpubsub::Cursor;
 use serde_json::{json, Value};
 
 use super::api::{ApiError, ErrorBody, Request};
 use super::auth::{self, Claims};
 use super::feed::{Feed, Item};
 use super::{ops, AppState};
+
+/// The gateway's renderings of an event, each kept in a frame slot of the
+/// event (`pgpubsub::hub::Shared::frame`) and shared by every subscriber.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// A WebSocket text frame.
+    WebSocket = 0,
+    /// A Server-Sent Events record.
+    EventStream = 1,
+}
 
 /// `GET /events`: Server-Sent Events. Each event's id is its resume
 /// position, so a browser's EventSource resumes by itself (`Last-Event-ID`).
@@ -77,7 +87,7 @@ pub async fn sse(
         };
         let (bytes, go_on) = match next {
             Ok(Some(Item::Event { shared, .. })) => {
-                let frame = shared.frame(Transport::EventStream, |s| {
+                let frame = shared.frame(Transport::EventStream as usize, |s| {
                     ops::observe_delivery(&s.event);
                     record(s.event.kind(), s.event.json(), Some(s.position))
                 });
@@ -233,7 +243,7 @@ fn ws_message(item: anyhow::Result<Option<Item>>) -> (Message, Option<(u16, &'st
             // is the event's own position, the same for all of them; where a
             // subscriber's own is further on (after a catch-up), resuming
             // from the event's may repeat events, never skip one.
-            let frame = shared.frame(Transport::WebSocket, |s| {
+            let frame = shared.frame(Transport::WebSocket as usize, |s| {
                 ops::observe_delivery(&s.event);
                 bytes::Bytes::from(format!(r#"{{"type":"event","id":"{}","event":{}}}"#, s.position, s.event.json()))
             });

@@ -12,7 +12,7 @@ use crate::common::{self, next, TestDb, WAIT};
 
 /// The binary with a clean environment: no inherited configuration, and a
 /// working directory of its own so no stray `.env` is read.
-fn pgpubsub(db_url: &str) -> Command {
+pub(crate) fn pgpubsub(db_url: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
     for var in ["DATABASE_URL", "PUB_SUB_CHANNEL", "DEBUG", "RUST_LOG", "PGPUBSUB_MAX_EVENT_BYTES"] {
         cmd.env_remove(var);
@@ -28,7 +28,7 @@ fn scratch_dir() -> PathBuf {
 }
 
 /// Runs to completion (bounded by a timeout thread killing it).
-fn run(mut cmd: Command) -> Output {
+pub(crate) fn run(mut cmd: Command) -> Output {
     let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_output(child)
 }

@@ -1,5 +1,5 @@
 //! Test support: a fresh database per test, unique channel names, and waits
-//! that always end.
+//! that always end. Shared with the CLI's tests, which include it by path.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -33,6 +33,8 @@ pub fn channel(prefix: &str) -> Channel {
 /// A database of the test's own, dropped when the test ends.
 pub struct TestDb {
     pub name: String,
+    /// Its URL, for the binary: used by the CLI's tests only.
+    #[allow(dead_code)]
     pub url: String,
     pub config: Config,
 }

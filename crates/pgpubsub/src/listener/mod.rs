@@ -4,6 +4,9 @@
 //! Events come from the log only (`tail.rs` reads it from a
 //! commit-safe position). A reading task (`reader.rs`) owns the LISTEN
 //! connection: it hears wake-ups and foreign notifications, nothing else.
+//! Here: `options.rs` (how it behaves), `waiting.rs` (reading the log, and
+//! becoming the listener writers wake), `progress.rs` (the position, stored
+//! for a named listener).
 //!
 //! While events flow, [`Listener::recv`] reads the next page as soon as the
 //! last is handed over. When a read finds nothing, the listener tries to
@@ -34,135 +37,19 @@ use crate::cursor::Cursor;
 use crate::db::Config;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::event_log::{LogConn, WaitLock};
-use crate::reader::{Command, Outputs, Reader};
-use crate::reassembly::Limits;
+use crate::event_log::LogConn;
 use crate::stats::Stats;
-use crate::tail::{PageLimits, Tail};
+use crate::tail::Tail;
 
-/// How a listener behaves. Every field has a default.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ListenerOptions {
-    /// Bounds on event sizes and on reassembly of seed-format chunks.
-    pub limits: Limits,
-    /// Foreign notifications queued for the subscriber; past this they are
-    /// dropped (counted: they are not in the log).
-    pub buffer: usize,
-    /// A name to store the cursor under (`pubsub.cursors`), so a restarted
-    /// listener resumes where it stopped. `None`: start from now.
-    pub name: Option<String>,
-    /// How often the listening connection is proved alive, and the longest a
-    /// waiting listener sleeps without reading the log.
-    pub heartbeat: Duration,
-    /// A heartbeat not back within this marks the connection deaf: replaced.
-    /// Also the limit for connecting and for each log statement.
-    pub deaf_after: Duration,
-    /// First reconnect delay; doubles per failure up to `backoff_max`.
-    pub backoff_min: Duration,
-    /// Longest reconnect delay.
-    pub backoff_max: Duration,
-    /// Warn when `pg_notification_queue_usage()` reaches this (0 to 1).
-    pub queue_warn: f64,
-    /// Most events read from the log per page.
-    pub page_rows: i64,
-    /// Most bytes of events read per page (past the first event).
-    pub page_bytes: i64,
-    /// First pause before reading again while writers are in flight;
-    /// doubles up to `poll_max` while reads find nothing.
-    pub poll_min: Duration,
-    /// Longest such pause.
-    pub poll_max: Duration,
-    /// After a page that was not full, the next read starts no sooner than
-    /// this after the last one began: under a steady stream of small
-    /// commits, reads then carry several events each instead of one, which
-    /// leaves the database's CPU to the writers. Adds at most this much
-    /// latency; zero reads again at once.
-    pub linger: Duration,
-    /// Store a named listener's cursor by itself (at most once per
-    /// heartbeat) as events are acknowledged. Turn off to call
-    /// [`Listener::save`] at points of your own, such as after a flush.
-    pub autosave: bool,
-}
+mod options;
+mod progress;
+mod reader;
+mod waiting;
 
-impl Default for ListenerOptions {
-    fn default() -> Self {
-        ListenerOptions {
-            limits: Limits::default(),
-            buffer: 4096,
-            name: None,
-            heartbeat: Duration::from_secs(1),
-            deaf_after: Duration::from_secs(5),
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(10),
-            queue_warn: 0.5,
-            page_rows: 1000,
-            page_bytes: 16 << 20,
-            poll_min: Duration::from_micros(500),
-            poll_max: Duration::from_millis(20),
-            linger: Duration::from_millis(2),
-            autosave: true,
-        }
-    }
-}
-
-impl ListenerOptions {
-    /// Sets the size and reassembly bounds.
-    pub fn limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    /// Sets the foreign-notification buffer (at least 1).
-    pub fn buffer(mut self, events: usize) -> Self {
-        self.buffer = events.max(1);
-        self
-    }
-
-    /// Makes the listener durable under `name`.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
-
-    /// Sets the heartbeat period and the deaf limit.
-    pub fn heartbeat(mut self, every: Duration, deaf_after: Duration) -> Self {
-        self.heartbeat = every;
-        self.deaf_after = deaf_after.max(every);
-        self
-    }
-
-    fn page_limits(&self) -> PageLimits {
-        PageLimits { rows: self.page_rows.max(1), bytes: self.page_bytes, max_event_bytes: self.limits.max_event_bytes }
-    }
-}
-
-/// The state of the listening connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConnectionState {
-    /// Connected, LISTENing, heartbeats coming back.
-    Listening,
-    /// Lost; trying again (`attempt` failures so far).
-    Reconnecting {
-        /// Failed attempts since the connection was lost.
-        attempt: u32,
-        /// Why the last attempt (or the connection) failed.
-        error: String,
-    },
-}
-
-/// Whether this listener is the one writers wake, or sleeps on behalf of
-/// the one that is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Waiting {
-    /// Not waiting: reads find events, or writers are in flight.
-    No,
-    /// Holds the wake lock, taken on this generation of the log connection.
-    Mine(u64),
-    /// Another listener holds it; wake-ups reach us too.
-    Peer,
-}
+pub use options::{ConnectionState, ListenerOptions};
+use progress::Progress;
+use reader::{Command, Outputs, Reader};
+use waiting::Waiting;
 
 /// A stream of events from one or more channels; see the module docs.
 pub struct Listener {
@@ -175,10 +62,8 @@ pub struct Listener {
     commands: mpsc::Sender<Command>,
     channels: Vec<Channel>,
     options: ListenerOptions,
-    /// Everything at or below is delivered and handled.
-    cursor: Cursor,
-    /// Where the cursor moves when the subscriber asks for the next item.
-    pending: Option<Cursor>,
+    /// The subscriber's position, stored for a named listener.
+    progress: Progress,
     /// Events of the last page not yet handed over.
     ready: VecDeque<Event>,
     /// Where the cursor stands once `ready` is handed over.
@@ -190,8 +75,6 @@ pub struct Listener {
     pause: Duration,
     /// The next read waits until then (see [`ListenerOptions::linger`]).
     not_before: Option<Instant>,
-    last_saved: Instant,
-    saved: Cursor,
     /// Delay before the next read after a failure.
     retry: Duration,
 }
@@ -200,7 +83,7 @@ impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Listener")
             .field("channels", &self.channels)
-            .field("cursor", &self.cursor)
+            .field("cursor", &self.progress.cursor())
             .finish_non_exhaustive()
     }
 }
@@ -251,7 +134,7 @@ impl Listener {
         reader.prove(&mut live).await?;
         tokio::spawn(reader.run(live));
 
-        let cursor = tail.position();
+        let progress = Progress::new(tail.position(), options.name.clone(), stored.unwrap_or_default());
         let mut listener = Listener {
             tail,
             log,
@@ -261,8 +144,7 @@ impl Listener {
             foreign,
             commands,
             channels: channels.to_vec(),
-            cursor,
-            pending: None,
+            progress,
             ready: VecDeque::new(),
             page_end: None,
             due: true,
@@ -270,8 +152,6 @@ impl Listener {
             pause: options.poll_min,
             not_before: None,
             options,
-            last_saved: Instant::now(),
-            saved: stored.unwrap_or_default(),
             retry: Duration::ZERO,
         };
         if stored.is_none() && listener.options.name.is_some() {
@@ -295,13 +175,13 @@ impl Listener {
             }
             if let Some(event) = self.ready.pop_front() {
                 if self.ready.is_empty() {
-                    self.pending = self.page_end.take();
+                    self.progress.hand_over(self.page_end.take());
                 }
                 Stats::bump(&self.stats.events);
                 return Some(Ok(event));
             }
             if let Some(end) = self.page_end.take() {
-                self.advance(end);
+                self.progress.advance(end);
             }
             if self.due {
                 if let Some(at) = self.not_before.take() {
@@ -351,56 +231,6 @@ impl Listener {
             }
             self.due = true;
         }
-    }
-
-    /// Reads one page; when it is empty, moves towards waiting.
-    async fn read(&mut self) -> Result<()> {
-        if let Waiting::Mine(generation) = self.waiting {
-            if generation == self.log.generation() {
-                // Woken (or the heartbeat): writers may stop sending wake-ups.
-                self.log.stop_waiting().await?;
-            }
-            self.waiting = Waiting::No;
-        } else if self.waiting == Waiting::Peer {
-            self.waiting = Waiting::No;
-        }
-        self.due = false;
-        Stats::bump(&self.stats.polls);
-        let started = Instant::now();
-        let page = self.tail.next_page(&self.log).await?;
-        let found = !page.events.is_empty() || page.more;
-        self.page_end = Some(page.position);
-        self.ready.extend(page.events);
-        if found {
-            self.due = true;
-            self.pause = self.options.poll_min;
-            if !page.more {
-                self.not_before = Some(started + self.options.linger);
-            }
-            return Ok(());
-        }
-        // Nothing new. Become the waiting listener (or find the one that
-        // is), then read once more: a writer that sent no wake-up has
-        // finished by now, and its events are visible.
-        // Assumed taken until the answer says otherwise: a call cancelled
-        // here must not leave the lock held and forgotten.
-        self.waiting = Waiting::Mine(self.log.generation());
-        match self.log.try_wait().await? {
-            WaitLock::Busy => {
-                self.waiting = Waiting::No;
-                return Ok(());
-            }
-            WaitLock::Mine => self.waiting = Waiting::Mine(self.log.generation()),
-            WaitLock::Peer => self.waiting = Waiting::Peer,
-        }
-        Stats::bump(&self.stats.polls);
-        let page = self.tail.next_page(&self.log).await?;
-        self.page_end = Some(page.position);
-        if !page.events.is_empty() || page.more {
-            self.ready.extend(page.events);
-            self.due = true;
-        }
-        Ok(())
     }
 
     /// The listener as a [`Stream`] of what [`recv`](Self::recv) returns.
@@ -475,7 +305,7 @@ impl Listener {
 
     /// The position: everything at or below it is delivered and handled.
     pub fn cursor(&self) -> Cursor {
-        self.pending.map_or(self.cursor, |p| p.max(self.cursor))
+        self.progress.cursor()
     }
 
     /// Acknowledges the last event and stores the cursor (named listeners);
@@ -484,30 +314,17 @@ impl Listener {
     /// # Errors
     /// When the cursor cannot be stored.
     pub async fn close(mut self) -> Result<()> {
-        if let Some(p) = self.pending.take() {
-            self.advance(p);
-        }
+        self.progress.acknowledge();
         if let Waiting::Mine(_) = self.waiting {
             let _ = self.log.stop_waiting().await;
         }
         self.save().await
     }
 
-    fn advance(&mut self, to: Cursor) {
-        if to > self.cursor {
-            self.cursor = to;
-        }
-    }
-
     async fn acknowledge(&mut self) {
-        if let Some(p) = self.pending.take() {
-            self.advance(p);
-        }
-        let due = self.last_saved.elapsed() >= self.options.heartbeat;
-        if self.options.autosave && self.options.name.is_some() && self.cursor > self.saved && due {
-            if let Err(e) = self.save().await {
-                tracing::warn!(error = %e, "could not store the cursor; will retry");
-            }
+        self.progress.acknowledge();
+        if self.options.autosave {
+            self.progress.autosave(&self.log, self.options.heartbeat).await;
         }
     }
 
@@ -518,16 +335,7 @@ impl Listener {
     /// # Errors
     /// When the database cannot be written.
     pub async fn save(&mut self) -> Result<()> {
-        let Some(name) = &self.options.name else {
-            return Ok(());
-        };
-        if self.cursor == self.saved {
-            return Ok(());
-        }
-        self.log.save_cursor(name, self.cursor).await?;
-        self.saved = self.cursor;
-        self.last_saved = Instant::now();
-        Ok(())
+        self.progress.save(&self.log).await
     }
 }
 

@@ -91,3 +91,25 @@ pub fn write(out: &mut String, s: &str) {
     out.push_str(&s[from..]);
     out.push('"');
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{len, write};
+
+    #[test]
+    fn strings_escape_as_serde_json_and_postgres_do() {
+        let every: String = (1u8..0x80).map(char::from).chain("é€😀\u{2028}".chars()).collect();
+        // Specials at every offset within and across eight-byte words.
+        for s in ["", "plain", "q\"b\\s/", "\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}", "12345678\"", "1234567\u{0}x", &every] {
+            let mut out = String::new();
+            write(&mut out, s);
+            let want = serde_json::to_string(s).unwrap();
+            assert_eq!(out, want, "{s:?}");
+            assert_eq!(len(s.as_bytes()), want.len(), "{s:?}");
+        }
+        // PostgreSQL's own escapes, spelled out.
+        let mut out = String::new();
+        write(&mut out, "\u{1}\u{8}\"\\\u{1f}");
+        assert_eq!(out, r#""\u0001\b\"\\\u001f""#);
+    }
+}

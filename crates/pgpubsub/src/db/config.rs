@@ -1,34 +1,16 @@
-//! Connecting to Postgres: parsing the connection string (with libpq's TLS
-//! parameters), describing it without its password, and opening every
-//! connection pgpubsub makes, in one place: [`open`] (and [`connect`] on top
-//! of it).
-//!
-//! TLS follows libpq: `sslmode` is `disable`, `allow`, `prefer` (the
-//! default), `require`, `verify-ca` or `verify-full`; `sslrootcert` is a PEM
-//! file of CA certificates or `system` (the system's trusted roots);
-//! `sslcert` and `sslkey` are a client certificate and its key (PEM). They
-//! can be given in either form of the connection string:
-//! `postgres://h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem` or
-//! `host=h dbname=db sslmode=verify-full sslrootcert=/etc/ca.pem`.
+//! A connection's settings: parsing a connection string (URL or `key=value`
+//! form) with libpq's TLS parameters, which the driver does not know, and
+//! describing it without its password.
 
-use std::future::Future;
-use std::path::PathBuf;
-use std::pin::Pin;
 use std::str::FromStr;
-use std::task::{Context, Poll};
 
 use tokio_postgres::config::Host;
-use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres::{AsyncMessage, Client, Socket};
-use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::tls::{RootCert, SslMode, Tls};
 use crate::error::{Error, Result};
 
-/// The default connection string, as in the first seed.
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
 /// Where and how to connect: the driver's settings and the TLS ones, which
-/// the driver does not know (see the [module](self) docs).
+/// the driver does not know (see the [module](crate::db) docs).
 ///
 /// Parse one with [`parse_config`] or `str::parse`; wrap a driver `Config`
 /// with `From` (its `sslmode`, if any, is kept).
@@ -80,113 +62,6 @@ impl FromStr for Config {
     }
 }
 
-/// libpq's `sslmode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SslMode {
-    /// No TLS.
-    Disable,
-    /// Without TLS first; with TLS (unverified) if the server refuses that.
-    Allow,
-    /// With TLS if the server offers it, else without (libpq's default). The
-    /// certificate is not verified unless `sslrootcert` is a file.
-    #[default]
-    Prefer,
-    /// TLS; the certificate is not verified unless `sslrootcert` is a file
-    /// (then as `verify-ca`, as libpq does).
-    Require,
-    /// TLS; the certificate chain must lead to `sslrootcert`; any host name.
-    VerifyCa,
-    /// TLS; the chain must lead to `sslrootcert` and the certificate must be
-    /// for the host connected to.
-    VerifyFull,
-}
-
-impl SslMode {
-    /// The name libpq uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Allow => "allow",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-impl FromStr for SslMode {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<SslMode> {
-        Ok(match s {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(Error::Config(format!(
-                    "invalid sslmode {other:?}: expected disable, allow, prefer, require, verify-ca or verify-full"
-                )))
-            }
-        })
-    }
-}
-
-/// Whom to trust: libpq's `sslrootcert`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RootCert {
-    /// CA certificates in a PEM file.
-    File(PathBuf),
-    /// The system's trusted roots (`sslrootcert=system`).
-    System,
-}
-
-/// The TLS settings of a connection (libpq's parameters of the same names).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Tls {
-    /// `sslmode`.
-    pub mode: SslMode,
-    /// `sslrootcert`.
-    pub root_cert: Option<RootCert>,
-    /// `sslcert`: a client certificate (PEM, may include its chain).
-    pub cert: Option<PathBuf>,
-    /// `sslkey`: the client certificate's private key (PEM, unencrypted).
-    pub key: Option<PathBuf>,
-}
-
-impl Tls {
-    /// Checks the combination as libpq does: `verify-*` need a root,
-    /// `sslrootcert=system` needs `verify-full`, a certificate needs its key.
-    ///
-    /// # Errors
-    /// [`Error::Config`] saying what is missing.
-    pub fn check(&self) -> Result<()> {
-        if matches!(self.mode, SslMode::VerifyCa | SslMode::VerifyFull) && self.root_cert.is_none() {
-            return Err(Error::Config(format!(
-                "sslmode={} needs sslrootcert: a file of CA certificates, or `system` for the system's trusted roots",
-                self.mode.as_str()
-            )));
-        }
-        if self.root_cert == Some(RootCert::System) && self.mode != SslMode::VerifyFull {
-            // As libpq 16: anyone can get a certificate from a public CA for
-            // a name of their own, so only verify-full means anything.
-            return Err(Error::Config(format!(
-                "sslrootcert=system needs sslmode=verify-full (it is {})",
-                self.mode.as_str()
-            )));
-        }
-        match (&self.cert, &self.key) {
-            (Some(_), None) => Err(Error::Config("sslcert is given without sslkey".into())),
-            (None, Some(_)) => Err(Error::Config("sslkey is given without sslcert".into())),
-            _ => Ok(()),
-        }
-    }
-}
-
 /// The parameters pgpubsub takes out of the connection string before the
 /// driver parses the rest.
 const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
@@ -226,7 +101,7 @@ pub fn parse_config(url: &str) -> Result<Config> {
     tls.check()?;
     if tls.mode != SslMode::Disable {
         // Read the files now, so a wrong path is reported at start-up.
-        crate::tls::connector(&tls)?;
+        super::connector::connector(&tls)?;
     }
     Ok(Config { pg, tls })
 }
@@ -336,90 +211,6 @@ pub fn describe(config: &Config) -> String {
         port,
         config.get_dbname().or(config.get_user()).unwrap_or("?")
     )
-}
-
-/// The settings pgpubsub adds to a connection it keeps open: TCP keepalives
-/// (a dead peer is noticed by the kernel too), and a connect timeout, unless
-/// the connection string sets them.
-pub fn tuned(config: &Config) -> Config {
-    let mut config = config.clone();
-    let c = &mut config.pg;
-    c.keepalives(true);
-    if c.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
-        c.keepalives_idle(std::time::Duration::from_secs(10));
-    }
-    if c.get_connect_timeout().is_none() {
-        c.connect_timeout(std::time::Duration::from_secs(10));
-    }
-    config
-}
-
-/// The stream type of a connection (TLS or not: rustls' stream wraps both).
-type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
-
-/// An open connection's driver, from [`open`]: poll it (as a future, or
-/// with [`Connection::poll_message`]) for the [`Client`] to work.
-#[must_use = "the client does nothing unless its connection is polled"]
-pub struct Connection(tokio_postgres::Connection<Socket, Stream>);
-
-impl Connection {
-    /// Drives the connection and returns the next message the server sent
-    /// by itself (a notification, a notice); `None` once it is closed.
-    pub fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<AsyncMessage, tokio_postgres::Error>>> {
-        self.0.poll_message(cx)
-    }
-}
-
-impl Future for Connection {
-    type Output = Result<(), tokio_postgres::Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-/// Opens a connection as `config` says, TLS included. Every connection
-/// pgpubsub makes is opened here.
-///
-/// # Errors
-/// [`Error::Connect`] naming the target and why (a certificate that does
-/// not verify says what is wrong with it); [`Error::Config`] when a TLS file
-/// cannot be read.
-pub async fn open(config: &Config) -> Result<(Client, Connection)> {
-    let tls = crate::tls::connector(&config.tls)?;
-    let mut pg = config.pg.clone();
-    pg.ssl_mode(match config.tls.mode {
-        SslMode::Disable | SslMode::Allow => tokio_postgres::config::SslMode::Disable,
-        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
-    });
-    let connected = match pg.connect(tls.clone()).await {
-        // allow: the server refused a connection without TLS; try with.
-        Err(e) if config.tls.mode == SslMode::Allow && e.as_db_error().is_some() => {
-            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
-            pg.connect(tls).await
-        }
-        other => other,
-    };
-    match connected {
-        Ok((client, connection)) => Ok((client, Connection(connection))),
-        Err(source) => Err(Error::Connect { target: describe(config), source }),
-    }
-}
-
-/// Opens a connection for statements (see [`open`]) and spawns its driver;
-/// the driver ends when the client is dropped or the connection fails.
-///
-/// # Errors
-/// As [`open`].
-pub async fn connect(config: &Config) -> Result<Client> {
-    let (client, connection) = open(config).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "statement connection closed");
-        }
-    });
-    Ok(client)
 }
 
 #[cfg(test)]

@@ -26,11 +26,11 @@ use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use crate::db::Config;
 
+use super::{ConnectionState, ListenerOptions};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::event_log::{LogConn, WAKE_CHANNEL};
-use crate::listener::{ConnectionState, ListenerOptions};
 use crate::reassembly::Reassembler;
 use crate::stats::Stats;
 use crate::wire::{self, Frame};

@@ -1,4 +1,4 @@
-//! The rustls side of [`crate::db`]'s TLS settings: which certificates to
+//! The rustls side of the TLS settings (`tls.rs`): which certificates to
 //! trust, how much of the server's certificate to check, the client's own.
 
 use std::path::Path;
@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::db::{RootCert, SslMode, Tls};
+use super::tls::{RootCert, SslMode, Tls};
 use crate::error::{Error, Result};
 
 /// Builds the TLS side of a connection from its settings, reading the files
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 ///
 /// # Errors
 /// [`Error::Config`] naming the setting or the file that is wrong.
-pub(crate) fn connector(tls: &Tls) -> Result<MakeRustlsConnect> {
+pub(super) fn connector(tls: &Tls) -> Result<MakeRustlsConnect> {
     tls.check()?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -30,16 +30,19 @@ pub(crate) fn connector(tls: &Tls) -> Result<MakeRustlsConnect> {
     if tls.mode == SslMode::Disable {
         // Never used: the driver is told not to use TLS.
         return Ok(MakeRustlsConnect::new(
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(Unverified(provider))).with_no_client_auth(),
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Lenient { provider, chain: None }))
+                .with_no_client_auth(),
         ));
     }
     let verifier: Arc<dyn ServerCertVerifier> = match (&tls.root_cert, tls.mode) {
         // Nothing to verify against: libpq's allow, prefer and require check
         // nothing.
-        (None, _) => Arc::new(Unverified(provider)),
+        (None, _) => Arc::new(Lenient { provider, chain: None }),
         (Some(root), mode) => {
             let roots = Arc::new(roots(root)?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                 .build()
                 .map_err(|e| Error::Config(format!("sslrootcert: {e}")))?;
             if mode == SslMode::VerifyFull {
@@ -47,7 +50,7 @@ pub(crate) fn connector(tls: &Tls) -> Result<MakeRustlsConnect> {
             } else {
                 // verify-ca, and (as libpq) allow/prefer/require with a root
                 // file: the chain, not the name.
-                Arc::new(AnyName(webpki))
+                Arc::new(Lenient { provider, chain: Some(webpki) })
             }
         }
     };
@@ -104,15 +107,25 @@ fn roots(root: &RootCert) -> Result<RootCertStore> {
     Ok(store)
 }
 
-/// verify-ca: the whole of webpki's verification but the name check. rustls
-/// has no switch for that (it always checks the name), and libpq's
-/// verify-ca accepts a certificate for any name as long as the chain leads
-/// to a trusted root. webpki checks the chain (validity dates included)
-/// before the name, so a name error means the chain was good.
+/// What libpq checks short of verify-full, which rustls has no switch for
+/// (it always checks the name):
+/// - with a `chain` (verify-ca, and allow/prefer/require with a root file):
+///   the whole of webpki's verification but the name check. A certificate
+///   for any name passes as long as the chain leads to a trusted root;
+///   webpki checks the chain (validity dates included) before the name, so
+///   a name error means the chain was good;
+/// - without (prefer and require without a root): any certificate, as
+///   libpq encrypts without checking who is at the other end.
+///
+/// Either way the handshake's signatures are checked against the
+/// certificate presented.
 #[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+}
 
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -121,7 +134,8 @@ impl ServerCertVerifier for AnyName {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -135,7 +149,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -144,51 +158,10 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// prefer and require without a root: libpq encrypts without checking who
-/// is at the other end, so any certificate is accepted. The handshake's
-/// signatures are still checked against the certificate presented.
-#[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

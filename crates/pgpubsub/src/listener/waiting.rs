@@ -1,0 +1,74 @@
+//! Reading the log, and becoming the listener writers wake when a read
+//! finds nothing (see the [listener](super) docs): the wake lock, taken on
+//! one generation of the log connection, and given back once woken.
+
+use std::time::Instant;
+
+use super::Listener;
+use crate::error::Result;
+use crate::event_log::WaitLock;
+use crate::stats::Stats;
+
+/// Whether this listener is the one writers wake, or sleeps on behalf of
+/// the one that is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Waiting {
+    /// Not waiting: reads find events, or writers are in flight.
+    No,
+    /// Holds the wake lock, taken on this generation of the log connection.
+    Mine(u64),
+    /// Another listener holds it; wake-ups reach us too.
+    Peer,
+}
+
+impl Listener {
+    /// Reads one page; when it is empty, moves towards waiting.
+    pub(super) async fn read(&mut self) -> Result<()> {
+        if let Waiting::Mine(generation) = self.waiting {
+            if generation == self.log.generation() {
+                // Woken (or the heartbeat): writers may stop sending wake-ups.
+                self.log.stop_waiting().await?;
+            }
+            self.waiting = Waiting::No;
+        } else if self.waiting == Waiting::Peer {
+            self.waiting = Waiting::No;
+        }
+        self.due = false;
+        Stats::bump(&self.stats.polls);
+        let started = Instant::now();
+        let page = self.tail.next_page(&self.log).await?;
+        let found = !page.events.is_empty() || page.more;
+        self.page_end = Some(page.position);
+        self.ready.extend(page.events);
+        if found {
+            self.due = true;
+            self.pause = self.options.poll_min;
+            if !page.more {
+                self.not_before = Some(started + self.options.linger);
+            }
+            return Ok(());
+        }
+        // Nothing new. Become the waiting listener (or find the one that
+        // is), then read once more: a writer that sent no wake-up has
+        // finished by now, and its events are visible.
+        // Assumed taken until the answer says otherwise: a call cancelled
+        // here must not leave the lock held and forgotten.
+        self.waiting = Waiting::Mine(self.log.generation());
+        match self.log.try_wait().await? {
+            WaitLock::Busy => {
+                self.waiting = Waiting::No;
+                return Ok(());
+            }
+            WaitLock::Mine => self.waiting = Waiting::Mine(self.log.generation()),
+            WaitLock::Peer => self.waiting = Waiting::Peer,
+        }
+        Stats::bump(&self.stats.polls);
+        let page = self.tail.next_page(&self.log).await?;
+        self.page_end = Some(page.position);
+        if !page.events.is_empty() || page.more {
+            self.ready.extend(page.events);
+            self.due = true;
+        }
+        Ok(())
+    }
+}
