@@ -8,10 +8,11 @@
 //! given its pid, nats-server. With `--drain N`, the bridge is then stopped,
 //! N rows are written, and the bridge is timed copying that backlog.
 
+mod child;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use async_nats::jetstream;
@@ -19,6 +20,14 @@ use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use pgpubsub::db::Config;
 use serde_json::Value;
+
+use self::child::Proc;
+use crate::load::now_us;
+
+/// CPU time of every thread of `pid`, ns (0 once it has exited).
+fn cpu_ns(pid: u32) -> u64 {
+    crate::load::proc::usage(pid).map_or(0, |u| u.cpu_ns)
+}
 
 const TABLE: &str = "pgpubsub_bench_bridge";
 
@@ -322,94 +331,5 @@ where
             bail!("not within {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
-}
-
-/// CPU time of every thread of `pid`, ns (Linux `schedstat`; 0 elsewhere).
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .filter_map(|t| t.ok())
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .sum()
-}
-
-/// A child process whose log lines are kept.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, stdout: Option<std::fs::File>) -> anyhow::Result<Proc> {
-        cmd.stdin(Stdio::null()).stderr(Stdio::piped());
-        match stdout {
-            Some(f) => cmd.stdout(f),
-            None => cmd.stdout(Stdio::null()),
-        };
-        let mut child = cmd.spawn().context("starting pgpubsub")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let keep = log.clone();
-        let err = BufReader::new(child.stderr.take().context("no stderr")?);
-        std::thread::spawn(move || {
-            for line in err.lines().map_while(Result::ok) {
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("{line}");
-                }
-                if let Ok(mut l) = keep.lock() {
-                    l.push(line);
-                }
-            }
-        });
-        Ok(Proc { child, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    async fn wait_for(&mut self, needle: &str) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.log.lock().map(|l| l.iter().any(|line| line.contains(needle))).unwrap_or(false) {
-                return Ok(());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("exited ({status}) before logging {needle:?}");
-            }
-            if Instant::now() > deadline {
-                bail!("did not log {needle:?} within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, and wait (up to 15 s) for it to exit.
-    async fn terminate(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.kill();
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
