@@ -72,6 +72,11 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// A [`Replay`](crate::feed::Replay) other than the log could not be
+    /// read (a NATS stream, say).
+    #[error("reading the replay: {0}")]
+    Replay(#[source] Box<dyn std::error::Error + Send + Sync>),
+
     /// The database refused a statement.
     #[error("{context}: {source}")]
     Db {

@@ -11,13 +11,19 @@
 //! identifies them) but never skips one.
 //!
 //! This is how the gateway resumes a browser from `Last-Event-ID`, and how an
-//! application embedding pgpubsub in its own server can do the same.
+//! application embedding pgpubsub in its own server can do the same. What is
+//! replayed comes from the log ([`Feed::new`]) or from any other copy of it
+//! in the same order that implements [`Replay`] ([`Feed::with_replay`]: the
+//! gateway fed from a NATS stream).
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
+use crate::event::Event;
 use crate::event_log::LogConn;
 use crate::hub::{Delivery, Filter, Hub, Shared, Subscription};
 use crate::reassembly::Limits;
@@ -62,13 +68,82 @@ pub enum FeedItem {
     },
 }
 
+/// Where a resuming [`Feed`] reads what its subscriber missed, page by page,
+/// in the order the hub delivers live events.
+pub trait Replay: Send {
+    /// The next page. `live_from` is the hub's position when the feed
+    /// subscribed: every event above it also comes live.
+    fn next_page(&mut self, live_from: Cursor) -> Pin<Box<dyn Future<Output = Result<ReplayPage>> + Send + '_>>;
+}
+
+/// One page of a [`Replay`].
+#[derive(Debug, Default)]
+pub struct ReplayPage {
+    /// The events read, in order.
+    pub events: Vec<Replayed>,
+    /// Where the page leaves its reader once every event of it is handled.
+    pub position: Cursor,
+    /// Caught up: the hub has everything after this page.
+    pub caught_up: bool,
+    /// Events before this page are gone (pruned, expired): where the
+    /// subscriber was, and where they are gone up to.
+    pub gone: Option<(Cursor, Cursor)>,
+}
+
+/// An event read by a [`Replay`].
+#[derive(Debug)]
+pub struct Replayed {
+    /// The event.
+    pub event: Event,
+    /// Where a subscriber stands once it handled it (the feed keeps
+    /// positions from going back).
+    pub position: Cursor,
+    /// It also comes live (it lies above `live_from`): skipped when it does.
+    pub comes_live: bool,
+}
+
+/// The log as a [`Replay`].
+struct LogReplay {
+    log: Arc<LogConn>,
+    tail: Tail,
+}
+
+impl Replay for LogReplay {
+    fn next_page(&mut self, live_from: Cursor) -> Pin<Box<dyn Future<Output = Result<ReplayPage>> + Send + '_>> {
+        Box::pin(async move {
+            let from = self.tail.position();
+            let page = match self.tail.next_page(&self.log).await {
+                Ok(page) => page,
+                Err(Error::ResyncNeeded { cursor, pruned }) => {
+                    return Ok(ReplayPage { gone: Some((cursor, pruned)), ..ReplayPage::default() });
+                }
+                Err(e) => return Err(e),
+            };
+            let caught_up = page.events.is_empty() && !page.more;
+            let last = page.events.len().saturating_sub(1);
+            let events = page
+                .events
+                .into_iter()
+                .enumerate()
+                .map(|(i, event)| {
+                    let at = event.seq.zip(event.txid).map(|(seq, txid)| Cursor { txid, seq });
+                    // Only the page's end is final: a late commit may still
+                    // land below an event inside it.
+                    let position = if i == last { page.position } else { from };
+                    Replayed { comes_live: at.is_some_and(|c| c > live_from), event, position }
+                })
+                .collect();
+            Ok(ReplayPage { events, position: page.position, caught_up, gone: None })
+        })
+    }
+}
+
 /// A subscriber's feed; see the module docs.
 pub struct Feed {
-    log: Arc<LogConn>,
     filter: Filter,
     sub: Subscription,
-    /// Reading the log; `None` once caught up.
-    replay: Option<Tail>,
+    /// Reading what was missed; `None` once caught up.
+    replay: Option<Box<dyn Replay>>,
     backlog: VecDeque<FeedItem>,
     /// Seqs replayed above the hub's position at subscription.
     replayed: HashSet<i64>,
@@ -91,12 +166,21 @@ impl Feed {
     /// what came after it, read through `log` (a statement connection of the
     /// subscriber's privileges).
     pub fn new(log: Arc<LogConn>, hub: &Hub, filter: Filter, since: Option<Cursor>, limits: &Limits) -> Feed {
-        let (sub, subscribed_at) = hub.subscribe_at(filter.clone());
         let channels = (!filter.channels.is_empty()).then(|| filter.channels.clone());
         let page = PageLimits { rows: PAGE_ROWS, bytes: PAGE_BYTES, max_event_bytes: limits.max_event_bytes };
-        let replay = since.map(|from| Tail::new(from, channels, page, Arc::new(Stats::default())));
+        let replay = since.map(|from| {
+            let tail = Tail::new(from, channels, page, Arc::new(Stats::default()));
+            Box::new(LogReplay { log, tail }) as Box<dyn Replay>
+        });
+        Feed::with_replay(hub, filter, since.zip(replay))
+    }
+
+    /// Subscribes to `hub` now; with `since`, first replays what came after
+    /// it from `replay` (which reads from that position on).
+    pub fn with_replay(hub: &Hub, filter: Filter, since: Option<(Cursor, Box<dyn Replay>)>) -> Feed {
+        let (sub, subscribed_at) = hub.subscribe_at(filter.clone());
+        let (since, replay) = since.unzip();
         Feed {
-            log,
             filter,
             sub,
             replay,
@@ -177,24 +261,16 @@ impl Feed {
     }
 
     async fn read_page(&mut self) -> Result<()> {
-        let Some(tail) = &mut self.replay else { return Ok(()) };
-        let from = tail.position();
-        let page = match tail.next_page(&self.log).await {
-            Ok(page) => page,
-            Err(Error::ResyncNeeded { cursor, pruned }) => {
-                self.backlog.push_back(FeedItem::Resync { cursor, pruned });
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let caught_up = page.events.is_empty() && !page.more;
-        let last = page.events.len().saturating_sub(1);
+        let Some(replay) = &mut self.replay else { return Ok(()) };
+        let page = replay.next_page(self.subscribed_at).await?;
+        if let Some((cursor, pruned)) = page.gone {
+            self.backlog.push_back(FeedItem::Resync { cursor, pruned });
+        }
         let queued = self.backlog.len();
-        for (i, event) in page.events.into_iter().enumerate() {
-            let at = event.seq.zip(event.txid).map(|(seq, txid)| Cursor { txid, seq });
-            let position = if i == last { page.position } else { from.max(self.position) };
+        for Replayed { event, position, comes_live } in page.events {
+            let position = position.max(self.position);
             let shared = Arc::new(Shared::new(event, position));
-            if at.is_some_and(|c| c > self.subscribed_at) {
+            if comes_live {
                 if let Some(seq) = shared.event.seq {
                     self.replayed.insert(seq);
                 }
@@ -207,7 +283,7 @@ impl Feed {
             // Nothing of this page passed the filter: it is handled.
             self.position = self.position.max(page.position);
         }
-        if caught_up {
+        if page.caught_up {
             // The subscription has the rest.
             self.replay = None;
             if let Some(began) = self.replay_began.take() {

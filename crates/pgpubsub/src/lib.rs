@@ -62,7 +62,7 @@ pub use cursor::Cursor;
 pub use error::{Error, Result};
 pub use event::{Body, Change, Event, Message, Op};
 pub use event_log::LogConn;
-pub use feed::{Feed, FeedItem};
+pub use feed::{Feed, FeedItem, Replay, ReplayPage, Replayed};
 pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;

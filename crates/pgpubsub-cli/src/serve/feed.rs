@@ -1,24 +1,19 @@
-//! A subscriber's feed in the gateway: from PostgreSQL, the library's
-//! [`pgpubsub::Feed`] (replay from the log, then live from the hub); from
-//! NATS, [`StreamFeed`] (replay from the stream, then live). Either ends with
-//! the server's shutdown, and keeps its channels LISTENed to while it lives.
+//! A subscriber's feed in the gateway: the library's [`pgpubsub::Feed`]
+//! (replay, then live from the hub), replaying from the log, or from the
+//! stream when fed from NATS ([`StreamReplay`]). It ends with the server's
+//! shutdown, and keeps its channels LISTENed to while it lives.
 
 use pgpubsub::{Cursor, Filter, Limits};
 
 pub use pgpubsub::FeedItem as Item;
 
 use super::api::ApiError;
-use super::nats::StreamFeed;
+use super::nats::{self, StreamReplay};
 use super::AppState;
-
-enum Inner {
-    Log(pgpubsub::Feed),
-    Stream(StreamFeed),
-}
 
 /// A subscriber's feed.
 pub struct Feed {
-    inner: Inner,
+    inner: pgpubsub::Feed,
     /// Where this subscriber stood when it subscribed.
     start: Cursor,
     /// The server's shutdown: the feed ends when it turns true.
@@ -36,10 +31,11 @@ impl Feed {
     pub async fn new(state: AppState, filter: Filter, since: Option<Cursor>) -> Result<Feed, ApiError> {
         let shutdown = state.shutdown.clone();
         if let Some(source) = &state.source {
-            let inner = StreamFeed::new(source, &state.hub, filter, since)
-                .await
-                .map_err(|e| ApiError::Unavailable(format!("{e:#}")))?;
-            return Ok(Feed { inner: Inner::Stream(inner), start: Cursor::default(), shutdown, _held: None });
+            let replay = since.map(|s| (s, Box::new(StreamReplay::new(source.clone(), s, &filter.channels)) as _));
+            let inner = pgpubsub::Feed::with_replay(&state.hub, filter, replay);
+            // From now: the hub begins at the stream's end at start.
+            let start = if since.is_none() { nats::position(source.start()) } else { Cursor::default() };
+            return Ok(Feed { inner, start, shutdown, _held: None });
         }
         // Until the hub's first event its position is the start of the log,
         // which a subscriber must not be told to resume from. Then it starts
@@ -52,16 +48,12 @@ impl Feed {
         let limits = Limits { max_event_bytes: state.max_event_bytes as u64, ..Limits::default() };
         let held = state.listening.hold(filter.channels.iter().map(String::as_str));
         let inner = pgpubsub::Feed::new(state.db.pick(), &state.hub, filter, since, &limits);
-        Ok(Feed { inner: Inner::Log(inner), start, shutdown, _held: Some(held) })
+        Ok(Feed { inner, start, shutdown, _held: Some(held) })
     }
 
     /// Where this subscriber may resume from before it is handed anything.
     pub fn position(&self) -> Cursor {
-        let at = match &self.inner {
-            Inner::Log(f) => f.position(),
-            Inner::Stream(f) => f.position(),
-        };
-        at.max(self.start)
+        self.inner.position().max(self.start)
     }
 
     /// The next item; `None` when the server is shutting down. Cancel-safe.
@@ -69,29 +61,19 @@ impl Feed {
     /// # Errors
     /// When the log or stream cannot be read (the subscriber should retry
     /// later).
-    pub async fn next(&mut self) -> anyhow::Result<Option<Item>> {
+    pub async fn next(&mut self) -> Result<Option<Item>, pgpubsub::Error> {
         if *self.shutdown.borrow() {
             return Ok(None);
         }
-        let inner = &mut self.inner;
-        let next = async move {
-            match inner {
-                Inner::Log(f) => f.next().await.map_err(anyhow::Error::new),
-                Inner::Stream(f) => f.next().await,
-            }
-        };
         tokio::select! {
-            item = next => item,
+            item = self.inner.next() => item,
             _ = self.shutdown.wait_for(|s| *s) => Ok(None),
         }
     }
 
     /// The next item if one is ready without waiting.
     pub fn try_next(&mut self) -> Option<Item> {
-        match &mut self.inner {
-            Inner::Log(f) => f.try_next(),
-            Inner::Stream(f) => f.try_next(),
-        }
+        self.inner.try_next()
     }
 }
 

@@ -13,9 +13,11 @@
 //!   ([`feed_hub`]).
 //! - A resuming subscriber reads the stream from its position up to where
 //!   the hub stood when it subscribed, then goes on live from the hub, with
-//!   nothing missed or repeated ([`StreamFeed`]).
+//!   nothing missed or repeated ([`StreamReplay`], in the library's
+//!   [`pgpubsub::Feed`]).
 
-use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use futures_util::StreamExt;
-use pgpubsub::hub::{Delivery, Shared, Subscription};
-use pgpubsub::{ConnectionState, Cursor, Event, FeedItem as Item, Filter, Hub, Stats};
+use pgpubsub::{ConnectionState, Cursor, Event, Hub, Replay, ReplayPage, Replayed, Stats};
 use tokio::sync::watch;
 
 /// How long a read of the stream may wait before it is given up.
@@ -69,6 +70,11 @@ impl Source {
             .with_context(|| format!("stream {stream} (start `pgpubsub bridge` first: it creates it)"))?;
         let start = stream.info().await.context("reading the stream's state")?.state.last_sequence;
         Ok(Source { stream, prefix: prefix.to_string(), start, url: url.to_string() })
+    }
+
+    /// The stream's last sequence when the gateway started.
+    pub fn start(&self) -> u64 {
+        self.start
     }
 
     /// An ordered consumer from `from` on, on one channel or all.
@@ -152,163 +158,121 @@ pub async fn feed_hub(hub: Hub, source: Arc<Source>, state: watch::Sender<Connec
     }
 }
 
-/// A subscriber's feed from the stream: what came after its position, read
-/// from the stream, then the hub's live events.
-pub struct StreamFeed {
-    filter: Filter,
-    sub: Subscription,
-    /// Reading the stream; `None` once caught up.
-    replay: Option<futures_util::stream::BoxStream<'static, anyhow::Result<(Event, u64, u64)>>>,
-    /// The last stream sequence the replay covers: the hub has the rest.
-    upto: u64,
-    backlog: VecDeque<Item>,
-    position: Cursor,
+/// What a resuming subscriber missed, read from the stream up to where the
+/// hub stood when it subscribed (the hub has the rest): the library's
+/// [`pgpubsub::Feed`] replays it, then goes on live.
+pub struct StreamReplay {
+    source: Arc<Source>,
+    /// The position to resume after.
+    since: Cursor,
+    /// One channel's subject, when the subscriber asked for one.
+    channel: Option<String>,
+    /// Whether the first page (where to start) was read.
+    opened: bool,
+    reading: Option<Reading>,
+    stats: Arc<Stats>,
 }
 
-impl StreamFeed {
-    /// Subscribes to `hub` now; with `since`, first reads the stream after
-    /// it.
-    ///
-    /// # Errors
-    /// When the stream cannot be read.
-    pub async fn new(source: &Arc<Source>, hub: &Hub, filter: Filter, since: Option<Cursor>) -> anyhow::Result<Self> {
-        let (sub, at) = hub.subscribe_at(filter.clone());
-        // Until the hub's first event its position is 0: the stream's end at
-        // start is where the hub begins.
-        let upto = u64::try_from(at.seq).unwrap_or(0).max(source.start);
-        let mut feed =
-            StreamFeed { filter, sub, replay: None, upto, backlog: VecDeque::new(), position: position(upto) };
-        let Some(since) = since else { return Ok(feed) };
-        if since.txid != 0 {
-            // A position in PostgreSQL's log (from a gateway fed by it): the
-            // stream cannot say where that is. Reload, then live.
-            feed.backlog.push_back(Item::Resync { cursor: since, pruned: position(upto) });
-            return Ok(feed);
-        }
-        let from = u64::try_from(since.seq).unwrap_or(0) + 1;
-        feed.position = since;
-        if from > upto {
-            return Ok(feed);
-        }
-        let first = source.stream.clone().info().await.context("reading the stream's state")?.state.first_sequence;
-        if from < first {
-            // Gone from the stream (its max age or size): say so, go on
-            // from the oldest kept.
-            feed.backlog.push_back(Item::Resync { cursor: since, pruned: position(first.saturating_sub(1)) });
-        }
-        let channel = match feed.filter.channels.as_slice() {
-            [one] => Some(one.as_str()),
+/// An open read of the stream.
+struct Reading {
+    messages: futures_util::stream::BoxStream<'static, anyhow::Result<jetstream::Message>>,
+    /// The last stream sequence to replay.
+    upto: u64,
+}
+
+impl StreamReplay {
+    /// A replay of `channels` (all when empty) after `since`.
+    pub fn new(source: Arc<Source>, since: Cursor, channels: &[String]) -> StreamReplay {
+        let channel = match channels {
+            [one] => Some(one.clone()),
             _ => None,
         };
-        let consumer = source.read_from(from.max(first), channel).await?;
-        let pending = consumer.cached_info().num_pending;
-        if pending == 0 {
-            return Ok(feed);
+        StreamReplay { source, since, channel, opened: false, reading: None, stats: Arc::new(Stats::default()) }
+    }
+
+    /// The first page: where the replay starts, what is gone.
+    async fn open(&mut self, live_from: Cursor) -> anyhow::Result<ReplayPage> {
+        // Until the hub's first event its position is 0: the stream's end at
+        // start is where the hub begins.
+        let upto = u64::try_from(live_from.seq).unwrap_or(0).max(self.source.start);
+        let caught_up = ReplayPage { position: position(upto), caught_up: true, ..ReplayPage::default() };
+        if self.since.txid != 0 {
+            // A position in PostgreSQL's log (from a gateway fed by it): the
+            // stream cannot say where that is. Reload, then live.
+            return Ok(ReplayPage { gone: Some((self.since, position(upto))), ..caught_up });
+        }
+        let from = u64::try_from(self.since.seq).unwrap_or(0) + 1;
+        if from > upto {
+            return Ok(caught_up);
+        }
+        let mut stream = self.source.stream.clone();
+        let first = stream.info().await.context("reading the stream's state")?.state.first_sequence;
+        // Gone from the stream (its max age or size): say so, go on from
+        // the oldest kept.
+        let gone = (from < first).then(|| (self.since, position(first.saturating_sub(1))));
+        let consumer = self.source.read_from(from.max(first), self.channel.as_deref()).await?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(ReplayPage { gone, ..caught_up });
         }
         let messages = consumer.messages().await.context("reading the stream")?;
-        let source = source.clone();
-        let stats = Arc::new(Stats::default());
-        let replay = messages.filter_map(move |m| {
-            let out = match m {
-                Err(e) => Some(Err(anyhow::Error::new(e).context("reading the stream"))),
-                Ok(message) => {
-                    let pending = message.info().map(|i| i.pending).unwrap_or(0);
-                    source.event(&message, &stats).map(|(event, seq)| Ok((event, seq, pending)))
-                }
+        let messages = messages.map(|m| m.map_err(|e| anyhow::Error::new(e).context("reading the stream")));
+        self.reading = Some(Reading { messages: messages.boxed(), upto });
+        Ok(ReplayPage { gone, position: self.since, ..ReplayPage::default() })
+    }
+
+    /// The next page: the messages ready now (at least one), up to `upto`.
+    async fn read(&mut self) -> anyhow::Result<ReplayPage> {
+        let Some(reading) = &mut self.reading else {
+            return Ok(ReplayPage { caught_up: true, ..ReplayPage::default() });
+        };
+        let mut page = ReplayPage::default();
+        let mut first = true;
+        loop {
+            let next = match std::mem::replace(&mut first, false) {
+                // Wait for the first message of a page...
+                true => tokio::time::timeout(READ_TIMEOUT, reading.messages.next())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the stream did not answer within {READ_TIMEOUT:?}"))?,
+                // ...then take what is ready.
+                false => match futures_util::FutureExt::now_or_never(reading.messages.next()) {
+                    Some(next) => next,
+                    None => return Ok(page),
+                },
             };
-            std::future::ready(out)
-        });
-        feed.replay = Some(replay.boxed());
-        Ok(feed)
-    }
-
-    /// The position of the last item handed out.
-    pub fn position(&self) -> Cursor {
-        self.position
-    }
-
-    /// The next item; `None` when the hub is gone. Cancel-safe.
-    ///
-    /// # Errors
-    /// When the stream cannot be read.
-    pub async fn next(&mut self) -> anyhow::Result<Option<Item>> {
-        loop {
-            if let Some(item) = self.pop_backlog() {
-                return Ok(Some(item));
+            let message = next.context("the stream's consumer ended")??;
+            let info = message.info().map_err(|e| anyhow::anyhow!("a stream message without its metadata: {e}"))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            if seq > reading.upto {
+                // The hub has it, and everything after.
+                page.caught_up = true;
+                return Ok(page);
             }
-            if let Some(replay) = &mut self.replay {
-                let next = tokio::time::timeout(READ_TIMEOUT, replay.next()).await;
-                match next {
-                    Err(_) => {
-                        self.replay = None;
-                        anyhow::bail!("the stream did not answer within {READ_TIMEOUT:?}");
-                    }
-                    Ok(None) => self.replay = None,
-                    Ok(Some(Err(e))) => {
-                        self.replay = None;
-                        return Err(e);
-                    }
-                    Ok(Some(Ok((event, seq, pending)))) => self.replayed(event, seq, pending),
-                }
-                continue;
+            page.position = position(seq);
+            if let Some((event, _)) = self.source.event(&message, &self.stats) {
+                page.events.push(Replayed { event, position: position(seq), comes_live: false });
             }
-            let Some(d) = self.sub.recv().await else { return Ok(None) };
-            if let Some(item) = self.on_delivery(d) {
-                return Ok(Some(item));
+            if pending == 0 || seq == reading.upto || page.events.len() >= 500 {
+                page.caught_up = pending == 0 || seq == reading.upto;
+                return Ok(page);
             }
         }
     }
+}
 
-    /// The next item if one is ready without waiting (never during a
-    /// catch-up).
-    pub fn try_next(&mut self) -> Option<Item> {
-        if let Some(item) = self.pop_backlog() {
-            return Some(item);
-        }
-        if self.replay.is_some() {
-            return None;
-        }
-        loop {
-            let d = self.sub.try_recv()?;
-            if let Some(item) = self.on_delivery(d) {
-                return Some(item);
-            }
-        }
-    }
-
-    fn replayed(&mut self, event: Event, seq: u64, pending: u64) {
-        if seq > self.upto {
-            // The hub has it, and everything after.
-            self.replay = None;
-            return;
-        }
-        let shared = Arc::new(Shared::new(event, position(seq)));
-        if self.filter.matches(&shared) {
-            self.backlog.push_back(Item::Event { position: position(seq), shared });
-        } else {
-            self.position = self.position.max(position(seq));
-        }
-        if pending == 0 || seq == self.upto {
-            self.replay = None;
-        }
-    }
-
-    fn pop_backlog(&mut self) -> Option<Item> {
-        let item = self.backlog.pop_front()?;
-        if let Item::Event { position, .. } = &item {
-            self.position = *position;
-        }
-        Some(item)
-    }
-
-    fn on_delivery(&mut self, d: Delivery) -> Option<Item> {
-        match d {
-            Delivery::Event(shared) => {
-                self.position = self.position.max(shared.position);
-                Some(Item::Event { position: self.position, shared })
-            }
-            Delivery::Lagged { missed, .. } => Some(Item::Lagged { missed, position: self.position }),
-            _ => None,
-        }
+impl Replay for StreamReplay {
+    fn next_page(
+        &mut self,
+        live_from: Cursor,
+    ) -> Pin<Box<dyn Future<Output = pgpubsub::Result<ReplayPage>> + Send + '_>> {
+        Box::pin(async move {
+            let page = if !self.opened {
+                self.opened = true;
+                let since = self.since;
+                self.open(live_from).await.map(|p| ReplayPage { position: p.position.max(since), ..p })
+            } else {
+                self.read().await
+            };
+            page.map_err(|e| pgpubsub::Error::Replay(e.into()))
+        })
     }
 }

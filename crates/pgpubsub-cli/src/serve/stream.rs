@@ -235,7 +235,7 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
 }
 
 /// One feed item as a WebSocket message, and the close that must follow it.
-fn ws_message(item: anyhow::Result<Option<Item>>) -> (Message, Option<(u16, &'static str)>) {
+fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(u16, &'static str)>) {
     let text = |v: Value| Message::Text(v.to_string().into());
     match item {
         Ok(Some(Item::Event { shared, .. })) => {
