@@ -69,6 +69,10 @@ pub struct LoadArgs {
     /// writer-tables: clients of the publish comparison (default 8; 0: none).
     #[arg(long)]
     pub publishers: Option<usize>,
+    /// writer-tables: run the sweep this many times, the tables' order
+    /// rotated each round, and report medians (the machine is noisy).
+    #[arg(long)]
+    pub rounds: Option<usize>,
     /// Rows per transaction.
     #[arg(long, short = 'b')]
     pub batch: Option<u64>,
@@ -160,8 +164,8 @@ pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<
     if args.writers.len() > 1 {
         bail!("--writers takes one count, except with --scenario writer-tables");
     }
-    if args.publishers.is_some() {
-        bail!("--publishers is for --scenario writer-tables");
+    if args.publishers.is_some() || args.rounds.is_some() {
+        bail!("--publishers and --rounds are for --scenario writer-tables");
     }
     let plan = args.plan();
     let mut admin = crate::cmd::connect(config).await?;
@@ -253,13 +257,14 @@ async fn writer_tables(config: &Config, url: &str, args: &LoadArgs) -> anyhow::R
         ("--plot", args.plot.is_some()),
     ];
     if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
-        bail!("{flag} does not apply to --scenario writer-tables (it takes --writers, --duration, --publishers, --payload, --json)");
+        bail!("{flag} does not apply to --scenario writer-tables (it takes --writers, --duration, --publishers, --payload, --rounds, --json)");
     }
     let opts = writer_tables::Options {
         writers: if args.writers.is_empty() { vec![1, 4, 32] } else { args.writers.clone() },
         per_run: args.duration.unwrap_or(Duration::from_secs(8)),
         publishers: args.publishers.unwrap_or(8),
         payload: args.payload.unwrap_or(100),
+        rounds: args.rounds.unwrap_or(1).max(1),
     };
     writer_tables::run(config, url, &opts, args.json).await
 }

@@ -53,6 +53,9 @@ pub struct Options {
     pub publishers: usize,
     /// Bytes of each published (and inserted) message.
     pub payload: usize,
+    /// Times the whole sweep runs, the tables' order rotated each time;
+    /// more than one reports medians.
+    pub rounds: usize,
 }
 
 /// What one run writes to.
@@ -105,17 +108,21 @@ impl Target {
     }
 }
 
-/// One run's figures.
+/// The figures of one writer count and target, over every round.
 #[derive(Debug, Serialize)]
 pub struct RunReport {
     pub writers: usize,
     pub target: Target,
+    /// Rows written in all rounds.
     pub rows: u64,
     pub seconds: f64,
+    /// The median over rounds.
     pub writes_per_s: f64,
     /// writes/s ÷ those of the plain table (of the plain INSERT, for
-    /// publish) at the same writer count.
+    /// publish) at the same writer count in the same round; the median.
     pub ratio: f64,
+    /// Each round's ratio.
+    pub ratios: Vec<f64>,
     /// Distinct events the listener printed (None: the target sends none).
     pub delivered: Option<u64>,
     pub p50_ms: Option<f64>,
@@ -124,6 +131,33 @@ pub struct RunReport {
     /// Backends of this database plus the server's background processes.
     pub db_cpu_us_per_write: Option<f64>,
     pub machine_cpu_us_per_write: Option<f64>,
+}
+
+/// What one run measured, before it is summed up.
+struct Raw {
+    round: usize,
+    writers: usize,
+    target: Target,
+    rows: u64,
+    seconds: f64,
+    listener_ns: u64,
+    db_ns: Option<u64>,
+    machine_ticks: Option<u64>,
+}
+
+impl Raw {
+    fn rate(&self) -> f64 {
+        self.rows as f64 / self.seconds.max(1e-9)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Runs the scenario and prints its table (or JSON).
@@ -153,7 +187,7 @@ pub async fn run(config: &Config, url: &str, opts: &Options, json: bool) -> anyh
     if json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
-        print!("{}", table(&reports, opts.per_run, payload, &version));
+        print!("{}", table(&reports, opts, payload, &version));
     }
     let short: Vec<String> = reports
         .iter()
@@ -176,20 +210,30 @@ async fn run_all(
     payload: usize,
     admin: &Client,
 ) -> anyhow::Result<Vec<RunReport>> {
-    let mut plan: Vec<(usize, Target)> =
-        opts.writers.iter().flat_map(|&w| Target::TABLES.into_iter().map(move |t| (w, t))).collect();
-    if opts.publishers > 0 {
-        plan.push((opts.publishers, Target::Insert));
-        plan.push((opts.publishers, Target::Publish));
+    let mut plan: Vec<(usize, usize, Target)> = Vec::new();
+    for round in 0..opts.rounds.max(1) {
+        for &w in &opts.writers {
+            let mut tables = Target::TABLES;
+            tables.rotate_left(round % Target::TABLES.len());
+            plan.extend(tables.into_iter().map(|t| (round, w, t)));
+        }
+        if opts.publishers > 0 {
+            let mut pair = [Target::Insert, Target::Publish];
+            pair.rotate_left(round % 2);
+            plan.extend(pair.into_iter().map(|t| (round, opts.publishers, t)));
+        }
     }
     let listener = Listener::start(url, plan.len()).await?;
-    let mut reports = Vec::new();
-    for (i, &(writers, target)) in plan.iter().enumerate() {
+    let mut raws = Vec::new();
+    for (i, &(round, writers, target)) in plan.iter().enumerate() {
         let ran = one_run(config, admin, &listener, i, writers, target, opts.per_run, payload)
             .await
             .with_context(|| format!("{writers} writers → {}", target.name()));
         match ran {
-            Ok(r) => reports.push(r),
+            Ok(mut r) => {
+                r.round = round;
+                raws.push(r)
+            }
             Err(e) => {
                 let _ = listener.stop().await;
                 return Err(e);
@@ -197,28 +241,76 @@ async fn run_all(
         }
     }
     let probes = listener.stop().await?;
-    let rates: Vec<(usize, Target, f64)> = reports.iter().map(|r| (r.writers, r.target, r.writes_per_s)).collect();
-    for (r, p) in reports.iter_mut().zip(&probes) {
-        let base = rates
-            .iter()
-            .find(|&&(w, t, _)| w == r.writers && t == r.target.baseline())
-            .map_or(r.writes_per_s, |&(_, _, rate)| rate);
-        r.ratio = r.writes_per_s / base.max(1e-9);
-        if r.target.channel().is_none() {
-            r.listener_cpu_us_per_event = None;
+    Ok(summarize(opts, &raws, probes))
+}
+
+/// One report per writer count and target, in the order of the first
+/// round without rotation: the tables for each count, then publishing.
+fn summarize(opts: &Options, raws: &[Raw], probes: Vec<Probe>) -> Vec<RunReport> {
+    let mut keys: Vec<(usize, Target)> =
+        opts.writers.iter().flat_map(|&w| Target::TABLES.into_iter().map(move |t| (w, t))).collect();
+    if opts.publishers > 0 {
+        keys.extend([(opts.publishers, Target::Insert), (opts.publishers, Target::Publish)]);
+    }
+    let mut probes: Vec<Option<Probe>> = probes.into_iter().map(Some).collect();
+    let mut reports = Vec::new();
+    for (writers, target) in keys {
+        let runs: Vec<usize> =
+            (0..raws.len()).filter(|&i| raws[i].writers == writers && raws[i].target == target).collect();
+        if runs.is_empty() {
             continue;
         }
-        let q = |x: f64| p.latency.value_at_quantile(x) as f64 / 1000.0;
-        r.delivered = Some(p.distinct());
-        if p.distinct() > 0 {
-            r.p50_ms = Some(q(0.5));
-            r.p99_ms = Some(q(0.99));
-            r.listener_cpu_us_per_event = r.listener_cpu_us_per_event.map(|us| us / p.distinct() as f64);
-        } else {
-            r.listener_cpu_us_per_event = None;
+        let ratios: Vec<f64> = runs
+            .iter()
+            .map(|&i| {
+                let r = &raws[i];
+                let base = raws
+                    .iter()
+                    .find(|b| b.round == r.round && b.writers == writers && b.target == target.baseline())
+                    .map_or(r.rate(), Raw::rate);
+                r.rate() / base.max(1e-9)
+            })
+            .collect();
+        let rows: u64 = runs.iter().map(|&i| raws[i].rows).sum();
+        let per_write = |x: f64| x / rows.max(1) as f64;
+        let sum_opt = |f: &dyn Fn(&Raw) -> Option<u64>| runs.iter().map(|&i| f(&raws[i])).sum::<Option<u64>>();
+        let mut report = RunReport {
+            writers,
+            target,
+            rows,
+            seconds: runs.iter().map(|&i| raws[i].seconds).sum(),
+            writes_per_s: median(runs.iter().map(|&i| raws[i].rate()).collect()),
+            ratio: median(ratios.clone()),
+            ratios,
+            delivered: None,
+            p50_ms: None,
+            p99_ms: None,
+            listener_cpu_us_per_event: None,
+            db_cpu_us_per_write: sum_opt(&|r| r.db_ns).map(|ns| per_write(ns as f64 / 1000.0)),
+            // /proc/stat counts in USER_HZ, 100 per second on Linux.
+            machine_cpu_us_per_write: sum_opt(&|r| r.machine_ticks).map(|t| per_write(t as f64 * 10_000.0)),
+        };
+        if target.channel().is_some() {
+            let mut merged = Probe::new();
+            let mut distinct = 0;
+            for &i in &runs {
+                if let Some(p) = probes.get_mut(i).and_then(Option::take) {
+                    distinct += p.distinct();
+                    let _ = merged.latency.add(&p.latency);
+                }
+            }
+            let q = |x: f64| merged.latency.value_at_quantile(x) as f64 / 1000.0;
+            report.delivered = Some(distinct);
+            if distinct > 0 {
+                report.p50_ms = Some(q(0.5));
+                report.p99_ms = Some(q(0.99));
+                let ns: u64 = runs.iter().map(|&i| raws[i].listener_ns).sum();
+                report.listener_cpu_us_per_event = Some(ns as f64 / 1000.0 / distinct as f64);
+            }
         }
+        reports.push(report);
     }
-    Ok(reports)
+    reports
 }
 
 /// The scratch schema: the four tables, the seed's trigger, the watches,
@@ -398,7 +490,7 @@ async fn one_run(
     target: Target,
     per_run: Duration,
     payload: usize,
-) -> anyhow::Result<RunReport> {
+) -> anyhow::Result<Raw> {
     let sql = statement(target);
     let mut clients = Vec::with_capacity(writers);
     for w in 0..writers {
@@ -490,37 +582,31 @@ async fn one_run(
     let after = Snapshot::take(admin, listener.pid).await?;
     drop(open);
 
-    let per_write = |x: f64| x / written.max(1) as f64;
     let db_ns: u64 = after.db.iter().map(|(pid, &ns)| ns.saturating_sub(*before.db.get(pid).unwrap_or(&0))).sum();
-    Ok(RunReport {
+    Ok(Raw {
+        round: 0,
         writers,
         target,
         rows: written,
         seconds: elapsed.as_secs_f64(),
-        writes_per_s: written as f64 / elapsed.as_secs_f64().max(1e-9),
-        ratio: 1.0,
-        delivered: None,
-        p50_ms: None,
-        p99_ms: None,
-        // Total µs for now; divided by the events once they are counted.
-        listener_cpu_us_per_event: Some(after.listener_ns.saturating_sub(before.listener_ns) as f64 / 1000.0),
-        db_cpu_us_per_write: (!after.db.is_empty()).then(|| per_write(db_ns as f64 / 1000.0)),
-        // /proc/stat counts in USER_HZ, 100 per second on Linux.
-        machine_cpu_us_per_write: match (before.machine, after.machine) {
-            (Some(a), Some(b)) => Some(per_write(b.saturating_sub(a) as f64 * 10_000.0)),
+        listener_ns: after.listener_ns.saturating_sub(before.listener_ns),
+        db_ns: (!after.db.is_empty()).then_some(db_ns),
+        machine_ticks: match (before.machine, after.machine) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         },
     })
 }
 
 /// The report as a Markdown table, with what its columns mean.
-fn table(reports: &[RunReport], per_run: Duration, payload: usize, postgres: &str) -> String {
+fn table(reports: &[RunReport], opts: &Options, payload: usize, postgres: &str) -> String {
     let f = |v: Option<f64>, d: usize| v.map_or("–".to_string(), |x| format!("{x:.d$}"));
     let mut o = format!(
-        "single-row writers, {} per run ({}; PostgreSQL {postgres})\n\n\
+        "single-row writers, {} per run, {} round(s) ({}; PostgreSQL {postgres})\n\n\
          | writers | table | writes/s | vs plain | delivered | p50 ms | p99 ms | listener CPU µs/event | DB CPU µs/write | machine CPU µs/write |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
-        humantime::format_duration(per_run),
+        humantime::format_duration(opts.per_run),
+        opts.rounds.max(1),
         super::report::machine(),
     );
     for r in reports {
@@ -529,11 +615,11 @@ fn table(reports: &[RunReport], per_run: Duration, payload: usize, postgres: &st
             t => t.name().to_string(),
         };
         o.push_str(&format!(
-            "| {} | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.writers,
             name,
             r.writes_per_s,
-            r.ratio,
+            ratio(r),
             r.delivered.map_or("–".into(), |d| format!("{d}/{}", r.rows)),
             f(r.p50_ms, 2),
             f(r.p99_ms, 2),
@@ -543,11 +629,23 @@ fn table(reports: &[RunReport], per_run: Duration, payload: usize, postgres: &st
         ));
     }
     o.push_str(
-        "\nvs plain: writes/s ÷ the plain table's at the same writer count (publish: ÷ insert of the same text).\n\
+        "\nvs plain: writes/s ÷ the plain table's at the same writer count in the same round (publish: ÷ insert of \
+         the same text); with several rounds, writes/s and ratio are medians, the range in brackets.\n\
          seed: the seed's NOTIFY trigger; its notifications reach the listener as foreign (kind notify).\n\
          Latency: the writer's clock as it sent the row, to the line the listener printed.\n\
          DB CPU: this database's backends and the server's background processes (/proc); \
          machine CPU: every process, the writers and the listener included.\n",
     );
     o
+}
+
+/// The median ratio, with the range over rounds when there were several.
+fn ratio(r: &RunReport) -> String {
+    let lo = r.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = r.ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if r.ratios.len() > 1 && r.target != r.target.baseline() {
+        format!("{:.2} ({lo:.2}–{hi:.2})", r.ratio)
+    } else {
+        format!("{:.2}", r.ratio)
+    }
 }
