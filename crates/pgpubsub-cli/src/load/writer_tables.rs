@@ -18,7 +18,9 @@
 //! printed line), listener CPU per event, the database's CPU per write
 //! (backends of this database and the server's background processes, from
 //! /proc: so only with the server on this machine) and the whole machine's
-//! CPU per write, and whether every row was delivered.
+//! CPU per write, and whether every row was delivered. `--rounds N`
+//! repeats the whole sweep with the tables' order rotated and reports
+//! medians, since one run on a shared 2-core machine can be far off.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
