@@ -146,6 +146,13 @@ pub struct ListenArgs {
     #[arg(long, env = "PGPUBSUB_NAME", value_name = "NAME")]
     pub name: Option<String>,
 
+    /// After a read that found less than a page, the least time before the
+    /// next read begins (the library's `linger`, default 2ms). For
+    /// measurements: longer carries more events per read under load, at up
+    /// to that much more latency.
+    #[arg(long, env = "PGPUBSUB_LINGER", value_name = "DURATION", value_parser = parse_duration, hide = true)]
+    pub linger: Option<std::time::Duration>,
+
     /// Prune the log while listening (every minute), by these bounds.
     #[command(flatten)]
     pub retention: RetentionArgs,

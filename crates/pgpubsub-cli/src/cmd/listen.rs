@@ -23,6 +23,9 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         ..Limits::default()
     };
     let mut options = ListenerOptions::default().limits(limits);
+    if let Some(linger) = args.linger {
+        options.linger = linger;
+    }
     if let Some(name) = &args.name {
         // Stored after each flush below, so the cursor never covers an
         // event still sitting in our output buffer.

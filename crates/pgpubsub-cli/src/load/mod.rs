@@ -12,6 +12,7 @@ pub mod proc;
 mod receiver;
 mod report;
 mod workload;
+mod writer_tables;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,6 +49,13 @@ pub enum Scenario {
     IdleListeners,
     /// 32 concurrent writers, one row per commit.
     Writers,
+    /// Do watched tables slow concurrent writers? For each `--writers`
+    /// count (default 1,4,32), single-row writers into four tables side by
+    /// side (plain, the seed's NOTIFY trigger, `watch --inline`, `watch`),
+    /// `--duration` each (default 8s), then `--publishers` clients of
+    /// `pubsub.publish` against a plain INSERT. A table of writes/s ratios,
+    /// delivery latency and CPU.
+    WriterTables,
 }
 
 /// Options of `load`.
@@ -56,9 +64,16 @@ pub struct LoadArgs {
     /// A preset; the flags below override its values.
     #[arg(long, value_enum, default_value = "single")]
     pub scenario: Scenario,
-    /// Writer connections.
-    #[arg(long, short = 'w')]
-    pub writers: Option<usize>,
+    /// Writer connections; for writer-tables a list of counts (1,4,32).
+    #[arg(long, short = 'w', value_delimiter = ',', value_name = "N[,N…]")]
+    pub writers: Vec<usize>,
+    /// writer-tables: clients of the publish comparison (default 8; 0: none).
+    #[arg(long)]
+    pub publishers: Option<usize>,
+    /// writer-tables: run the sweep this many times, the tables' order
+    /// rotated each round, and report medians (the machine is noisy).
+    #[arg(long)]
+    pub rounds: Option<usize>,
     /// Rows per transaction.
     #[arg(long, short = 'b')]
     pub batch: Option<u64>,
@@ -68,7 +83,8 @@ pub struct LoadArgs {
     /// Rows to write in all.
     #[arg(long, short = 'n')]
     pub rows: Option<u64>,
-    /// Write for this long instead of a row count (e.g. 30s, 5m).
+    /// Write for this long instead of a row count (e.g. 30s, 5m); for
+    /// writer-tables, the time of each run.
     #[arg(long, short = 'd', value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
     /// Target rows per second in all (default: as fast as possible).
@@ -120,10 +136,10 @@ impl LoadArgs {
             Raw7900 => (2, 100, 7_900, 100_000, 1),
             Channels => (4, 10, 100, 100_000, 50),
             IdleListeners => (4, 10, 100, 100_000, 1),
-            Writers => (32, 1, 100, 50_000, 1),
+            Writers | WriterTables => (32, 1, 100, 50_000, 1),
         };
         Plan {
-            writers: self.writers.unwrap_or(writers).max(1),
+            writers: self.writers.first().copied().unwrap_or(writers).max(1),
             batch: self.batch.unwrap_or(batch).max(1),
             rows: if self.duration.is_some() && self.rows.is_none() { None } else { Some(self.rows.unwrap_or(rows)) },
             duration: self.duration,
@@ -143,6 +159,15 @@ impl LoadArgs {
 
 /// Runs the load test and prints its report.
 pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<()> {
+    if args.scenario == Scenario::WriterTables {
+        return writer_tables(config, url, args).await;
+    }
+    if args.writers.len() > 1 {
+        bail!("--writers takes one count, except with --scenario writer-tables");
+    }
+    if args.publishers.is_some() || args.rounds.is_some() {
+        bail!("--publishers and --rounds are for --scenario writer-tables");
+    }
     let plan = args.plan();
     let mut admin = crate::cmd::connect(config).await?;
     pgpubsub::migrate::up(&mut admin, false).await.context("applying the pubsub schema")?;
@@ -214,6 +239,35 @@ pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<
         bail!("{} events were lost", report.lost());
     }
     Ok(())
+}
+
+/// `--scenario writer-tables`, after refusing the flags it does not use.
+async fn writer_tables(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<()> {
+    let unused = [
+        ("--batch", args.batch.is_some()),
+        ("--rows", args.rows.is_some()),
+        ("--rate", args.rate.is_some()),
+        ("--channels", args.channels.is_some()),
+        ("--idle-listeners", args.idle_listeners.is_some()),
+        ("--mixed", args.mixed),
+        ("--publish", args.publish),
+        ("--baseline", args.baseline),
+        ("--baseline-only", args.baseline_only),
+        ("--trigger-cost", args.trigger_cost),
+        ("--markdown", args.markdown),
+        ("--plot", args.plot.is_some()),
+    ];
+    if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
+        bail!("{flag} does not apply to --scenario writer-tables (it takes --writers, --duration, --publishers, --payload, --rounds, --json)");
+    }
+    let opts = writer_tables::Options {
+        writers: if args.writers.is_empty() { vec![1, 4, 32] } else { args.writers.clone() },
+        per_run: args.duration.unwrap_or(Duration::from_secs(8)),
+        publishers: args.publishers.unwrap_or(8),
+        payload: args.payload.unwrap_or(100),
+        rounds: args.rounds.unwrap_or(1).max(1),
+    };
+    writer_tables::run(config, url, &opts, args.json).await
 }
 
 /// Writes the plan with a progress bar on stderr (showing what the receivers

@@ -41,12 +41,53 @@ fn scan_large_line(line: &str) -> Option<Tag> {
 
 /// What identifies and times one load event: writer, n, op (0 insert,
 /// 1 update, 2 delete) and the writer's timestamp.
-type Tag = (i32, i64, u8, i64);
+pub type Tag = (i32, i64, u8, i64);
 
 /// The `writer:n:t:` head of a published load message (an insert).
 fn message_tag(payload: &str) -> Option<Tag> {
     let mut parts = payload.splitn(4, ':');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, 0, parts.next()?.parse().ok()?))
+}
+
+/// The tag of one `listen --json` line: a row change's row (new, or old
+/// for a delete), a message's `writer:n:t:` head, or a foreign notification
+/// whose payload is a load row as JSON (the seed's trigger sends
+/// `row_to_json(NEW)`). Only the fields measured are decoded.
+pub fn line_tag(line: &str) -> Option<Tag> {
+    if line.len() > LARGE_LINE {
+        return scan_large_line(line);
+    }
+    #[derive(serde::Deserialize)]
+    struct Row {
+        writer: i32,
+        n: i64,
+        t: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Line<'a> {
+        #[serde(borrow)]
+        op: Option<&'a str>,
+        new: Option<Row>,
+        old: Option<Row>,
+        #[serde(borrow)]
+        payload: Option<&'a serde_json::value::RawValue>,
+    }
+    let parsed: Line<'_> = serde_json::from_str(line).ok()?;
+    if let Some(p) = parsed.payload {
+        let text = p.get();
+        if text.starts_with('{') {
+            let r: Row = serde_json::from_str(text).ok()?;
+            return Some((r.writer, r.n, 0, r.t));
+        }
+        let s: std::borrow::Cow<'_, str> = serde_json::from_str(text).ok()?;
+        return message_tag(&s);
+    }
+    let op = match parsed.op {
+        Some("UPDATE") => 1,
+        Some("DELETE") => 2,
+        _ => 0,
+    };
+    parsed.new.or(parsed.old).map(|r| (r.writer, r.n, op, r.t))
 }
 
 /// Most latency samples kept for the plot (every k-th event past this).
@@ -109,43 +150,11 @@ impl Probe {
 
     /// One `listen --json` line: only the fields measured are decoded.
     pub fn record_line(&mut self, line: &str, now: i64) {
-        if line.len() > LARGE_LINE {
-            return self.record_tag(scan_large_line(line), now);
-        }
-        #[derive(serde::Deserialize)]
-        struct Row {
-            writer: i32,
-            n: i64,
-            t: i64,
-        }
-        #[derive(serde::Deserialize)]
-        struct Line<'a> {
-            #[serde(borrow)]
-            op: Option<&'a str>,
-            new: Option<Row>,
-            old: Option<Row>,
-            #[serde(borrow)]
-            payload: Option<std::borrow::Cow<'a, str>>,
-        }
-        match serde_json::from_str::<Line<'_>>(line) {
-            Ok(Line { payload: Some(p), .. }) => self.record_tag(message_tag(&p), now),
-            Ok(Line { op, new, old, .. }) => match new.or(old) {
-                Some(r) => {
-                    let op = match op {
-                        Some("UPDATE") => 1,
-                        Some("DELETE") => 2,
-                        _ => 0,
-                    };
-                    self.record(r.writer, r.n, op, r.t, now)
-                }
-                None => self.record_unparsed(now),
-            },
-            Err(_) => self.record_unparsed(now),
-        }
+        self.record_tag(line_tag(line), now)
     }
 
     /// One event, identified by its tag if it had one.
-    fn record_tag(&mut self, tag: Option<Tag>, now: i64) {
+    pub fn record_tag(&mut self, tag: Option<Tag>, now: i64) {
         match tag {
             Some((writer, n, op, t)) => self.record(writer, n, op, t, now),
             None => self.record_unparsed(now),

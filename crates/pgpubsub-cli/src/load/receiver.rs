@@ -225,7 +225,7 @@ fn final_usage(c: &ChildReceiver) -> Usage {
     }
 }
 
-fn spawn(mut cmd: Command, url: &str, stdout: Stdio) -> anyhow::Result<(Child, u32)> {
+pub(super) fn spawn(mut cmd: Command, url: &str, stdout: Stdio) -> anyhow::Result<(Child, u32)> {
     for var in ["PUB_SUB_CHANNEL", "DEBUG", "PGPUBSUB_NAME", "PGPUBSUB_RETENTION_AGE", "PGPUBSUB_RETENTION_COUNT"] {
         cmd.env_remove(var);
     }
@@ -241,7 +241,7 @@ fn spawn(mut cmd: Command, url: &str, stdout: Stdio) -> anyhow::Result<(Child, u
 }
 
 /// Waits for `needle` on the child's stderr, then forwards its warnings.
-async fn wait_ready(child: &mut Child, needle: &str) -> anyhow::Result<()> {
+pub(super) async fn wait_ready(child: &mut Child, needle: &str) -> anyhow::Result<()> {
     let stderr = child.stderr.take().context("receiver stderr")?;
     let mut lines = BufReader::new(stderr).lines();
     let ready = async {
@@ -268,13 +268,13 @@ async fn wait_ready(child: &mut Child, needle: &str) -> anyhow::Result<()> {
 
 /// The listener's stdout: a file in the temporary directory, removed when
 /// the run is over.
-struct OutputFile {
-    path: std::path::PathBuf,
-    file: std::fs::File,
+pub(super) struct OutputFile {
+    pub(super) path: std::path::PathBuf,
+    pub(super) file: std::fs::File,
 }
 
 impl OutputFile {
-    fn create() -> anyhow::Result<OutputFile> {
+    pub(super) fn create() -> anyhow::Result<OutputFile> {
         let path = std::env::temp_dir().join(format!("pgpubsub-load-{}.jsonl", std::process::id()));
         let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(OutputFile { path, file })
@@ -319,7 +319,7 @@ fn read_events(output: &OutputFile, received: Arc<AtomicU64>, target: Arc<Atomic
 }
 
 /// The `received_at` stamp at the head of a line, in µs since the epoch.
-fn received_at(line: &str) -> Option<i64> {
+pub(super) fn received_at(line: &str) -> Option<i64> {
     let stamp = line.strip_prefix(r#"{"received_at":""#)?.split('"').next()?;
     let at = humantime::parse_rfc3339(stamp).ok()?;
     Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_micros() as i64)

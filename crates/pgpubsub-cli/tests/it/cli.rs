@@ -34,10 +34,14 @@ pub(crate) fn run(mut cmd: Command) -> Output {
 }
 
 fn wait_output(child: Child) -> Output {
+    wait_output_within(child, WAIT)
+}
+
+fn wait_output_within(child: Child, limit: std::time::Duration) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        if rx.recv_timeout(WAIT).is_err() {
+        if rx.recv_timeout(limit).is_err() {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
     });
@@ -432,4 +436,50 @@ async fn load_runs_end_to_end_and_reports() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_writer_tables_compares_four_tables_and_checks_every_row_arrived() {
+    let db = TestDb::bare().await;
+    let mut cmd = pgpubsub(&db.url);
+    cmd.args(["load", "--scenario", "writer-tables", "--writers", "1,2", "--duration", "1s", "--publishers", "1"]);
+    // Ten runs of a second each, plus their delivery.
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let out = wait_output_within(child, 6 * WAIT);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let row = |writers: &str, table: &str| {
+        let head = format!("| {writers} | {table} |");
+        let line = stdout.lines().find(|l| l.starts_with(&head)).unwrap_or_else(|| panic!("no {head} in {stdout}"));
+        line.split('|').map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect::<Vec<_>>()
+    };
+    for writers in ["1", "2"] {
+        assert_eq!(row(writers, "plain")[3], "1.00", "the plain table is its own baseline");
+        for table in ["seed", "inline", "watched"] {
+            let cells = row(writers, table);
+            let (got, written) = cells[4].split_once('/').unwrap_or_else(|| panic!("{cells:?}"));
+            assert!(got == written && written.parse::<u64>().unwrap() > 0, "{cells:?}");
+            assert!(cells[6].parse::<f64>().unwrap() > 0.0, "p99 of {cells:?}");
+        }
+    }
+    let publish = row("1", "publish (100 B)");
+    assert_eq!(publish[4].split_once('/').map(|(a, b)| a == b), Some(true), "{publish:?}");
+    assert!(stdout.contains("every row delivered"), "{stdout}");
+
+    // The scratch schema and its events are gone afterwards.
+    let client = db.client().await;
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgpubsub_load'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+
+    // A list of writer counts is for this scenario only, and said so.
+    let out = run({
+        let mut c = pgpubsub(&db.url);
+        c.args(["load", "--writers", "1,2"]);
+        c
+    });
+    assert!(!out.status.success() && text(&out.stderr).contains("writer-tables"), "{}", text(&out.stderr));
 }
