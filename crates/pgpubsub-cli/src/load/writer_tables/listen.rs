@@ -1,0 +1,86 @@
+//! The `pgpubsub listen` child that receives every run's events, and reading its output back.
+
+use super::*;
+
+/// `pgpubsub listen --json --received-at > file` on every channel, and a
+/// thread that reads the file as it grows into one probe per run.
+pub(super) struct Listener {
+    pub(super) child: tokio::process::Child,
+    pub(super) pid: u32,
+    /// Distinct events per run so far.
+    pub(super) delivered: Arc<Vec<AtomicU64>>,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) reader: std::thread::JoinHandle<Vec<Probe>>,
+}
+
+impl Listener {
+    pub(super) async fn start(url: &str, runs: usize) -> anyhow::Result<Listener> {
+        let output = OutputFile::create()?;
+        let channels: Vec<String> = [Target::Seed, Target::Inline, Target::Watched, Target::Publish]
+            .iter()
+            .filter_map(|t| t.channel())
+            .collect();
+        let exe = std::env::current_exe().context("finding the pgpubsub binary")?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["listen", "--json", "--received-at", "--channel", &channels.join(",")]);
+        let (mut child, pid) = spawn(cmd, url, std::process::Stdio::from(output.file.try_clone()?))?;
+        wait_ready(&mut child, "listening").await?;
+        let delivered: Arc<Vec<AtomicU64>> = Arc::new((0..runs).map(|_| AtomicU64::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (delivered.clone(), stop.clone());
+        let reader = std::thread::spawn(move || read(&output, runs, &d, &s));
+        Ok(Listener { child, pid, delivered, stop, reader })
+    }
+
+    pub(super) fn delivered(&self, run: usize) -> u64 {
+        self.delivered[run].load(Ordering::SeqCst)
+    }
+
+    /// Stops the listener, reads its output to the end, and returns the
+    /// probes, one per run.
+    pub(super) async fn stop(mut self) -> anyhow::Result<Vec<Probe>> {
+        let _ = self.child.kill().await;
+        self.stop.store(true, Ordering::SeqCst);
+        let reader = self.reader;
+        tokio::task::spawn_blocking(move || reader.join())
+            .await
+            .context("joining the output reader")?
+            .map_err(|_| anyhow::anyhow!("the output reader panicked"))
+    }
+}
+
+/// Reads the listener's lines into one probe per run (the run is in the
+/// writer id), until told to stop and at the end of the file.
+pub(super) fn read(output: &OutputFile, runs: usize, delivered: &[AtomicU64], stop: &AtomicBool) -> Vec<Probe> {
+    use std::io::BufRead;
+    let mut probes: Vec<Probe> = (0..runs).map(|_| Probe::new()).collect();
+    // Opened anew: a clone of the listener's descriptor would share its offset.
+    let Ok(file) = std::fs::File::open(&output.path) else { return probes };
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut line = String::new();
+    loop {
+        // Checked before reading, so the read after it sees all the output.
+        let stopped = stop.load(Ordering::SeqCst);
+        match reader.read_line(&mut line) {
+            Ok(0) if stopped => break,
+            Ok(0) => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) if line.ends_with('\n') => {
+                let now = received_at(&line).unwrap_or_else(now_us);
+                if let Some((writer, n, op, t)) = line_tag(&line) {
+                    let run = (writer / RUN_IDS) as usize;
+                    if let Some(p) = probes.get_mut(run) {
+                        let before = p.distinct();
+                        p.record(writer, n, op, t, now);
+                        if p.distinct() > before {
+                            delivered[run].fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                line.clear();
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    probes
+}
