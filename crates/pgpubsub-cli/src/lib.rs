@@ -5,6 +5,9 @@
 // Its items are the binary's internals, documented where they are defined
 // for the reader of the code, not as a public API.
 #![allow(missing_docs)]
+// Module docs link to the private items they describe, for the reader of
+// the code.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod bridge;
 pub mod cli;

@@ -5,7 +5,7 @@
 //! - Input: a durable named [`Listener`] (cursor `bridge:<name>` in
 //!   `pubsub.cursors`), with autosave off: the bridge stores the cursor only
 //!   when JetStream has acknowledged every event returned before it (see
-//!   [`pump`]).
+//!   [`pump::pump`]).
 //! - Output: [`outbox::Outbox`], many publishes in flight, each event with a
 //!   `Nats-Msg-Id` so that what a crash re-sends is dropped by JetStream,
 //!   and chained so that nothing is stored out of order.
