@@ -98,15 +98,19 @@ pub enum Command {
     /// name; others stand by).
     Bridge(crate::bridge::BridgeArgs),
     /// The load test: writers, pgpubsub's listener and a bare baseline.
+    #[cfg(feature = "load")]
     Load(crate::load::LoadArgs),
     /// The gateway's fan-out with real WebSocket clients.
     #[command(hide = true)]
+    #[cfg(feature = "load")]
     LoadFanout(crate::load::fanout::FanoutArgs),
     /// The bare LISTEN loop `load --baseline` runs beside pgpubsub.
     #[command(hide = true)]
+    #[cfg(feature = "load")]
     LoadBaseline(crate::load::baseline::BaselineArgs),
     /// Events/s and latency through the bridge beside the plain listener.
     #[command(hide = true)]
+    #[cfg(feature = "load")]
     LoadBridge(crate::bridge::bench::BenchArgs),
     /// Run the whole flow once: migrate, watch a demo table, write rows,
     /// print the events that arrive.

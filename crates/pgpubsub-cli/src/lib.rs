@@ -12,6 +12,7 @@
 pub mod bridge;
 pub mod cli;
 pub mod cmd;
+#[cfg(feature = "load")]
 pub mod load;
 pub mod output;
 pub mod serve;

@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use pgpubsub_cli::cli::{Cli, Command, LogFormat};
-use pgpubsub_cli::{bridge, cmd, load, serve};
+#[cfg(feature = "load")]
+use pgpubsub_cli::load;
+use pgpubsub_cli::{bridge, cmd, serve};
 
 fn main() -> ExitCode {
     // .env first: it only fills in what the environment does not set.
@@ -24,10 +26,12 @@ fn main() -> ExitCode {
     // (socket, decode, NATS): on one thread their hand-offs are plain
     // wake-ups, not cross-thread ones. The rest (load's writers, demo) want
     // both cores.
-    let single = matches!(
-        cli.command,
-        None | Some(Command::Listen(_)) | Some(Command::LoadBaseline(_)) | Some(Command::Bridge(_))
-    );
+    let single = match &cli.command {
+        None | Some(Command::Listen(_)) | Some(Command::Bridge(_)) => true,
+        #[cfg(feature = "load")]
+        Some(Command::LoadBaseline(_)) => true,
+        _ => false,
+    };
     let mut builder = if single {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -65,9 +69,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
         Some(Command::Serve(args)) => serve::run(&config, &args).await,
         Some(Command::Bridge(args)) => bridge::run(&config, &args).await,
+        #[cfg(feature = "load")]
         Some(Command::LoadBridge(args)) => bridge::bench::run(&config, &cli.database_url, &args).await,
+        #[cfg(feature = "load")]
         Some(Command::Load(args)) => load::run(&config, &cli.database_url, &args).await,
+        #[cfg(feature = "load")]
         Some(Command::LoadFanout(args)) => load::fanout::run(&config, &cli.database_url, &args).await,
+        #[cfg(feature = "load")]
         Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,
         Some(Command::Demo) => cmd::demo::run(&config, debug).await,
     }

@@ -12,6 +12,7 @@
 //! - One active bridge per name: [`lock::Lock`]. Others wait as standbys.
 
 mod args;
+#[cfg(feature = "load")]
 pub mod bench;
 mod lock;
 mod metrics;

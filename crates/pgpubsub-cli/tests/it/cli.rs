@@ -371,6 +371,7 @@ async fn a_named_listen_resumes_after_the_process_restarts() {
     assert!(!out.status.success() && text(&out.stderr).contains("--max-age"), "{}", text(&out.stderr));
 }
 
+#[cfg(feature = "load")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_runs_end_to_end_and_reports() {
     let db = TestDb::bare().await;
@@ -438,6 +439,7 @@ async fn load_runs_end_to_end_and_reports() {
     assert_eq!(left, 0);
 }
 
+#[cfg(feature = "load")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_writer_tables_compares_four_tables_and_checks_every_row_arrived() {
     let db = TestDb::bare().await;

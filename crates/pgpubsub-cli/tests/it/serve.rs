@@ -481,6 +481,7 @@ async fn the_store_over_http() {
 
 /// The fan-out benchmark itself, small, with the gateway fed from
 /// PostgreSQL and from NATS (through a bridge): every delivery arrives.
+#[cfg(feature = "load")]
 #[tokio::test]
 async fn the_fanout_benchmark_runs() {
     let nats = std::env::var("PGPUBSUB_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
