@@ -55,7 +55,11 @@ impl Cli {
                     command
                         .error(
                             clap::error::ErrorKind::ArgumentConflict,
-                            format!("{flag} is an option of `listen`, not of `{sub}`"),
+                            if sub == "listen" {
+                                format!("{flag} goes after `listen`: pgpubsub listen {flag} ...")
+                            } else {
+                                format!("{flag} is an option of `listen`, not of `{sub}`")
+                            },
                         )
                         .exit();
                 }

@@ -18,6 +18,13 @@ pub const MAX_CHANNEL_BYTES: usize = 63;
 pub struct Channel(String);
 
 impl Channel {
+    /// Whether the name is one pgpubsub uses for itself: `pubsub_wake` (the
+    /// writers' wake-up) and `pgpubsub_fence_*` (a listener's heartbeat). A
+    /// subscriber never LISTENs or UNLISTENs those.
+    pub fn is_reserved(&self) -> bool {
+        self.0 == crate::event_log::WAKE_CHANNEL || self.0.starts_with("pgpubsub_fence_")
+    }
+
     /// Validates a channel name.
     ///
     /// # Errors

@@ -70,6 +70,9 @@ pub enum FeedItem {
 
 /// Where a resuming [`Feed`] reads what its subscriber missed, page by page,
 /// in the order the hub delivers live events.
+///
+/// `next_page` must be cancel-safe, as [`Feed::next`] is: a call dropped at
+/// an await must leave the replay where it was.
 pub trait Replay: Send {
     /// The next page. `live_from` is the hub's position when the feed
     /// subscribed: every event above it also comes live.
@@ -264,6 +267,10 @@ impl Feed {
         let Some(replay) = &mut self.replay else { return Ok(()) };
         let page = replay.next_page(self.subscribed_at).await?;
         if let Some((cursor, pruned)) = page.gone {
+            // What lies before `pruned` is gone: the subscriber stands there
+            // now (set, not raised: a position of another source's kind
+            // would otherwise stay).
+            self.position = pruned;
             self.backlog.push_back(FeedItem::Resync { cursor, pruned });
         }
         let queued = self.backlog.len();

@@ -31,7 +31,9 @@ impl Feed {
     pub async fn new(state: AppState, filter: Filter, since: Option<Cursor>) -> Result<Feed, ApiError> {
         let shutdown = state.shutdown.clone();
         if let Some(source) = &state.source {
-            let replay = since.map(|s| (s, Box::new(StreamReplay::new(source.clone(), s, &filter.channels)) as _));
+            let stats = state.listener_stats.clone();
+            let replay =
+                since.map(|s| (s, Box::new(StreamReplay::new(source.clone(), s, &filter.channels, stats)) as _));
             let inner = pgpubsub::Feed::with_replay(&state.hub, filter, replay);
             // From now: the hub begins at the stream's end at start.
             let start = if since.is_none() { nats::position(source.start()) } else { Cursor::default() };

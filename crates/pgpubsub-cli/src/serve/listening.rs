@@ -51,6 +51,9 @@ impl Listening {
                 continue;
             }
             let Ok(channel) = Channel::new(c) else { continue };
+            if channel.is_reserved() {
+                continue;
+            }
             let full = held.len() >= MAX_LISTENED;
             match held.get_mut(c) {
                 Some(n) => *n += 1,
@@ -108,10 +111,10 @@ mod tests {
     #[test]
     fn listens_while_held_and_unlistens_after_the_last() {
         let (l, mut rx) = Listening::new(&[Channel::new("fixed").unwrap()]);
-        let a = l.hold(["x", "fixed"]);
+        let a = l.hold(["x", "fixed", "pubsub_wake", "pgpubsub_fence_1"]);
         let b = l.hold(["x"]);
         assert!(matches!(rx.try_recv(), Ok(Change::Listen(c)) if c.as_str() == "x"));
-        assert!(rx.try_recv().is_err(), "the fixed channel and a second hold send nothing");
+        assert!(rx.try_recv().is_err(), "the fixed and reserved channels and a second hold send nothing");
         drop(a);
         assert!(rx.try_recv().is_err(), "still held by b");
         drop(b);

@@ -274,6 +274,7 @@ async fn feed_hub(hub: Hub, mut listener: Listener, mut changes: mpsc::Unbounded
             Step::Change(Some(listening::Change::Unlisten(channel))) => listener.remove_channel(&channel).await,
             Step::Change(None) | Step::Event(None) => break,
             Step::Event(Some(Ok(event))) => {
+                ops::observe_delivery(&event);
                 hub.publish_at(event, listener.cursor());
             }
             Step::Event(Some(Err(e))) => tracing::warn!(error = %e, "the listener reported an error"),

@@ -129,12 +129,15 @@ pub async fn feed_hub(hub: Hub, source: Arc<Source>, state: watch::Sender<Connec
                     loop {
                         match messages.next().await {
                             Some(Ok(message)) => {
-                                let Some((event, seq)) = source.event(&message, &stats) else { continue };
+                                let seq = message.info().map_or(0, |i| i.stream_sequence);
                                 if seq <= last {
                                     continue;
                                 }
+                                // Past it, even when it is not an event (counted once).
                                 last = seq;
+                                let Some((event, _)) = source.event(&message, &stats) else { continue };
                                 stats.events.fetch_add(1, Ordering::Relaxed);
+                                super::ops::observe_delivery(&event);
                                 hub.publish_at(event, position(seq));
                             }
                             Some(Err(e)) => break anyhow::Error::new(e).context("reading the stream"),
@@ -181,13 +184,14 @@ struct Reading {
 }
 
 impl StreamReplay {
-    /// A replay of `channels` (all when empty) after `since`.
-    pub fn new(source: Arc<Source>, since: Cursor, channels: &[String]) -> StreamReplay {
+    /// A replay of `channels` (all when empty) after `since`; messages that
+    /// are not events are counted in `stats`.
+    pub fn new(source: Arc<Source>, since: Cursor, channels: &[String], stats: Arc<Stats>) -> StreamReplay {
         let channel = match channels {
             [one] => Some(one.clone()),
             _ => None,
         };
-        StreamReplay { source, since, channel, opened: false, reading: None, stats: Arc::new(Stats::default()) }
+        StreamReplay { source, since, channel, opened: false, reading: None, stats }
     }
 
     /// The first page: where the replay starts, what is gone.
@@ -196,6 +200,8 @@ impl StreamReplay {
         // start is where the hub begins.
         let upto = u64::try_from(live_from.seq).unwrap_or(0).max(self.source.start);
         let caught_up = ReplayPage { position: position(upto), caught_up: true, ..ReplayPage::default() };
+        // `since` is a stream position below (txid 0): the page's positions
+        // never go back past it.
         if self.since.txid != 0 {
             // A position in PostgreSQL's log (from a gateway fed by it): the
             // stream cannot say where that is. Reload, then live.
@@ -217,7 +223,7 @@ impl StreamReplay {
         let messages = consumer.messages().await.context("reading the stream")?;
         let messages = messages.map(|m| m.map_err(|e| anyhow::Error::new(e).context("reading the stream")));
         self.reading = Some(Reading { messages: messages.boxed(), upto });
-        Ok(ReplayPage { gone, position: self.since, ..ReplayPage::default() })
+        Ok(ReplayPage { gone, position: self.since.max(position(first.saturating_sub(1))), ..ReplayPage::default() })
     }
 
     /// The next page: the messages ready now (at least one), up to `upto`.
@@ -266,9 +272,12 @@ impl Replay for StreamReplay {
     ) -> Pin<Box<dyn Future<Output = pgpubsub::Result<ReplayPage>> + Send + '_>> {
         Box::pin(async move {
             let page = if !self.opened {
-                self.opened = true;
-                let since = self.since;
-                self.open(live_from).await.map(|p| ReplayPage { position: p.position.max(since), ..p })
+                // Cancel-safe: `open` changes nothing before it succeeds, and
+                // it is marked done only then (a cancelled or failed open is
+                // tried again; skipping it would skip the replay).
+                let page = self.open(live_from).await;
+                self.opened = page.is_ok();
+                page
             } else {
                 self.read().await
             };

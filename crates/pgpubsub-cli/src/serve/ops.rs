@@ -34,13 +34,24 @@ fn prometheus() -> Option<&'static PrometheusHandle> {
                 builder.map_err(|e| tracing::warn!(error = %e, "metrics: bad buckets")).ok()?.build_recorder();
             let handle = recorder.handle();
             if let Err(e) = metrics::set_global_recorder(recorder) {
-                tracing::warn!(error = %e, "metrics: another recorder is installed; /metrics shows no histograms");
+                tracing::warn!(error = %e, "metrics: another recorder is installed; /metrics answers empty");
                 return None;
             }
+            // Histogram samples are folded into buckets on a render or an
+            // upkeep: without scrapes they would pile up.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .map_err(|e| tracing::warn!(error = %e, "metrics: no upkeep thread"))
+                .ok()?;
             metrics::describe_histogram!(
                 DELIVERY,
                 metrics::Unit::Seconds,
-                "From an event's write in the database to its frame for subscribers (once per event and transport)."
+                "From a live event's write in the database to its hand-off to the subscribers' queues (once per event)."
             );
             metrics::describe_histogram!(
                 CATCH_UP,
@@ -57,8 +68,9 @@ pub fn install_metrics() {
     let _ = prometheus();
 }
 
-/// Records an event's delivery latency: now minus its time in the database
-/// (foreign notifications have none).
+/// Records a live event's delivery latency, as the hub takes it: now minus
+/// its time in the database (foreign notifications have none). Replays are
+/// not counted: their age is not a latency.
 pub fn observe_delivery(event: &pgpubsub::Event) {
     let Some(at) = event.time.as_deref() else { return };
     let Ok(at) = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339) else { return };
@@ -146,11 +158,15 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let h = state.hub.stats();
     let up = matches!(&*state.listener_state.borrow(), ConnectionState::Listening);
     let counters: [(&str, &str, u64); 8] = [
-        ("pgpubsub_events_in_total", "Events received from PostgreSQL.", s.events),
+        (
+            "pgpubsub_events_in_total",
+            "Events received from the source (PostgreSQL, or NATS with --source nats).",
+            s.events,
+        ),
         ("pgpubsub_deliveries_total", "Events queued to subscribers.", h.deliveries.load(Ordering::Relaxed)),
         ("pgpubsub_dropped_total", "Deliveries dropped for lagging subscribers.", h.dropped.load(Ordering::Relaxed)),
         ("pgpubsub_lag_notices_total", "Lag notices sent.", h.lag_notices.load(Ordering::Relaxed)),
-        ("pgpubsub_reconnects_total", "Times the LISTEN connection was replaced.", s.reconnects),
+        ("pgpubsub_reconnects_total", "Times the source's connection was replaced.", s.reconnects),
         ("pgpubsub_wakeups_total", "Wake-ups received from writers.", s.wakeups),
         ("pgpubsub_polls_total", "Reads of the event log.", s.polls),
         (
@@ -173,7 +189,11 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "Channels LISTENed to for subscribers' foreign notifications.",
             state.listening.held() as f64,
         ),
-        ("pgpubsub_listener_up", "1 while the LISTEN connection is up.", if up { 1.0 } else { 0.0 }),
+        (
+            "pgpubsub_listener_up",
+            "1 while the source (the LISTEN connection, or NATS) is up.",
+            if up { 1.0 } else { 0.0 },
+        ),
     ];
     for (name, help, value) in counters {
         metrics::describe_counter!(name, help);

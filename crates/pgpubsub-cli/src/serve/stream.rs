@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::api::{ApiError, ErrorBody, Request};
 use super::auth::{self, Claims};
 use super::feed::{Feed, Item};
-use super::{ops, AppState};
+use super::AppState;
 
 /// The gateway's renderings of an event, each kept in a frame slot of the
 /// event (`pgpubsub::hub::Shared::frame`) and shared by every subscriber.
@@ -88,14 +88,14 @@ pub async fn sse(
         let (bytes, go_on) = match next {
             Ok(Some(Item::Event { shared, .. })) => {
                 let frame = shared.frame(Transport::EventStream as usize, |s| {
-                    ops::observe_delivery(&s.event);
                     record(s.event.kind(), s.event.json(), Some(s.position))
                 });
                 (frame, true)
             }
             Ok(Some(Item::Resync { cursor, pruned })) => {
                 let data = json!({"cursor": cursor.to_string(), "pruned": pruned.to_string()}).to_string();
-                (record("resync", &data, None), true)
+                // Its id: a browser that reconnects now resumes after the gap.
+                (record("resync", &data, Some(pruned)), true)
             }
             Ok(Some(Item::Lagged { missed, position })) => {
                 let data = json!({"missed": missed, "resume": position.to_string()}).to_string();
@@ -147,7 +147,13 @@ pub async fn ws(State(state): State<AppState>, headers: HeaderMap, upgrade: WebS
     // Clients only send their request: a small read buffer. (The default,
     // 128 KiB, is zero-filled on every read and was most of the CPU of a
     // fan-out to 1,000 sockets; docs/performance.md.)
-    upgrade.read_buffer_size(4096).on_upgrade(move |socket| serve_socket(state, early, socket))
+    // The first message is the request: a few hundred bytes, not the 64 MiB
+    // a WebSocket message may be by default, read before any token check.
+    upgrade
+        .read_buffer_size(4096)
+        .max_message_size(64 << 10)
+        .max_frame_size(64 << 10)
+        .on_upgrade(move |socket| serve_socket(state, early, socket))
 }
 
 async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket) {
@@ -244,7 +250,6 @@ fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(
             // subscriber's own is further on (after a catch-up), resuming
             // from the event's may repeat events, never skip one.
             let frame = shared.frame(Transport::WebSocket as usize, |s| {
-                ops::observe_delivery(&s.event);
                 bytes::Bytes::from(format!(r#"{{"type":"event","id":"{}","event":{}}}"#, s.position, s.event.json()))
             });
             match axum::extract::ws::Utf8Bytes::try_from(frame) {

@@ -896,7 +896,9 @@ async fn a_gateway_fed_from_nats_serves_and_resumes_across_a_restart() {
 
     // A position of PostgreSQL's log means nothing to the stream: resync.
     let (mut other, rx) = sse(&format!("{base}/events?channel={ch}&since=12345:6"), None);
-    assert_eq!(next_sse(&rx).event, "resync");
+    let resync = next_sse(&rx);
+    assert_eq!(resync.event, "resync");
+    assert!(resync.id.as_deref().is_some_and(|id| id.starts_with("0:")), "resume after it from the stream: {resync:?}");
     let _ = (resumed.kill(), other.kill());
 }
 

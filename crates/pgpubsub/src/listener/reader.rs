@@ -266,6 +266,11 @@ impl Reader {
     /// LISTEN or UNLISTEN on the open connection; the channel list is what a
     /// reconnect listens to.
     async fn on_command(&mut self, client: &Client, command: Command) -> Result<()> {
+        // The wake and fence channels are the listener's own: never changed
+        // by a caller's add or remove.
+        if matches!(&command, Command::Listen(c) | Command::Unlisten(c) if c.is_reserved()) {
+            return Ok(());
+        }
         let sql = match command {
             Command::Listen(c) => {
                 if self.channels.contains(&c) {

@@ -298,3 +298,32 @@ async fn hub_fans_out_and_a_stalled_subscriber_is_told_it_lagged() {
     }
     assert!(other.try_recv().is_none());
 }
+
+/// The wake-up and heartbeat channels are the listener's own: removing them
+/// as if they were a subscriber's channel changes nothing, and an idle
+/// listener is still woken at once (not at the next heartbeat, 10 s here).
+#[tokio::test]
+async fn the_listeners_own_channels_cannot_be_removed() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("reserved");
+    let options = pgpubsub::ListenerOptions::default()
+        .heartbeat(std::time::Duration::from_secs(10), std::time::Duration::from_secs(20));
+    let mut l = db.listen_with(std::slice::from_ref(&ch), options).await;
+    let wake = Channel::new("pubsub_wake").unwrap();
+    assert!(wake.is_reserved() && Channel::new("pgpubsub_fence_x").unwrap().is_reserved());
+    assert!(!ch.is_reserved());
+    l.remove_channel(&wake).await;
+    for i in 0..3 {
+        // Idle: the listener is waiting for a wake-up.
+        let publish = async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            pgpubsub::publish(&client, &ch, &i.to_string()).await.unwrap();
+            std::time::Instant::now()
+        };
+        let (sent, event) = tokio::join!(publish, next(&mut l));
+        assert_eq!(event.message().unwrap().payload, i.to_string());
+        let waited = sent.elapsed();
+        assert!(waited < std::time::Duration::from_secs(2), "woken after {waited:?}");
+    }
+}
