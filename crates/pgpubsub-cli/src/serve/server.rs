@@ -3,7 +3,8 @@
 //!
 //! - a cap on open connections: past `--max-connections`, a connection is
 //!   answered once (503 with a JSON body, then closed), except the probes
-//!   and `/metrics`, which still answer;
+//!   and `/metrics`, which still answer; past a tenth more (plus 16), a
+//!   connection is closed at once;
 //! - a header read timeout (`--header-timeout`): a client that does not send
 //!   a whole request head in time, or idles that long between requests on a
 //!   kept-alive connection, is disconnected (slowloris);
@@ -76,12 +77,16 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
 pub struct Places {
     sem: Arc<Semaphore>,
     max: usize,
+    /// Connections over the cap being answered (503, or a probe): bounded
+    /// too, so a flood of them costs at most this many sockets (and TLS
+    /// handshakes); past it, a connection is closed at once.
+    over: Arc<Semaphore>,
 }
 
 impl Places {
-    /// `max` places.
+    /// `max` places, and room to answer `max / 10 + 16` connections over it.
     pub fn new(max: usize) -> Places {
-        Places { sem: Arc::new(Semaphore::new(max)), max }
+        Places { sem: Arc::new(Semaphore::new(max)), max, over: Arc::new(Semaphore::new(max / 10 + 16)) }
     }
 
     /// Connections open now.
@@ -166,6 +171,16 @@ pub async fn serve(
         }
         let place = places.sem.clone().try_acquire_owned().ok();
         let full = place.is_none();
+        let place = match place {
+            Some(p) => Some(p),
+            None => match places.over.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tracing::debug!(%peer, "over the connection cap and its overflow: closed");
+                    continue;
+                }
+            },
+        };
         let placed = Placed { tcp, _place: place };
         let conn = Conn { app: app.clone(), peer, full, max: places.max, header_timeout: options.header_timeout };
         let stop = stop_rx.clone();

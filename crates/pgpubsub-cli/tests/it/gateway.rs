@@ -372,3 +372,28 @@ async fn caps_refuse_clearly() {
     assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"), "{:?}", String::from_utf8_lossy(&buf[..n]));
     assert!(started.elapsed() < Duration::from_secs(5), "held for {:?}", started.elapsed());
 }
+
+/// Connections over the cap are answered (503, or a probe) only up to a
+/// tenth of the cap plus 16 at once; past that a connection is closed at
+/// once instead of being held until the header timeout.
+#[tokio::test]
+async fn connections_over_the_cap_are_bounded_too() {
+    use tokio::io::AsyncReadExt;
+    let db = TestDb::new().await;
+    let server = serve(&db, "", &["--max-connections", "1", "--header-timeout", "10s"]);
+    // One place, and 0 / 10 + 16 = 16 answered over it: 17 idle sockets
+    // fill both (each waits for its request head).
+    let mut idle = Vec::new();
+    for _ in 0..17 {
+        idle.push(tokio::net::TcpStream::connect(&server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the 18th connection was not closed at once: {read:?}");
+    // An idle one within the bound is still open (it would get its answer).
+    let mut first = idle.remove(1);
+    let held = tokio::time::timeout(Duration::from_millis(500), first.read(&mut buf)).await;
+    assert!(held.is_err(), "a connection within the bound was closed: {held:?}");
+}
