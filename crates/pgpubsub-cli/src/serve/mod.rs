@@ -263,9 +263,9 @@ async fn feed_hub(hub: Hub, mut listener: Listener, mut changes: mpsc::Unbounded
     loop {
         // A change interrupts a `recv` that is waiting: nothing is lost (its
         // state moves only once a read is back), and `add_channel` has it
-        // read the log again at once.
+        // read the log again at once. Not biased: subscribers coming and
+        // going in a flood cannot starve the events.
         let step = tokio::select! {
-            biased;
             c = changes.recv() => Step::Change(c),
             e = listener.recv() => Step::Event(e),
         };
