@@ -24,8 +24,9 @@
 //!   notifications ([`wire`] frames, seed chunks put back together by
 //!   [`reassembly`]), and the subscriber's cursor, stored if named;
 //! - [`hub`]: one stream fanned out to many subscribers, each with a filter
-//!   and a bounded queue; [`feed`]: one subscriber's resume from the log,
-//!   then live from the hub, without a gap;
+//!   and a bounded queue; [`feed`]: one subscriber's resume from the log
+//!   (or from another copy of it, a [`Replay`]), then live from the hub,
+//!   without a gap;
 //! - [`stats`]: counters of all the above; [`error`]: the one error type.
 //!
 //! ```no_run
