@@ -15,9 +15,9 @@ use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use pgpubsub::db::Config;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
+use super::child::{self, Proc};
 use super::probe::now_us;
 use super::proc;
 
@@ -45,35 +45,6 @@ pub struct FanoutArgs {
     pub json: bool,
 }
 
-/// A child `pgpubsub` with the given arguments, once it logged `needle`:
-/// the child and the rest of the line after the needle. Its log is drained.
-async fn spawn_until(url: &str, args: &[&str], needle: &str) -> anyhow::Result<(tokio::process::Child, String)> {
-    let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(args)
-        .env("DATABASE_URL", url)
-        .env("RUST_LOG", "warn,pgpubsub=info")
-        .env_remove("PGPUBSUB_SERVE_CHANNELS")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting pgpubsub {}", args[0]))?;
-    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    let rest = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .with_context(|| format!("pgpubsub {} did not start", args[0]))??
-            .with_context(|| format!("pgpubsub {} exited", args[0]))?;
-        if let Some(rest) = line.split(needle).nth(1) {
-            break rest.to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, rest))
-}
-
 const CHANNEL: &str = "pgpubsub_fanout";
 
 /// Runs it and prints the report.
@@ -99,13 +70,31 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
             "--subject-prefix",
             &prefix,
         ];
-        bridge = Some(spawn_until(url, &bridge_args, "copying").await?.0);
+        let mut b = Proc::spawn(
+            {
+                let mut c = child::pgpubsub(url)?;
+                c.args(bridge_args);
+                c
+            },
+            None,
+        )?;
+        b.wait_for("copying").await.context("pgpubsub bridge")?;
+        bridge = Some(b);
         serve_args.extend(["--source", "nats", nats, "--stream", &stream, "--subject-prefix", &prefix]);
     }
-    let (mut server, rest) = spawn_until(url, &serve_args, "serving on http://").await?;
-    let pid = server.id().context("server pid")?;
-    let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
-    let bridge_pid = bridge.as_ref().and_then(tokio::process::Child::id);
+    let mut server = Proc::spawn(
+        {
+            let mut c = child::pgpubsub(url)?;
+            c.args(&serve_args);
+            c
+        },
+        None,
+    )?;
+    server.wait_for("serving on http://").await.context("pgpubsub serve")?;
+    let pid = server.pid();
+    let addr = server.after("serving on http://").and_then(|r| r.split_whitespace().next().map(str::to_string));
+    let addr = addr.context("the server's address")?;
+    let bridge_pid = bridge.as_ref().map(Proc::pid);
 
     let received = Arc::new(AtomicU64::new(0));
     let lagged = Arc::new(AtomicU64::new(0));
@@ -182,9 +171,9 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
     }
     let usage = proc::usage(pid).unwrap_or_default();
     let bridge_ns = bridge_pid.and_then(proc::usage).map(|u| u.cpu_ns.saturating_sub(bridge_before)).unwrap_or(0);
-    let _ = server.kill().await;
+    server.kill();
     if let (Some(mut bridge), Some(nats)) = (bridge, &args.nats) {
-        let _ = bridge.kill().await;
+        bridge.kill();
         if let Ok(client) = async_nats::connect(nats).await {
             let _ = async_nats::jetstream::new(client).delete_stream(&stream).await;
         }

@@ -4,6 +4,7 @@
 //! reports rates, latency, losses, CPU and memory. See docs/performance.md.
 
 pub mod baseline;
+pub mod child;
 pub mod fanout;
 mod plot;
 mod probe;

@@ -95,14 +95,13 @@ impl Source {
         self.stream.create_consumer(config).await.context("reading the stream")
     }
 
-    /// A stream message as an event and its position; `None` for one that
-    /// is not an event of ours (counted).
-    fn event(&self, message: &jetstream::Message, stats: &Stats) -> Option<(Event, u64)> {
-        let seq = message.info().ok()?.stream_sequence;
-        let channel = message.subject.as_str().strip_prefix(&self.prefix)?.strip_prefix('.')?;
+    /// The stream message at `seq` as an event; `None` for one that is not
+    /// an event of ours (counted, and said).
+    fn event(&self, message: &jetstream::Message, seq: u64, stats: &Stats) -> Option<Event> {
+        let channel = message.subject.as_str().strip_prefix(&self.prefix).and_then(|c| c.strip_prefix('.'));
         let text = std::str::from_utf8(&message.payload).ok().map(str::to_string);
-        match text.map(|t| Event::decode(channel, t)) {
-            Some(Ok(event)) if event.seq.is_some() => Some((event, seq)),
+        match channel.zip(text).map(|(channel, text)| Event::decode(channel, text)) {
+            Some(Ok(event)) if event.seq.is_some() => Some(event),
             _ => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(seq, subject = %message.subject, "a stream message that is not a pgpubsub event: skipped");
@@ -135,7 +134,7 @@ pub async fn feed_hub(hub: Hub, source: Arc<Source>, state: watch::Sender<Connec
                                 }
                                 // Past it, even when it is not an event (counted once).
                                 last = seq;
-                                let Some((event, _)) = source.event(&message, &stats) else { continue };
+                                let Some(event) = source.event(&message, seq, &stats) else { continue };
                                 stats.events.fetch_add(1, Ordering::Relaxed);
                                 super::ops::observe_delivery(&event);
                                 hub.publish_at(event, position(seq));
@@ -254,7 +253,7 @@ impl StreamReplay {
                 return Ok(page);
             }
             page.position = position(seq);
-            if let Some((event, _)) = self.source.event(&message, &self.stats) {
+            if let Some(event) = self.source.event(&message, seq, &self.stats) {
                 page.events.push(Replayed { event, position: position(seq), comes_live: false });
             }
             if pending == 0 || seq == reading.upto || page.events.len() >= 500 {

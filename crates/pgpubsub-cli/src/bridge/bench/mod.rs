@@ -8,8 +8,6 @@
 //! given its pid, nats-server. With `--drain N`, the bridge is then stopped,
 //! N rows are written, and the bridge is timed copying that backlog.
 
-mod child;
-
 use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -21,7 +19,7 @@ use hdrhistogram::Histogram;
 use pgpubsub::db::Config;
 use serde_json::Value;
 
-use self::child::Proc;
+use crate::load::child::{self, Proc};
 use crate::load::now_us;
 
 /// CPU time of every thread of `pid`, ns (0 once it has exited).
@@ -83,10 +81,9 @@ pub async fn run(config: &Config, url: &str, args: &BenchArgs) -> anyhow::Result
         .context("creating the bench table")?;
     let tag = format!("bench{}", std::process::id());
     let stream_name = tag.to_uppercase();
-    let exe = std::env::current_exe()?;
-    let bridge_cmd = || {
-        let mut c = Command::new(&exe);
-        c.env("DATABASE_URL", url).env("RUST_LOG", "warn,pgpubsub=info").env_remove("PUB_SUB_CHANNEL").args([
+    let bridge_cmd = || -> anyhow::Result<Command> {
+        let mut c = child::pgpubsub(url)?;
+        c.args([
             "bridge",
             "--nats",
             &args.nats,
@@ -101,19 +98,13 @@ pub async fn run(config: &Config, url: &str, args: &BenchArgs) -> anyhow::Result
             "--max-in-flight",
             &args.max_in_flight.to_string(),
         ]);
-        c
+        Ok(c)
     };
-    let mut bridge = Proc::spawn(bridge_cmd(), None)?;
+    let mut bridge = Proc::spawn(bridge_cmd()?, None)?;
     bridge.wait_for("copying").await?;
     let out_path = std::env::temp_dir().join(format!("{tag}.jsonl"));
-    let mut listen = Command::new(&exe);
-    listen.env("DATABASE_URL", url).env("RUST_LOG", "warn,pgpubsub=info").args([
-        "listen",
-        "--channel",
-        TABLE,
-        "--json",
-        "--received-at",
-    ]);
+    let mut listen = child::pgpubsub(url)?;
+    listen.args(["listen", "--channel", TABLE, "--json", "--received-at"]);
     let mut listener = Proc::spawn(listen, Some(std::fs::File::create(&out_path)?))?;
     listener.wait_for("listening").await?;
 
@@ -170,7 +161,7 @@ pub async fn run(config: &Config, url: &str, args: &BenchArgs) -> anyhow::Result
         write(config, args, args.rows, args.drain).await?;
         let cpu0 = args.nats_pid.map(cpu_ns);
         let restarted = now_us();
-        let mut bridge = Proc::spawn(bridge_cmd(), None)?;
+        let mut bridge = Proc::spawn(bridge_cmd()?, None)?;
         let cpu_b0 = cpu_ns(bridge.pid());
         let total = (args.rows + args.drain) as u64;
         wait_until(Duration::from_secs(300), || async { Ok(stored(&js, &stream_name).await? >= total) })

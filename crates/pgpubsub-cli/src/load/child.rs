@@ -1,4 +1,5 @@
-//! A child `pgpubsub` process of the benchmark, its log lines kept.
+//! A child `pgpubsub` process of a benchmark (the bridge's, the
+//! fan-out's), its log lines kept.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -6,6 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+/// `pgpubsub` (this executable) on the database at `url`, its logs at info,
+/// with no channel list from the environment.
+pub fn pgpubsub(url: &str) -> anyhow::Result<Command> {
+    let mut c = Command::new(std::env::current_exe()?);
+    c.env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn,pgpubsub=info")
+        .env_remove("PUB_SUB_CHANNEL")
+        .env_remove("PGPUBSUB_SERVE_CHANNELS");
+    Ok(c)
+}
 
 /// A child process whose log lines are kept.
 pub struct Proc {
@@ -55,6 +67,12 @@ impl Proc {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// What follows `needle` in the first log line that holds it.
+    pub fn after(&self, needle: &str) -> Option<String> {
+        let log = self.log.lock().ok()?;
+        log.iter().find_map(|line| line.split(needle).nth(1)).map(str::to_string)
     }
 
     /// SIGTERM, and wait (up to 15 s) for it to exit.
