@@ -268,38 +268,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
-/// One writer: rows n = 0..count, `batch` rows per transaction (one
-/// multi-row INSERT, rows in n order), `pause` apart. Survives its
-/// connection failing: reconnects and retries the same rows (a retry of a
-/// batch that did commit hits the primary key: done). Every 25th row
-/// travels in chunks.
-async fn writer(config: Config, id: i32, count: i32, batch: i32, pause: Duration) {
-    let mut client: Option<tokio_postgres::Client> = None;
-    let mut n = 0;
-    while n < count {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = pgpubsub::db::connect(&config).await.ok();
-            if client.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        }
-        let last = (n + batch).min(count) - 1;
-        let c = client.as_ref().unwrap();
-        let insert = "INSERT INTO w SELECT $1, g, CASE WHEN g % 25 = 0 THEN repeat('x', 20000) ELSE '' END \
-                      FROM generate_series($2::int, $3::int) g ORDER BY g";
-        match c.execute(insert, &[&id, &n, &last]).await {
-            Ok(_) => n = last + 1,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => n = last + 1,
-            Err(_) => {
-                client = None;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        tokio::time::sleep(pause).await;
-    }
-}
-
 fn spawn_writers(
     config: &Config,
     writers: i32,
@@ -307,7 +275,10 @@ fn spawn_writers(
     batch: i32,
     pause: Duration,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..writers).map(|id| tokio::spawn(writer(config.clone(), id, rows, batch, pause))).collect()
+    // Every 25th row travels large.
+    (0..writers)
+        .map(|id| tokio::spawn(common::write_rows(config.clone(), id, rows, batch, pause, (25, 20_000))))
+        .collect()
 }
 
 /// What the checker found in the stream.

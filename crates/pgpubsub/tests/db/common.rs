@@ -148,3 +148,40 @@ pub async fn workload_table(config: &pgpubsub::db::Config, prefix: &str) -> Chan
     pgpubsub::watch(&client, "w", Some(&ch)).await.unwrap();
     ch
 }
+
+/// One writer `id` of `w`: rows n = 0..count, `batch` rows per transaction
+/// (one multi-row INSERT, in n order), `pause` apart; every `big_every`-th
+/// row (0: none) `big_bytes` long, so that it travels large. Survives its
+/// connection failing: reconnects and retries the same rows (a retry of
+/// rows that did commit hits the primary key: done).
+pub async fn write_rows(config: Config, id: i32, count: i32, batch: i32, pause: Duration, big: (i32, i32)) {
+    let (big_every, big_bytes) = big;
+    let insert = "INSERT INTO w SELECT $1, g, CASE WHEN $4 > 0 AND g % $4 = 0 THEN repeat('x', $5) ELSE '' END \
+                  FROM generate_series($2::int, $3::int) g ORDER BY g";
+    let mut client: Option<Client> = None;
+    let mut n = 0;
+    while n < count {
+        let c = match &client {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                client = pgpubsub::db::connect(&config).await.ok();
+                if client.is_none() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+        };
+        let last = (n + batch).min(count) - 1;
+        match c.execute(insert, &[&id, &n, &last, &big_every, &big_bytes]).await {
+            Ok(_) => n = last + 1,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => n = last + 1,
+            Err(_) => {
+                client = None;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}

@@ -14,37 +14,6 @@ use crate::cluster::Cluster;
 use crate::common::{self, next, TestDb};
 use crate::proxy::Proxy;
 
-/// One writer: rows n = 0..count, one transaction each, `pause` apart.
-/// Survives its own connection failing: reconnects and retries the same
-/// row (a retry of a row that did commit hits the primary key: done).
-async fn writer(config: Config, id: i32, count: i32, pause: Duration, big_every: i32) {
-    let mut client: Option<tokio_postgres::Client> = None;
-    let mut n = 0;
-    while n < count {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = pgpubsub::db::connect(&config).await.ok();
-            if client.is_none() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        }
-        // Every big_every-th row is large enough to travel in chunks.
-        let pad = if big_every > 0 && n % big_every == 0 { "x".repeat(30_000) } else { String::new() };
-        let c = client.as_ref().unwrap();
-        match c.execute("INSERT INTO w VALUES ($1, $2, $3)", &[&id, &n, &pad]).await {
-            Ok(_) => n += 1,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => n += 1,
-            Err(_) => {
-                client = None;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
-    }
-}
-
 /// What the checker found.
 #[derive(Debug, Default)]
 struct Report {
@@ -163,7 +132,9 @@ fn spawn_writers(
     pause: Duration,
     big_every: i32,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..writers).map(|id| tokio::spawn(writer(config.clone(), id, rows, pause, big_every))).collect()
+    // One row per transaction; every big_every-th large enough to travel in chunks.
+    let big = (big_every, 30_000);
+    (0..writers).map(|id| tokio::spawn(common::write_rows(config.clone(), id, rows, 1, pause, big))).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
