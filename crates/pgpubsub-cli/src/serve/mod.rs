@@ -154,7 +154,6 @@ pub async fn run_until(
     stop: impl Future<Output = ()> + Send + 'static,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let signal = stop;
     let (stop_tx, shutdown) = watch::channel(false);
     let (alive, mut drained) = tokio::sync::mpsc::channel::<()>(1);
     let auth = auth::Auth::new(&args.auth).context("configuring authentication")?;
@@ -222,7 +221,7 @@ pub async fn run_until(
         let _ = ready.send(addr);
     }
     tokio::spawn(async move {
-        signal.await;
+        stop.await;
         tracing::info!("shutting down: closing streams");
         let _ = stop_tx.send(true);
     });
