@@ -164,6 +164,13 @@ pub struct ListenArgs {
     /// Prune the log while listening (every minute), by these bounds.
     #[command(flatten)]
     pub retention: RetentionArgs,
+
+    /// Read tables watched with `watch --wal` and messages of `publish
+    /// --wal` from a logical replication slot instead of the log. Needs
+    /// wal_level = logical and a role with REPLICATION; `--name` keeps a
+    /// slot of its own (pgpubsub_NAME) to resume from. See docs/delivery.md.
+    #[arg(long)]
+    pub wal: bool,
 }
 
 /// Retention bounds.
@@ -240,8 +247,12 @@ pub struct WatchArgs {
     /// bytes), the seeds' way, for programs that read NOTIFY themselves.
     /// Readable by every role that can LISTEN, and every write takes
     /// PostgreSQL's NOTIFY lock: see docs/delivery.md.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wal")]
     pub inline: bool,
+    /// Capture from the WAL: no trigger, writers unhurt; read with
+    /// `listen --wal` (needs wal_level = logical). See docs/delivery.md.
+    #[arg(long)]
+    pub wal: bool,
 }
 
 /// Options of `publish`.
@@ -251,6 +262,9 @@ pub struct PublishArgs {
     pub channel: Channel,
     /// The message; `-` or nothing reads it from stdin.
     pub payload: Option<String>,
+    /// Publish through the WAL (`pubsub.publish_wal`), for `listen --wal`.
+    #[arg(long)]
+    pub wal: bool,
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {

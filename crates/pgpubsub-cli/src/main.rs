@@ -62,7 +62,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Listen(args)) => cmd::listen::run(&config, &args, debug).await,
         Some(Command::Migrate(args)) => cmd::migrate::run(&config, &args).await,
         Some(Command::Watch(args)) => {
-            cmd::watch::run(&config, args.table.as_deref(), args.channel.as_ref(), args.inline).await
+            cmd::watch::run(&config, args.table.as_deref(), args.channel.as_ref(), args.inline, args.wal).await
         }
         Some(Command::Unwatch { table }) => cmd::watch::unwatch(&config, &table).await,
         Some(Command::Publish(args)) => cmd::publish::run(&config, &args).await,

@@ -77,6 +77,11 @@ pub enum Error {
     #[error("reading the replay: {0}")]
     Replay(#[source] Box<dyn std::error::Error + Send + Sync>),
 
+    /// Capture from the WAL could not start or go on: wal_level is not
+    /// logical, the role lacks REPLICATION, the slot is in use.
+    #[error("capture from the WAL: {0}")]
+    Wal(String),
+
     /// The database refused a statement.
     #[error("{context}: {source}")]
     Db {

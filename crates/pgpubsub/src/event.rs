@@ -26,7 +26,11 @@ pub struct Event {
     /// which are not logged.
     pub seq: Option<i64>,
     /// The writing transaction (`xid8`); with `seq`, its place in the log.
+    /// For an event captured from the WAL, its 32-bit xid.
     pub txid: Option<u64>,
+    /// For an event captured from the WAL ([`crate::wal`]): the LSN of its
+    /// transaction's commit, its place in the WAL; `None` otherwise.
+    pub lsn: Option<u64>,
     /// When it was written (the database clock), ISO 8601; `None` for
     /// foreign notifications.
     pub time: Option<String>,
@@ -166,7 +170,7 @@ impl Event {
     pub fn decode(channel: &str, text: String) -> Result<Event, DecodeError> {
         if let Some((seq, txid, time, body)) = ours(channel, &text) {
             let json = one_line(text);
-            return Ok(Event { channel: channel.to_string(), seq: Some(seq), txid, time, body, json });
+            return Ok(Event { channel: channel.to_string(), seq: Some(seq), txid, lsn: None, time, body, json });
         }
         let raw: Box<RawValue> = serde_json::from_str(&text)?;
         Ok(Event::notify(channel, raw))
@@ -181,7 +185,15 @@ impl Event {
             return None;
         }
         let body = Body::Message(Message { payload });
-        Some(Event { channel: channel.to_string(), seq: Some(env.seq?), txid: env.txid, time: env.time, body, json })
+        Some(Event {
+            channel: channel.to_string(),
+            seq: Some(env.seq?),
+            txid: env.txid,
+            lsn: None,
+            time: env.time,
+            body,
+            json,
+        })
     }
 
     /// A foreign notification's payload as an event of kind `notify`: JSON
@@ -211,7 +223,20 @@ impl Event {
         let raw = compact(raw);
         let json =
             serde_json::to_string(&Wrapped { seq: None, kind: "notify", channel, payload: &raw }).unwrap_or_default();
-        Event { channel: channel.to_string(), seq: None, txid: None, time: None, body: Body::Notify(raw), json }
+        Event { channel: channel.to_string(), seq: None, txid: None, lsn: None, time: None, body: Body::Notify(raw), json }
+    }
+
+    /// An event captured from the WAL, with its JSON already rendered.
+    pub(crate) fn from_wal(channel: &str, lsn: u64, txid: u32, time: String, body: Body, json: String) -> Event {
+        Event {
+            channel: channel.to_string(),
+            seq: None,
+            txid: Some(u64::from(txid)),
+            lsn: Some(lsn),
+            time: Some(time),
+            body,
+            json,
+        }
     }
 
     /// The event as one line of JSON (no newline in it), for logs and pipes.

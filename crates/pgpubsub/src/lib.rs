@@ -27,6 +27,9 @@
 //!   and a bounded queue; [`feed`]: one subscriber's resume from the log
 //!   (or from another copy of it, a [`Replay`]), then live from the hub,
 //!   without a gap;
+//! - [`wal`]: the other way in: events of tables watched with
+//!   `pubsub.watch_wal`, read from a logical replication slot, no trigger
+//!   in the writer's transaction;
 //! - [`stats`]: counters of all the above; [`error`]: the one error type.
 //!
 //! ```no_run
@@ -55,6 +58,7 @@ pub mod retention;
 pub mod stats;
 pub mod store;
 mod tail;
+pub mod wal;
 pub mod watch;
 pub mod wire;
 
@@ -68,6 +72,7 @@ pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;
 pub use stats::{Stats, StatsSnapshot};
+pub use wal::{WalListener, WalOptions};
 pub use watch::{publish, unwatch, watch};
 
 /// Not part of the API: how a stored event renders to JSON, public only so

@@ -41,6 +41,7 @@ const FILES: &[(bool, &str, &str)] = &[
     embed!(false, "migrations", "20261121000400_pubsub_prune_by_key.sql"),
     embed!(true, "examples", "20261121000900_job_example.sql"),
     embed!(false, "migrations", "20261130000100_pubsub_log_only.sql"),
+    embed!(false, "migrations", "20261130000200_pubsub_wal.sql"),
 ];
 
 /// Every embedded migration, core and examples, in version order.

@@ -75,3 +75,33 @@ pub async fn watches(client: &Client) -> Result<Vec<(String, String)>> {
         .map_err(|e| Error::db("listing watched tables", e))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
+
+/// Watches `table` through the WAL (`pubsub.watch_wal`): no trigger; its
+/// changes reach [`WalListener`](crate::WalListener)s on `channel` (by
+/// default the table's name). Replaces a trigger watch of the table.
+/// Needs `wal_level = logical` for readers to stream, not to watch.
+///
+/// # Errors
+/// As [`watch`]; also when the caller does not own the table and the
+/// `pgpubsub` publication.
+pub async fn watch_wal(client: &Client, table: &str, channel: Option<&Channel>) -> Result<Channel> {
+    let row = client
+        .query_one("SELECT pubsub.watch_wal($1::text::regclass, $2)", &[&table, &channel.map(Channel::as_str)])
+        .await
+        .map_err(|e| Error::db("watching the table through the WAL", e))?;
+    Ok(Channel::new(row.get::<_, String>(0))?)
+}
+
+/// Publishes `payload` on `channel` through the WAL (`pubsub.publish_wal`):
+/// delivered to [`WalListener`](crate::WalListener)s, not written to the
+/// event log.
+///
+/// # Errors
+/// [`Error::NotMigrated`] without the function; [`Error::Db`] otherwise.
+pub async fn publish_wal(client: &Client, channel: &Channel, payload: &str) -> Result<()> {
+    client
+        .execute("SELECT pubsub.publish_wal($1, $2)", &[&channel.as_str(), &payload])
+        .await
+        .map_err(|e| Error::db("publishing through the WAL", e))?;
+    Ok(())
+}

@@ -17,6 +17,9 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         (false, true) => Style::Pretty,
         (false, false) => Style::Line,
     };
+    if args.wal {
+        return run_wal(config, args, style).await;
+    }
     let limits = Limits {
         max_event_bytes: args.max_event_bytes,
         max_age: Duration::from_secs(args.chunk_timeout.max(1)),
@@ -99,6 +102,56 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         foreign = s.foreign, foreign_dropped = s.foreign_dropped, chunks = s.chunks, reconnects = s.reconnects,
         resyncs = s.resyncs, malformed = s.malformed, not_json = s.not_json, corrupt = s.corrupt,
         expired = s.expired, evicted = s.evicted, oversize = s.oversize, "stopped");
+    result
+}
+
+/// `listen --wal`: the same output, read from a replication slot. A
+/// transaction is confirmed to the server only after its events were
+/// flushed to stdout (the next `recv` confirms it), so a named reader that
+/// is killed resumes with nothing lost.
+async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
+    let options = pgpubsub::WalOptions::new(args.name.clone(), args.channels.list.clone());
+    let mut listener =
+        pgpubsub::WalListener::connect(config, options).await.context("starting the WAL listener")?;
+    let stats = listener.stats();
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, unbuffered_stdout());
+    let mut printed = 0u64;
+    tokio::pin!(stop);
+    let result = loop {
+        let first = tokio::select! {
+            item = listener.recv() => item,
+            () = &mut stop => break Ok(()),
+        };
+        let mut written = match first {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(e).context("reading the WAL"),
+            Some(Ok(event)) => {
+                printed += 1;
+                output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now))
+            }
+        };
+        while written.is_ok() && !args.count.is_some_and(|n| printed >= n) {
+            let Some(event) = listener.try_recv() else { break };
+            printed += 1;
+            written = output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now));
+        }
+        match written.and_then(|()| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
+            Err(e) => break Err(e).context("writing to stdout"),
+            Ok(()) => {}
+        }
+        if args.count.is_some_and(|n| printed >= n) {
+            break Ok(());
+        }
+    };
+    let _ = out.flush();
+    let s = stats.snapshot();
+    let slot = listener.slot().to_string();
+    if let Err(e) = listener.close().await {
+        tracing::warn!(error = %e, "could not confirm the last position: its events will come again");
+    }
+    tracing::info!(printed, slot, reconnects = s.reconnects, resyncs = s.resyncs, malformed = s.malformed, "stopped");
     result
 }
 

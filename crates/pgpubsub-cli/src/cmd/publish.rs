@@ -20,6 +20,13 @@ pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<()> {
         }
     };
     let client = super::connect(config).await?;
+    if args.wal {
+        pgpubsub::watch::publish_wal(&client, &args.channel, &payload)
+            .await
+            .with_context(|| format!("publishing on {} through the WAL", args.channel))?;
+        tracing::info!(channel = %args.channel, bytes = payload.len(), "published through the WAL");
+        return Ok(());
+    }
     let seq = pgpubsub::publish(&client, &args.channel, &payload)
         .await
         .with_context(|| format!("publishing on {}", args.channel))?;

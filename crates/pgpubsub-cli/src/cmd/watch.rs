@@ -5,7 +5,13 @@ use pgpubsub::db::Config;
 use pgpubsub::Channel;
 
 /// Watches a table, or lists watched tables when none is given.
-pub async fn run(config: &Config, table: Option<&str>, channel: Option<&Channel>, inline: bool) -> anyhow::Result<()> {
+pub async fn run(
+    config: &Config,
+    table: Option<&str>,
+    channel: Option<&Channel>,
+    inline: bool,
+    wal: bool,
+) -> anyhow::Result<()> {
     let client = super::connect(config).await?;
     let Some(table) = table else {
         for (table, channel) in pgpubsub::watch::watches(&client).await? {
@@ -13,6 +19,13 @@ pub async fn run(config: &Config, table: Option<&str>, channel: Option<&Channel>
         }
         return Ok(());
     };
+    if wal {
+        let channel = pgpubsub::watch::watch_wal(&client, table, channel)
+            .await
+            .with_context(|| format!("watching {table} through the WAL"))?;
+        println!("watching {table} through the WAL: its changes are events on channel {channel} for `listen --wal`");
+        return Ok(());
+    }
     let channel = pgpubsub::watch::watch_with(&client, table, channel, inline)
         .await
         .with_context(|| format!("watching {table}"))?;

@@ -82,6 +82,10 @@ pub async fn teardown(client: &Client) -> anyhow::Result<()> {
                IF to_regclass('pubsub.events') IS NOT NULL THEN
                  DELETE FROM pubsub.events WHERE channel LIKE 'pgpubsub\\_load\\_%';
                END IF;
+               IF to_regclass('pubsub.wal_watches') IS NOT NULL THEN
+                 DELETE FROM pubsub.wal_watches WHERE channel LIKE 'pgpubsub\\_load\\_%';
+                 DELETE FROM pubsub.wal_messages WHERE channel LIKE 'pgpubsub\\_load\\_%';
+               END IF;
              END $$;"
         ))
         .await

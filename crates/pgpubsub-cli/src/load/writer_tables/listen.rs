@@ -14,15 +14,22 @@ pub(super) struct Listener {
 }
 
 impl Listener {
-    pub(super) async fn start(url: &str, runs: usize) -> anyhow::Result<Listener> {
+    /// `wal`: `listen --wal` on the WAL targets' channels, else `listen`
+    /// on the others'.
+    pub(super) async fn start(url: &str, runs: usize, wal: bool) -> anyhow::Result<Listener> {
         let output = OutputFile::create()?;
-        let channels: Vec<String> = [Target::Seed, Target::Inline, Target::Watched, Target::Publish]
-            .iter()
-            .filter_map(|t| t.channel())
-            .collect();
+        let targets = if wal {
+            vec![Target::Wal, Target::PublishWal]
+        } else {
+            vec![Target::Seed, Target::Inline, Target::Watched, Target::Publish]
+        };
+        let channels: Vec<String> = targets.iter().filter_map(|t| t.channel()).collect();
         let exe = std::env::current_exe().context("finding the pgpubsub binary")?;
         let mut cmd = Command::new(&exe);
         cmd.args(["listen", "--json", "--received-at", "--channel", &channels.join(",")]);
+        if wal {
+            cmd.arg("--wal");
+        }
         let (mut child, pid) = spawn(cmd, url, std::process::Stdio::from(output.file.try_clone()?))?;
         wait_ready(&mut child, "listening").await?;
         let delivered: Arc<Vec<AtomicU64>> = Arc::new((0..runs).map(|_| AtomicU64::new(0)).collect());

@@ -83,14 +83,43 @@ pub enum Target {
     Inline,
     /// `pubsub.watch(table, channel)`: the log only.
     Watched,
+    /// `pubsub.watch_wal(table, channel)`: no trigger; read from a
+    /// replication slot by `listen --wal` (only with wal_level = logical).
+    Wal,
     /// A plain INSERT of the message text into a table with no trigger.
     Insert,
     /// `pubsub.publish` of the message.
     Publish,
+    /// `pubsub.publish_wal` of the message, read by `listen --wal`.
+    PublishWal,
 }
 
 impl Target {
-    const TABLES: [Target; 4] = [Target::Plain, Target::Seed, Target::Inline, Target::Watched];
+    /// The tables of one writer count: the four, and the WAL-watched one
+    /// when the server can decode.
+    fn tables(wal: bool) -> Vec<Target> {
+        let mut t = vec![Target::Plain, Target::Seed, Target::Inline, Target::Watched];
+        if wal {
+            t.push(Target::Wal);
+        }
+        t
+    }
+
+    /// The publish comparison: a plain INSERT, `publish`, and `publish_wal`
+    /// when the server can decode.
+    fn publishing(wal: bool) -> Vec<Target> {
+        let mut t = vec![Target::Insert, Target::Publish];
+        if wal {
+            t.push(Target::PublishWal);
+        }
+        t
+    }
+
+    /// Read by `listen --wal` (started for its runs only, so no other run
+    /// pays for decoding).
+    fn wal(self) -> bool {
+        matches!(self, Target::Wal | Target::PublishWal)
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -98,8 +127,10 @@ impl Target {
             Target::Seed => "seed",
             Target::Inline => "inline",
             Target::Watched => "watched",
+            Target::Wal => "wal",
             Target::Insert => "insert",
             Target::Publish => "publish",
+            Target::PublishWal => "publish_wal",
         }
     }
 
@@ -114,7 +145,7 @@ impl Target {
     /// What its writes/s are compared with.
     fn baseline(self) -> Target {
         match self {
-            Target::Insert | Target::Publish => Target::Insert,
+            Target::Insert | Target::Publish | Target::PublishWal => Target::Insert,
             _ => Target::Plain,
         }
     }
@@ -189,9 +220,17 @@ pub async fn run(config: &Config, url: &str, opts: &Options, json: bool) -> anyh
     let mut m = crate::cmd::connect(config).await?;
     pgpubsub::migrate::up(&mut m, false).await.context("applying the pubsub schema")?;
     drop(m);
-    setup(&admin).await?;
+    let wal_level: String = admin.query_one("SHOW wal_level", &[]).await?.get(0);
+    let wal = wal_level == "logical";
+    if !wal {
+        eprintln!(
+            "wal_level is {wal_level}: the WAL-watched table and publish_wal are left out \
+             (set wal_level = logical and restart the server to measure them)"
+        );
+    }
+    setup(&admin, wal).await?;
     let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
-    let result = run_all(config, url, opts, payload, &admin).await;
+    let result = run_all(config, url, opts, payload, &admin, wal).await;
     let cleanup = teardown(&admin).await;
     let reports = result?;
     cleanup?;
@@ -221,26 +260,46 @@ async fn run_all(
     opts: &Options,
     payload: usize,
     admin: &Client,
+    wal: bool,
 ) -> anyhow::Result<Vec<RunReport>> {
     let mut plan: Vec<(usize, usize, Target)> = Vec::new();
     for round in 0..opts.rounds.max(1) {
         for &w in &opts.writers {
-            let mut tables = Target::TABLES;
-            tables.rotate_left(round % Target::TABLES.len());
+            let mut tables = Target::tables(wal);
+            let n = tables.len();
+            tables.rotate_left(round % n);
             plan.extend(tables.into_iter().map(|t| (round, w, t)));
         }
         if opts.publishers > 0 {
-            let mut pair = [Target::Insert, Target::Publish];
-            pair.rotate_left(round % 2);
+            let mut pair = Target::publishing(wal);
+            let n = pair.len();
+            pair.rotate_left(round % n);
             plan.extend(pair.into_iter().map(|t| (round, opts.publishers, t)));
         }
     }
-    let listener = Listener::start(url, plan.len()).await?;
+    let listener = Listener::start(url, plan.len(), false).await?;
     let mut raws = Vec::new();
+    let mut wal_probes = std::collections::HashMap::new();
     for (i, &(round, writers, target)) in plan.iter().enumerate() {
-        let ran = one_run(config, admin, &listener, i, writers, target, opts.per_run, payload)
-            .await
-            .with_context(|| format!("{writers} writers → {}", target.name()));
+        let ran = if target.wal() {
+            match Listener::start(url, plan.len(), true).await {
+                Ok(reader) => {
+                    let ran = one_run(config, admin, &reader, i, writers, target, opts.per_run, payload).await;
+                    let probes = reader.stop().await;
+                    match (ran, probes) {
+                        (Ok(r), Ok(mut probes)) => {
+                            wal_probes.insert(i, std::mem::replace(&mut probes[i], Probe::new()));
+                            Ok(r)
+                        }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            one_run(config, admin, &listener, i, writers, target, opts.per_run, payload).await
+        }
+        .with_context(|| format!("{writers} writers → {}", target.name()));
         match ran {
             Ok(mut r) => {
                 r.round = round;
@@ -252,17 +311,20 @@ async fn run_all(
             }
         }
     }
-    let probes = listener.stop().await?;
-    Ok(summarize(opts, &raws, probes))
+    let mut probes = listener.stop().await?;
+    for (i, p) in wal_probes {
+        probes[i] = p;
+    }
+    Ok(summarize(opts, &raws, probes, wal))
 }
 
 /// One report per writer count and target, in the order of the first
 /// round without rotation: the tables for each count, then publishing.
-fn summarize(opts: &Options, raws: &[Raw], probes: Vec<Probe>) -> Vec<RunReport> {
+fn summarize(opts: &Options, raws: &[Raw], probes: Vec<Probe>, wal: bool) -> Vec<RunReport> {
     let mut keys: Vec<(usize, Target)> =
-        opts.writers.iter().flat_map(|&w| Target::TABLES.into_iter().map(move |t| (w, t))).collect();
+        opts.writers.iter().flat_map(|&w| Target::tables(wal).into_iter().map(move |t| (w, t))).collect();
     if opts.publishers > 0 {
-        keys.extend([(opts.publishers, Target::Insert), (opts.publishers, Target::Publish)]);
+        keys.extend(Target::publishing(wal).into_iter().map(|t| (opts.publishers, t)));
     }
     let mut probes: Vec<Option<Probe>> = probes.into_iter().map(Some).collect();
     let mut reports = Vec::new();

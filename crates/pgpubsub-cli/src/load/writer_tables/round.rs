@@ -77,7 +77,7 @@ pub(super) async fn one_run(
                 let t = now_us();
                 match target {
                     Target::Insert => client.execute(&stmt, &[&message(id, n, t, payload)]).await?,
-                    Target::Publish => {
+                    Target::Publish | Target::PublishWal => {
                         client.query_one(&stmt, &[&channel, &message(id, n, t, payload)]).await?;
                         1
                     }

@@ -15,7 +15,7 @@ pub(super) fn table(reports: &[RunReport], opts: &Options, payload: usize, postg
     );
     for r in reports {
         let name = match r.target {
-            Target::Insert | Target::Publish => format!("{} ({payload} B)", r.target.name()),
+            Target::Insert | Target::Publish | Target::PublishWal => format!("{} ({payload} B)", r.target.name()),
             t => t.name().to_string(),
         };
         o.push_str(&format!(
@@ -35,6 +35,7 @@ pub(super) fn table(reports: &[RunReport], opts: &Options, payload: usize, postg
     o.push_str(
         "\nvs plain: writes/s ÷ the plain table's at the same writer count in the same round (publish: ÷ insert of \
          the same text); with several rounds, writes/s and ratio are medians, the range in brackets.\n\
+         wal: watched through the WAL (no trigger), read by `listen --wal`, which runs for its runs only.\n\
          seed: the seed's NOTIFY trigger; its notifications reach the listener as foreign (kind notify).\n\
          Latency: the writer's clock as it sent the row, to the line the listener printed.\n\
          DB CPU: this database's backends and the server's background processes (/proc); \

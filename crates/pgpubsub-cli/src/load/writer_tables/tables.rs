@@ -4,10 +4,10 @@ use super::*;
 
 /// The scratch schema: the four tables, the seed's trigger, the watches,
 /// and the message table of the publish comparison.
-pub(super) async fn setup(admin: &Client) -> anyhow::Result<()> {
+pub(super) async fn setup(admin: &Client, wal: bool) -> anyhow::Result<()> {
     teardown(admin).await?;
     let mut sql = format!("CREATE SCHEMA {SCHEMA};");
-    for t in Target::TABLES {
+    for t in Target::tables(true) {
         sql.push_str(&format!(
             "CREATE TABLE {SCHEMA}.{} (id bigserial PRIMARY KEY, writer int NOT NULL, n bigint NOT NULL, \
              t bigint NOT NULL);",
@@ -31,6 +31,13 @@ pub(super) async fn setup(admin: &Client) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("watching {SCHEMA}.{}", t.name()))?;
     }
+    if wal {
+        let t = Target::Wal;
+        admin
+            .execute("SELECT pubsub.watch_wal($1::text::regclass, $2)", &[&format!("{SCHEMA}.{}", t.name()), &t.channel()])
+            .await
+            .with_context(|| format!("watching {SCHEMA}.{} through the WAL", t.name()))?;
+    }
     Ok(())
 }
 
@@ -39,6 +46,7 @@ pub(super) fn statement(target: Target) -> String {
     match target {
         Target::Insert => format!("INSERT INTO {SCHEMA}.msgs (payload) VALUES ($1)"),
         Target::Publish => "SELECT pubsub.publish($1, $2)".into(),
+        Target::PublishWal => "SELECT pubsub.publish_wal($1, $2)".into(),
         t => format!("INSERT INTO {SCHEMA}.{} (writer, n, t) VALUES ($1, $2, $3)", t.name()),
     }
 }
