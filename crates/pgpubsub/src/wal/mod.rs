@@ -56,11 +56,22 @@ pub struct WalOptions {
     pub channels: Vec<Channel>,
     /// How often the position is confirmed to the server.
     pub status_interval: Duration,
+    /// Once caught up, how long to let the next changes gather before
+    /// reading them (default 2 ms). The server sends every change as its
+    /// own message; read one by one, each costs this process a wake-up.
+    /// Lingering lets them pile up and arrive in one read: about half the
+    /// CPU per event (docs/performance.md), at up to this much latency.
+    pub linger: Duration,
 }
 
 impl Default for WalOptions {
     fn default() -> Self {
-        WalOptions { name: None, channels: Vec::new(), status_interval: Duration::from_secs(1) }
+        WalOptions {
+            name: None,
+            channels: Vec::new(),
+            status_interval: Duration::from_secs(1),
+            linger: Duration::from_millis(2),
+        }
     }
 }
 
@@ -92,6 +103,10 @@ pub struct WalListener {
     /// Commit LSN of the last transaction queued: anything at or below it
     /// is skipped after a reconnect.
     last_commit: u64,
+    /// The end of the last transaction `try_recv` returned all of: confirmed
+    /// by the next `recv`.
+    unconfirmed: Option<Lsn>,
+    linger: Duration,
     stats: Arc<Stats>,
 }
 
@@ -170,6 +185,10 @@ impl WalListener {
             None => (format!("pgpubsub_tmp_{}_{:x}", std::process::id(), rand_suffix()), true),
         };
         let repl = replication_config(config, &slot, options.status_interval)?;
+        // A small buffer: while this reader lingers, the replication task
+        // stops reading once it is full, so the server's messages gather in
+        // the socket instead of waking this process one by one.
+        let repl = repl.with_buffer_size(16);
         let side = crate::db::connect(config).await?;
         let rows = side
             .query("SELECT source, channel FROM pubsub.wal_watches", &[])
@@ -189,6 +208,8 @@ impl WalListener {
             queue: VecDeque::new(),
             txn: None,
             last_commit: 0,
+            unconfirmed: None,
+            linger: options.linger,
             stats: Arc::new(Stats::default()),
         })
     }
@@ -209,6 +230,9 @@ impl WalListener {
     /// (whole transactions) to the server. Reconnects by itself when the
     /// connection is lost; `None` never happens while the server is there.
     pub async fn recv(&mut self) -> Option<Result<Event>> {
+        if let Some(end) = self.unconfirmed.take() {
+            self.stream.update_applied_lsn(end);
+        }
         loop {
             match self.queue.pop_front() {
                 Some(Item::Event(e)) => {
@@ -221,7 +245,17 @@ impl WalListener {
                 }
                 None => {}
             }
-            let next = match self.stream.recv().await {
+            let ready = match tokio::time::timeout(Duration::ZERO, self.stream.recv()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // Caught up: let the next changes gather (see `linger`).
+                    if !self.linger.is_zero() {
+                        tokio::time::sleep(self.linger).await;
+                    }
+                    self.stream.recv().await
+                }
+            };
+            let next = match ready {
                 Ok(Some(ev)) => ev,
                 Ok(None) => {
                     self.reconnect("the server ended the stream").await;
@@ -246,7 +280,7 @@ impl WalListener {
     /// [`Error::Db`] when the slot cannot be moved (the events after its
     /// last confirmed position will come again).
     pub async fn close(mut self) -> Result<()> {
-        let mut end = None;
+        let mut end = self.unconfirmed.take();
         while let Some(Item::Commit(lsn)) = self.queue.front() {
             end = Some(*lsn);
             self.queue.pop_front();
@@ -274,20 +308,19 @@ impl WalListener {
         Ok(())
     }
 
-    /// An event that is ready now, without waiting. Never confirms
-    /// anything: it stops at the end of a transaction, which only
-    /// [`recv`](Self::recv) confirms (so a caller can write out what it has,
-    /// then call `recv`).
+    /// An event that is ready now, without waiting. Confirms nothing: the
+    /// transactions it returned all of are confirmed by the next
+    /// [`recv`](Self::recv), so a caller can write out what it has, then
+    /// call `recv`.
     pub fn try_recv(&mut self) -> Option<Event> {
-        if !matches!(self.queue.front(), Some(Item::Event(_))) {
-            return None;
-        }
-        match self.queue.pop_front() {
-            Some(Item::Event(e)) => {
-                Stats::bump(&self.stats.events);
-                Some(e)
+        loop {
+            match self.queue.pop_front()? {
+                Item::Event(e) => {
+                    Stats::bump(&self.stats.events);
+                    return Some(e);
+                }
+                Item::Commit(end) => self.unconfirmed = Some(end),
             }
-            _ => None,
         }
     }
 
