@@ -106,6 +106,9 @@ pub struct WalListener {
     /// The end of the last transaction `try_recv` returned all of: confirmed
     /// by the next `recv`.
     unconfirmed: Option<Lsn>,
+    /// The highest end confirmed (sent to the server within
+    /// `status_interval`, or by `close`).
+    confirmed: Option<Lsn>,
     linger: Duration,
     stats: Arc<Stats>,
 }
@@ -209,6 +212,7 @@ impl WalListener {
             txn: None,
             last_commit: 0,
             unconfirmed: None,
+            confirmed: None,
             linger: options.linger,
             stats: Arc::new(Stats::default()),
         })
@@ -231,7 +235,7 @@ impl WalListener {
     /// connection is lost; `None` never happens while the server is there.
     pub async fn recv(&mut self) -> Option<Result<Event>> {
         if let Some(end) = self.unconfirmed.take() {
-            self.stream.update_applied_lsn(end);
+            self.confirm(end);
         }
         loop {
             match self.queue.pop_front() {
@@ -240,7 +244,7 @@ impl WalListener {
                     return Some(Ok(e));
                 }
                 Some(Item::Commit(end)) => {
-                    self.stream.update_applied_lsn(end);
+                    self.confirm(end);
                     continue;
                 }
                 None => {}
@@ -280,13 +284,33 @@ impl WalListener {
     /// [`Error::Db`] when the slot cannot be moved (the events after its
     /// last confirmed position will come again).
     pub async fn close(mut self) -> Result<()> {
-        let mut end = self.unconfirmed.take();
-        while let Some(Item::Commit(lsn)) = self.queue.front() {
-            end = Some(*lsn);
-            self.queue.pop_front();
+        if let Some(end) = self.unconfirmed.take() {
+            self.confirm(end);
+        }
+        // The last transaction returned may not have its end read yet: read
+        // on (briefly) until it ends, unless more of it comes, which the
+        // caller never saw.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            while let Some(Item::Commit(lsn)) = self.queue.front() {
+                let lsn = *lsn;
+                self.queue.pop_front();
+                self.confirm(lsn);
+            }
+            if !self.queue.is_empty() || self.txn.is_none() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.stream.recv()).await {
+                Ok(Ok(Some(ev))) => {
+                    if self.handle(ev).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            }
         }
         let _ = self.stream.shutdown().await;
-        let (Some(end), false) = (end, self.temporary) else { return Ok(()) };
+        let (Some(end), false) = (self.confirmed, self.temporary) else { return Ok(()) };
         // The server lets the slot go a moment after the stream ends.
         for attempt in 0..40 {
             let moved = self
@@ -306,6 +330,12 @@ impl WalListener {
             }
         }
         Ok(())
+    }
+
+    /// Confirms every transaction ending at or before `end`.
+    fn confirm(&mut self, end: Lsn) {
+        self.stream.update_applied_lsn(end);
+        self.confirmed = self.confirmed.max(Some(end));
     }
 
     /// An event that is ready now, without waiting. Confirms nothing: the
@@ -354,7 +384,7 @@ impl WalListener {
                 // wal_end was delivered, so the slot may move past WAL that
                 // held none of our tables (else it would keep it forever).
                 if self.queue.is_empty() && self.txn.is_none() && wal_end.as_u64() > 0 {
-                    self.stream.update_applied_lsn(wal_end);
+                    self.confirm(wal_end);
                 }
             }
             _ => {}

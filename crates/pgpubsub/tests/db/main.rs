@@ -20,3 +20,4 @@ mod security;
 mod sizes;
 mod tls;
 mod tls_server;
+mod wal;

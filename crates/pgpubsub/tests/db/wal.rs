@@ -1,0 +1,283 @@
+//! Capture from the WAL (`pubsub.watch_wal`, `pubsub.publish_wal`,
+//! `WalListener`), on a cluster of the test's own with wal_level = logical.
+
+use std::time::Duration;
+
+use pgpubsub::{Channel, Error, Event, Op, WalListener, WalOptions};
+use tokio_postgres::Client;
+
+use crate::cluster::Cluster;
+use crate::common::{unique, WAIT};
+
+/// A cluster that can decode, and a migrated database in it.
+async fn logical() -> (Cluster, pgpubsub::db::Config, Client) {
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(false, |data| {
+            use std::io::Write;
+            let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+            writeln!(conf, "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20").unwrap();
+        })
+    })
+    .await
+    .unwrap();
+    let admin = pgpubsub::db::connect(&cluster.url("postgres").parse().unwrap()).await.unwrap();
+    admin.batch_execute("CREATE DATABASE t").await.unwrap();
+    let config: pgpubsub::db::Config = cluster.url("t").parse().unwrap();
+    let mut client = pgpubsub::db::connect(&config).await.unwrap();
+    pgpubsub::migrate::up(&mut client, false).await.unwrap();
+    (cluster, config, client)
+}
+
+async fn next(listener: &mut WalListener) -> Event {
+    tokio::time::timeout(WAIT, listener.recv()).await.expect("an event in time").expect("stream open").unwrap()
+}
+
+/// Nothing more within `wait`.
+async fn nothing(listener: &mut WalListener, wait: Duration) {
+    if let Ok(Some(e)) = tokio::time::timeout(wait, listener.recv()).await {
+        panic!("expected nothing, got {:?}", e.map(|e| e.json().to_string()));
+    }
+}
+
+fn value(e: &Event) -> serde_json::Value {
+    serde_json::from_str(e.json()).unwrap()
+}
+
+#[tokio::test]
+async fn wal_events_are_typed_complete_and_in_commit_order() {
+    let (_cluster, config, client) = logical().await;
+    client
+        .batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int, ok boolean, doc jsonb, price numeric, big text);
+             CREATE TABLE logged (id int PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    let orders = pgpubsub::watch::watch_wal(&client, "orders", None).await.unwrap();
+    let news = Channel::new("news").unwrap();
+    // A trigger-watched table is not in the WAL stream.
+    pgpubsub::watch(&client, "logged", None).await.unwrap();
+    let mut listener =
+        WalListener::connect(&config, WalOptions::new(None, vec![orders.clone(), news.clone(), Channel::new("logged").unwrap()]))
+            .await
+            .unwrap();
+
+    let big = "é\"x\n".repeat(300_000);
+    client
+        .batch_execute(&format!(
+            "INSERT INTO logged VALUES (1);
+             BEGIN;
+             INSERT INTO orders VALUES (1, 'a \"quoted\" ☃', 2, true, '{{\"k\": [1, 2]}}', 12.50, NULL);
+             INSERT INTO orders VALUES (2, 'b', NULL, false, NULL, 'NaN', '{big}');
+             COMMIT;
+             UPDATE orders SET qty = 3 WHERE id = 1;
+             UPDATE orders SET qty = 4 WHERE id = 2;
+             DELETE FROM orders WHERE id = 1;
+             TRUNCATE orders;"
+        ))
+        .await
+        .unwrap();
+    pgpubsub::watch::publish_wal(&client, &news, &big).await.unwrap();
+
+    let mut events = Vec::new();
+    for _ in 0..7 {
+        events.push(next(&mut listener).await);
+    }
+    nothing(&mut listener, Duration::from_millis(500)).await;
+    let v: Vec<serde_json::Value> = events.iter().map(value).collect();
+
+    // One transaction: same lsn, indexes 0 and 1; then later lsns.
+    assert_eq!(v[0]["lsn"], v[1]["lsn"]);
+    assert_eq!((v[0]["index"].as_u64(), v[1]["index"].as_u64()), (Some(0), Some(1)));
+    let lsns: Vec<u64> = events.iter().map(|e| e.lsn.unwrap()).collect();
+    assert!(lsns.windows(2).all(|w| w[0] <= w[1]), "commit order: {lsns:?}");
+    assert!(lsns[1] < lsns[2]);
+
+    let c = events[0].change().unwrap();
+    assert_eq!((c.op, c.schema.as_str(), c.table.as_str()), (Op::Insert, "public", "orders"));
+    assert_eq!(events[0].channel, orders.as_str());
+    assert_eq!(
+        v[0]["new"],
+        serde_json::json!({"id": 1, "item": "a \"quoted\" ☃", "qty": 2, "ok": true, "doc": {"k": [1, 2]}, "price": 12.50, "big": null})
+    );
+    assert_eq!(v[0]["key"], serde_json::json!({"id": 1}));
+    assert_eq!(v[1]["new"]["price"], "NaN");
+    assert_eq!(v[1]["new"]["big"].as_str().unwrap(), big, "a large (TOASTed) value arrives whole");
+    // An update that leaves a TOASTed value alone: without REPLICA IDENTITY
+    // FULL the value is not in the WAL, so it is left out, never made up.
+    assert_eq!(v[2]["op"], "UPDATE");
+    assert_eq!(v[2]["new"]["qty"], 3);
+    assert_eq!(v[3]["new"]["qty"], 4);
+    assert!(v[3]["new"].get("big").is_none(), "{}", v[3]["new"]);
+    assert_eq!((v[4]["op"].as_str(), &v[4]["old"]), (Some("DELETE"), &serde_json::json!({"id": 1})));
+    assert!(v[4]["new"].is_null());
+    assert_eq!((v[5]["op"].as_str(), &v[5]["key"]), (Some("TRUNCATE"), &serde_json::Value::Null));
+    let m = events[6].message().unwrap();
+    assert_eq!((events[6].channel.as_str(), m.payload == big), ("news", true));
+    for e in &events {
+        assert!(!e.json().contains('\n'));
+        assert!(e.seq.is_none() && e.time.is_some() && e.txid.is_some());
+    }
+}
+
+#[tokio::test]
+async fn a_named_wal_reader_resumes_after_what_it_finished_nothing_lost_or_repeated() {
+    let (_cluster, config, client) = logical().await;
+    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let ch = pgpubsub::watch::watch_wal(&client, "t", None).await.unwrap();
+    let opts = || WalOptions::new(Some("resumer".into()), vec![ch.clone()]);
+    let ids = |es: &[Event]| es.iter().map(|e| value(e)["new"]["id"].as_i64().unwrap()).collect::<Vec<_>>();
+
+    let mut first = WalListener::connect(&config, opts()).await.unwrap();
+    assert_eq!(first.slot(), "pgpubsub_resumer");
+    for i in 1..=5 {
+        client.execute("INSERT INTO t VALUES ($1)", &[&i]).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(next(&mut first).await);
+    }
+    assert_eq!(ids(&got), [1, 2, 3, 4, 5]);
+    first.close().await.unwrap();
+
+    // Written while no reader runs: kept by the slot.
+    for i in 6..=10 {
+        client.execute("INSERT INTO t VALUES ($1)", &[&i]).await.unwrap();
+    }
+    let mut second = WalListener::connect(&config, opts()).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(next(&mut second).await);
+    }
+    assert_eq!(ids(&got), [6, 7, 8, 9, 10]);
+    nothing(&mut second, Duration::from_millis(500)).await;
+
+    // The stream is cut (the server ends the walsender) while writes go
+    // on: the reader reconnects to its slot, and skips what it delivered.
+    let writer = {
+        let config = config.clone();
+        tokio::spawn(async move {
+            let c = pgpubsub::db::connect(&config).await.unwrap();
+            for i in 11..=60 {
+                c.execute("INSERT INTO t VALUES ($1)", &[&i]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut got = Vec::new();
+    for n in 0..50 {
+        if n == 10 {
+            client
+                .execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'pgpubsub_resumer'", &[])
+                .await
+                .unwrap();
+        }
+        got.push(next(&mut second).await);
+    }
+    writer.await.unwrap();
+    assert_eq!(ids(&got), (11..=60).collect::<Vec<i64>>());
+    assert!(second.stats().snapshot().reconnects >= 1);
+    nothing(&mut second, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn a_wal_reader_gets_only_what_its_role_may_select() {
+    let (_cluster, config, client) = logical().await;
+    let reader = unique("wal_reader");
+    let outsider = unique("wal_outsider");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE open (id int PRIMARY KEY); CREATE TABLE secret (id int PRIMARY KEY, card text);
+             CREATE ROLE {reader} LOGIN REPLICATION; GRANT USAGE ON SCHEMA pubsub TO {reader};
+             GRANT SELECT ON open TO {reader};
+             CREATE ROLE {outsider} LOGIN; GRANT USAGE ON SCHEMA pubsub TO {outsider};"
+        ))
+        .await
+        .unwrap();
+    let open = pgpubsub::watch::watch_wal(&client, "open", None).await.unwrap();
+    let secret = pgpubsub::watch::watch_wal(&client, "secret", None).await.unwrap();
+    let news = Channel::new("news").unwrap();
+    let as_role = |role: &str| {
+        let mut c = config.clone();
+        c.pg_mut().user(role);
+        c
+    };
+    let all = vec![open.clone(), secret.clone(), news.clone()];
+
+    // LOGIN only: no stream at all, and a clear reason.
+    let refused = WalListener::connect(&as_role(&outsider), WalOptions::new(None, all.clone())).await;
+    match refused {
+        Err(Error::Wal(why)) => assert!(why.contains("REPLICATION"), "{why}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a role without REPLICATION streamed the WAL"),
+    }
+
+    let mut listener = WalListener::connect(&as_role(&reader), WalOptions::new(None, all)).await.unwrap();
+    client
+        .batch_execute("INSERT INTO secret VALUES (1, '4111 1111 1111 1111'); INSERT INTO open VALUES (1);")
+        .await
+        .unwrap();
+    pgpubsub::watch::publish_wal(&client, &news, "not for the reader").await.unwrap();
+    client.batch_execute("INSERT INTO open VALUES (2)").await.unwrap();
+    let a = next(&mut listener).await;
+    let b = next(&mut listener).await;
+    assert_eq!((a.channel.as_str(), b.channel.as_str()), (open.as_str(), open.as_str()));
+    assert_eq!((value(&a)["new"]["id"].as_i64(), value(&b)["new"]["id"].as_i64()), (Some(1), Some(2)));
+    nothing(&mut listener, Duration::from_millis(500)).await;
+
+    // Granted: its later rows come (privileges are asked again within a second).
+    client
+        .batch_execute(&format!("GRANT SELECT ON secret, pubsub.wal_messages TO {reader}"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    client.batch_execute("INSERT INTO secret VALUES (2, 'granted')").await.unwrap();
+    pgpubsub::watch::publish_wal(&client, &news, "now readable").await.unwrap();
+    let c = next(&mut listener).await;
+    assert_eq!((c.channel.as_str(), value(&c)["new"]["card"].as_str()), (secret.as_str(), Some("granted")));
+    assert_eq!(next(&mut listener).await.message().unwrap().payload, "now readable");
+
+    // Writers cannot use publish_wal without a grant, nor write the table.
+    let outsider_client = pgpubsub::db::connect(&as_role(&outsider)).await.unwrap();
+    for sql in ["SELECT pubsub.publish_wal('news', 'forged')", "INSERT INTO pubsub.wal_messages VALUES ('news', 'forged')"] {
+        let e = outsider_client.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{sql}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn a_changed_channel_takes_effect_in_wal_order() {
+    let (_cluster, config, client) = logical().await;
+    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let (a, b) = (Channel::new("chan_a").unwrap(), Channel::new("chan_b").unwrap());
+    pgpubsub::watch::watch_wal(&client, "t", Some(&a)).await.unwrap();
+    let mut listener = WalListener::connect(&config, WalOptions::new(None, vec![a.clone(), b.clone()])).await.unwrap();
+    client.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    pgpubsub::watch::watch_wal(&client, "t", Some(&b)).await.unwrap();
+    client.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    pgpubsub::unwatch(&client, "t").await.unwrap();
+    client.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
+    let (one, two) = (next(&mut listener).await, next(&mut listener).await);
+    assert_eq!((one.channel.as_str(), two.channel.as_str()), ("chan_a", "chan_b"));
+    nothing(&mut listener, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn without_logical_wal_level_the_error_says_what_to_set() {
+    // The shared server runs with the default wal_level (replica).
+    let db = crate::common::TestDb::new().await;
+    let c = db.client().await;
+    let level: String = c.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
+    if level == "logical" {
+        eprintln!("skipped: the shared server already decodes");
+        return;
+    }
+    match WalListener::connect(&db.config, WalOptions::default()).await {
+        Err(Error::Wal(why)) => assert!(why.contains("wal_level = logical"), "{why}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("streamed without wal_level = logical"),
+    }
+    // Named readers refuse names that are not slot names.
+    let bad = WalListener::connect(&db.config, WalOptions::new(Some("Bad Name".into()), vec![])).await;
+    assert!(matches!(bad, Err(Error::Config(_))));
+}
