@@ -223,7 +223,15 @@ impl Event {
         let raw = compact(raw);
         let json =
             serde_json::to_string(&Wrapped { seq: None, kind: "notify", channel, payload: &raw }).unwrap_or_default();
-        Event { channel: channel.to_string(), seq: None, txid: None, lsn: None, time: None, body: Body::Notify(raw), json }
+        Event {
+            channel: channel.to_string(),
+            seq: None,
+            txid: None,
+            lsn: None,
+            time: None,
+            body: Body::Notify(raw),
+            json,
+        }
     }
 
     /// An event captured from the WAL, with its JSON already rendered.

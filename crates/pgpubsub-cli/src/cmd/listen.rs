@@ -112,8 +112,7 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
 async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Result<()> {
     let stop = shutdown_signal();
     let options = pgpubsub::WalOptions::new(args.name.clone(), args.channels.list.clone());
-    let mut listener =
-        pgpubsub::WalListener::connect(config, options).await.context("starting the WAL listener")?;
+    let mut listener = pgpubsub::WalListener::connect(config, options).await.context("starting the WAL listener")?;
     let stats = listener.stats();
     let mut out = std::io::BufWriter::with_capacity(64 << 10, unbuffered_stdout());
     let mut printed = 0u64;

@@ -37,7 +37,7 @@ fn wait_output(child: Child) -> Output {
     wait_output_within(child, WAIT)
 }
 
-fn wait_output_within(child: Child, limit: std::time::Duration) -> Output {
+pub(crate) fn wait_output_within(child: Child, limit: std::time::Duration) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {

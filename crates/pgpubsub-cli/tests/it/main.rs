@@ -11,6 +11,7 @@ mod gateway;
 mod operable;
 mod serve;
 mod tls;
+mod wal;
 
 // Test support shared with the library's tests, included by path so there
 // is one copy; not every helper is used from here.

@@ -139,7 +139,8 @@ impl Decoder {
     /// A row of pubsub.wal_watches changed: a table was watched, its
     /// channel changed, or it was unwatched.
     fn watch_changed(&mut self, rel: Relation, new: Option<&[Value<'_>]>, old: Option<&[Value<'_>]>) {
-        let source = |row: Option<&[Value<'_>]>| row.and_then(|r| pgoutput::text(&rel, r, "source")?.parse::<u32>().ok());
+        let source =
+            |row: Option<&[Value<'_>]>| row.and_then(|r| pgoutput::text(&rel, r, "source")?.parse::<u32>().ok());
         if let Some(before) = source(old) {
             self.channels.remove(&before);
         }
@@ -170,7 +171,9 @@ impl Decoder {
             return Ok(());
         }
         let Some(relation) = self.relations.get(&rel) else { return Ok(()) };
-        let render = |row: Option<&[Value<'_>]>, fallback, keys| row.and_then(|r| pgoutput::row_json(relation, r, fallback, keys));
+        let render = |row: Option<&[Value<'_>]>, fallback, keys| {
+            row.and_then(|r| pgoutput::row_json(relation, r, fallback, keys))
+        };
         // Unchanged TOASTed values come from a whole old row only; a
         // key-only old row is rendered as just its key columns.
         let new_json = render(new, old.filter(|_| old_full), false);
@@ -235,11 +238,8 @@ const PG_EPOCH: u64 = 946_684_800;
 /// A commit time (µs since 2000-01-01) in RFC 3339, UTC.
 fn commit_time(us: i64) -> String {
     let unix = std::time::UNIX_EPOCH + Duration::from_secs(PG_EPOCH);
-    let t = if us >= 0 {
-        unix + Duration::from_micros(us as u64)
-    } else {
-        unix - Duration::from_micros(us.unsigned_abs())
-    };
+    let t =
+        if us >= 0 { unix + Duration::from_micros(us as u64) } else { unix - Duration::from_micros(us.unsigned_abs()) };
     humantime::format_rfc3339_micros(t).to_string()
 }
 

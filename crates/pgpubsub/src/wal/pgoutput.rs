@@ -43,12 +43,24 @@ pub(crate) enum Value<'a> {
 #[derive(Debug)]
 pub(crate) enum Msg<'a> {
     Relation(Relation),
-    Insert { rel: u32, new: Vec<Value<'a>> },
+    Insert {
+        rel: u32,
+        new: Vec<Value<'a>>,
+    },
     /// `old` is the whole old row with REPLICA IDENTITY FULL, else its key
     /// columns only, and only when the key changed.
-    Update { rel: u32, old: Option<Old<'a>>, new: Vec<Value<'a>> },
-    Delete { rel: u32, old: Old<'a> },
-    Truncate { rels: Vec<u32> },
+    Update {
+        rel: u32,
+        old: Option<Old<'a>>,
+        new: Vec<Value<'a>>,
+    },
+    Delete {
+        rel: u32,
+        old: Old<'a>,
+    },
+    Truncate {
+        rels: Vec<u32>,
+    },
     Other,
 }
 
@@ -203,7 +215,12 @@ fn push_value(out: &mut String, type_oid: u32, text: &str) {
 /// identity's columns. A column the message left out (an unchanged TOASTed
 /// value) is taken from `fallback` (the old row, with REPLICA IDENTITY
 /// FULL) or else omitted. `None` when a value is not UTF-8.
-pub(crate) fn row_json(rel: &Relation, values: &[Value<'_>], fallback: Option<&[Value<'_>]>, only_keys: bool) -> Option<String> {
+pub(crate) fn row_json(
+    rel: &Relation,
+    values: &[Value<'_>],
+    fallback: Option<&[Value<'_>]>,
+    only_keys: bool,
+) -> Option<String> {
     let mut out = String::with_capacity(16 + values.len() * 16);
     out.push('{');
     let mut first = true;

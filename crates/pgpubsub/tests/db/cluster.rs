@@ -77,6 +77,16 @@ impl Cluster {
         cluster
     }
 
+    /// A cluster that can decode its WAL (`wal_level = logical`), for
+    /// capture from the WAL.
+    pub fn logical() -> Cluster {
+        Cluster::start_with(false, |data| {
+            use std::io::Write;
+            let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+            writeln!(conf, "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20").unwrap();
+        })
+    }
+
     fn ctl(&self, action: &[&str]) {
         let data = self.dir.join("data");
         let opts = format!(

@@ -11,15 +11,7 @@ use crate::common::{unique, WAIT};
 
 /// A cluster that can decode, and a migrated database in it.
 async fn logical() -> (Cluster, pgpubsub::db::Config, Client) {
-    let cluster = tokio::task::spawn_blocking(|| {
-        Cluster::start_with(false, |data| {
-            use std::io::Write;
-            let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-            writeln!(conf, "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20").unwrap();
-        })
-    })
-    .await
-    .unwrap();
+    let cluster = tokio::task::spawn_blocking(Cluster::logical).await.unwrap();
     let admin = pgpubsub::db::connect(&cluster.url("postgres").parse().unwrap()).await.unwrap();
     admin.batch_execute("CREATE DATABASE t").await.unwrap();
     let config: pgpubsub::db::Config = cluster.url("t").parse().unwrap();
@@ -57,10 +49,12 @@ async fn wal_events_are_typed_complete_and_in_commit_order() {
     let news = Channel::new("news").unwrap();
     // A trigger-watched table is not in the WAL stream.
     pgpubsub::watch(&client, "logged", None).await.unwrap();
-    let mut listener =
-        WalListener::connect(&config, WalOptions::new(None, vec![orders.clone(), news.clone(), Channel::new("logged").unwrap()]))
-            .await
-            .unwrap();
+    let mut listener = WalListener::connect(
+        &config,
+        WalOptions::new(None, vec![orders.clone(), news.clone(), Channel::new("logged").unwrap()]),
+    )
+    .await
+    .unwrap();
 
     let big = "é\"x\n".repeat(300_000);
     client
@@ -226,10 +220,7 @@ async fn a_wal_reader_gets_only_what_its_role_may_select() {
     nothing(&mut listener, Duration::from_millis(500)).await;
 
     // Granted: its later rows come (privileges are asked again within a second).
-    client
-        .batch_execute(&format!("GRANT SELECT ON secret, pubsub.wal_messages TO {reader}"))
-        .await
-        .unwrap();
+    client.batch_execute(&format!("GRANT SELECT ON secret, pubsub.wal_messages TO {reader}")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     client.batch_execute("INSERT INTO secret VALUES (2, 'granted')").await.unwrap();
     pgpubsub::watch::publish_wal(&client, &news, "now readable").await.unwrap();
@@ -239,7 +230,9 @@ async fn a_wal_reader_gets_only_what_its_role_may_select() {
 
     // Writers cannot use publish_wal without a grant, nor write the table.
     let outsider_client = pgpubsub::db::connect(&as_role(&outsider)).await.unwrap();
-    for sql in ["SELECT pubsub.publish_wal('news', 'forged')", "INSERT INTO pubsub.wal_messages VALUES ('news', 'forged')"] {
+    for sql in
+        ["SELECT pubsub.publish_wal('news', 'forged')", "INSERT INTO pubsub.wal_messages VALUES ('news', 'forged')"]
+    {
         let e = outsider_client.execute(sql, &[]).await.unwrap_err();
         assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{sql}: {e}");
     }

@@ -34,7 +34,10 @@ pub(super) async fn setup(admin: &Client, wal: bool) -> anyhow::Result<()> {
     if wal {
         let t = Target::Wal;
         admin
-            .execute("SELECT pubsub.watch_wal($1::text::regclass, $2)", &[&format!("{SCHEMA}.{}", t.name()), &t.channel()])
+            .execute(
+                "SELECT pubsub.watch_wal($1::text::regclass, $2)",
+                &[&format!("{SCHEMA}.{}", t.name()), &t.channel()],
+            )
             .await
             .with_context(|| format!("watching {SCHEMA}.{} through the WAL", t.name()))?;
     }
