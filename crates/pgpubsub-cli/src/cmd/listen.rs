@@ -130,7 +130,7 @@ async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Re
                 output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now))
             }
         };
-        while written.is_ok() && !args.count.is_some_and(|n| printed >= n) {
+        while written.is_ok() && args.count.is_none_or(|n| printed < n) {
             let Some(event) = listener.try_recv() else { break };
             printed += 1;
             written = output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now));

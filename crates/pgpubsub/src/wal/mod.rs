@@ -85,7 +85,7 @@ impl WalOptions {
 /// What the queue holds: events, and the end of each transaction, which is
 /// confirmed to the server once the caller comes back for more after it.
 enum Item {
-    Event(Event),
+    Event(Box<Event>),
     Commit(Lsn),
 }
 
@@ -241,7 +241,7 @@ impl WalListener {
             match self.queue.pop_front() {
                 Some(Item::Event(e)) => {
                     Stats::bump(&self.stats.events);
-                    return Some(Ok(e));
+                    return Some(Ok(*e));
                 }
                 Some(Item::Commit(end)) => {
                     self.confirm(end);
@@ -347,7 +347,7 @@ impl WalListener {
             match self.queue.pop_front()? {
                 Item::Event(e) => {
                     Stats::bump(&self.stats.events);
-                    return Some(e);
+                    return Some(*e);
                 }
                 Item::Commit(end) => self.unconfirmed = Some(end),
             }
@@ -369,7 +369,7 @@ impl WalListener {
                     None => (&mut unscoped, true),
                 };
                 self.decoder.message(&self.side, &self.stats, txn, &data, skip, &mut out).await?;
-                self.queue.extend(out.into_iter().map(Item::Event));
+                self.queue.extend(out.into_iter().map(|e| Item::Event(Box::new(e))));
             }
             ReplicationEvent::Commit { lsn, end_lsn, .. } => {
                 if let Some((_, skip)) = self.txn.take() {
@@ -379,13 +379,13 @@ impl WalListener {
                     }
                 }
             }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                // Nothing in flight: everything the server decoded before
-                // wal_end was delivered, so the slot may move past WAL that
-                // held none of our tables (else it would keep it forever).
-                if self.queue.is_empty() && self.txn.is_none() && wal_end.as_u64() > 0 {
-                    self.confirm(wal_end);
-                }
+            // Nothing in flight: everything the server decoded before
+            // wal_end was delivered, so the slot may move past WAL that held
+            // none of our tables (else it would keep it forever).
+            ReplicationEvent::KeepAlive { wal_end, .. }
+                if self.queue.is_empty() && self.txn.is_none() && wal_end.as_u64() > 0 =>
+            {
+                self.confirm(wal_end);
             }
             _ => {}
         }

@@ -288,7 +288,7 @@ async fn run_all(
                     let probes = reader.stop().await;
                     match (ran, probes) {
                         (Ok(r), Ok(mut probes)) => {
-                            wal_probes.insert(i, std::mem::replace(&mut probes[i], Probe::new()));
+                            wal_probes.insert(i, std::mem::take(&mut probes[i]));
                             Ok(r)
                         }
                         (Err(e), _) | (_, Err(e)) => Err(e),
