@@ -19,10 +19,11 @@
 --   table's rows only to a reader whose role may SELECT it, and messages
 --   only to one that may SELECT pubsub.wal_messages.
 --
--- Publishing through the WAL: `pubsub.publish_wal(channel, payload)` inserts
--- into pubsub.wal_messages, a table with no index that is published for
--- inserts only. Its rows are read from the WAL, never from the table:
--- `pubsub.prune_wal_messages` deletes old ones.
+-- Publishing through the WAL: an INSERT into pubsub.wal_messages (for
+-- roles granted INSERT on it), or `pubsub.publish_wal(channel, payload)`
+-- (for roles granted EXECUTE; a function call more). The table has no index
+-- and is published for inserts only. Its rows are read from the WAL, never
+-- from the table: `pubsub.prune_wal_messages` deletes old ones.
 --
 -- The publications are created here even when wal_level is not logical
 -- (PostgreSQL only warns), so the schema is the same on every server.
@@ -37,7 +38,9 @@ COMMENT ON TABLE pubsub.wal_watches IS
     'Tables watched through the WAL (pubsub.watch_wal) and their channels; read by WAL readers from the slot';
 
 CREATE TABLE pubsub.wal_messages (
-    channel text NOT NULL,
+    -- The channel rule of pubsub.check_channel, as a constraint: publishers
+    -- may INSERT here directly (a function call costs more than the insert).
+    channel text NOT NULL CONSTRAINT wal_messages_channel_name CHECK (channel ~ '^[A-Za-z_][A-Za-z0-9_]{0,62}$'),
     payload text NOT NULL,
     at      timestamptz NOT NULL DEFAULT now()
 );

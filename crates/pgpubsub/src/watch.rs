@@ -92,15 +92,19 @@ pub async fn watch_wal(client: &Client, table: &str, channel: Option<&Channel>) 
     Ok(Channel::new(row.get::<_, String>(0))?)
 }
 
-/// Publishes `payload` on `channel` through the WAL (`pubsub.publish_wal`):
-/// delivered to [`WalListener`](crate::WalListener)s, not written to the
-/// event log.
+/// Publishes `payload` on `channel` through the WAL: delivered to
+/// [`WalListener`](crate::WalListener)s, not written to the event log. An
+/// INSERT into `pubsub.wal_messages` (the role needs INSERT on it); SQL
+/// callers granted EXECUTE instead can use `pubsub.publish_wal`, which
+/// costs a function call more. Runs in the client's current transaction, if
+/// one is open.
 ///
 /// # Errors
-/// [`Error::NotMigrated`] without the function; [`Error::Db`] otherwise.
+/// [`Error::NotMigrated`] without the table; [`Error::Db`] otherwise
+/// (SQLSTATE 42501 without the grant).
 pub async fn publish_wal(client: &Client, channel: &Channel, payload: &str) -> Result<()> {
     client
-        .execute("SELECT pubsub.publish_wal($1, $2)", &[&channel.as_str(), &payload])
+        .execute("INSERT INTO pubsub.wal_messages (channel, payload) VALUES ($1, $2)", &[&channel.as_str(), &payload])
         .await
         .map_err(|e| Error::db("publishing through the WAL", e))?;
     Ok(())

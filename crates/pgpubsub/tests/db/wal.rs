@@ -236,6 +236,27 @@ async fn a_wal_reader_gets_only_what_its_role_may_select() {
         let e = outsider_client.execute(sql, &[]).await.unwrap_err();
         assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{sql}: {e}");
     }
+    // Granted INSERT on the table, or EXECUTE on the function, it publishes;
+    // a channel name that LISTEN could not carry is refused either way.
+    client
+        .batch_execute(&format!(
+            "GRANT INSERT ON pubsub.wal_messages TO {outsider};
+             GRANT EXECUTE ON FUNCTION pubsub.publish_wal(text, text) TO {outsider};"
+        ))
+        .await
+        .unwrap();
+    pgpubsub::watch::publish_wal(&outsider_client, &news, "by insert").await.unwrap();
+    outsider_client.execute("SELECT pubsub.publish_wal('news', 'by function')", &[]).await.unwrap();
+    assert_eq!(next(&mut listener).await.message().unwrap().payload, "by insert");
+    assert_eq!(next(&mut listener).await.message().unwrap().payload, "by function");
+    for (sql, code) in [
+        ("INSERT INTO pubsub.wal_messages (channel, payload) VALUES ('no-such channel', 'x')", "23514"),
+        ("SELECT pubsub.publish_wal('no-such channel', 'x')", "22023"),
+    ] {
+        let e = outsider_client.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some(code), "{sql}: {e}");
+    }
+    nothing(&mut listener, Duration::from_millis(300)).await;
 }
 
 #[tokio::test]

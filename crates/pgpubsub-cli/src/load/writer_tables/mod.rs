@@ -90,7 +90,8 @@ pub enum Target {
     Insert,
     /// `pubsub.publish` of the message.
     Publish,
-    /// `pubsub.publish_wal` of the message, read by `listen --wal`.
+    /// The message published through the WAL (an INSERT into
+    /// `pubsub.wal_messages`), read by `listen --wal`.
     PublishWal,
 }
 

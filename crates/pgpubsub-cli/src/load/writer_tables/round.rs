@@ -77,7 +77,8 @@ pub(super) async fn one_run(
                 let t = now_us();
                 match target {
                     Target::Insert => client.execute(&stmt, &[&message(id, n, t, payload)]).await?,
-                    Target::Publish | Target::PublishWal => {
+                    Target::PublishWal => client.execute(&stmt, &[&channel, &message(id, n, t, payload)]).await?,
+                    Target::Publish => {
                         client.query_one(&stmt, &[&channel, &message(id, n, t, payload)]).await?;
                         1
                     }

@@ -49,7 +49,7 @@ pub(super) fn statement(target: Target) -> String {
     match target {
         Target::Insert => format!("INSERT INTO {SCHEMA}.msgs (payload) VALUES ($1)"),
         Target::Publish => "SELECT pubsub.publish($1, $2)".into(),
-        Target::PublishWal => "SELECT pubsub.publish_wal($1, $2)".into(),
+        Target::PublishWal => "INSERT INTO pubsub.wal_messages (channel, payload) VALUES ($1, $2)".into(),
         t => format!("INSERT INTO {SCHEMA}.{} (writer, n, t) VALUES ($1, $2, $3)", t.name()),
     }
 }
