@@ -23,7 +23,7 @@ async fn up_down_up() {
     let mut client = db.client().await;
 
     let first = pgpubsub::migrate::up(&mut client, false).await.unwrap();
-    assert_eq!(first.len(), 5);
+    assert_eq!(first.len(), 6);
     assert!(pgpubsub::migrate::up(&mut client, false).await.unwrap().is_empty(), "second up changes nothing");
     // Only dbmate's own bookkeeping table appears outside the schema.
     assert_eq!(tables_outside_pubsub(&client).await, vec!["public.schema_migrations".to_string()]);
@@ -36,7 +36,14 @@ async fn up_down_up() {
         .collect();
     assert_eq!(
         versions,
-        vec!["20261121000100", "20261121000200", "20261121000300", "20261121000400", "20261130000100"]
+        vec![
+            "20261121000100",
+            "20261121000200",
+            "20261121000300",
+            "20261121000400",
+            "20261130000100",
+            "20261130000200"
+        ]
     );
 
     // With the example: job and notification appear.
@@ -52,6 +59,7 @@ async fn up_down_up() {
     assert_eq!(
         reverted,
         vec![
+            "pubsub_wal",
             "pubsub_log_only",
             "job_example",
             "pubsub_prune_by_key",
@@ -69,7 +77,7 @@ async fn up_down_up() {
     assert!(pgpubsub::migrate::status(&client).await.unwrap().iter().all(|s| !s.applied));
 
     // And up again, working as before.
-    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 5);
+    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 6);
     let ch = pgpubsub::Channel::new("again").unwrap();
     assert!(pgpubsub::publish(&client, &ch, "x").await.unwrap() > 0);
 }
@@ -80,6 +88,8 @@ async fn down_removes_triggers_from_watched_tables_and_leaves_other_versions() {
     let mut client = db.client().await;
     client.batch_execute("CREATE TABLE keep (id int primary key)").await.unwrap();
     pgpubsub::watch(&client, "keep", None).await.unwrap();
+    client.batch_execute("CREATE TABLE keep_wal (id int primary key)").await.unwrap();
+    pgpubsub::watch::watch_wal(&client, "keep_wal", None).await.unwrap();
     // A user's own dbmate migration in the same table stays put.
     client.batch_execute("INSERT INTO schema_migrations VALUES ('20990101000000')").await.unwrap();
     while pgpubsub::migrate::down(&mut client).await.unwrap().is_some() {}
@@ -88,6 +98,14 @@ async fn down_removes_triggers_from_watched_tables_and_leaves_other_versions() {
     let triggers: i64 =
         client.query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'keep'::regclass", &[]).await.unwrap().get(0);
     assert_eq!(triggers, 0);
+    // Nor is any table left in a publication of ours.
+    let published: i64 = client
+        .query_one("SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgpubsub%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 0);
+    client.batch_execute("INSERT INTO keep_wal VALUES (1)").await.unwrap();
     let left: i64 = client.query_one("SELECT count(*) FROM schema_migrations", &[]).await.unwrap().get(0);
     assert_eq!(left, 1);
 }
