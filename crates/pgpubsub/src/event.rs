@@ -28,9 +28,9 @@ pub struct Event {
     /// The writing transaction (`xid8`); with `seq`, its place in the log.
     /// For an event captured from the WAL, its 32-bit xid.
     pub txid: Option<u64>,
-    /// For an event captured from the WAL ([`crate::wal`]): the LSN of its
-    /// transaction's commit, its place in the WAL; `None` otherwise.
-    pub lsn: Option<u64>,
+    /// For an event captured from the WAL ([`crate::wal`]): its place there;
+    /// `None` otherwise.
+    pub wal: Option<WalPosition>,
     /// When it was written (the database clock), ISO 8601; `None` for
     /// foreign notifications.
     pub time: Option<String>,
@@ -39,6 +39,37 @@ pub struct Event {
     /// The event as one line of JSON: the exact text that was sent for our
     /// events, an envelope `{"seq":null,"kind":"notify",...}` for foreign ones.
     json: String,
+}
+
+/// An event's place in the WAL: the commit LSN of its transaction and its
+/// index within it. Ordered as the events were committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WalPosition {
+    /// The commit LSN, the same for every event of one transaction.
+    pub lsn: u64,
+    /// The event's place in its transaction, from 0.
+    pub index: u32,
+}
+
+impl WalPosition {
+    /// The LSN in PostgreSQL's `X/Y` form.
+    pub fn lsn_text(&self) -> String {
+        crate::wal::pgoutput::lsn_text(self.lsn)
+    }
+
+    /// Parses PostgreSQL's `X/Y` form.
+    pub fn parse_lsn(text: &str) -> Option<u64> {
+        let (hi, lo) = text.split_once('/')?;
+        let hex = |s: &str| (!s.is_empty() && s.len() <= 8).then(|| u32::from_str_radix(s, 16).ok()).flatten();
+        Some((u64::from(hex(hi)?) << 32) | u64::from(hex(lo)?))
+    }
+}
+
+/// `X/Y:index`.
+impl std::fmt::Display for WalPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.lsn_text(), self.index)
+    }
 }
 
 /// What an event carries.
@@ -144,6 +175,9 @@ pub struct DecodeError(#[from] serde_json::Error);
 #[derive(Deserialize)]
 struct Envelope<'a> {
     seq: Option<i64>,
+    #[serde(borrow)]
+    lsn: Option<&'a str>,
+    index: Option<u32>,
     txid: Option<u64>,
     #[serde(borrow)]
     kind: Option<&'a str>,
@@ -168,9 +202,9 @@ impl Event {
     /// # Errors
     /// When the text is not JSON at all.
     pub fn decode(channel: &str, text: String) -> Result<Event, DecodeError> {
-        if let Some((seq, txid, time, body)) = ours(channel, &text) {
+        if let Some(Ours { seq, wal, txid, time, body }) = ours(channel, &text) {
             let json = one_line(text);
-            return Ok(Event { channel: channel.to_string(), seq: Some(seq), txid, lsn: None, time, body, json });
+            return Ok(Event { channel: channel.to_string(), seq, txid, wal, time, body, json });
         }
         let raw: Box<RawValue> = serde_json::from_str(&text)?;
         Ok(Event::notify(channel, raw))
@@ -189,7 +223,7 @@ impl Event {
             channel: channel.to_string(),
             seq: Some(env.seq?),
             txid: env.txid,
-            lsn: None,
+            wal: None,
             time: env.time,
             body,
             json,
@@ -227,7 +261,7 @@ impl Event {
             channel: channel.to_string(),
             seq: None,
             txid: None,
-            lsn: None,
+            wal: None,
             time: None,
             body: Body::Notify(raw),
             json,
@@ -235,12 +269,12 @@ impl Event {
     }
 
     /// An event captured from the WAL, with its JSON already rendered.
-    pub(crate) fn from_wal(channel: &str, lsn: u64, txid: u32, time: String, body: Body, json: String) -> Event {
+    pub(crate) fn from_wal(channel: &str, at: WalPosition, txid: u32, time: String, body: Body, json: String) -> Event {
         Event {
             channel: channel.to_string(),
             seq: None,
             txid: Some(u64::from(txid)),
-            lsn: Some(lsn),
+            wal: Some(at),
             time: Some(time),
             body,
             json,
@@ -278,9 +312,18 @@ impl Event {
     }
 }
 
-/// Our envelope's sequence, time and body, if `text` is one of our events
-/// for `channel`.
-fn ours(channel: &str, text: &str) -> Option<(i64, Option<u64>, Option<String>, Body)> {
+/// What our envelope says.
+struct Ours {
+    seq: Option<i64>,
+    wal: Option<WalPosition>,
+    txid: Option<u64>,
+    time: Option<String>,
+    body: Body,
+}
+
+/// Our envelope's place (a `seq` in the log, or an `lsn` and `index` in
+/// the WAL), time and body, if `text` is one of our events for `channel`.
+fn ours(channel: &str, text: &str) -> Option<Ours> {
     let env = serde_json::from_str::<Envelope<'_>>(text).ok()?;
     if env.kind.is_none() || env.channel != Some(channel) {
         return None;
@@ -297,7 +340,12 @@ fn ours(channel: &str, text: &str) -> Option<(i64, Option<u64>, Option<String>, 
         ("message", _, Some(payload)) => Body::Message(Message { payload }),
         _ => return None,
     };
-    Some((env.seq?, env.txid, env.time, body))
+    let wal = match (env.seq, env.lsn, env.index) {
+        (Some(_), _, _) => None,
+        (None, Some(lsn), Some(index)) => Some(WalPosition { lsn: WalPosition::parse_lsn(lsn)?, index }),
+        _ => return None,
+    };
+    Some(Ours { seq: env.seq, wal, txid: env.txid, time: env.time, body })
 }
 
 fn non_null(v: Option<Box<RawValue>>) -> Option<Box<RawValue>> {
@@ -374,6 +422,20 @@ mod tests {
         for scalar in ["42", "\"s\"", "[1,2]", "null"] {
             assert_eq!(Event::decode("x", scalar.into()).unwrap().kind(), "notify");
         }
+    }
+
+    #[test]
+    fn decodes_an_event_captured_from_the_wal() {
+        let text = r#"{"lsn":"16/B374D848","index":2,"txid":7,"kind":"change","channel":"t","time":"2026-01-01T00:00:00Z","op":"INSERT","schema":"public","table":"t","key":{"id":1},"new":{"id":1},"old":null}"#;
+        let e = Event::decode("t", text.into()).unwrap();
+        assert_eq!((e.seq, e.wal, e.kind()), (None, Some(WalPosition { lsn: 0x16_B374_D848, index: 2 }), "change"));
+        assert_eq!(e.wal.unwrap().to_string(), "16/B374D848:2");
+        for bad in ["1", "16", "/1", "x/1", "123456789/1"] {
+            assert_eq!(WalPosition::parse_lsn(bad), None, "{bad}");
+        }
+        // Without an index (or with a bad lsn) it is not ours.
+        let e = Event::decode("t", r#"{"lsn":"0/1","kind":"message","channel":"t","payload":"p"}"#.into()).unwrap();
+        assert_eq!(e.kind(), "notify");
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub mod wire;
 pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
-pub use event::{Body, Change, Event, Message, Op};
+pub use event::{Body, Change, Event, Message, Op, WalPosition};
 pub use event_log::LogConn;
 pub use feed::{Feed, FeedItem, Replay, ReplayPage, Replayed};
 pub use hub::{Delivery, Filter, Hub, Subscription};

@@ -227,8 +227,9 @@ impl Decoder {
             Body::Notify(_) => {}
         }
         json.push('}');
+        let at = crate::event::WalPosition { lsn: txn.lsn, index: txn.index };
         txn.index += 1;
-        Event::from_wal(channel, txn.lsn, txn.xid, time, body, json)
+        Event::from_wal(channel, at, txn.xid, time, body, json)
     }
 }
 

@@ -83,7 +83,7 @@ async fn wal_events_are_typed_complete_and_in_commit_order() {
     // One transaction: same lsn, indexes 0 and 1; then later lsns.
     assert_eq!(v[0]["lsn"], v[1]["lsn"]);
     assert_eq!((v[0]["index"].as_u64(), v[1]["index"].as_u64()), (Some(0), Some(1)));
-    let lsns: Vec<u64> = events.iter().map(|e| e.lsn.unwrap()).collect();
+    let lsns: Vec<u64> = events.iter().map(|e| e.wal.unwrap().lsn).collect();
     assert!(lsns.windows(2).all(|w| w[0] <= w[1]), "commit order: {lsns:?}");
     assert!(lsns[1] < lsns[2]);
 
