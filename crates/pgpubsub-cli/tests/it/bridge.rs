@@ -370,6 +370,22 @@ fn assert_exactly_once(r: &Report, logs: &str) {
     assert_eq!(r.stored, r.expected, "{r:?}");
 }
 
+/// While writers run: twice, SIGKILL the bridge 900 ms in and start another
+/// (`start`) once it is gone, waiting for its `ready` line. Returns the
+/// killed bridges' logs.
+async fn kill_twice(bridge: &mut Bridge, start: impl Fn() -> Bridge, ready: &str) -> String {
+    let mut logs = String::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        bridge.kill();
+        logs.push_str(&bridge.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        *bridge = start();
+        bridge.wait_log(ready, 1).await;
+    }
+    logs
+}
+
 /// `pgpubsub listen --json` on the same channel, for comparison.
 fn spawn_listen(db_url: &str, channel: &Channel, count: usize) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
@@ -481,15 +497,7 @@ async fn bridge_sigkilled_mid_stream_leaves_every_event_once_in_order() {
     let mut bridge = start();
     bridge.wait_log("copying", 1).await;
     let writers = spawn_writers(&db.config, 3, 400, 1, Duration::from_millis(4));
-    let mut logs = String::new();
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(900)).await;
-        bridge.kill();
-        logs.push_str(&bridge.logs());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        bridge = start();
-        bridge.wait_log("copying", 1).await;
-    }
+    let mut logs = kill_twice(&mut bridge, start, "copying").await;
     let r = check(&db.config, &stream, &ch, writers).await;
     logs.push_str(&bridge.logs());
     assert_exactly_once(&r, &logs);
@@ -919,15 +927,7 @@ async fn a_wal_bridge_sigkilled_mid_stream_leaves_every_event_once_in_order() {
     let mut bridge = start();
     bridge.wait_log("copying from the WAL", 1).await;
     let writers = spawn_writers(&config, 3, 300, 1, Duration::from_millis(4));
-    let mut logs = String::new();
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(900)).await;
-        bridge.kill();
-        logs.push_str(&bridge.logs());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        bridge = start();
-        bridge.wait_log("copying from the WAL", 1).await;
-    }
+    let mut logs = kill_twice(&mut bridge, start, "copying from the WAL").await;
     for w in writers {
         tokio::time::timeout(Duration::from_secs(90), w).await.expect("writers finish").unwrap();
     }
