@@ -47,7 +47,9 @@ CREATE TABLE pubsub.wal_messages (
 COMMENT ON TABLE pubsub.wal_messages IS
     'Messages published through the WAL (pubsub.publish_wal). Read from the WAL, never from here: prune with pubsub.prune_wal_messages';
 
-CREATE PUBLICATION pgpubsub FOR TABLE pubsub.wal_watches;
+-- publish_via_partition_root: a watched partitioned table's changes come
+-- under its own name, whichever partition holds the row.
+CREATE PUBLICATION pgpubsub FOR TABLE pubsub.wal_watches WITH (publish_via_partition_root = true);
 CREATE PUBLICATION pgpubsub_messages FOR TABLE pubsub.wal_messages WITH (publish = 'insert');
 
 -- Watches a table through the WAL: no trigger; its changes are events on
@@ -63,6 +65,15 @@ BEGIN
     PERFORM pubsub.check_channel(v_channel);
     IF (SELECT relkind FROM pg_class WHERE oid = p_table) NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '% is not a table', p_table USING ERRCODE = 'wrong_object_type';
+    END IF;
+    -- A published table without a replica identity refuses UPDATE and
+    -- DELETE: watching it would break its writers.
+    IF (SELECT relreplident FROM pg_class WHERE oid = p_table) = 'n'
+       OR ((SELECT relreplident FROM pg_class WHERE oid = p_table) = 'd'
+           AND NOT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = p_table AND indisprimary)) THEN
+        RAISE EXCEPTION '% has no replica identity: once published, its updates and deletes would fail', p_table
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'give it a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX)';
     END IF;
     PERFORM pubsub.unwatch(p_table);
     INSERT INTO pubsub.wal_watches (source, channel) VALUES (p_table, v_channel);
@@ -141,6 +152,11 @@ REVOKE EXECUTE ON FUNCTION pubsub.watch_wal(regclass, text), pubsub.publish_wal(
     pubsub.prune_wal_messages(interval) FROM PUBLIC;
 
 -- migrate:down
+
+-- Tables watched through the WAL are unwatched (the trigger mode has no
+-- equivalent that keeps writers unhurt). Replication slots of pgpubsub's
+-- readers (pgpubsub_*) are left to the operator: a slot may be in use, and
+-- dropping one loses what it kept. Drop them with pg_drop_replication_slot.
 
 DROP VIEW pubsub.watches;
 CREATE VIEW pubsub.watches AS

@@ -117,6 +117,9 @@ async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Re
     let mut out = std::io::BufWriter::with_capacity(64 << 10, unbuffered_stdout());
     let mut printed = 0u64;
     tokio::pin!(stop);
+    // Whether everything returned was written out: only then may the last
+    // transactions be confirmed on close.
+    let mut written_out = true;
     let result = loop {
         let first = tokio::select! {
             item = listener.recv() => item,
@@ -136,19 +139,28 @@ async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Re
             written = output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now));
         }
         match written.and_then(|()| out.flush()) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
-            Err(e) => break Err(e).context("writing to stdout"),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                written_out = false;
+                break Ok(());
+            }
+            Err(e) => {
+                written_out = false;
+                break Err(e).context("writing to stdout");
+            }
             Ok(()) => {}
         }
         if args.count.is_some_and(|n| printed >= n) {
             break Ok(());
         }
     };
-    let _ = out.flush();
     let s = stats.snapshot();
     let slot = listener.slot().to_string();
-    if let Err(e) = listener.close().await {
-        tracing::warn!(error = %e, "could not confirm the last position: its events will come again");
+    if written_out && out.flush().is_ok() {
+        if let Err(e) = listener.close().await {
+            tracing::warn!(error = %e, "could not confirm the last position: its events will come again");
+        }
+    } else {
+        tracing::warn!("output failed: the last events printed are not confirmed and will come again");
     }
     tracing::info!(printed, slot, reconnects = s.reconnects, resyncs = s.resyncs, malformed = s.malformed, "stopped");
     result

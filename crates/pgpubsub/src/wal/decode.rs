@@ -21,8 +21,10 @@ pub(super) struct Txn {
     pub(super) xid: u32,
     /// Commit time, microseconds since 2000-01-01 (PostgreSQL's epoch).
     pub(super) time_us: i64,
-    /// Events of it so far.
-    pub(super) index: u32,
+    /// The index of its next row change. Every row change counts, whether
+    /// this reader gets it or not, so an event's (lsn, index) is the same
+    /// for every reader and every time the transaction is read.
+    pub(super) next_index: u32,
 }
 
 /// What a reader knows of the stream: its relations, the channel of each
@@ -48,6 +50,13 @@ impl Decoder {
         Decoder { relations: HashMap::new(), channels, allowed: HashMap::new(), wanted }
     }
 
+    /// The watched tables' channels as the database has them now (after a
+    /// reconnect: a temporary slot starts from the present).
+    pub(super) fn set_channels(&mut self, channels: HashMap<u32, String>) {
+        self.channels = channels;
+        self.allowed.clear();
+    }
+
     fn wants(&self, channel: &str) -> bool {
         self.wanted.is_empty() || self.wanted.iter().any(|c| c == channel)
     }
@@ -60,8 +69,9 @@ impl Decoder {
                 return Ok(ok);
             }
         }
+        // NULL for a table dropped since: nobody reads it.
         let ok: bool = side
-            .query_one("SELECT has_table_privilege($1::oid, 'SELECT')", &[&rel])
+            .query_one("SELECT coalesce(has_table_privilege($1::oid, 'SELECT'), false)", &[&rel])
             .await
             .map_err(|e| crate::Error::db("checking the reader's privileges", e))?
             .get(0);
@@ -70,32 +80,32 @@ impl Decoder {
     }
 
     /// Reads one pgoutput message of `txn`; the events it makes, if any,
-    /// go to `out`. `skip`: a transaction already delivered (after a
-    /// reconnect): only relations are learnt.
+    /// go to `out`, numbered from `txn.next_index`. Returns how many row
+    /// changes it held (what `next_index` moves by), whoever gets them.
+    /// Changes nothing but caches before its last await, so a call
+    /// cancelled half-way can be made again.
     pub(super) async fn message(
         &mut self,
         side: &Client,
         stats: &Stats,
-        txn: &mut Txn,
+        txn: &Txn,
         data: &[u8],
-        skip: bool,
         out: &mut Vec<Event>,
-    ) -> crate::Result<()> {
+    ) -> crate::Result<u32> {
         let msg = match pgoutput::parse(data) {
             Ok(m) => m,
             Err(e) => {
                 Stats::bump(&stats.malformed);
                 tracing::warn!(error = %e, lsn = %pgoutput::lsn_text(txn.lsn), "skipping a WAL message");
-                return Ok(());
+                return Ok(0);
             }
         };
         let (rel, op, new, old, old_full) = match msg {
             Msg::Relation(r) => {
                 self.allowed.remove(&r.id);
                 self.relations.insert(r.id, r);
-                return Ok(());
+                return Ok(0);
             }
-            _ if skip => return Ok(()),
             Msg::Insert { rel, new } => (rel, Op::Insert, Some(new), None, false),
             Msg::Update { rel, old, new } => {
                 let full = old.as_ref().is_some_and(|o| o.full);
@@ -103,37 +113,40 @@ impl Decoder {
             }
             Msg::Delete { rel, old } => (rel, Op::Delete, None, Some(old.values), old.full),
             Msg::Truncate { rels } => {
-                for rel in rels {
-                    self.change(side, txn, rel, Op::Truncate, None, None, false, out).await?;
+                let n = rels.len() as u32;
+                for (i, rel) in rels.into_iter().enumerate() {
+                    let index = txn.next_index + i as u32;
+                    self.change(side, txn, index, rel, Op::Truncate, None, None, false, out).await?;
                 }
-                return Ok(());
+                return Ok(n);
             }
-            Msg::Other => return Ok(()),
+            Msg::Other => return Ok(0),
         };
         let Some(relation) = self.relations.get(&rel) else {
             Stats::bump(&stats.malformed);
             tracing::warn!(rel, "a WAL change of a table the stream did not describe: skipped");
-            return Ok(());
+            return Ok(1);
         };
         if ours(relation, "wal_watches") {
             self.watch_changed(relation.clone(), new.as_deref(), old.as_deref());
-            return Ok(());
+            return Ok(1);
         }
         if ours(relation, "wal_messages") {
-            let Some(new) = new else { return Ok(()) };
+            let Some(new) = new else { return Ok(1) };
             let (Some(channel), Some(payload)) =
                 (pgoutput::text(relation, &new, "channel"), pgoutput::text(relation, &new, "payload"))
             else {
                 Stats::bump(&stats.malformed);
-                return Ok(());
+                return Ok(1);
             };
             if self.wants(channel) && self.may_read(side, rel).await? {
                 let (channel, payload) = (channel.to_string(), payload.to_string());
-                out.push(self.event(txn, &channel, Body::Message(Message { payload })));
+                out.push(self.event(txn, txn.next_index, &channel, Body::Message(Message { payload })));
             }
-            return Ok(());
+            return Ok(1);
         }
-        self.change(side, txn, rel, op, new.as_deref(), old.as_deref(), old_full, out).await
+        self.change(side, txn, txn.next_index, rel, op, new.as_deref(), old.as_deref(), old_full, out).await?;
+        Ok(1)
     }
 
     /// A row of pubsub.wal_watches changed: a table was watched, its
@@ -158,7 +171,8 @@ impl Decoder {
     async fn change(
         &mut self,
         side: &Client,
-        txn: &mut Txn,
+        txn: &Txn,
+        index: u32,
         rel: u32,
         op: Op,
         new: Option<&[Value<'_>]>,
@@ -189,18 +203,18 @@ impl Decoder {
             new: raw(new_json),
             old: raw(old_json),
         };
-        out.push(self.event(txn, &channel, Body::Change(change)));
+        out.push(self.event(txn, index, &channel, Body::Change(change)));
         Ok(())
     }
 
     /// The event, its JSON in the envelope's key order: `lsn`, `index`,
     /// `txid`, `kind`, `channel`, `time`, then the body.
-    fn event(&self, txn: &mut Txn, channel: &str, body: Body) -> Event {
+    fn event(&self, txn: &Txn, index: u32, channel: &str, body: Body) -> Event {
         let time = commit_time(txn.time_us);
         let mut json = format!(
             "{{\"lsn\":\"{}\",\"index\":{},\"txid\":{},\"kind\":\"{}\",\"channel\":",
             pgoutput::lsn_text(txn.lsn),
-            txn.index,
+            index,
             txn.xid,
             match body {
                 Body::Message(_) => "message",
@@ -227,8 +241,7 @@ impl Decoder {
             Body::Notify(_) => {}
         }
         json.push('}');
-        let at = crate::event::WalPosition { lsn: txn.lsn, index: txn.index };
-        txn.index += 1;
+        let at = crate::event::WalPosition { lsn: txn.lsn, index };
         Event::from_wal(channel, at, txn.xid, time, body, json)
     }
 }
@@ -236,11 +249,15 @@ impl Decoder {
 /// PostgreSQL's epoch (2000-01-01) in Unix seconds.
 const PG_EPOCH: u64 = 946_684_800;
 
-/// A commit time (µs since 2000-01-01) in RFC 3339, UTC.
+/// The latest time RFC 3339 can write (9999-12-31T23:59:59Z), in Unix seconds.
+const LAST_SECOND: u64 = 253_402_300_799;
+
+/// A commit time (µs since 2000-01-01) in RFC 3339, UTC; held to
+/// 1970..9999, which is all RFC 3339 (and humantime) can write.
 fn commit_time(us: i64) -> String {
-    let unix = std::time::UNIX_EPOCH + Duration::from_secs(PG_EPOCH);
-    let t =
-        if us >= 0 { unix + Duration::from_micros(us as u64) } else { unix - Duration::from_micros(us.unsigned_abs()) };
+    let unix_us = i128::from(PG_EPOCH) * 1_000_000 + i128::from(us);
+    let unix_us = unix_us.clamp(0, i128::from(LAST_SECOND) * 1_000_000) as u64;
+    let t = std::time::UNIX_EPOCH + Duration::from_micros(unix_us);
     humantime::format_rfc3339_micros(t).to_string()
 }
 
@@ -250,5 +267,7 @@ mod tests {
     fn commit_times_are_rfc3339() {
         assert_eq!(super::commit_time(0), "2000-01-01T00:00:00.000000Z");
         assert_eq!(super::commit_time(1_500_000), "2000-01-01T00:00:01.500000Z");
+        assert_eq!(super::commit_time(i64::MIN), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(super::commit_time(i64::MAX), "9999-12-31T23:59:59.000000Z");
     }
 }

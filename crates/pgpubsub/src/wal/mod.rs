@@ -37,7 +37,7 @@ use self::decode::{Decoder, Txn};
 use crate::channel::Channel;
 use crate::db::{Config, RootCert, SslMode};
 use crate::error::{Error, Result};
-use crate::event::Event;
+use crate::event::{Event, WalPosition};
 use crate::stats::Stats;
 
 /// The publications a reader streams: watched tables (and
@@ -98,11 +98,17 @@ pub struct WalListener {
     side: Client,
     decoder: Decoder,
     queue: VecDeque<Item>,
-    /// The transaction being read, and whether it was delivered before.
-    txn: Option<(Txn, bool)>,
-    /// Commit LSN of the last transaction queued: anything at or below it
-    /// is skipped after a reconnect.
-    last_commit: u64,
+    /// The transaction being read.
+    txn: Option<Txn>,
+    /// A message taken from the stream and not yet fully handled: kept
+    /// here while its handling awaits (a privilege query), so that a `recv`
+    /// cancelled then (by a `select!`) loses nothing; the next call handles
+    /// it again.
+    pending: Option<ReplicationEvent>,
+    /// The place of the last event returned: after a reconnect the server
+    /// sends again what was not confirmed, and every event at or before it
+    /// is skipped (an event's place is the same every time it is read).
+    returned: Option<WalPosition>,
     /// The end of the last transaction `try_recv` returned all of: confirmed
     /// by the next `recv`.
     unconfirmed: Option<Lsn>,
@@ -143,7 +149,10 @@ fn replication_config(config: &Config, slot: &str, status_interval: Duration) ->
         Some(RootCert::System) | None => None,
     };
     let tls = match config.tls().mode {
-        SslMode::Disable | SslMode::Allow | SslMode::Prefer => TlsConfig::disabled(),
+        SslMode::Disable | SslMode::Allow => TlsConfig::disabled(),
+        // TLS when the server offers it, as libpq's prefer (and the
+        // statement connections) do.
+        SslMode::Prefer => TlsConfig { mode: pgwire_replication::SslMode::Prefer, ..TlsConfig::disabled() },
         SslMode::Require => TlsConfig::require(),
         SslMode::VerifyCa => TlsConfig::verify_ca(root()),
         SslMode::VerifyFull => TlsConfig::verify_full(root()),
@@ -157,7 +166,10 @@ fn replication_config(config: &Config, slot: &str, status_interval: Duration) ->
         .with_port(pg.get_ports().first().copied().unwrap_or(5432))
         .with_tls(tls)
         .with_status_interval(status_interval)
-        .with_application_name("pgpubsub wal"))
+        .with_application_name("pgpubsub wal")
+        // Values are rendered by the server's output functions: make dates
+        // ISO 8601 in UTC whatever the server's defaults (pgoutput.rs).
+        .with_options("-c datestyle=ISO -c timezone=UTC"))
 }
 
 /// A replication error as ours, with the hint a user needs.
@@ -193,13 +205,12 @@ impl WalListener {
         // the socket instead of waking this process one by one.
         let repl = repl.with_buffer_size(16);
         let side = crate::db::connect(config).await?;
-        let rows = side
-            .query("SELECT source, channel FROM pubsub.wal_watches", &[])
-            .await
-            .map_err(|e| Error::db("reading the tables watched through the WAL", e))?;
-        let channels: HashMap<u32, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        // Fails early (and clearly) without the schema.
+        channels(&side).await?;
         let wanted = options.channels.iter().map(|c| c.as_str().to_string()).collect();
         let stream = start(&repl, temporary).await?;
+        // Read once the slot exists: a watch made since is in its stream.
+        let channels = channels(&side).await?;
         tracing::info!(target = %crate::db::describe(config), slot = %repl.slot, "listening from the WAL");
         Ok(WalListener {
             config: config.clone(),
@@ -210,7 +221,8 @@ impl WalListener {
             decoder: Decoder::new(channels, wanted),
             queue: VecDeque::new(),
             txn: None,
-            last_commit: 0,
+            pending: None,
+            returned: None,
             unconfirmed: None,
             confirmed: None,
             linger: options.linger,
@@ -239,15 +251,23 @@ impl WalListener {
         }
         loop {
             match self.queue.pop_front() {
-                Some(Item::Event(e)) => {
-                    Stats::bump(&self.stats.events);
-                    return Some(Ok(*e));
-                }
+                Some(Item::Event(e)) => return Some(Ok(self.returning(*e))),
                 Some(Item::Commit(end)) => {
                     self.confirm(end);
                     continue;
                 }
                 None => {}
+            }
+            if let Some(ev) = self.pending.clone() {
+                match self.handle(ev).await {
+                    Ok(()) => self.pending = None,
+                    Err(e) => {
+                        // Never confirm a transaction that was not read whole:
+                        // start again from the slot.
+                        self.reconnect(&format!("reading a change failed: {e}")).await;
+                    }
+                }
+                continue;
             }
             let ready = match tokio::time::timeout(Duration::ZERO, self.stream.recv()).await {
                 Ok(r) => r,
@@ -259,21 +279,19 @@ impl WalListener {
                     self.stream.recv().await
                 }
             };
-            let next = match ready {
-                Ok(Some(ev)) => ev,
-                Ok(None) => {
-                    self.reconnect("the server ended the stream").await;
-                    continue;
-                }
-                Err(e) => {
-                    self.reconnect(&e.to_string()).await;
-                    continue;
-                }
-            };
-            if let Err(e) = self.handle(next).await {
-                return Some(Err(e));
+            match ready {
+                Ok(Some(ev)) => self.pending = Some(ev),
+                Ok(None) => self.reconnect("the server ended the stream").await,
+                Err(e) => self.reconnect(&e.to_string()).await,
             }
         }
+    }
+
+    /// Notes `event` as returned (see `returned`) and counts it.
+    fn returning(&mut self, event: Event) -> Event {
+        Stats::bump(&self.stats.events);
+        self.returned = self.returned.max(event.wal);
+        event
     }
 
     /// Stops streaming. A named reader's slot is first confirmed up to the
@@ -300,7 +318,11 @@ impl WalListener {
             if !self.queue.is_empty() || self.txn.is_none() {
                 break;
             }
-            match tokio::time::timeout_at(deadline, self.stream.recv()).await {
+            let next = match self.pending.take() {
+                Some(ev) => Ok(Ok(Some(ev))),
+                None => tokio::time::timeout_at(deadline, self.stream.recv()).await,
+            };
+            match next {
                 Ok(Ok(Some(ev))) => {
                     if self.handle(ev).await.is_err() {
                         break;
@@ -345,39 +367,34 @@ impl WalListener {
     pub fn try_recv(&mut self) -> Option<Event> {
         loop {
             match self.queue.pop_front()? {
-                Item::Event(e) => {
-                    Stats::bump(&self.stats.events);
-                    return Some(*e);
-                }
+                Item::Event(e) => return Some(self.returning(*e)),
                 Item::Commit(end) => self.unconfirmed = Some(end),
             }
         }
     }
 
+    /// Handles one message of the stream. Changes no state before its only
+    /// await (in `Decoder::message`), so it can be called again with the
+    /// same message after being cancelled.
     async fn handle(&mut self, ev: ReplicationEvent) -> Result<()> {
         match ev {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                let lsn = final_lsn.as_u64();
-                let txn = Txn { lsn, xid, time_us: commit_time_micros, index: 0 };
-                self.txn = Some((txn, lsn <= self.last_commit));
+                self.txn = Some(Txn { lsn: final_lsn.as_u64(), xid, time_us: commit_time_micros, next_index: 0 });
             }
             ReplicationEvent::XLogData { data, .. } => {
                 let mut out = Vec::new();
-                let mut unscoped = Txn { lsn: 0, xid: 0, time_us: 0, index: 0 };
-                let (txn, skip) = match self.txn.as_mut() {
-                    Some((t, skip)) => (t, *skip),
-                    None => (&mut unscoped, true),
-                };
-                self.decoder.message(&self.side, &self.stats, txn, &data, skip, &mut out).await?;
-                self.queue.extend(out.into_iter().map(|e| Item::Event(Box::new(e))));
-            }
-            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
-                if let Some((_, skip)) = self.txn.take() {
-                    if !skip {
-                        self.last_commit = lsn.as_u64();
-                        self.queue.push_back(Item::Commit(end_lsn));
-                    }
+                // Outside a transaction only relations are learnt.
+                let txn = self.txn.unwrap_or(Txn { lsn: 0, xid: 0, time_us: 0, next_index: 0 });
+                let rows = self.decoder.message(&self.side, &self.stats, &txn, &data, &mut out).await?;
+                if let Some(t) = self.txn.as_mut() {
+                    t.next_index += rows;
+                    let returned = self.returned;
+                    let new = out.into_iter().filter(|e| e.wal > returned);
+                    self.queue.extend(new.map(|e| Item::Event(Box::new(e))));
                 }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } if self.txn.take().is_some() => {
+                self.queue.push_back(Item::Commit(end_lsn));
             }
             // Nothing in flight: everything the server decoded before
             // wal_end was delivered, so the slot may move past WAL that held
@@ -396,7 +413,16 @@ impl WalListener {
     async fn reconnect(&mut self, why: &str) {
         tracing::warn!(reason = why, slot = %self.repl.slot, "WAL stream lost; reconnecting");
         Stats::bump(&self.stats.reconnects);
+        // What was not returned comes again from the slot (it is not
+        // confirmed); what was is skipped by its place.
+        self.queue.clear();
         self.txn = None;
+        self.pending = None;
+        // The old stream may still hold the slot (when what failed was a
+        // privilege check): end it first.
+        if tokio::time::timeout(Duration::from_secs(2), self.stream.shutdown()).await.is_err() {
+            self.stream.abort();
+        }
         let mut delay = Duration::from_millis(100);
         loop {
             tokio::time::sleep(delay).await;
@@ -415,6 +441,10 @@ impl WalListener {
                         tracing::warn!("an unnamed WAL reader's temporary slot went with its connection: \
                                         changes made while it was down are not delivered (name the reader to keep them)");
                     }
+                    match channels(&side).await {
+                        Ok(c) => self.decoder.set_channels(c),
+                        Err(e) => tracing::warn!(error = %e, "reading the watched tables again"),
+                    }
                     self.stream = stream;
                     self.side = side;
                     return;
@@ -426,6 +456,15 @@ impl WalListener {
             }
         }
     }
+}
+
+/// Every WAL-watched table and its channel.
+async fn channels(side: &Client) -> Result<HashMap<u32, String>> {
+    let rows = side
+        .query("SELECT source, channel FROM pubsub.wal_watches", &[])
+        .await
+        .map_err(|e| Error::db("reading the tables watched through the WAL", e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Opens the replication connection, creates the slot if needed, and

@@ -189,10 +189,14 @@ pub(crate) fn parse(data: &[u8]) -> Result<Msg<'_>, Malformed> {
     })
 }
 
-/// Type OIDs whose text is a JSON number as it stands (when it is finite).
-const NUMBERS: [u32; 7] = [20, 21, 23, 26, 700, 701, 1700];
+/// Type OIDs whose text is a JSON number as it stands (when it is finite):
+/// int2, int4, int8, float4, float8, numeric (oid is a string in
+/// `row_to_json`).
+const NUMBERS: [u32; 6] = [20, 21, 23, 700, 701, 1700];
 const BOOL: u32 = 16;
 const JSON_TYPES: [u32; 2] = [114, 3802];
+const TIMESTAMP: u32 = 1114;
+const TIMESTAMPTZ: u32 = 1184;
 
 /// Appends `text`, a value of type `type_oid`, as JSON: numbers and
 /// booleans as such, json and jsonb as they are, anything else a string
@@ -206,6 +210,15 @@ fn push_value(out: &mut String, type_oid: u32, text: &str) {
         out.push_str(if text == "t" { "true" } else { "false" });
     } else if JSON_TYPES.contains(&type_oid) {
         out.push_str(text);
+    } else if (type_oid == TIMESTAMP || type_oid == TIMESTAMPTZ) && text.as_bytes().get(10) == Some(&b' ') {
+        // ISO 8601 as row_to_json writes it: a `T`, and a whole `+hh:mm`
+        // offset (the stream's DateStyle is ISO, its TimeZone UTC).
+        let mut iso = text.replacen(' ', "T", 1);
+        let offset = iso.get(iso.len().saturating_sub(3)..).unwrap_or("");
+        if type_oid == TIMESTAMPTZ && offset.starts_with(['+', '-']) && !offset.contains(':') {
+            iso.push_str(":00");
+        }
+        crate::event_log::json_string::write(out, &iso);
     } else {
         crate::event_log::json_string::write(out, text);
     }
@@ -344,7 +357,21 @@ mod tests {
         push_value(&mut s, 701, "-Infinity");
         push_value(&mut s, 16, "t");
         push_value(&mut s, 1700, "12.50");
-        assert_eq!(s, r#""NaN""-Infinity"true12.50"#);
+        push_value(&mut s, 26, "16384");
+        assert_eq!(s, r#""NaN""-Infinity"true12.50"16384""#);
+    }
+
+    #[test]
+    fn timestamps_are_iso_8601_as_row_to_json_writes_them() {
+        let mut s = String::new();
+        push_value(&mut s, 1114, "2026-11-30 09:17:56.629682");
+        push_value(&mut s, 1184, "2026-11-30 09:17:56.629682+00");
+        push_value(&mut s, 1184, "2026-11-30 09:17:56+05:30");
+        push_value(&mut s, 1184, "infinity");
+        assert_eq!(
+            s,
+            r#""2026-11-30T09:17:56.629682""2026-11-30T09:17:56.629682+00:00""2026-11-30T09:17:56+05:30""infinity""#
+        );
     }
 
     #[test]

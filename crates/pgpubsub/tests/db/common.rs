@@ -94,7 +94,7 @@ impl Drop for TestDb {
 
 /// Library logs in the test output (shown for failing tests), filtered by
 /// RUST_LOG (default: pgpubsub at debug).
-fn init_logs() {
+pub fn init_logs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()

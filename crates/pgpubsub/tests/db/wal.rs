@@ -11,6 +11,7 @@ use crate::common::{unique, WAIT};
 
 /// A cluster that can decode, and a migrated database in it.
 async fn logical() -> (Cluster, pgpubsub::db::Config, Client) {
+    crate::common::init_logs();
     let cluster = tokio::task::spawn_blocking(Cluster::logical).await.unwrap();
     let admin = pgpubsub::db::connect(&cluster.url("postgres").parse().unwrap()).await.unwrap();
     admin.batch_execute("CREATE DATABASE t").await.unwrap();
@@ -294,4 +295,151 @@ async fn without_logical_wal_level_the_error_says_what_to_set() {
     // Named readers refuse names that are not slot names.
     let bad = WalListener::connect(&db.config, WalOptions::new(Some("Bad Name".into()), vec![])).await;
     assert!(matches!(bad, Err(Error::Config(_))));
+}
+
+#[tokio::test]
+async fn rows_are_typed_as_row_to_json_types_them() {
+    let (_cluster, config, client) = logical().await;
+    client
+        .batch_execute(
+            "SET timezone = 'Asia/Kolkata';
+             CREATE TABLE typed (id int PRIMARY KEY, ts timestamptz, t timestamp, d date, o oid, n numeric,
+                                 f float8, r real, b boolean, j jsonb, js json, u uuid, tx text, a int[]);",
+        )
+        .await
+        .unwrap();
+    pgpubsub::watch::watch_wal(&client, "typed", None).await.unwrap();
+    let mut listener = WalListener::connect(&config, WalOptions::default()).await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO typed VALUES (1, '2026-11-30 09:17:56.629682+00', '2026-11-30 09:17:56', '2026-01-02', 42,
+                 123.4500, 0.1, 1.5, true, '{\"k\": [1, \"x\"]}', '{\"a\":1}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+                 'é \"q\" \\n', '{1,2}')",
+        )
+        .await
+        .unwrap();
+    let e = next(&mut listener).await;
+    let ours = value(&e)["new"].clone();
+    let theirs: serde_json::Value = {
+        let c = pgpubsub::db::connect(&config).await.unwrap();
+        c.batch_execute("SET timezone = 'UTC'").await.unwrap();
+        let text: String = c.query_one("SELECT row_to_json(x)::text FROM typed x", &[]).await.unwrap().get(0);
+        serde_json::from_str(&text).unwrap()
+    };
+    for (k, v) in theirs.as_object().unwrap() {
+        if k == "a" {
+            // Arrays come as their text (documented).
+            assert_eq!(ours[k], "{1,2}");
+            continue;
+        }
+        assert_eq!(&ours[k], v, "column {k}: ours {} vs row_to_json {v}", ours[k]);
+    }
+}
+
+#[tokio::test]
+async fn a_cut_stream_or_a_failed_check_loses_and_repeats_nothing_inside_transactions() {
+    let (_cluster, config, client) = logical().await;
+    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    pgpubsub::watch::watch_wal(&client, "t", None).await.unwrap();
+    let mut listener = WalListener::connect(&config, WalOptions::new(Some("cut".into()), vec![])).await.unwrap();
+    // Twenty transactions of fifty rows each.
+    for t in 0..20 {
+        client
+            .execute("INSERT INTO t SELECT g FROM generate_series($1::int, $1::int + 49) g", &[&(t * 50)])
+            .await
+            .unwrap();
+    }
+    let mut ids = Vec::new();
+    while ids.len() < 1000 {
+        let e = next(&mut listener).await;
+        ids.push(value(&e)["new"]["id"].as_i64().unwrap());
+        if ids.len() == 125 {
+            // In the middle of the third transaction: the server ends the stream.
+            client
+                .execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'pgpubsub_cut'", &[])
+                .await
+                .unwrap();
+        }
+    }
+    // The cut is noticed once what the server had sent is read: by now.
+    for t in 20..25 {
+        client
+            .execute("INSERT INTO t SELECT g FROM generate_series($1::int, $1::int + 49) g", &[&(t * 50)])
+            .await
+            .unwrap();
+    }
+    while ids.len() < 1250 {
+        ids.push(value(&next(&mut listener).await)["new"]["id"].as_i64().unwrap());
+    }
+    assert_eq!(listener.stats().snapshot().reconnects, 1);
+
+    // The reader's ordinary connection goes: its next privilege check (the
+    // last is a second old) fails, and the stream starts again from the slot.
+    let killed = client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the reader's connection");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for t in 25..30 {
+        client
+            .execute("INSERT INTO t SELECT g FROM generate_series($1::int, $1::int + 49) g", &[&(t * 50)])
+            .await
+            .unwrap();
+    }
+    while ids.len() < 1500 {
+        ids.push(value(&next(&mut listener).await)["new"]["id"].as_i64().unwrap());
+    }
+    assert_eq!(ids, (0..1500).collect::<Vec<i64>>());
+    assert!(listener.stats().snapshot().reconnects >= 2, "{:?}", listener.stats().snapshot());
+    nothing(&mut listener, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn watch_wal_refuses_what_would_break_writers_and_follows_partitions() {
+    let (_cluster, config, client) = logical().await;
+    client
+        .batch_execute(
+            "CREATE TABLE nopk (v int); CREATE TABLE full_identity (v int); ALTER TABLE full_identity REPLICA IDENTITY FULL;
+             CREATE TABLE parted (id int PRIMARY KEY, region text) PARTITION BY RANGE (id);
+             CREATE TABLE parted_a PARTITION OF parted FOR VALUES FROM (0) TO (100);
+             CREATE TABLE parted_b PARTITION OF parted FOR VALUES FROM (100) TO (200);
+             CREATE TABLE gone (id int PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    let e = pgpubsub::watch::watch_wal(&client, "nopk", None).await.unwrap_err();
+    assert_eq!(e.sqlstate(), Some("55000"), "{e}");
+    assert!(e.to_string().contains("replica identity"), "{e}");
+    client.batch_execute("UPDATE nopk SET v = 2").await.unwrap();
+    pgpubsub::watch::watch_wal(&client, "full_identity", None).await.unwrap();
+    pgpubsub::watch::watch_wal(&client, "parted", None).await.unwrap();
+    pgpubsub::watch::watch_wal(&client, "gone", None).await.unwrap();
+    let mut listener = WalListener::connect(&config, WalOptions::default()).await.unwrap();
+    // A table dropped before its change is read: nobody may read it, no panic.
+    client.batch_execute("INSERT INTO gone VALUES (1); DROP TABLE gone;").await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO parted VALUES (5, 'a'), (150, 'b'); INSERT INTO full_identity VALUES (1);
+             UPDATE full_identity SET v = 2;",
+        )
+        .await
+        .unwrap();
+    let got: Vec<serde_json::Value> =
+        [next(&mut listener).await, next(&mut listener).await].iter().map(value).collect();
+    assert_eq!((got[0]["table"].as_str(), got[1]["table"].as_str()), (Some("parted"), Some("parted")));
+    assert_eq!((got[0]["new"]["id"].as_i64(), got[1]["new"]["id"].as_i64()), (Some(5), Some(150)));
+    let insert = next(&mut listener).await;
+    let update = next(&mut listener).await;
+    assert_eq!(value(&insert)["new"], serde_json::json!({"v": 1}));
+    // REPLICA IDENTITY FULL: the whole old row.
+    assert_eq!(
+        (value(&update)["old"].clone(), value(&update)["new"].clone()),
+        (serde_json::json!({"v": 1}), serde_json::json!({"v": 2}))
+    );
+    nothing(&mut listener, Duration::from_millis(300)).await;
 }
