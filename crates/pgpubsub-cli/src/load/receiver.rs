@@ -274,8 +274,12 @@ pub(super) struct OutputFile {
 }
 
 impl OutputFile {
+    /// A file of its own: several listeners of one run (the writer-tables
+    /// scenario starts `listen --wal` beside `listen`) must not share one.
     pub(super) fn create() -> anyhow::Result<OutputFile> {
-        let path = std::env::temp_dir().join(format!("pgpubsub-load-{}.jsonl", std::process::id()));
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("pgpubsub-load-{}-{n}.jsonl", std::process::id()));
         let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(OutputFile { path, file })
     }
