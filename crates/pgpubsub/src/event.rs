@@ -54,10 +54,12 @@ pub struct WalPosition {
 impl WalPosition {
     /// The LSN in PostgreSQL's `X/Y` form.
     pub fn lsn_text(&self) -> String {
-        crate::wal::pgoutput::lsn_text(self.lsn)
+        pgwire_replication::Lsn(self.lsn).to_string()
     }
 
-    /// Parses PostgreSQL's `X/Y` form.
+    /// Parses PostgreSQL's `X/Y` form. Stricter than `Lsn::parse`, which
+    /// lets a part wider than 32 bits overflow into another LSN: this reads
+    /// text from outside (a NATS message).
     pub fn parse_lsn(text: &str) -> Option<u64> {
         let (hi, lo) = text.split_once('/')?;
         let hex = |s: &str| (!s.is_empty() && s.len() <= 8).then(|| u32::from_str_radix(s, 16).ok()).flatten();
@@ -430,6 +432,7 @@ mod tests {
         let e = Event::decode("t", text.into()).unwrap();
         assert_eq!((e.seq, e.wal, e.kind()), (None, Some(WalPosition { lsn: 0x16_B374_D848, index: 2 }), "change"));
         assert_eq!(e.wal.unwrap().to_string(), "16/B374D848:2");
+        assert_eq!(WalPosition { lsn: 0x16_B374_D848, index: 0 }.lsn_text(), "16/B374D848");
         for bad in ["1", "16", "/1", "x/1", "123456789/1"] {
             assert_eq!(WalPosition::parse_lsn(bad), None, "{bad}");
         }

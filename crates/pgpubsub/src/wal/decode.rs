@@ -96,7 +96,7 @@ impl Decoder {
             Ok(m) => m,
             Err(e) => {
                 Stats::bump(&stats.malformed);
-                tracing::warn!(error = %e, lsn = %pgoutput::lsn_text(txn.lsn), "skipping a WAL message");
+                tracing::warn!(error = %e, lsn = %pgwire_replication::Lsn(txn.lsn), "skipping a WAL message");
                 return Ok(0);
             }
         };
@@ -213,7 +213,7 @@ impl Decoder {
         let time = commit_time(txn.time_us);
         let mut json = format!(
             "{{\"lsn\":\"{}\",\"index\":{},\"txid\":{},\"kind\":\"{}\",\"channel\":",
-            pgoutput::lsn_text(txn.lsn),
+            pgwire_replication::Lsn(txn.lsn),
             index,
             txn.xid,
             match body {

@@ -8,8 +8,6 @@
 //! Formats" chapter; every length is checked, so a malformed message is an
 //! error, never a panic or an out-of-bounds read.
 
-use std::fmt::Write as _;
-
 /// A column of a published table.
 #[derive(Debug, Clone)]
 pub(crate) struct Column {
@@ -272,13 +270,6 @@ pub(crate) fn text<'a>(rel: &Relation, values: &[Value<'a>], name: &str) -> Opti
     }
 }
 
-/// `lsn` in PostgreSQL's `X/Y` form.
-pub(crate) fn lsn_text(lsn: u64) -> String {
-    let mut s = String::with_capacity(17);
-    let _ = write!(s, "{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF);
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +384,5 @@ mod tests {
         long.extend(u32::MAX.to_be_bytes());
         assert_eq!(parse(&long).unwrap_err(), Malformed("truncated"));
         assert!(matches!(parse(b"Yanything"), Ok(Msg::Other)));
-        assert_eq!(lsn_text(0x16_B374_D848), "16/B374D848");
     }
 }
