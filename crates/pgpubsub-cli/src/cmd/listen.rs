@@ -43,8 +43,7 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
     }
     log_state_changes(listener.state());
     let stats = listener.stats();
-    let mut out = std::io::BufWriter::with_capacity(64 << 10, unbuffered_stdout());
-    let mut printed = 0u64;
+    let mut printer = Printer::new(args, style);
     let mut last_save = Instant::now();
     tokio::pin!(stop);
 
@@ -54,30 +53,7 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
             () = &mut stop => break Ok(()),
         };
         let Some(first) = first else { break Ok(()) };
-        // Write what is ready now, then flush once: one syscall per burst.
-        let mut item = Some(first);
-        let mut written = Ok(());
-        while let Some(next) = item {
-            written = match next {
-                Ok(event) => {
-                    printed += 1;
-                    output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now))
-                }
-                Err(pgpubsub::Error::ResyncNeeded { cursor, pruned }) => {
-                    tracing::warn!(%cursor, %pruned, "RESYNC NEEDED: events this subscriber had not seen were pruned");
-                    output::write_resync(&mut out, cursor, pruned, style)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "listener reported an error; going on");
-                    Ok(())
-                }
-            };
-            if written.is_err() || args.count.is_some_and(|n| printed >= n) {
-                break;
-            }
-            item = listener.try_recv();
-        }
-        match written.and_then(|()| out.flush()) {
+        match printer.burst(first, || listener.try_recv()) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
             Err(e) => break Err(e).context("writing to stdout"),
             Ok(()) => {}
@@ -88,11 +64,12 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
             }
             last_save = Instant::now();
         }
-        if args.count.is_some_and(|n| printed >= n) {
+        if printer.done() {
             break Ok(());
         }
     };
-    let _ = out.flush();
+    let _ = printer.out.flush();
+    let printed = printer.printed;
     let s = stats.snapshot();
     let cursor = listener.cursor();
     if let Err(e) = listener.close().await {
@@ -114,8 +91,7 @@ async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Re
     let options = pgpubsub::WalOptions::new(args.name.clone(), args.channels.list.clone());
     let mut listener = pgpubsub::WalListener::connect(config, options).await.context("starting the WAL listener")?;
     let stats = listener.stats();
-    let mut out = std::io::BufWriter::with_capacity(64 << 10, unbuffered_stdout());
-    let mut printed = 0u64;
+    let mut printer = Printer::new(args, style);
     tokio::pin!(stop);
     // Whether everything returned was written out: only then may the last
     // transactions be confirmed on close.
@@ -125,20 +101,8 @@ async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Re
             item = listener.recv() => item,
             () = &mut stop => break Ok(()),
         };
-        let mut written = match first {
-            None => break Ok(()),
-            Some(Err(e)) => break Err(e).context("reading the WAL"),
-            Some(Ok(event)) => {
-                printed += 1;
-                output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now))
-            }
-        };
-        while written.is_ok() && args.count.is_none_or(|n| printed < n) {
-            let Some(event) = listener.try_recv() else { break };
-            printed += 1;
-            written = output::write_event(&mut out, &event, style, args.received_at.then(std::time::SystemTime::now));
-        }
-        match written.and_then(|()| out.flush()) {
+        let Some(first) = first else { break Ok(()) };
+        match printer.burst(first, || listener.try_recv().map(Ok)) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                 written_out = false;
                 break Ok(());
@@ -149,21 +113,77 @@ async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Re
             }
             Ok(()) => {}
         }
-        if args.count.is_some_and(|n| printed >= n) {
+        if printer.done() {
             break Ok(());
         }
     };
     let s = stats.snapshot();
     let slot = listener.slot().to_string();
-    if written_out && out.flush().is_ok() {
+    if written_out && printer.out.flush().is_ok() {
         if let Err(e) = listener.close().await {
             tracing::warn!(error = %e, "could not confirm the last position: its events will come again");
         }
     } else {
         tracing::warn!("output failed: the last events printed are not confirmed and will come again");
     }
+    let printed = printer.printed;
     tracing::info!(printed, slot, reconnects = s.reconnects, resyncs = s.resyncs, malformed = s.malformed, "stopped");
     result
+}
+
+/// The output of `listen`, for the log and the WAL reader alike.
+struct Printer<'a> {
+    out: std::io::BufWriter<Box<dyn Write>>,
+    args: &'a ListenArgs,
+    style: Style,
+    printed: u64,
+}
+
+impl<'a> Printer<'a> {
+    fn new(args: &'a ListenArgs, style: Style) -> Self {
+        Printer { out: std::io::BufWriter::with_capacity(64 << 10, unbuffered_stdout()), args, style, printed: 0 }
+    }
+
+    /// Whether `--count` events were printed.
+    fn done(&self) -> bool {
+        self.args.count.is_some_and(|n| self.printed >= n)
+    }
+
+    /// Writes `first` and what `more` has ready now (up to `--count`),
+    /// then flushes once: one syscall per burst.
+    fn burst(
+        &mut self,
+        first: pgpubsub::Result<pgpubsub::Event>,
+        mut more: impl FnMut() -> Option<pgpubsub::Result<pgpubsub::Event>>,
+    ) -> std::io::Result<()> {
+        let mut item = Some(first);
+        while let Some(next) = item {
+            self.write(next)?;
+            if self.done() {
+                break;
+            }
+            item = more();
+        }
+        self.out.flush()
+    }
+
+    fn write(&mut self, item: pgpubsub::Result<pgpubsub::Event>) -> std::io::Result<()> {
+        match item {
+            Ok(event) => {
+                self.printed += 1;
+                let at = self.args.received_at.then(std::time::SystemTime::now);
+                output::write_event(&mut self.out, &event, self.style, at)
+            }
+            Err(pgpubsub::Error::ResyncNeeded { cursor, pruned }) => {
+                tracing::warn!(%cursor, %pruned, "RESYNC NEEDED: events this subscriber had not seen were pruned");
+                output::write_resync(&mut self.out, cursor, pruned, self.style)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "listener reported an error; going on");
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Logs each change of the connection's state (lost, reconnecting, back).
