@@ -283,20 +283,15 @@ async fn run_all(
     let mut wal_probes = std::collections::HashMap::new();
     for (i, &(round, writers, target)) in plan.iter().enumerate() {
         let ran = if target.wal() {
-            match Listener::start(url, plan.len(), true).await {
-                Ok(reader) => {
-                    let ran = one_run(config, admin, &reader, i, writers, target, opts.per_run, payload).await;
-                    let probes = reader.stop().await;
-                    match (ran, probes) {
-                        (Ok(r), Ok(mut probes)) => {
-                            wal_probes.insert(i, std::mem::take(&mut probes[i]));
-                            Ok(r)
-                        }
-                        (Err(e), _) | (_, Err(e)) => Err(e),
-                    }
-                }
-                Err(e) => Err(e),
+            // `listen --wal` for this run only; its probe replaces the other listener's.
+            async {
+                let reader = Listener::start(url, plan.len(), true).await?;
+                let ran = one_run(config, admin, &reader, i, writers, target, opts.per_run, payload).await;
+                let mut probes = reader.stop().await?;
+                wal_probes.insert(i, std::mem::take(&mut probes[i]));
+                ran
             }
+            .await
         } else {
             one_run(config, admin, &listener, i, writers, target, opts.per_run, payload).await
         }
