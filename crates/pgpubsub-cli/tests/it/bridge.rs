@@ -620,8 +620,9 @@ async fn nats_restarted_mid_stream_leaves_every_event_once_in_order() {
     let bridge = Bridge::spawn(&db.url, &nats.url(), &ch, &common::unique("natsrestart"), &stream, &[]);
     bridge.wait_log("copying", 1).await;
     // Batches faster than the bridge copies them: publishes are in flight
-    // whenever the server dies.
-    let writers = spawn_writers(&db.config, 3, 6000, 50, Duration::from_millis(2));
+    // whenever the server dies. Enough of them to outlast every restart
+    // below on a slow machine (6000 rows each were done after two).
+    let writers = spawn_writers(&db.config, 3, 15000, 50, Duration::from_millis(2));
     // At least twice, and until a restart caught publishes in flight (the
     // point of the test; how many are in flight at a kill is up to timing).
     for round in 0..6 {
