@@ -98,6 +98,9 @@ pub enum Command {
     Prune(RetentionArgs),
     /// The HTTP gateway: SSE and WebSocket subscribe, publish, health, metrics.
     Serve(crate::serve::ServeArgs),
+    /// Append the changes of tables watched with `watch --wal` to the log,
+    /// from the WAL (one active capturer per database; others stand by).
+    Capture(crate::cmd::capture::CaptureArgs),
     /// Copy the channels' events into NATS JetStream (one active bridge per
     /// name; others stand by).
     Bridge(crate::bridge::BridgeArgs),
@@ -165,12 +168,12 @@ pub struct ListenArgs {
     #[command(flatten)]
     pub retention: RetentionArgs,
 
-    /// Read tables watched with `watch --wal` and messages of `publish
-    /// --wal` from a logical replication slot instead of the log. Needs
-    /// wal_level = logical and a role with REPLICATION; `--name` keeps a
-    /// slot of its own (pgpubsub_NAME) to resume from. See docs/delivery.md.
+    /// Also run the capturer in this process: tables watched with `watch
+    /// --wal` (and `publish --wal` messages) are appended to the log from
+    /// the WAL (`pgpubsub capture` does it as a process of its own). Needs
+    /// wal_level = logical and a role with REPLICATION. See docs/delivery.md.
     #[arg(long)]
-    pub wal: bool,
+    pub capture: bool,
 }
 
 /// Retention bounds.
@@ -249,8 +252,9 @@ pub struct WatchArgs {
     /// PostgreSQL's NOTIFY lock: see docs/delivery.md.
     #[arg(long, conflicts_with = "wal")]
     pub inline: bool,
-    /// Capture from the WAL: no trigger, writers unhurt; read with
-    /// `listen --wal` (needs wal_level = logical). See docs/delivery.md.
+    /// Capture from the WAL: no trigger, writers unhurt; `pgpubsub capture`
+    /// appends the changes to the log (needs wal_level = logical). See
+    /// docs/delivery.md.
     #[arg(long)]
     pub wal: bool,
 }
@@ -262,7 +266,8 @@ pub struct PublishArgs {
     pub channel: Channel,
     /// The message; `-` or nothing reads it from stdin.
     pub payload: Option<String>,
-    /// Publish through the WAL (`pubsub.publish_wal`), for `listen --wal`.
+    /// Publish through the WAL (an INSERT into `pubsub.wal_messages`): no
+    /// log insert in this transaction; `pgpubsub capture` appends it.
     #[arg(long)]
     pub wal: bool,
 }

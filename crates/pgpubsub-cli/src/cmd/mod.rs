@@ -1,5 +1,6 @@
 //! One subcommand per file.
 
+pub mod capture;
 pub mod demo;
 pub mod listen;
 pub mod migrate;

@@ -23,7 +23,7 @@ pub async fn run(
         let channel = pgpubsub::watch::watch_wal(&client, table, channel)
             .await
             .with_context(|| format!("watching {table} through the WAL"))?;
-        println!("watching {table} through the WAL: its changes are events on channel {channel} for `listen --wal`");
+        println!("watching {table} through the WAL: its changes are events on channel {channel} once `pgpubsub capture` runs");
         return Ok(());
     }
     let channel = pgpubsub::watch::watch_with(&client, table, channel, inline)
