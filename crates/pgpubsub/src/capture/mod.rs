@@ -218,12 +218,13 @@ impl Capturer {
         let mut delay = Duration::from_millis(100);
         loop {
             let ended = self.session(&mut stop).await;
+            // A session that streamed: from now on failures are retried.
+            started |= self.stats.active.swap(0, Ordering::Relaxed) == 1;
             match ended {
                 Ok(Ended::Stopped) => return Ok(()),
                 Ok(Ended::Again) => continue,
                 Ok(Ended::Standby(why)) => {
                     started = true;
-                    set(&self.stats.active, 0);
                     if standing_by.as_deref() != Some(why.as_str()) {
                         tracing::info!(slot = %self.slot, holder = %why, "standby: another capturer streams the slot; waiting to take over");
                         standing_by = Some(why);
@@ -233,7 +234,6 @@ impl Capturer {
                 Err(e @ (Error::NotMigrated | Error::Config(_))) => return Err(e),
                 Err(e) if !started => return Err(e),
                 Err(e) => {
-                    set(&self.stats.active, 0);
                     Stats::bump(&self.stats.reconnects);
                     tracing::warn!(error = %e, slot = %self.slot, "capture session ended; starting again");
                     standing_by = None;
