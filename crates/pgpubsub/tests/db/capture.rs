@@ -183,7 +183,6 @@ async fn captured_events_are_typed_complete_in_commit_order_and_keep_their_sourc
     for _ in 0..8 {
         events.push(next(&mut listener).await);
     }
-    let v: Vec<serde_json::Value> = events.iter().map(value).collect();
     // The two ways in share one log: the trigger-captured row is in it as
     // soon as its transaction commits; the capturer appends a moment after
     // the commit. Order is per channel (commit order), as always.
