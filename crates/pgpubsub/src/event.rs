@@ -464,7 +464,8 @@ mod tests {
         let e = Event::decode("t", text.into()).unwrap();
         assert_eq!((e.seq, e.txid, e.source_txid), (Some(9), Some(4_294_967_309), Some(4_294_967_302)));
         assert_eq!((e.wal.map(|w| w.lsn), e.kind()), (Some(0x1A), "message"));
-        let text = r#"{"seq":10,"txid":5,"kind":"resync","channel":"t","time":"2026-01-01T00:00:00Z","reason":"slot lost"}"#;
+        let text =
+            r#"{"seq":10,"txid":5,"kind":"resync","channel":"t","time":"2026-01-01T00:00:00Z","reason":"slot lost"}"#;
         let e = Event::decode("t", text.into()).unwrap();
         let Body::Resync(r) = &e.body else { panic!("{:?}", e.body) };
         assert_eq!((e.kind(), r.reason.as_str(), e.wal), ("resync", "slot lost", None));

@@ -65,6 +65,7 @@ mod wal;
 pub mod watch;
 pub mod wire;
 
+pub use capture::{CaptureOptions, Capturer};
 pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
@@ -75,7 +76,6 @@ pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;
 pub use stats::{Stats, StatsSnapshot};
-pub use capture::{CaptureOptions, Capturer};
 pub use watch::{publish, unwatch, watch};
 
 /// Not part of the API: how a stored event renders to JSON, public only so

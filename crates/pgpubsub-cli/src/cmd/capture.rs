@@ -57,8 +57,15 @@ pub async fn run(config: &Config, args: &CaptureArgs) -> anyhow::Result<()> {
     tracing::info!(slot = capturer.slot(), target = %pgpubsub::db::describe(config), "capture starting");
     capturer.run(crate::cmd::listen::shutdown_signal()).await.context("capturing from the WAL")?;
     let s = stats.snapshot();
-    tracing::info!(events = s.events, batches = s.batches, transactions = s.transactions, skipped = s.skipped,
-        reconnects = s.reconnects, resets = s.resets, "capture stopped");
+    tracing::info!(
+        events = s.events,
+        batches = s.batches,
+        transactions = s.transactions,
+        skipped = s.skipped,
+        reconnects = s.reconnects,
+        resets = s.resets,
+        "capture stopped"
+    );
     Ok(())
 }
 

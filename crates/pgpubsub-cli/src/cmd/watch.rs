@@ -45,5 +45,19 @@ pub async fn unwatch(config: &Config, table: &str) -> anyhow::Result<()> {
     } else {
         println!("{table} was not watched");
     }
+    // The last table watched through the WAL: say what is left of capture.
+    let wal_watches: i64 =
+        client.query_one("SELECT count(*) FROM pubsub.wal_watches", &[]).await.map(|r| r.get(0)).unwrap_or(1);
+    if wal_watches == 0 {
+        for slot in pgpubsub::capture::slots(&client).await.unwrap_or_default() {
+            println!(
+                "no table is watched through the WAL now; replication slot {} is left{} (drop it with \
+                 SELECT pg_drop_replication_slot('{}') once no capturer runs, or keep it for the next watch)",
+                slot.name,
+                if slot.active { ", in use by a running capturer" } else { "" },
+                slot.name
+            );
+        }
+    }
     Ok(())
 }

@@ -100,7 +100,8 @@ impl Batch {
         let map_idx = map_at.map(|a| a.index as i32);
         // A map with no place (read from the table) is not stored: the
         // stream's own changes will be.
-        let (map_json, map_lsn, map_idx) = if map_at.is_some() { (map_json, map_lsn, map_idx) } else { (None, None, None) };
+        let (map_json, map_lsn, map_idx) =
+            if map_at.is_some() { (map_json, map_lsn, map_idx) } else { (None, None, None) };
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] =
             [&slot, &lsns, &idx, &xids, &channels, &sources, &bodies, &payloads, &map_json, &map_lsn, &map_idx];
         let call = side.query_one(APPEND, &params);

@@ -243,7 +243,8 @@ impl Capturer {
                 () = tokio::time::sleep(delay) => {}
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
-            delay = if standing_by.is_some() { self.options.standby_poll } else { (delay * 2).min(Duration::from_secs(5)) };
+            delay =
+                if standing_by.is_some() { self.options.standby_poll } else { (delay * 2).min(Duration::from_secs(5)) };
         }
     }
 
@@ -428,7 +429,9 @@ impl Session<'_> {
             // Nothing in flight: everything the server decoded before
             // wal_end is in the log, so the slot may move past WAL that held
             // none of our tables (else it would keep it forever).
-            ReplicationEvent::KeepAlive { wal_end, .. } if !self.owed() && self.txn.is_none() && wal_end.as_u64() > 0 => {
+            ReplicationEvent::KeepAlive { wal_end, .. }
+                if !self.owed() && self.txn.is_none() && wal_end.as_u64() > 0 =>
+            {
                 self.stream.update_applied_lsn(wal_end);
             }
             _ => {}

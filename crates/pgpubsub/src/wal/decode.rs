@@ -115,7 +115,13 @@ impl Decoder {
 
     /// Reads one pgoutput message of `txn`; the events it makes go to `out`,
     /// numbered from `txn.next_index`.
-    pub(crate) fn message(&mut self, malformed: &AtomicU64, txn: &Txn, data: &[u8], out: &mut Vec<Captured>) -> Decoded {
+    pub(crate) fn message(
+        &mut self,
+        malformed: &AtomicU64,
+        txn: &Txn,
+        data: &[u8],
+        out: &mut Vec<Captured>,
+    ) -> Decoded {
         let msg = match pgoutput::parse(data) {
             Ok(m) => m,
             Err(e) => {

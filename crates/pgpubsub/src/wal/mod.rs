@@ -49,8 +49,10 @@ pub(crate) fn sqlstate(e: &PgWireError) -> Option<&str> {
 pub(crate) fn wal_error(context: &'static str, e: PgWireError) -> Error {
     let hint = match sqlstate(&e) {
         // object_not_in_prerequisite_state: wal_level, or a slot the server invalidated.
-        Some("55000") => "set wal_level = logical in postgresql.conf and restart the server; \
-                          or the slot was invalidated (pgpubsub capture re-creates it)",
+        Some("55000") => {
+            "set wal_level = logical in postgresql.conf and restart the server; \
+                          or the slot was invalidated (pgpubsub capture re-creates it)"
+        }
         // insufficient_privilege
         Some("42501") => "the capturer's role needs REPLICATION: ALTER ROLE … REPLICATION",
         Some("55006") => "another capturer streams this slot",
@@ -103,7 +105,11 @@ fn replication_config(config: &Config, slot: &str, status_interval: Duration) ->
 
 /// Opens the replication connection to `slot`, creates the slot if it does
 /// not exist, and starts streaming from its confirmed position.
-pub(crate) async fn open(config: &Config, slot: &str, status_interval: Duration) -> Result<ReplicationClient, SlotError> {
+pub(crate) async fn open(
+    config: &Config,
+    slot: &str,
+    status_interval: Duration,
+) -> Result<ReplicationClient, SlotError> {
     let repl = replication_config(config, slot, status_interval);
     let failed = |context| move |e| SlotError::Failed(wal_error(context, e));
     let mut client =

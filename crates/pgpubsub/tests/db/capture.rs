@@ -25,7 +25,8 @@ async fn logical_with(settings: &'static str) -> (Cluster, Config, Client) {
         Cluster::start_with(false, |data| {
             use std::io::Write;
             let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-            writeln!(conf, "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n{settings}").unwrap();
+            writeln!(conf, "wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n{settings}")
+                .unwrap();
         })
     })
     .await

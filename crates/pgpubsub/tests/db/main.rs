@@ -21,4 +21,3 @@ mod security;
 mod sizes;
 mod tls;
 mod tls_server;
-

@@ -301,8 +301,19 @@ async fn run_all(
         let ran = async {
             // The capturer runs for the WAL targets' runs only.
             let capture = if target.wal() { Some(Capture::start(url, admin, pin).await?) } else { None };
-            let ran = one_run(config, admin, &listener, gateway.as_ref(), capture.as_ref(), i, writers, target, opts, payload)
-                .await;
+            let ran = one_run(
+                config,
+                admin,
+                &listener,
+                gateway.as_ref(),
+                capture.as_ref(),
+                i,
+                writers,
+                target,
+                opts,
+                payload,
+            )
+            .await;
             if let Some(c) = capture {
                 c.stop().await;
             }
