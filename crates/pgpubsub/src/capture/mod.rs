@@ -395,6 +395,14 @@ impl Session<'_> {
                 self.txn = Some(Txn { lsn: final_lsn.as_u64(), xid, time_us: commit_time_micros, next_index: 0 });
             }
             ReplicationEvent::XLogData { data, .. } => {
+                // A table described anew: learn the shapes of its column
+                // types first (arrays, composites, domains render nested).
+                if let Ok(crate::wal::pgoutput::Msg::Relation(rel)) = crate::wal::pgoutput::parse(&data) {
+                    let unknown = self.decoder.types.unknown(rel.columns.iter().map(|c| c.type_oid));
+                    if !unknown.is_empty() {
+                        self.decoder.types.learn(&self.side, unknown).await?;
+                    }
+                }
                 let Some(txn) = self.txn else {
                     // Outside a transaction only relations are learnt.
                     let idle = Txn { lsn: 0, xid: 0, time_us: 0, next_index: 0 };

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::pgoutput::{self, Msg, Relation, Value};
+use super::types::Types;
 use crate::event::{Op, WalPosition};
 use crate::event_log::json_string;
 
@@ -79,6 +80,9 @@ impl ChannelMap {
 /// What a capturer knows of the stream: its relations and the channel map.
 pub(crate) struct Decoder {
     relations: HashMap<u32, Relation>,
+    /// The shapes of column types that are not plain scalars: learnt by
+    /// the capturer before a relation's first change is decoded.
+    pub(crate) types: Types,
     map: ChannelMap,
     /// The map changed since [`Decoder::take_map_change`] was last called.
     map_dirty: bool,
@@ -100,7 +104,7 @@ fn ours(rel: &Relation, name: &str) -> bool {
 
 impl Decoder {
     pub(crate) fn new(map: ChannelMap) -> Self {
-        Decoder { relations: HashMap::new(), map, map_dirty: false }
+        Decoder { relations: HashMap::new(), types: Types::default(), map, map_dirty: false }
     }
 
     /// Whether the channel map changed since it was last taken.
@@ -221,7 +225,7 @@ impl Decoder {
         let Some(channel) = self.map.channels.get(&rel) else { return };
         let Some(relation) = self.relations.get(&rel) else { return };
         let render = |row: Option<&[Value<'_>]>, fallback, keys| {
-            row.and_then(|r| pgoutput::row_json(relation, r, fallback, keys))
+            row.and_then(|r| pgoutput::row_json(relation, &self.types, r, fallback, keys))
         };
         // Unchanged TOASTed values come from a whole old row only; a
         // key-only old row is rendered as just its key columns.

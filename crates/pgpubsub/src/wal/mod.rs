@@ -12,6 +12,7 @@
 
 mod decode;
 pub(crate) mod pgoutput;
+mod types;
 
 use std::time::Duration;
 
