@@ -69,14 +69,20 @@ pub async fn run(config: &Config, args: &CaptureArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A capturer running beside another command.
+pub type Beside = (tokio::task::JoinHandle<anyhow::Result<()>>, std::sync::Arc<pgpubsub::capture::CaptureStats>);
+
 /// Runs a capturer in the background of another command (`listen
-/// --capture`, `serve --capture`), until the process stops.
-pub fn spawn(config: &Config, options: CaptureOptions) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    let config = config.clone();
-    tokio::spawn(async move {
-        let capturer = Capturer::new(&config, options)?;
-        capturer.run(std::future::pending()).await.context("capturing from the WAL")
-    })
+/// --capture`, `serve --capture`), until the process stops; with its counters.
+///
+/// # Errors
+/// When the options cannot name a slot.
+pub fn spawn(config: &Config, options: CaptureOptions) -> anyhow::Result<Beside> {
+    let capturer = Capturer::new(config, options)?;
+    let stats = capturer.stats();
+    let task =
+        tokio::spawn(async move { capturer.run(std::future::pending()).await.context("capturing from the WAL") });
+    Ok((task, stats))
 }
 
 /// Resolves when a capturer [`spawn`]ed beside a command ends (only by an

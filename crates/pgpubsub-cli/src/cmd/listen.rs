@@ -18,7 +18,10 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         (false, false) => Style::Line,
     };
     // `--capture`: this process also appends WAL-watched tables to the log.
-    let capture = args.capture.then(|| crate::cmd::capture::spawn(config, pgpubsub::CaptureOptions::default()));
+    let capture = match args.capture {
+        true => Some(crate::cmd::capture::spawn(config, pgpubsub::CaptureOptions::default())?.0),
+        false => None,
+    };
     let limits = Limits {
         max_event_bytes: args.max_event_bytes,
         max_age: Duration::from_secs(args.chunk_timeout.max(1)),

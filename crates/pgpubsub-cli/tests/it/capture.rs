@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 use crate::cli::{pgpubsub, run, wait_output_within};
 use crate::cluster::Cluster;
 use crate::common::{unique, write_rows, WAIT};
-use crate::serve::{next_sse, serve_url, sse, subscribed};
+use crate::serve::{curl_get, next_sse, serve_url, sse, subscribed};
 
 /// A logical cluster with a migrated database `cli`: the cluster, the URL, a client.
 async fn logical() -> (Cluster, String, Client) {
@@ -241,6 +241,13 @@ async fn the_gateway_serves_captured_events_with_resume_across_a_restart() {
     let missed: Vec<i64> = ids.into_iter().filter(|&i| i > 2).collect();
     assert_eq!(missed, [3, 4]);
     let _ = second.kill();
+    // Any gateway shows the WAL the capturer's slot keeps (none reads it now).
+    let (_, metrics) = curl_get(&format!("http://{}/metrics", server.addr));
+    let retained = metrics
+        .lines()
+        .find(|l| l.starts_with("pgpubsub_capture_slot_retained_bytes{slot=\"pgpubsub_capture\"}"))
+        .unwrap_or_else(|| panic!("no slot gauge in {metrics}"));
+    assert!(retained.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 0.0, "{retained}");
 }
 
 /// `migrate down` of the capture step drops the capturers' idle slots and

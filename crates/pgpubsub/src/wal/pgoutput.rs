@@ -387,7 +387,10 @@ mod tests {
         let old = old.unwrap();
         assert!(old.full);
         let old = old.values;
-        assert_eq!(row_json(&rel, &Types::default(), &new, Some(&old), false).unwrap(), r#"{"id":1,"name":"new","doc":[]}"#);
+        assert_eq!(
+            row_json(&rel, &Types::default(), &new, Some(&old), false).unwrap(),
+            r#"{"id":1,"name":"new","doc":[]}"#
+        );
         assert_eq!(row_json(&rel, &Types::default(), &new, None, false).unwrap(), r#"{"id":1,"name":"new"}"#);
     }
 
