@@ -59,13 +59,13 @@ pub async fn run(config: &Config, args: &MigrateArgs) -> anyhow::Result<()> {
                 println!("applied {} {}", m.version, m.name);
             }
         }
-        MigrateAction::Down => match {
+        MigrateAction::Down => {
             drop_slots_before_down(&client).await?;
-            pgpubsub::migrate::down(&mut client).await.context("migrating down")?
-        } {
-            Some(m) => println!("reverted {} {}", m.version, m.name),
-            None => println!("nothing to revert"),
-        },
+            match pgpubsub::migrate::down(&mut client).await.context("migrating down")? {
+                Some(m) => println!("reverted {} {}", m.version, m.name),
+                None => println!("nothing to revert"),
+            }
+        }
         MigrateAction::Status => {
             for s in pgpubsub::migrate::status(&client).await.context("reading migration status")? {
                 let state = if s.applied { "applied" } else { "pending" };

@@ -274,6 +274,9 @@ fn source_of(args: &ServeArgs) -> anyhow::Result<Option<String>> {
 /// payloads are heard only on channels LISTENed to). Ends once every handle
 /// to the server is gone.
 async fn feed_hub(hub: Hub, mut listener: Listener, mut changes: mpsc::UnboundedReceiver<listening::Change>) {
+    // One lives on the stack per turn of the loop: boxing the event would
+    // cost an allocation per event instead.
+    #[allow(clippy::large_enum_variant)]
     enum Step {
         Change(Option<listening::Change>),
         Event(Option<pgpubsub::Result<pgpubsub::Event>>),

@@ -423,15 +423,13 @@ impl Session<'_> {
                     self.batch.push(e);
                 }
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
-                if self.txn.take().is_some() {
-                    Stats::bump(&self.stats.transactions);
-                    self.confirm = Some(end_lsn);
-                    if self.batch.is_empty() && !self.decoder.map_dirty() {
-                        // Nothing of it to append: confirmed as it is.
-                        self.stream.update_applied_lsn(end_lsn);
-                        self.confirm = None;
-                    }
+            ReplicationEvent::Commit { end_lsn, .. } if self.txn.take().is_some() => {
+                Stats::bump(&self.stats.transactions);
+                self.confirm = Some(end_lsn);
+                if self.batch.is_empty() && !self.decoder.map_dirty() {
+                    // Nothing of it to append: confirmed as it is.
+                    self.stream.update_applied_lsn(end_lsn);
+                    self.confirm = None;
                 }
             }
             // Nothing in flight: everything the server decoded before
