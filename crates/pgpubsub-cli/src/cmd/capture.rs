@@ -20,9 +20,10 @@ pub struct CaptureArgs {
     /// Most events appended in one transaction.
     #[arg(long, default_value_t = 2000, value_name = "N")]
     pub batch_rows: usize,
-    /// Once caught up, how long the next changes may gather before they
-    /// are appended together (more concurrent writers per append).
-    #[arg(long, default_value = "2ms", value_name = "DURATION", value_parser = parse_duration)]
+    /// The longest a change waits to be appended: what arrives meanwhile
+    /// goes in the same append (more concurrent writers per append, less
+    /// database work per event), at up to this much latency.
+    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_duration)]
     pub linger: Duration,
     /// Warn when the slot keeps more WAL than this many bytes (a capturer
     /// that stopped keeping up). See docs/deploying.md on

@@ -61,8 +61,10 @@ pub struct CaptureOptions {
     /// ...and most bytes (default 8 MiB): a capturer catching up confirms
     /// (and, killed, re-reads) at most this much at a time.
     pub batch_bytes: usize,
-    /// Once caught up, how long to let the next changes gather before
-    /// appending (default 2 ms): one append for many concurrent writers.
+    /// The longest a change read waits to be appended (default 5 ms): what
+    /// arrives meanwhile goes in the same append, so concurrent writers
+    /// share appends (and the database's work per event falls), at up to
+    /// this much latency.
     pub linger: Duration,
     /// How often the confirmed position is sent to the server (default 250 ms).
     pub status_interval: Duration,
@@ -86,7 +88,7 @@ impl Default for CaptureOptions {
             name: None,
             batch_rows: 2000,
             batch_bytes: 8 << 20,
-            linger: Duration::from_millis(2),
+            linger: Duration::from_millis(5),
             status_interval: Duration::from_millis(250),
             standby_poll: Duration::from_secs(1),
             health_interval: Duration::from_secs(5),
@@ -289,6 +291,7 @@ impl Capturer {
             txn: None,
             confirm: None,
             newest_commit_us: 0,
+            owed_since: None,
             last_health: None,
             warned: false,
         };
@@ -326,6 +329,9 @@ struct Session<'a> {
     confirm: Option<Lsn>,
     /// Commit time of the newest event in the batch (µs since 2000).
     newest_commit_us: i64,
+    /// Since when something read is owed to the log: it is appended once
+    /// this is `linger` old (or the batch is full), whatever keeps coming.
+    owed_since: Option<tokio::time::Instant>,
     last_health: Option<Instant>,
     warned: bool,
 }
@@ -374,19 +380,10 @@ impl Session<'_> {
         }
     }
 
-    /// The next message if one is ready now or within `linger`.
+    /// The next message, if one comes before what is owed is `linger` old.
     async fn ready(&mut self) -> Option<pgwire_replication::Result<Option<ReplicationEvent>>> {
-        if let Ok(r) = tokio::time::timeout(Duration::ZERO, self.stream.recv()).await {
-            return Some(r);
-        }
-        if self.o.linger.is_zero() || self.txn.is_some() {
-            // Inside a transaction its rest is on its way: wait for it.
-            if self.txn.is_some() {
-                return tokio::time::timeout(self.o.idle_timeout, self.stream.recv()).await.ok();
-            }
-            return None;
-        }
-        tokio::time::timeout(self.o.linger, self.stream.recv()).await.ok()
+        let since = *self.owed_since.get_or_insert_with(tokio::time::Instant::now);
+        tokio::time::timeout_at(since + self.o.linger, self.stream.recv()).await.ok()
     }
 
     async fn handle(&mut self, event: ReplicationEvent) -> Result<()> {
@@ -448,6 +445,7 @@ impl Session<'_> {
     /// Appends what was read (and the channel map, if it changed), then
     /// confirms the transactions read whole.
     async fn flush(&mut self) -> Result<()> {
+        self.owed_since = None;
         let map = self.decoder.take_map_change();
         if !self.batch.is_empty() || map.is_some() {
             let last = self.batch.events.last().map(|e| e.at);
