@@ -254,7 +254,9 @@ impl Capturer {
     /// stored state, until stopped or something fails.
     async fn session(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Result<Ended> {
         let o = &self.options;
-        let side = crate::db::connect(&self.config).await?;
+        let mut config = self.config.clone();
+        config.pg_mut().application_name("pgpubsub capture (append)");
+        let side = crate::db::connect(&config).await?;
         let state = batch::state(&side, &self.slot).await.map_err(not_migrated)?;
         let stream = match wal::open(&self.config, &self.slot, o.status_interval).await {
             Ok(s) => s,

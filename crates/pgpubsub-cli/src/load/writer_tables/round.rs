@@ -52,8 +52,10 @@ pub(super) async fn one_run(
     let per_run = opts.per_run;
     let sql = statement(target);
     let mut clients = Vec::with_capacity(writers);
+    let mut config = config.clone();
+    config.pg_mut().application_name("pgpubsub load writer");
     for w in 0..writers {
-        let client = pgpubsub::db::connect(config)
+        let client = pgpubsub::db::connect(&config)
             .await
             .with_context(|| format!("connecting writer {} of {writers} (is max_connections large enough?)", w + 1))?;
         let stmt = client.prepare(&sql).await.with_context(|| format!("preparing {sql}"))?;
@@ -148,6 +150,22 @@ pub(super) async fn one_run(
     drop(open);
 
     let db_ns: u64 = after.db.iter().map(|(pid, &ns)| ns.saturating_sub(*before.db.get(pid).unwrap_or(&0))).sum();
+    if std::env::var_os("PGPUBSUB_LOAD_DB_PROCESSES").is_some() {
+        // Where the database's CPU went, by process kind (for finding costs).
+        let rows = admin
+            .query("SELECT pid, coalesce(nullif(application_name, ''), backend_type) FROM pg_stat_activity", &[])
+            .await?;
+        let mut by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for r in rows {
+            let (pid, name): (i32, String) = (r.get(0), r.get(1));
+            if let Some(&ns) = after.db.get(&pid) {
+                *by.entry(name).or_default() += ns.saturating_sub(*before.db.get(&pid).unwrap_or(&0));
+            }
+        }
+        let per: Vec<String> =
+            by.iter().map(|(k, ns)| format!("{k}: {:.1} µs/write", *ns as f64 / 1000.0 / written.max(1) as f64)).collect();
+        eprintln!("[db cpu] {writers} writers → {}: {}", target.name(), per.join(", "));
+    }
     Ok(Raw {
         round: 0,
         writers,
