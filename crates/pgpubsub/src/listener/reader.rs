@@ -10,10 +10,8 @@
 //! - a heartbeat on the listener's own fence channel;
 //! - anything else: a foreign notification (a plain `pg_notify`, the seed's
 //!   JSON, seed-004 chunk frames reassembled), handed over as an event of
-//!   kind `notify`, never deduplicated against or mixed into log events.
-//!
-//! It marks where a batch of notifications ends (what was read from the
-//! socket together): `foreign.rs` decides seed-format messages there.
+//!   kind `notify`, never deduplicated against or mixed into log events,
+//!   through `foreign.rs`, told where each batch (what was read together) ends.
 //!
 //! Every `heartbeat` it sends a fence through its own channel; one that does
 //! not come back within `deaf_after` means the connection is deaf (open,
