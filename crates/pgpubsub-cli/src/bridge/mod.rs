@@ -93,7 +93,7 @@ pub async fn run(config: &Config, args: &BridgeArgs) -> anyhow::Result<()> {
         bail!("--duplicate-window must be positive: it is what drops events sent again");
     }
     let (stop_tx, stop) = watch::channel(false);
-    let signal = crate::cmd::listen::shutdown_signal();
+    let signal = crate::shutdown::signal();
     tokio::spawn(async move {
         signal.await;
         let _ = stop_tx.send(true);

@@ -1,9 +1,30 @@
 //! `pgpubsub migrate [up|down|status] [--example]`.
 
 use anyhow::Context;
+use clap::Args;
 use pgpubsub::db::Config;
 
-use crate::cli::{MigrateAction, MigrateArgs};
+/// Options of `migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// up (default), down (revert the last step) or status.
+    #[arg(value_enum, default_value = "up")]
+    pub action: MigrateAction,
+    /// Also apply the seed's `job` example (tables job and notification).
+    #[arg(long)]
+    pub example: bool,
+}
+
+/// What `migrate` does.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the most recent one.
+    Down,
+    /// List migrations and watched tables.
+    Status,
+}
 
 /// Applies, reverts or lists migrations; prints what it did on stdout.
 pub async fn run(config: &Config, args: &MigrateArgs) -> anyhow::Result<()> {
