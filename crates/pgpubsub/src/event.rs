@@ -9,6 +9,9 @@
 //!   is. Not from the log: `seq` is `None`, it is delivered live only, and
 //!   any role that can NOTIFY can send one.
 //!
+//! Changes and messages captured from the WAL ([`crate::wal`]) are not in
+//! the log either: their `seq` is `None` too, and their place is `wal`.
+//!
 //! Row values are kept as raw JSON text and parsed only when asked
 //! ([`Change::new_as`] and friends), so decoding costs one scan of the text.
 
@@ -22,11 +25,14 @@ use serde_json::value::RawValue;
 pub struct Event {
     /// The channel it arrived on.
     pub channel: String,
-    /// Its sequence in `pubsub.events`; `None` for foreign notifications,
-    /// which are not logged.
+    /// Its sequence in `pubsub.events`; `None` for events that are not in
+    /// the log: foreign notifications, and events captured from the WAL
+    /// (which have [`wal`](Event::wal) instead).
     pub seq: Option<i64>,
-    /// The writing transaction (`xid8`); with `seq`, its place in the log.
-    /// For an event captured from the WAL, its 32-bit xid.
+    /// The writing transaction, as an `xid8` (the 64-bit id, epoch
+    /// included, that `pg_current_xact_id()` returns), for events from the
+    /// log and from the WAL alike; with `seq`, its place in the log. `None`
+    /// for foreign notifications.
     pub txid: Option<u64>,
     /// For an event captured from the WAL ([`crate::wal`]): its place there;
     /// `None` otherwise.
