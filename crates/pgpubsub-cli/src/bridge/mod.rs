@@ -21,7 +21,7 @@ mod pump;
 mod stream;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_nats::jetstream;
@@ -32,7 +32,7 @@ use tokio::sync::watch;
 pub use self::args::BridgeArgs;
 use self::lock::Lock;
 use self::metrics::BridgeStats;
-use self::outbox::{Outbox, Prepared, Window};
+use self::outbox::{Outbox, Window};
 use self::pump::pump;
 use self::stream::{ensure_stream, source_id};
 
