@@ -122,7 +122,7 @@ pub enum Command {
     /// Events/s and latency through the bridge beside the plain listener.
     #[command(hide = true)]
     #[cfg(feature = "load")]
-    LoadBridge(crate::bridge::bench::BenchArgs),
+    LoadBridge(crate::load::bridge::BenchArgs),
     /// Run the whole flow once: migrate, watch a demo table, write rows,
     /// print the events that arrive.
     Demo,

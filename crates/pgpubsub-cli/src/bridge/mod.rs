@@ -12,8 +12,6 @@
 //! - One active bridge per name: [`lock::Lock`]. Others wait as standbys.
 
 mod args;
-#[cfg(feature = "load")]
-pub mod bench;
 mod lock;
 mod metrics;
 mod outbox;

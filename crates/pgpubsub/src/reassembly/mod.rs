@@ -7,6 +7,12 @@
 //! `max_bytes` of their text, each event at most `max_event_bytes`, none older
 //! than `max_age`. Whatever it drops is counted in [`Stats`]. When a
 //! seed-format event is complete is `seed.rs`'s to say.
+//!
+//! Two users. The [`Listener`](crate::Listener) puts seed-format messages
+//! (foreign notifications) back together. Our own chunks (`~c:` frames) come
+//! only from `watch --inline` tables, and the listener takes them as
+//! wake-ups and reads the log instead; [`Reassembler::push_chunk`] is for
+//! programs that read those payloads themselves.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -142,6 +148,30 @@ impl Reassembler {
 
     /// Adds one of our chunks; returns the event text once all have arrived
     /// and its size and digest match.
+    ///
+    /// For a program that LISTENs on a table watched with `watch --inline`
+    /// and reads the events from the payloads, which carry an event over
+    /// 8000 bytes in `~c:` chunks (docs/protocol.md). pgpubsub's own
+    /// [`Listener`](crate::Listener) does not call it: it reads every event
+    /// from the log, and takes chunks as wake-ups.
+    ///
+    /// ```
+    /// # use std::{sync::Arc, time::Instant};
+    /// use pgpubsub::reassembly::{Limits, Reassembler};
+    /// use pgpubsub::wire::{self, Frame};
+    ///
+    /// let mut r = Reassembler::new(Limits::default(), Arc::new(pgpubsub::Stats::default()));
+    /// let event = format!(r#"{{"seq":7,"kind":"message","channel":"orders","payload":"{}"}}"#, "x".repeat(20_000));
+    /// // The payloads of the notifications `watch --inline` sends for it.
+    /// let payloads = wire::encode_chunks(7, &event, wire::CHUNK_DATA_BYTES);
+    /// let mut whole = None;
+    /// for payload in payloads.iter().rev() {
+    ///     if let Ok(Frame::Chunk(chunk)) = wire::parse(payload) {
+    ///         whole = whole.or(r.push_chunk("orders", &chunk, Instant::now()));
+    ///     }
+    /// }
+    /// assert_eq!(whole, Some(event));
+    /// ```
     pub fn push_chunk(&mut self, channel: &str, chunk: &Chunk<'_>, now: Instant) -> Option<String> {
         Stats::bump(&self.stats.chunks);
         if chunk.bytes > self.limits.max_event_bytes {
