@@ -105,6 +105,9 @@ pub enum Command {
     Prune(RetentionArgs),
     /// The HTTP gateway: SSE and WebSocket subscribe, publish, health, metrics.
     Serve(crate::serve::ServeArgs),
+    /// Append the changes of tables watched with `watch --wal` to the log,
+    /// from the WAL (one active capturer per database; others stand by).
+    Capture(crate::cmd::capture::CaptureArgs),
     /// Copy the channels' events into NATS JetStream (one active bridge per
     /// name; others stand by).
     Bridge(crate::bridge::BridgeArgs),

@@ -69,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Prune(args)) => cmd::prune::run(&config, &args).await,
         Some(Command::Serve(args)) => serve::run(&config, &args).await,
         Some(Command::Bridge(args)) => bridge::run(&config, &args).await,
+        Some(Command::Capture(args)) => cmd::capture::run(&config, &args).await,
         #[cfg(feature = "load")]
         Some(Command::LoadBridge(args)) => load::bridge::run(&config, &cli.database_url, &args).await,
         #[cfg(feature = "load")]

@@ -80,6 +80,7 @@ pub fn write_event(
                 }
                 Body::Message(m) => writeln!(out, "message {}", shorten(&serde_json::to_string(&m.payload)?)),
                 Body::Notify(raw) => writeln!(out, "notify {}", shorten(raw.get())),
+                Body::Resync(r) => writeln!(out, "RESYNC NEEDED: {}", r.reason),
                 _ => writeln!(out, "{}", shorten(event.json())),
             }
         }

@@ -79,8 +79,16 @@ pub enum Error {
 
     /// Capture from the WAL could not start or go on: wal_level is not
     /// logical, the role lacks REPLICATION, the slot is in use.
-    #[error("capture from the WAL: {0}")]
-    Wal(String),
+    #[error("capture from the WAL: {context}: {source}{}", if hint.is_empty() { String::new() } else { format!(" ({hint})") })]
+    Wal {
+        /// What we were doing.
+        context: &'static str,
+        /// What to do about it, chosen by the SQLSTATE (may be empty).
+        hint: &'static str,
+        /// What the replication connection said.
+        #[source]
+        source: Box<pgwire_replication::PgWireError>,
+    },
 
     /// The database refused a statement.
     #[error("{context}: {source}")]

@@ -1,16 +1,17 @@
 //! Events: what a subscriber receives, decoded from the JSON text that
 //! arrived (whole, reassembled from chunks, or fetched from the log).
 //!
-//! Three kinds arrive on a channel:
-//! - [`Body::Change`]: a row change captured by `pubsub.watch`;
-//! - [`Body::Message`]: a message sent with `pubsub.publish`;
+//! Four kinds arrive on a channel:
+//! - [`Body::Change`]: a row change, captured by `pubsub.watch`'s trigger or
+//!   from the WAL (`pubsub.watch_wal` and the capturer);
+//! - [`Body::Message`]: a message sent with `pubsub.publish` (or through
+//!   `pubsub.wal_messages`);
+//! - [`Body::Resync`]: a gap in capture from the WAL (the server dropped
+//!   changes the capturer had not read): reload what the channel shows;
 //! - [`Body::Notify`]: a foreign notification, anything someone sent with
 //!   `pg_notify` (for instance the seed's `job_channel`), passed on as it
 //!   is. Not from the log: `seq` is `None`, it is delivered live only, and
 //!   any role that can NOTIFY can send one.
-//!
-//! Changes and messages captured from the WAL ([`crate::wal`]) are not in
-//! the log either: their `seq` is `None` too, and their place is `wal`.
 //!
 //! Row values are kept as raw JSON text and parsed only when asked
 //! ([`Change::new_as`] and friends), so decoding costs one scan of the text.
@@ -25,20 +26,23 @@ use serde_json::value::RawValue;
 pub struct Event {
     /// The channel it arrived on.
     pub channel: String,
-    /// Its sequence in `pubsub.events`; `None` for events that are not in
-    /// the log: foreign notifications, and events captured from the WAL
-    /// (which have [`wal`](Event::wal) instead).
+    /// Its sequence in `pubsub.events`; `None` for foreign notifications,
+    /// which are not logged.
     pub seq: Option<i64>,
-    /// The writing transaction, as an `xid8` (the 64-bit id, epoch
-    /// included, that `pg_current_xact_id()` returns), for events from the
-    /// log and from the WAL alike; with `seq`, its place in the log. `None`
-    /// for foreign notifications.
+    /// The transaction that wrote it to the log (`xid8`); with `seq`, its
+    /// place there. For an event a trigger or `publish` logged, also the
+    /// transaction that made it; for one captured from the WAL, the
+    /// capturer's (see `source_txid`). `None` for foreign notifications.
     pub txid: Option<u64>,
-    /// For an event captured from the WAL ([`crate::wal`]): its place there;
-    /// `None` otherwise.
+    /// For an event captured from the WAL: the transaction that made the
+    /// change (`xid8`), for relating it to a snapshot of the table.
+    pub source_txid: Option<u64>,
+    /// For an event captured from the WAL ([`crate::capture`]): its source
+    /// transaction's commit LSN and its index in it; `None` otherwise.
     pub wal: Option<WalPosition>,
-    /// When it was written (the database clock), ISO 8601; `None` for
-    /// foreign notifications.
+    /// When it happened, ISO 8601: the database clock at the write for a
+    /// logged event, the commit time for one captured from the WAL; `None`
+    /// for foreign notifications.
     pub time: Option<String>,
     /// What it carries.
     pub body: Body,
@@ -90,6 +94,18 @@ pub enum Body {
     Message(Message),
     /// A foreign JSON notification.
     Notify(Box<RawValue>),
+    /// A gap in capture from the WAL on this channel: changes committed
+    /// while the capturer's slot was invalid were never captured. What a
+    /// subscriber holds of the channel's tables should be read again.
+    Resync(Resync),
+}
+
+/// A gap in capture from the WAL (see [`Body::Resync`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Resync {
+    /// Why, as the capturer put it.
+    pub reason: String,
 }
 
 /// The operation of a row change.
@@ -187,6 +203,7 @@ struct Envelope<'a> {
     lsn: Option<&'a str>,
     index: Option<u32>,
     txid: Option<u64>,
+    source_txid: Option<u64>,
     #[serde(borrow)]
     kind: Option<&'a str>,
     #[serde(borrow)]
@@ -199,6 +216,7 @@ struct Envelope<'a> {
     new: Option<Box<RawValue>>,
     old: Option<Box<RawValue>>,
     payload: Option<String>,
+    reason: Option<String>,
 }
 
 impl Event {
@@ -210,9 +228,9 @@ impl Event {
     /// # Errors
     /// When the text is not JSON at all.
     pub fn decode(channel: &str, text: String) -> Result<Event, DecodeError> {
-        if let Some(Ours { seq, wal, txid, time, body }) = ours(channel, &text) {
+        if let Some(Ours { seq, wal, txid, source_txid, time, body }) = ours(channel, &text) {
             let json = one_line(text);
-            return Ok(Event { channel: channel.to_string(), seq, txid, wal, time, body, json });
+            return Ok(Event { channel: channel.to_string(), seq, txid, source_txid, wal, time, body, json });
         }
         let raw: Box<RawValue> = serde_json::from_str(&text)?;
         Ok(Event::notify(channel, raw))
@@ -231,7 +249,8 @@ impl Event {
             channel: channel.to_string(),
             seq: Some(env.seq?),
             txid: env.txid,
-            wal: None,
+            source_txid: env.source_txid,
+            wal: wal_position(env.lsn, env.index),
             time: env.time,
             body,
             json,
@@ -269,22 +288,10 @@ impl Event {
             channel: channel.to_string(),
             seq: None,
             txid: None,
+            source_txid: None,
             wal: None,
             time: None,
             body: Body::Notify(raw),
-            json,
-        }
-    }
-
-    /// An event captured from the WAL, with its JSON already rendered.
-    pub(crate) fn from_wal(channel: &str, at: WalPosition, txid: u32, time: String, body: Body, json: String) -> Event {
-        Event {
-            channel: channel.to_string(),
-            seq: None,
-            txid: Some(u64::from(txid)),
-            wal: Some(at),
-            time: Some(time),
-            body,
             json,
         }
     }
@@ -294,11 +301,12 @@ impl Event {
         &self.json
     }
 
-    /// The kind: `change`, `message` or `notify`.
+    /// The kind: `change`, `message`, `resync` or `notify`.
     pub fn kind(&self) -> &'static str {
         match self.body {
             Body::Change(_) => "change",
             Body::Message(_) => "message",
+            Body::Resync(_) => "resync",
             Body::Notify(_) => "notify",
         }
     }
@@ -325,6 +333,7 @@ struct Ours {
     seq: Option<i64>,
     wal: Option<WalPosition>,
     txid: Option<u64>,
+    source_txid: Option<u64>,
     time: Option<String>,
     body: Body,
 }
@@ -346,14 +355,22 @@ fn ours(channel: &str, text: &str) -> Option<Ours> {
             old: non_null(env.old),
         }),
         ("message", _, Some(payload)) => Body::Message(Message { payload }),
+        ("resync", _, _) => Body::Resync(Resync { reason: env.reason.unwrap_or_default() }),
         _ => return None,
     };
-    let wal = match (env.seq, env.lsn, env.index) {
-        (Some(_), _, _) => None,
-        (None, Some(lsn), Some(index)) => Some(WalPosition { lsn: WalPosition::parse_lsn(lsn)?, index }),
-        _ => return None,
-    };
-    Some(Ours { seq: env.seq, wal, txid: env.txid, time: env.time, body })
+    let wal = wal_position(env.lsn, env.index);
+    // Ours has a place: a seq in the log (and, captured from the WAL, an
+    // lsn and index there too), or, as the WAL readers of 0.1 sent it, only
+    // the latter.
+    if env.seq.is_none() && wal.is_none() {
+        return None;
+    }
+    Some(Ours { seq: env.seq, wal, txid: env.txid, source_txid: env.source_txid, time: env.time, body })
+}
+
+/// `lsn` and `index`, when both are there and the LSN is well formed.
+fn wal_position(lsn: Option<&str>, index: Option<u32>) -> Option<WalPosition> {
+    Some(WalPosition { lsn: WalPosition::parse_lsn(lsn?)?, index: index? })
 }
 
 fn non_null(v: Option<Box<RawValue>>) -> Option<Box<RawValue>> {
@@ -442,6 +459,16 @@ mod tests {
         for bad in ["1", "16", "/1", "x/1", "123456789/1"] {
             assert_eq!(WalPosition::parse_lsn(bad), None, "{bad}");
         }
+        // Logged by the capturer: a seq, the source transaction, and its place in the WAL.
+        let text = r#"{"seq":9,"txid":4294967309,"source_txid":4294967302,"lsn":"0/1A","index":0,"kind":"message","channel":"t","time":"2026-01-01T00:00:00Z","payload":"p"}"#;
+        let e = Event::decode("t", text.into()).unwrap();
+        assert_eq!((e.seq, e.txid, e.source_txid), (Some(9), Some(4_294_967_309), Some(4_294_967_302)));
+        assert_eq!((e.wal.map(|w| w.lsn), e.kind()), (Some(0x1A), "message"));
+        let text =
+            r#"{"seq":10,"txid":5,"kind":"resync","channel":"t","time":"2026-01-01T00:00:00Z","reason":"slot lost"}"#;
+        let e = Event::decode("t", text.into()).unwrap();
+        let Body::Resync(r) = &e.body else { panic!("{:?}", e.body) };
+        assert_eq!((e.kind(), r.reason.as_str(), e.wal), ("resync", "slot lost", None));
         // Without an index (or with a bad lsn) it is not ours.
         let e = Event::decode("t", r#"{"lsn":"0/1","kind":"message","channel":"t","payload":"p"}"#.into()).unwrap();
         assert_eq!(e.kind(), "notify");

@@ -119,6 +119,10 @@ impl Filter {
         if self.table.is_none() && self.ops.is_empty() && self.columns.is_empty() {
             return true;
         }
+        // A gap in capture concerns every subscriber of the channel.
+        if matches!(e.body, Body::Resync(_)) {
+            return true;
+        }
         let Body::Change(c) = &e.body else { return false };
         if let Some(t) = &self.table {
             let qualified = t.contains('.');

@@ -1,7 +1,8 @@
 //! pgpubsub: PostgreSQL `LISTEN`/`NOTIFY` as a typed, lossless pub/sub.
 //!
-//! Row changes (captured by a trigger that `pubsub.watch` attaches) and
-//! published messages are written to an event log; a NOTIFY only wakes a
+//! Row changes (captured by a trigger that `pubsub.watch` attaches, or from
+//! the WAL by the [`capture`] process for tables watched with
+//! `pubsub.watch_wal`) and published messages are written to an event log; a NOTIFY only wakes a
 //! waiting reader and carries no data. A [`Listener`] reads the log with its
 //! own privileges and yields typed [`Event`]s, none lost, none forged.
 //!
@@ -27,9 +28,10 @@
 //!   and a bounded queue; [`feed`]: one subscriber's resume from the log
 //!   (or from another copy of it, a [`Replay`]), then live from the hub,
 //!   without a gap;
-//! - [`wal`]: the other way in: events of tables watched with
-//!   `pubsub.watch_wal`, read from a logical replication slot, no trigger
-//!   in the writer's transaction;
+//! - [`capture`]: the other way in: one capturer per database reads the
+//!   tables watched with `pubsub.watch_wal` from a logical replication slot
+//!   (`wal`: the stream and its pgoutput messages) and appends their events
+//!   to the same log, exactly once; writers run no trigger;
 //! - [`stats`]: counters of all the above; [`error`]: the one error type.
 //!
 //! ```no_run
@@ -43,6 +45,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod capture;
 pub mod channel;
 pub mod cursor;
 pub mod db;
@@ -58,21 +61,21 @@ pub mod retention;
 pub mod stats;
 pub mod store;
 mod tail;
-pub mod wal;
+mod wal;
 pub mod watch;
 pub mod wire;
 
+pub use capture::{CaptureOptions, Capturer};
 pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
-pub use event::{Body, Change, Event, Message, Op, WalPosition};
+pub use event::{Body, Change, Event, Message, Op, Resync, WalPosition};
 pub use event_log::LogConn;
 pub use feed::{Feed, FeedItem, Replay, ReplayPage, Replayed};
 pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;
 pub use stats::{Stats, StatsSnapshot};
-pub use wal::{WalListener, WalOptions};
 pub use watch::{publish, unwatch, watch};
 
 /// The README's example (the crate's page), compiled by `cargo test --doc`

@@ -43,6 +43,7 @@ const FILES: &[(bool, &str, &str)] = &[
     embed!(true, "examples", "20261121000900_job_example.sql"),
     embed!(false, "migrations", "20261130000100_pubsub_log_only.sql"),
     embed!(false, "migrations", "20261130000200_pubsub_wal.sql"),
+    embed!(false, "migrations", "20261207000100_pubsub_capture.sql"),
 ];
 
 /// Every embedded migration, core and examples, in version order.

@@ -26,12 +26,11 @@
 //! (statement order: a row updated by two transactions arrives in the order
 //! of the updates); pages follow each other in commit order.
 //!
-//! Whatever reads the log reads through this: the [`Listener`](crate::Listener)
-//! (so `listen`, `serve` fed from PostgreSQL, and the NATS bridge), and a
-//! gateway [`Feed`](crate::Feed) resuming from the log. Not through it:
-//! events captured from the WAL (`WalListener`: a replication slot keeps
-//! that position), and a feed resuming from the NATS stream (its own
-//! [`Replay`](crate::Replay)).
+//! Whatever reads the log reads through this, events the capturer copied
+//! there from the WAL included: the [`Listener`](crate::Listener) (so
+//! `listen`, `serve` fed from PostgreSQL, and the NATS bridge), and a
+//! gateway [`Feed`](crate::Feed) resuming from the log. Not through it: a
+//! feed resuming from the NATS stream (its own [`Replay`](crate::Replay)).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

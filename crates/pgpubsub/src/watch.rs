@@ -79,10 +79,10 @@ pub async fn watches(client: &Client) -> Result<Vec<(String, String)>> {
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Watches `table` through the WAL (`pubsub.watch_wal`): no trigger; its
-/// changes reach [`WalListener`](crate::WalListener)s on `channel` (by
-/// default the table's name). Replaces a trigger watch of the table.
-/// Needs `wal_level = logical` for readers to stream, not to watch.
+/// Watches `table` through the WAL (`pubsub.watch_wal`): no trigger; the
+/// [capturer](crate::capture) appends its changes to the log on `channel`
+/// (by default the table's name). Replaces a trigger watch of the table.
+/// Needs `wal_level = logical` for the capturer to stream, not to watch.
 ///
 /// # Errors
 /// As [`watch`]; also when the caller does not own the table and the
@@ -98,9 +98,9 @@ pub async fn watch_wal(client: &Client, table: &str, channel: Option<&Channel>) 
     Ok(Channel::new(row.get::<_, String>(0))?)
 }
 
-/// Publishes `payload` on `channel` through the WAL: delivered to
-/// [`WalListener`](crate::WalListener)s, not written to the event log. An
-/// INSERT into `pubsub.wal_messages` (the role needs INSERT on it); SQL
+/// Publishes `payload` on `channel` through the WAL: the
+/// [capturer](crate::capture) appends it to the log. An INSERT into
+/// `pubsub.wal_messages` (the role needs INSERT on it); SQL
 /// callers granted EXECUTE instead can use `pubsub.publish_wal`, which
 /// costs a function call more. Runs in the client's current transaction, if
 /// one is open.

@@ -54,12 +54,6 @@ pub struct BridgeArgs {
     /// the database's identity, `<system_identifier>-<database oid>`.
     #[arg(long, value_name = "SOURCE")]
     pub source_id: Option<String>,
-    /// Copy from the WAL instead of the log: tables watched with `watch
-    /// --wal` and messages of `publish --wal`, read from the replication slot
-    /// `pgpubsub_bridge_<NAME>` (so NAME must be lowercase letters, digits
-    /// and `_`). Needs wal_level = logical and a role with REPLICATION.
-    #[arg(long)]
-    pub wal: bool,
     /// Skip (and count) events larger than the NATS server's max_payload
     /// instead of stopping with an error.
     #[arg(long)]

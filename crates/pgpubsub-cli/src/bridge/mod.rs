@@ -207,21 +207,6 @@ async fn active(ctx: &Ctx<'_>, lock: &Lock) -> anyhow::Result<Exit> {
         () = lock.lost() => return Ok(Exit::LockLost),
         () = stopped(&ctx.stop) => return Ok(Exit::Stopped),
     };
-    if args.wal {
-        let name = format!("bridge_{}", args.name);
-        let options = pgpubsub::WalOptions::new(Some(name), args.channels.clone());
-        let listener = tokio::select! {
-            l = pgpubsub::WalListener::connect(ctx.config, options) => match l {
-                Ok(l) => l,
-                Err(e @ pgpubsub::Error::Config(_)) => return Err(Fatal(format!("--wal: {e} (the bridge's --name)")).into()),
-                Err(e) => return Err(e).context("starting the WAL listener"),
-            },
-            () = lock.lost() => return Ok(Exit::LockLost),
-            () = stopped(&ctx.stop) => return Ok(Exit::Stopped),
-        };
-        tracing::info!(%source, slot = listener.slot(), "copying from the WAL");
-        return pump::pump_wal(ctx, lock, listener, outbox, &source).await;
-    }
     let mut options = ListenerOptions::default().name(format!("bridge:{}", args.name));
     options.autosave = false;
     // Larger catch-up pages: the bridge publishes a page before the

@@ -71,23 +71,20 @@ impl Prepared {
     ///   `Pgpubsub-Txid`, `Pgpubsub-Kind`, `Pgpubsub-Channel`, and for row
     ///   changes `Pgpubsub-Table` (schema.table) and `Pgpubsub-Op`.
     ///
-    /// An event captured from the WAL has no `seq`: its identity is
-    /// `<source>:wal:<lsn>:<index>` and its header `Pgpubsub-Lsn` (`X/Y:index`);
-    /// its `seq` here is 0 and its `at` the zero cursor (the WAL bridge
-    /// keeps no cursor: its slot is its position).
+    /// An event captured from the WAL also has the header `Pgpubsub-Lsn`
+    /// (`X/Y:index`, its place in the source's WAL).
     pub fn new(event: &Event, prefix: &str, source: &str) -> Option<Prepared> {
-        let (seq, at, msg_id, place) = match (event.seq, event.wal) {
-            (Some(seq), _) => {
-                let at = Cursor { txid: event.txid.unwrap_or_default(), seq };
-                (seq, at, format!("{source}:{seq}"), ("Pgpubsub-Seq", seq.to_string()))
-            }
-            (None, Some(wal)) => {
-                (0, Cursor::default(), format!("{source}:wal:{wal}"), ("Pgpubsub-Lsn", wal.to_string()))
-            }
-            (None, None) => return None,
-        };
-        let mut fields: Vec<(&str, String)> =
-            vec![place, ("Pgpubsub-Kind", event.kind().to_string()), ("Pgpubsub-Channel", event.channel.clone())];
+        let seq = event.seq?;
+        let at = Cursor { txid: event.txid.unwrap_or_default(), seq };
+        let msg_id = format!("{source}:{seq}");
+        let mut fields: Vec<(&str, String)> = vec![
+            ("Pgpubsub-Seq", seq.to_string()),
+            ("Pgpubsub-Kind", event.kind().to_string()),
+            ("Pgpubsub-Channel", event.channel.clone()),
+        ];
+        if let Some(wal) = event.wal {
+            fields.push(("Pgpubsub-Lsn", wal.to_string()));
+        }
         if let Some(txid) = event.txid {
             fields.push(("Pgpubsub-Txid", txid.to_string()));
         }

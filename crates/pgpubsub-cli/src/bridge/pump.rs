@@ -164,59 +164,6 @@ pub(super) async fn pump(
     }
 }
 
-/// [`pump`] for a bridge that copies from the WAL. Simpler: the reader's
-/// position is its replication slot, and `WalListener::recv` confirms every
-/// event returned before it. So the bridge reads a burst (what is ready, as
-/// far as the window allows), waits until JetStream has stored all of it,
-/// and only then calls `recv` again. A crash re-sends what was read after
-/// the last confirmation; JetStream drops those by `Nats-Msg-Id`
-/// (`<source>:wal:<lsn>:<index>`) within the duplicate window.
-pub(super) async fn pump_wal(
-    ctx: &Ctx<'_>,
-    lock: &Lock,
-    mut listener: pgpubsub::WalListener,
-    mut outbox: Outbox,
-    source: &str,
-) -> anyhow::Result<Exit> {
-    let mut take_state = TakeState::default();
-    loop {
-        if lock.is_lost() {
-            return Ok(Exit::LockLost);
-        }
-        // Everything returned so far is in JetStream: stopping now loses nothing.
-        if *ctx.stop.borrow() {
-            BridgeStats::bump(&ctx.stats.saves);
-            listener.close().await.context("confirming the slot's position")?;
-            return Ok(Exit::Stopped);
-        }
-        let item = tokio::select! {
-            item = listener.recv() => item,
-            () = lock.lost() => return Ok(Exit::LockLost),
-            () = stopped(&ctx.stop) => continue,
-        };
-        take(ctx, &mut outbox, item, source, &mut take_state).await?;
-        while outbox.has_room() {
-            let Some(event) = listener.try_recv() else { break };
-            take(ctx, &mut outbox, Some(Ok(event)), source, &mut take_state).await?;
-        }
-        while outbox.in_flight() > 0 {
-            let grace_over = async {
-                stopped(&ctx.stop).await;
-                tokio::time::sleep(STOP_GRACE).await;
-            };
-            tokio::select! {
-                _ = outbox.confirm_oldest() => {}
-                () = lock.lost() => return Ok(Exit::LockLost),
-                () = grace_over => {
-                    tracing::warn!(in_flight = outbox.in_flight(),
-                        "stopping with events unacknowledged; the next bridge sends them again");
-                    return Ok(Exit::Stopped);
-                }
-            }
-        }
-    }
-}
-
 /// What [`take`] remembers between events.
 #[derive(Default)]
 struct TakeState {

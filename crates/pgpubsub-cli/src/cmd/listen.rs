@@ -57,12 +57,12 @@ pub struct ListenArgs {
     #[command(flatten)]
     pub retention: RetentionArgs,
 
-    /// Read tables watched with `watch --wal` and messages of `publish
-    /// --wal` from a logical replication slot instead of the log. Needs
-    /// wal_level = logical and a role with REPLICATION; `--name` keeps a
-    /// slot of its own (pgpubsub_NAME) to resume from. See docs/delivery.md.
+    /// Also run the capturer in this process: tables watched with `watch
+    /// --wal` (and `publish --wal` messages) are appended to the log from
+    /// the WAL (`pgpubsub capture` does it as a process of its own). Needs
+    /// wal_level = logical and a role with REPLICATION. See docs/delivery.md.
     #[arg(long)]
-    pub wal: bool,
+    pub capture: bool,
 }
 
 /// The channels a command works on: `--channel`, repeated or
@@ -90,9 +90,11 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         (false, true) => Style::Pretty,
         (false, false) => Style::Line,
     };
-    if args.wal {
-        return run_wal(config, args, style).await;
-    }
+    // `--capture`: this process also appends WAL-watched tables to the log.
+    let capture = match args.capture {
+        true => Some(crate::cmd::capture::spawn(config, pgpubsub::CaptureOptions::default())?.0),
+        false => None,
+    };
     let limits = Limits {
         max_event_bytes: args.max_event_bytes,
         max_age: Duration::from_secs(args.chunk_timeout.max(1)),
@@ -120,10 +122,12 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
     let mut last_save = Instant::now();
     tokio::pin!(stop);
 
+    let mut capture = std::pin::pin!(crate::cmd::capture::ended(capture));
     let result = loop {
         let first = tokio::select! {
             item = listener.recv() => item,
             () = &mut stop => break Ok(()),
+            e = &mut capture => break e,
         };
         let Some(first) = first else { break Ok(()) };
         match printer.burst(first, || listener.try_recv()) {
@@ -155,56 +159,7 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
     result
 }
 
-/// `listen --wal`: the same output, read from a replication slot. A
-/// transaction is confirmed to the server only after its events were
-/// flushed to stdout (the next `recv` confirms it), so a named reader that
-/// is killed resumes with nothing lost.
-async fn run_wal(config: &Config, args: &ListenArgs, style: Style) -> anyhow::Result<()> {
-    let stop = shutdown::signal();
-    let options = pgpubsub::WalOptions::new(args.name.clone(), args.channels.list.clone());
-    let mut listener = pgpubsub::WalListener::connect(config, options).await.context("starting the WAL listener")?;
-    let stats = listener.stats();
-    let mut printer = Printer::new(args, style);
-    tokio::pin!(stop);
-    // Whether everything returned was written out: only then may the last
-    // transactions be confirmed on close.
-    let mut written_out = true;
-    let result = loop {
-        let first = tokio::select! {
-            item = listener.recv() => item,
-            () = &mut stop => break Ok(()),
-        };
-        let Some(first) = first else { break Ok(()) };
-        match printer.burst(first, || listener.try_recv().map(Ok)) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                written_out = false;
-                break Ok(());
-            }
-            Err(e) => {
-                written_out = false;
-                break Err(e).context("writing to stdout");
-            }
-            Ok(()) => {}
-        }
-        if printer.done() {
-            break Ok(());
-        }
-    };
-    let s = stats.snapshot();
-    let slot = listener.slot().to_string();
-    if written_out && printer.out.flush().is_ok() {
-        if let Err(e) = listener.close().await {
-            tracing::warn!(error = %e, "could not confirm the last position: its events will come again");
-        }
-    } else {
-        tracing::warn!("output failed: the last events printed are not confirmed and will come again");
-    }
-    let printed = printer.printed;
-    tracing::info!(printed, slot, reconnects = s.reconnects, resyncs = s.resyncs, malformed = s.malformed, "stopped");
-    result
-}
-
-/// The output of `listen`, for the log and the WAL reader alike.
+/// The output of `listen`.
 struct Printer<'a> {
     out: std::io::BufWriter<Box<dyn Write>>,
     args: &'a ListenArgs,

@@ -1,5 +1,6 @@
 //! One subcommand per file, with its flags; here, what they share.
 
+pub mod capture;
 pub mod demo;
 pub mod listen;
 pub mod migrate;

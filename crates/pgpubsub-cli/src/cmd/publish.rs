@@ -13,7 +13,8 @@ pub struct PublishArgs {
     pub channel: Channel,
     /// The message; `-` or nothing reads it from stdin.
     pub payload: Option<String>,
-    /// Publish through the WAL (`pubsub.publish_wal`), for `listen --wal`.
+    /// Publish through the WAL (an INSERT into `pubsub.wal_messages`): no
+    /// log insert in this transaction; `pgpubsub capture` appends it.
     #[arg(long)]
     pub wal: bool,
 }

@@ -19,8 +19,9 @@ pub struct WatchArgs {
     /// PostgreSQL's NOTIFY lock: see docs/delivery.md.
     #[arg(long, conflicts_with = "wal")]
     pub inline: bool,
-    /// Capture from the WAL: no trigger, writers unhurt; read with
-    /// `listen --wal` (needs wal_level = logical). See docs/delivery.md.
+    /// Capture from the WAL: no trigger, writers unhurt; `pgpubsub capture`
+    /// appends the changes to the log (needs wal_level = logical). See
+    /// docs/delivery.md.
     #[arg(long)]
     pub wal: bool,
 }
@@ -44,7 +45,7 @@ pub async fn run(
         let channel = pgpubsub::watch::watch_wal(&client, table, channel)
             .await
             .with_context(|| format!("watching {table} through the WAL"))?;
-        println!("watching {table} through the WAL: its changes are events on channel {channel} for `listen --wal`");
+        println!("watching {table} through the WAL: its changes are events on channel {channel} once `pgpubsub capture` runs");
         return Ok(());
     }
     let channel = pgpubsub::watch::watch_with(&client, table, channel, inline)
@@ -65,6 +66,20 @@ pub async fn unwatch(config: &Config, table: &str) -> anyhow::Result<()> {
         println!("stopped watching {table}");
     } else {
         println!("{table} was not watched");
+    }
+    // The last table watched through the WAL: say what is left of capture.
+    let wal_watches: i64 =
+        client.query_one("SELECT count(*) FROM pubsub.wal_watches", &[]).await.map(|r| r.get(0)).unwrap_or(1);
+    if wal_watches == 0 {
+        for slot in pgpubsub::capture::slots(&client).await.unwrap_or_default() {
+            println!(
+                "no table is watched through the WAL now; replication slot {} is left{} (drop it with \
+                 SELECT pg_drop_replication_slot('{}') once no capturer runs, or keep it for the next watch)",
+                slot.name,
+                if slot.active { ", in use by a running capturer" } else { "" },
+                slot.name
+            );
+        }
     }
     Ok(())
 }

@@ -79,6 +79,11 @@ pub struct LoadArgs {
     /// rotated each round, and report medians (the machine is noisy).
     #[arg(long)]
     pub rounds: Option<usize>,
+    /// writer-tables: PostgreSQL and the writers on CPU 0, pgpubsub's
+    /// processes (capture, listen, serve) on CPU 1, with `taskset`: as if
+    /// pgpubsub ran on a host of its own (the server must be on this machine).
+    #[arg(long)]
+    pub pin: bool,
     /// Rows per transaction.
     #[arg(long, short = 'b')]
     pub batch: Option<u64>,
@@ -170,8 +175,8 @@ pub async fn run(config: &Config, url: &str, args: &LoadArgs) -> anyhow::Result<
     if args.writers.len() > 1 {
         bail!("--writers takes one count, except with --scenario writer-tables");
     }
-    if args.publishers.is_some() || args.rounds.is_some() {
-        bail!("--publishers and --rounds are for --scenario writer-tables");
+    if args.publishers.is_some() || args.rounds.is_some() || args.pin {
+        bail!("--publishers, --rounds and --pin are for --scenario writer-tables");
     }
     let plan = args.plan();
     let mut admin = crate::cmd::connect(config).await?;
@@ -263,7 +268,7 @@ async fn writer_tables(config: &Config, url: &str, args: &LoadArgs) -> anyhow::R
         ("--plot", args.plot.is_some()),
     ];
     if let Some((flag, _)) = unused.iter().find(|(_, given)| *given) {
-        bail!("{flag} does not apply to --scenario writer-tables (it takes --writers, --duration, --publishers, --payload, --rounds, --json)");
+        bail!("{flag} does not apply to --scenario writer-tables (it takes --writers, --duration, --publishers, --payload, --rounds, --pin, --json)");
     }
     let opts = writer_tables::Options {
         writers: if args.writers.is_empty() { vec![1, 4, 32] } else { args.writers.clone() },
@@ -271,6 +276,7 @@ async fn writer_tables(config: &Config, url: &str, args: &LoadArgs) -> anyhow::R
         publishers: args.publishers.unwrap_or(8),
         payload: args.payload.unwrap_or(100),
         rounds: args.rounds.unwrap_or(1).max(1),
+        pin: args.pin,
     };
     writer_tables::run(config, url, &opts, args.json).await
 }

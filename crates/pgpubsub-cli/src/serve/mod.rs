@@ -20,6 +20,7 @@ mod access;
 mod api;
 mod auth;
 mod caps;
+mod capture_metrics;
 mod error;
 mod feed;
 mod listening;
@@ -109,6 +110,12 @@ pub struct ServeArgs {
     /// Who may read and write what (off unless a secret or key is given).
     #[command(flatten)]
     pub auth: auth::AuthArgs,
+    /// Also run the capturer in this process (tables watched with `watch
+    /// --wal` appended to the log from the WAL), for a single-process
+    /// deployment; its counters join /metrics. Needs wal_level = logical and
+    /// a role with REPLICATION. `pgpubsub capture` runs it on its own.
+    #[arg(long, env = "PGPUBSUB_CAPTURE")]
+    pub capture: bool,
 }
 
 /// What every handler shares.
@@ -131,6 +138,8 @@ pub struct AppState {
     pub rate: Arc<caps::Rate>,
     pub listener_stats: Arc<Stats>,
     pub listener_state: watch::Receiver<ConnectionState>,
+    /// The capturer's counters, with `--capture`.
+    pub capture: Option<Arc<pgpubsub::capture::CaptureStats>>,
     pub max_event_bytes: usize,
     pub auth: auth::Auth,
     /// Becomes true on SIGTERM / Ctrl-C: every feed ends, so streams close
@@ -169,6 +178,11 @@ pub async fn run_until(
         _ => None,
     };
     ops::install_metrics();
+    let capture = match args.capture {
+        true => Some(crate::cmd::capture::spawn(config, pgpubsub::CaptureOptions::default())?),
+        false => None,
+    };
+    let (capture_task, capture) = capture.unzip();
     // Plain names: the listener reads only those. Patterns or none: every
     // channel of the log, filtered per subscriber.
     let listened = served.names().unwrap_or_default();
@@ -204,6 +218,7 @@ pub async fn run_until(
         source,
         listener_stats,
         listener_state,
+        capture,
         max_event_bytes: args.max_event_bytes,
         auth: auth.clone(),
         shutdown: shutdown.clone(),
@@ -233,7 +248,11 @@ pub async fn run_until(
     };
     let places = state.places.clone();
     let options = server::Options { header_timeout: args.header_timeout, tls };
-    server::serve(socket, api::router(state), places, options, until_stopped).await;
+    let capture_failed = crate::cmd::capture::ended(capture_task);
+    tokio::select! {
+        () = server::serve(socket, api::router(state), places, options, until_stopped) => {}
+        e = capture_failed => return e,
+    }
     // The router and its state are gone; wait for the sockets still closing.
     if tokio::time::timeout(Duration::from_secs(5), drained.recv()).await.is_err() {
         tracing::warn!("some WebSocket sessions did not close within 5 s");
@@ -257,6 +276,9 @@ fn source_of(args: &ServeArgs) -> anyhow::Result<Option<String>> {
 /// payloads are heard only on channels LISTENed to). Ends once every handle
 /// to the server is gone.
 async fn feed_hub(hub: Hub, mut listener: Listener, mut changes: mpsc::UnboundedReceiver<listening::Change>) {
+    // One lives on the stack per turn of the loop: boxing the event would
+    // cost an allocation per event instead.
+    #[allow(clippy::large_enum_variant)]
     enum Step {
         Change(Option<listening::Change>),
         Event(Option<pgpubsub::Result<pgpubsub::Event>>),

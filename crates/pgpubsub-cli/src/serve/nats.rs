@@ -101,7 +101,7 @@ impl Source {
         let channel = message.subject.as_str().strip_prefix(&self.prefix).and_then(|c| c.strip_prefix('.'));
         let text = std::str::from_utf8(&message.payload).ok().map(str::to_string);
         match channel.zip(text).map(|(channel, text)| Event::decode(channel, text)) {
-            Some(Ok(event)) if event.seq.is_some() || event.wal.is_some() => Some(event),
+            Some(Ok(event)) if event.seq.is_some() => Some(event),
             _ => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(seq, subject = %message.subject, "a stream message that is not a pgpubsub event: skipped");

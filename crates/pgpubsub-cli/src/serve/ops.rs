@@ -203,6 +203,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         metrics::describe_gauge!(name, help);
         metrics::gauge!(name).set(value);
     }
+    super::capture_metrics::record(&state).await;
     let text = prometheus().map(PrometheusHandle::render).unwrap_or_default();
     ([("content-type", "text/plain; version=0.0.4")], text)
 }

@@ -933,12 +933,12 @@ async fn without_channels_the_bridge_copies_every_channel() {
 }
 
 /// Capture from the WAL into NATS: a table watched with `watch --wal`,
-/// copied by `bridge --wal`, whose position is its replication slot. The
-/// bridge is SIGKILLed twice while writers run: every row is in the stream
-/// once, in each writer's order, identified by its place in the WAL; and a
-/// gateway fed from the stream serves them.
+/// appended to the log by `pgpubsub capture` and copied by the bridge like
+/// every logged event. The bridge is SIGKILLed twice while writers run:
+/// every row is in the stream once, in WAL order, with its place in the WAL;
+/// and a gateway fed from the stream serves them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wal_bridge_sigkilled_mid_stream_leaves_every_event_once_in_order() {
+async fn captured_events_reach_nats_once_in_wal_order_through_bridge_kills() {
     use crate::serve::{next_sse, serve_url, sse};
     let cluster = tokio::task::spawn_blocking(Cluster::logical).await.unwrap();
     let admin = pgpubsub::db::connect(&cluster.url("postgres").parse().unwrap()).await.unwrap();
@@ -952,11 +952,12 @@ async fn a_wal_bridge_sigkilled_mid_stream_leaves_every_event_once_in_order() {
     pgpubsub::watch::watch_wal(&client, "w", Some(&ch)).await.unwrap();
     let stream = TestStream::new(&shared_nats());
     let name = common::unique("walkill");
-    let start = || Bridge::spawn(&url, &shared_nats(), &ch, &name, &stream, &["--wal"]);
+    let mut capturer = crate::capture::capture(&url).await;
+    let start = || Bridge::spawn(&url, &shared_nats(), &ch, &name, &stream, &[]);
     let mut bridge = start();
-    bridge.wait_log("copying from the WAL", 1).await;
+    bridge.wait_log("copying", 1).await;
     let writers = spawn_writers(&config, 3, 300, 1, Duration::from_millis(4));
-    let mut logs = kill_twice(&mut bridge, start, "copying from the WAL").await;
+    let mut logs = kill_twice(&mut bridge, start, "copying").await;
     for w in writers {
         tokio::time::timeout(Duration::from_secs(90), w).await.expect("writers finish").unwrap();
     }
@@ -982,8 +983,7 @@ async fn a_wal_bridge_sigkilled_mid_stream_leaves_every_event_once_in_order() {
         let event: Value = serde_json::from_str(&m.payload).unwrap();
         let lsn = pgpubsub::WalPosition::parse_lsn(event["lsn"].as_str().unwrap()).unwrap();
         let place = (lsn, event["index"].as_u64().unwrap() as u32);
-        let id = pgpubsub::WalPosition { lsn: place.0, index: place.1 };
-        assert!(m.msg_id.ends_with(&format!(":wal:{id}")), "{} for {id}", m.msg_id);
+        assert!(m.msg_id.ends_with(&format!(":{}", event["seq"])), "{} for {}", m.msg_id, event["seq"]);
         assert!(place > previous_place, "the stream in WAL order: {place:?} after {previous_place:?}\n{logs}");
         previous_place = place;
         let key = (event["new"]["writer"].as_i64().unwrap() as i32, event["new"]["n"].as_i64().unwrap() as i32);
@@ -1003,4 +1003,6 @@ async fn a_wal_bridge_sigkilled_mid_stream_leaves_every_event_once_in_order() {
         assert_eq!(next_sse(&rx).data, m.payload);
     }
     let _ = sub.kill();
+    let _ = capturer.kill();
+    let _ = capturer.wait();
 }

@@ -6,12 +6,12 @@
 
 mod bridge;
 mod browser;
+mod capture;
 mod cli;
 mod gateway;
 mod operable;
 mod serve;
 mod tls;
-mod wal;
 
 // Test support shared with the library's tests, included by path so there
 // is one copy; not every helper is used from here.

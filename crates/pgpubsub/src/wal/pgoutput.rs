@@ -8,6 +8,8 @@
 //! Formats" chapter; every length is checked, so a malformed message is an
 //! error, never a panic or an out-of-bounds read.
 
+use super::types::{parse_array, parse_record, Item, Shape, Types};
+
 /// A column of a published table.
 #[derive(Debug, Clone)]
 pub(crate) struct Column {
@@ -196,11 +198,58 @@ const JSON_TYPES: [u32; 2] = [114, 3802];
 const TIMESTAMP: u32 = 1114;
 const TIMESTAMPTZ: u32 = 1184;
 
-/// Appends `text`, a value of type `type_oid`, as JSON: numbers and
-/// booleans as such, json and jsonb as they are, anything else a string
-/// (the text form PostgreSQL gives it; `row_to_json` differs for arrays and
-/// composites, which it nests).
-fn push_value(out: &mut String, type_oid: u32, text: &str) {
+/// Appends `text`, a value of type `type_oid`, as `row_to_json` would:
+/// a domain as its base type, arrays and composites nested (their shapes
+/// from `types`), and scalars by [`push_scalar`].
+fn push_value(out: &mut String, types: &Types, type_oid: u32, text: &str) {
+    match types.shape(type_oid) {
+        Some(Shape::Domain(base)) => push_value(out, types, *base, text),
+        Some(Shape::Array { elem, delim }) => match parse_array(text, *delim) {
+            Some(items) => push_items(out, types, *elem, &items),
+            None => crate::event_log::json_string::write(out, text),
+        },
+        Some(Shape::Composite(attrs)) => match parse_record(text) {
+            Some(fields) => {
+                out.push('{');
+                for (i, (name, oid)) in attrs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    crate::event_log::json_string::write(out, name);
+                    out.push(':');
+                    match fields.get(i) {
+                        Some(Item::Text(t)) => push_value(out, types, *oid, t),
+                        _ => out.push_str("null"),
+                    }
+                }
+                out.push('}');
+            }
+            None => crate::event_log::json_string::write(out, text),
+        },
+        None => push_scalar(out, type_oid, text),
+    }
+}
+
+/// The elements of an array (of `elem`), as a JSON array.
+fn push_items(out: &mut String, types: &Types, elem: u32, items: &[Item]) {
+    out.push('[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            Item::Null => out.push_str("null"),
+            Item::Text(t) => push_value(out, types, elem, t),
+            Item::Array(inner) => push_items(out, types, elem, inner),
+        }
+    }
+    out.push(']');
+}
+
+/// Appends `text`, a value of a scalar type `type_oid`, as JSON: numbers
+/// and booleans as such, json and jsonb as they are, anything else a string
+/// (the text form PostgreSQL gives it).
+fn push_scalar(out: &mut String, type_oid: u32, text: &str) {
     let finite = || !text.is_empty() && text.bytes().all(|c| c.is_ascii_digit() || b"-+.eE".contains(&c));
     if NUMBERS.contains(&type_oid) && finite() {
         out.push_str(text);
@@ -228,6 +277,7 @@ fn push_value(out: &mut String, type_oid: u32, text: &str) {
 /// FULL) or else omitted. `None` when a value is not UTF-8.
 pub(crate) fn row_json(
     rel: &Relation,
+    types: &Types,
     values: &[Value<'_>],
     fallback: Option<&[Value<'_>]>,
     only_keys: bool,
@@ -253,7 +303,7 @@ pub(crate) fn row_json(
         crate::event_log::json_string::write(&mut out, &col.name);
         out.push(':');
         match v {
-            Value::Text(b) => push_value(&mut out, col.type_oid, std::str::from_utf8(b).ok()?),
+            Value::Text(b) => push_value(&mut out, types, col.type_oid, std::str::from_utf8(b).ok()?),
             _ => out.push_str("null"),
         }
     }
@@ -316,11 +366,11 @@ mod tests {
         insert.extend(tuple(&[Some("7"), Some("a \"q\"\n"), Some(r#"{"k": [1, 2]}"#)]));
         let Msg::Insert { rel: id, new } = parse(&insert).unwrap() else { panic!() };
         assert_eq!(id, 16384);
-        let json = row_json(&rel, &new, None, false).unwrap();
+        let json = row_json(&rel, &Types::default(), &new, None, false).unwrap();
         assert_eq!(json, r#"{"id":7,"name":"a \"q\"\n","doc":{"k": [1, 2]}}"#);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["doc"]["k"][1], 2);
-        assert_eq!(row_json(&rel, &new, None, true).unwrap(), r#"{"id":7}"#);
+        assert_eq!(row_json(&rel, &Types::default(), &new, None, true).unwrap(), r#"{"id":7}"#);
         assert_eq!(text(&rel, &new, "name"), Some("a \"q\"\n"));
     }
 
@@ -337,28 +387,52 @@ mod tests {
         let old = old.unwrap();
         assert!(old.full);
         let old = old.values;
-        assert_eq!(row_json(&rel, &new, Some(&old), false).unwrap(), r#"{"id":1,"name":"new","doc":[]}"#);
-        assert_eq!(row_json(&rel, &new, None, false).unwrap(), r#"{"id":1,"name":"new"}"#);
+        assert_eq!(
+            row_json(&rel, &Types::default(), &new, Some(&old), false).unwrap(),
+            r#"{"id":1,"name":"new","doc":[]}"#
+        );
+        assert_eq!(row_json(&rel, &Types::default(), &new, None, false).unwrap(), r#"{"id":1,"name":"new"}"#);
     }
 
     #[test]
     fn numbers_that_json_cannot_hold_become_strings() {
         let mut s = String::new();
-        push_value(&mut s, 1700, "NaN");
-        push_value(&mut s, 701, "-Infinity");
-        push_value(&mut s, 16, "t");
-        push_value(&mut s, 1700, "12.50");
-        push_value(&mut s, 26, "16384");
+        push_scalar(&mut s, 1700, "NaN");
+        push_scalar(&mut s, 701, "-Infinity");
+        push_scalar(&mut s, 16, "t");
+        push_scalar(&mut s, 1700, "12.50");
+        push_scalar(&mut s, 26, "16384");
         assert_eq!(s, r#""NaN""-Infinity"true12.50"16384""#);
+    }
+
+    #[test]
+    fn arrays_composites_and_domains_nest_as_row_to_json_nests_them() {
+        let types = Types::with([
+            (1007, Shape::Array { elem: 23, delim: b',' }),
+            (1009, Shape::Array { elem: 25, delim: b',' }),
+            (70000, Shape::Domain(23)),
+            (70001, Shape::Composite(vec![("n".into(), 70000), ("tags".into(), 1009)])),
+            (70002, Shape::Array { elem: 70001, delim: b',' }),
+        ]);
+        let mut s = String::new();
+        push_value(&mut s, &types, 1007, "{{1,2},{NULL,4}}");
+        push_value(&mut s, &types, 70000, "5");
+        push_value(&mut s, &types, 70001, r#"(7,"{a,""b c""}")"#);
+        push_value(&mut s, &types, 70002, r#"{"(1,{x})","(,)"}"#);
+        push_value(&mut s, &types, 1007, "not an array");
+        assert_eq!(
+            s,
+            r#"[[1,2],[null,4]]5{"n":7,"tags":["a","b c"]}[{"n":1,"tags":["x"]},{"n":null,"tags":null}]"not an array""#
+        );
     }
 
     #[test]
     fn timestamps_are_iso_8601_as_row_to_json_writes_them() {
         let mut s = String::new();
-        push_value(&mut s, 1114, "2026-11-30 09:17:56.629682");
-        push_value(&mut s, 1184, "2026-11-30 09:17:56.629682+00");
-        push_value(&mut s, 1184, "2026-11-30 09:17:56+05:30");
-        push_value(&mut s, 1184, "infinity");
+        push_scalar(&mut s, 1114, "2026-11-30 09:17:56.629682");
+        push_scalar(&mut s, 1184, "2026-11-30 09:17:56.629682+00");
+        push_scalar(&mut s, 1184, "2026-11-30 09:17:56+05:30");
+        push_scalar(&mut s, 1184, "infinity");
         assert_eq!(
             s,
             r#""2026-11-30T09:17:56.629682""2026-11-30T09:17:56.629682+00:00""2026-11-30T09:17:56+05:30""infinity""#

@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::cloned_ref_to_slice_refs, missing_docs)]
 
+mod capture;
 mod cluster;
 mod common;
 mod events;
@@ -20,4 +21,3 @@ mod security;
 mod sizes;
 mod tls;
 mod tls_server;
-mod wal;

@@ -14,22 +14,15 @@ pub(super) struct Listener {
 }
 
 impl Listener {
-    /// `wal`: `listen --wal` on the WAL targets' channels, else `listen`
-    /// on the others'.
-    pub(super) async fn start(url: &str, runs: usize, wal: bool) -> anyhow::Result<Listener> {
+    /// On every target's channel: the log is one, whichever way an event
+    /// came in.
+    pub(super) async fn start(url: &str, runs: usize, pin: Pin) -> anyhow::Result<Listener> {
         let output = OutputFile::create()?;
-        let targets = if wal {
-            vec![Target::Wal, Target::PublishWal]
-        } else {
-            vec![Target::Seed, Target::Inline, Target::Watched, Target::Publish]
-        };
+        let targets = [Target::Seed, Target::Inline, Target::Watched, Target::Wal, Target::Publish, Target::PublishWal];
         let channels: Vec<String> = targets.iter().filter_map(|t| t.channel()).collect();
         let exe = std::env::current_exe().context("finding the pgpubsub binary")?;
-        let mut cmd = Command::new(&exe);
+        let mut cmd = pin.command(&exe);
         cmd.args(["listen", "--json", "--received-at", "--channel", &channels.join(",")]);
-        if wal {
-            cmd.arg("--wal");
-        }
         let (mut child, pid) = spawn(cmd, url, std::process::Stdio::from(output.file.try_clone()?))?;
         wait_ready(&mut child, "listening").await?;
         let delivered: Arc<Vec<AtomicU64>> = Arc::new((0..runs).map(|_| AtomicU64::new(0)).collect());
@@ -56,8 +49,9 @@ impl Listener {
     }
 }
 
-/// Reads the listener's lines into one probe per run (the run is in the
-/// writer id), until told to stop and at the end of the file.
+/// Reads the listener's lines (or an SSE stream's `data:` lines) into one
+/// probe per run (the run is in the writer id), until told to stop and at
+/// the end of the file.
 pub(super) fn read(output: &OutputFile, runs: usize, delivered: &[AtomicU64], stop: &AtomicBool) -> Vec<Probe> {
     use std::io::BufRead;
     let mut probes: Vec<Probe> = (0..runs).map(|_| Probe::new()).collect();
@@ -73,7 +67,8 @@ pub(super) fn read(output: &OutputFile, runs: usize, delivered: &[AtomicU64], st
             Ok(0) => std::thread::sleep(Duration::from_millis(10)),
             Ok(_) if line.ends_with('\n') => {
                 let now = received_at(&line).unwrap_or_else(now_us);
-                if let Some((writer, n, op, t)) = line_tag(&line) {
+                let event = line.strip_prefix("data: ").unwrap_or(&line);
+                if let Some((writer, n, op, t)) = line_tag(event) {
                     let run = (writer / RUN_IDS) as usize;
                     if let Some(p) = probes.get_mut(run) {
                         let before = p.distinct();

@@ -39,11 +39,13 @@ use super::workload::{teardown, SCHEMA};
 
 /// How long a run's delivery may make no progress before the missing
 /// events are counted as lost.
+mod capture;
 mod listen;
 mod round;
 mod table;
 mod tables;
 
+use self::capture::{Capture, Gateway, Pin};
 use self::listen::Listener;
 use self::round::one_run;
 use self::table::table;
@@ -68,6 +70,9 @@ pub struct Options {
     /// Times the whole sweep runs, the tables' order rotated each time;
     /// more than one reports medians.
     pub rounds: usize,
+    /// PostgreSQL and the writers on CPU 0, pgpubsub's processes on CPU 1
+    /// (`taskset`), as if pgpubsub ran on a host of its own.
+    pub pin: bool,
 }
 
 /// What one run writes to.
@@ -83,15 +88,15 @@ pub enum Target {
     Inline,
     /// `pubsub.watch(table, channel)`: the log only.
     Watched,
-    /// `pubsub.watch_wal(table, channel)`: no trigger; read from a
-    /// replication slot by `listen --wal` (only with wal_level = logical).
+    /// `pubsub.watch_wal(table, channel)`: no trigger; `pgpubsub capture`
+    /// appends its rows to the log (only with wal_level = logical).
     Wal,
     /// A plain INSERT of the message text into a table with no trigger.
     Insert,
     /// `pubsub.publish` of the message.
     Publish,
     /// The message published through the WAL (an INSERT into
-    /// `pubsub.wal_messages`), read by `listen --wal`.
+    /// `pubsub.wal_messages`), appended to the log by `pgpubsub capture`.
     PublishWal,
 }
 
@@ -116,8 +121,8 @@ impl Target {
         t
     }
 
-    /// Read by `listen --wal` (started for its runs only, so no other run
-    /// pays for decoding).
+    /// Captured by `pgpubsub capture` (started for its runs only, so no
+    /// other run has a slot consumer running).
     fn wal(self) -> bool {
         matches!(self, Target::Wal | Target::PublishWal)
     }
@@ -172,6 +177,13 @@ pub struct RunReport {
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub listener_cpu_us_per_event: Option<f64>,
+    /// WAL targets: distinct events an SSE subscriber of `pgpubsub serve` received.
+    pub sse_delivered: Option<u64>,
+    /// WAL targets: the capturer's CPU per event appended.
+    pub capture_cpu_us_per_event: Option<f64>,
+    /// WAL targets: bytes of WAL the slot had not confirmed when the writers
+    /// stopped (the largest over rounds).
+    pub slot_lag_bytes: Option<u64>,
     /// Backends of this database plus the server's background processes.
     pub db_cpu_us_per_write: Option<f64>,
     pub machine_cpu_us_per_write: Option<f64>,
@@ -185,6 +197,8 @@ struct Raw {
     rows: u64,
     seconds: f64,
     listener_ns: u64,
+    capture_ns: Option<u64>,
+    slot_lag: Option<u64>,
     db_ns: Option<u64>,
     machine_ticks: Option<u64>,
 }
@@ -230,6 +244,7 @@ pub async fn run(config: &Config, url: &str, opts: &Options, json: bool) -> anyh
         );
     }
     setup(&admin, wal).await?;
+    Pin(opts.pin).server_and_writers(&admin).await?;
     let version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
     let result = run_all(config, url, opts, payload, &admin, wal).await;
     let cleanup = teardown(&admin).await;
@@ -278,23 +293,33 @@ async fn run_all(
             plan.extend(pair.into_iter().map(|t| (round, opts.publishers, t)));
         }
     }
-    let listener = Listener::start(url, plan.len(), false).await?;
+    let pin = Pin(opts.pin);
+    let listener = Listener::start(url, plan.len(), pin).await?;
+    let gateway = if wal { Some(Gateway::start(url, plan.len(), pin).await?) } else { None };
     let mut raws = Vec::new();
-    let mut wal_probes = std::collections::HashMap::new();
     for (i, &(round, writers, target)) in plan.iter().enumerate() {
-        let ran = if target.wal() {
-            // `listen --wal` for this run only; its probe replaces the other listener's.
-            async {
-                let reader = Listener::start(url, plan.len(), true).await?;
-                let ran = one_run(config, admin, &reader, i, writers, target, opts.per_run, payload).await;
-                let mut probes = reader.stop().await?;
-                wal_probes.insert(i, std::mem::take(&mut probes[i]));
-                ran
+        let ran = async {
+            // The capturer runs for the WAL targets' runs only.
+            let capture = if target.wal() { Some(Capture::start(url, admin, pin).await?) } else { None };
+            let ran = one_run(
+                config,
+                admin,
+                &listener,
+                gateway.as_ref(),
+                capture.as_ref(),
+                i,
+                writers,
+                target,
+                opts,
+                payload,
+            )
+            .await;
+            if let Some(c) = capture {
+                c.stop().await;
             }
-            .await
-        } else {
-            one_run(config, admin, &listener, i, writers, target, opts.per_run, payload).await
+            ran
         }
+        .await
         .with_context(|| format!("{writers} writers → {}", target.name()));
         match ran {
             Ok(mut r) => {
@@ -303,20 +328,24 @@ async fn run_all(
             }
             Err(e) => {
                 let _ = listener.stop().await;
+                if let Some(g) = gateway {
+                    let _ = g.stop().await;
+                }
                 return Err(e);
             }
         }
     }
-    let mut probes = listener.stop().await?;
-    for (i, p) in wal_probes {
-        probes[i] = p;
-    }
-    Ok(summarize(opts, &raws, probes, wal))
+    let probes = listener.stop().await?;
+    let sse = match gateway {
+        Some(g) => g.stop().await?,
+        None => Vec::new(),
+    };
+    Ok(summarize(opts, &raws, probes, sse, wal))
 }
 
 /// One report per writer count and target, in the order of the first
 /// round without rotation: the tables for each count, then publishing.
-fn summarize(opts: &Options, raws: &[Raw], probes: Vec<Probe>, wal: bool) -> Vec<RunReport> {
+fn summarize(opts: &Options, raws: &[Raw], probes: Vec<Probe>, sse: Vec<Probe>, wal: bool) -> Vec<RunReport> {
     let mut keys: Vec<(usize, Target)> =
         opts.writers.iter().flat_map(|&w| Target::tables(wal).into_iter().map(move |t| (w, t))).collect();
     if opts.publishers > 0 {
@@ -356,6 +385,9 @@ fn summarize(opts: &Options, raws: &[Raw], probes: Vec<Probe>, wal: bool) -> Vec
             p50_ms: None,
             p99_ms: None,
             listener_cpu_us_per_event: None,
+            sse_delivered: None,
+            capture_cpu_us_per_event: None,
+            slot_lag_bytes: runs.iter().filter_map(|&i| raws[i].slot_lag).max(),
             db_cpu_us_per_write: sum_opt(&|r| r.db_ns).map(|ns| per_write(ns as f64 / 1000.0)),
             // /proc/stat counts in USER_HZ, 100 per second on Linux.
             machine_cpu_us_per_write: sum_opt(&|r| r.machine_ticks).map(|t| per_write(t as f64 * 10_000.0)),
@@ -376,6 +408,12 @@ fn summarize(opts: &Options, raws: &[Raw], probes: Vec<Probe>, wal: bool) -> Vec
                 report.p99_ms = Some(q(0.99));
                 let ns: u64 = runs.iter().map(|&i| raws[i].listener_ns).sum();
                 report.listener_cpu_us_per_event = Some(ns as f64 / 1000.0 / distinct as f64);
+                if let Some(ns) = sum_opt(&|r| r.capture_ns) {
+                    report.capture_cpu_us_per_event = Some(ns as f64 / 1000.0 / distinct as f64);
+                }
+            }
+            if target.wal() && !sse.is_empty() {
+                report.sse_delivered = Some(runs.iter().filter_map(|&i| sse.get(i)).map(Probe::distinct).sum());
             }
         }
         reports.push(report);

@@ -41,12 +41,15 @@ pub(super) async fn one_run(
     config: &Config,
     admin: &Client,
     listener: &Listener,
+    gateway: Option<&Gateway>,
+    capture: Option<&Capture>,
     run: usize,
     writers: usize,
     target: Target,
-    per_run: Duration,
+    opts: &Options,
     payload: usize,
 ) -> anyhow::Result<Raw> {
+    let per_run = opts.per_run;
     let sql = statement(target);
     let mut clients = Vec::with_capacity(writers);
     for w in 0..writers {
@@ -64,6 +67,8 @@ pub(super) async fn one_run(
     bar.set_prefix(format!("{writers} writers → {}", target.name()));
     let rows = Arc::new(AtomicU64::new(0));
     let before = Snapshot::take(admin, listener.pid).await?;
+    let capture_cpu = || capture.and_then(|c| proc::usage(c.pid)).map(|u| u.cpu_ns);
+    let capture_before = capture_cpu();
     let start = Instant::now();
     let deadline = start + per_run;
     let channel = target.channel().unwrap_or_default();
@@ -114,6 +119,7 @@ pub(super) async fn one_run(
         }
     }
     let elapsed = start.elapsed();
+    let slot_lag = if capture.is_some() { capture::slot_lag(admin).await } else { None };
     ticker.abort();
     if let Some(e) = failed {
         bar.abandon_with_message("a writer failed");
@@ -121,13 +127,15 @@ pub(super) async fn one_run(
     }
     bar.set_position(per_run.as_millis() as u64);
     if target.channel().is_some() {
-        let (mut last, mut quiet) = (listener.delivered(run), Duration::ZERO);
-        while last < written && quiet < SETTLE {
+        // WAL targets: the gateway's subscriber must have them all too.
+        let sse = || gateway.filter(|_| target.wal()).map_or(written, |g| g.delivered(run));
+        let (mut last, mut last_sse, mut quiet) = (listener.delivered(run), sse(), Duration::ZERO);
+        while (last < written || last_sse < written) && quiet < SETTLE {
             bar.set_message(format!("{written} rows; waiting for delivery: {last}/{written}"));
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = listener.delivered(run);
-            quiet = if now == last { quiet + Duration::from_millis(50) } else { Duration::ZERO };
-            last = now;
+            let (now, now_sse) = (listener.delivered(run), sse());
+            quiet = if (now, now_sse) == (last, last_sse) { quiet + Duration::from_millis(50) } else { Duration::ZERO };
+            (last, last_sse) = (now, now_sse);
         }
         bar.finish_with_message(format!(
             "{written} rows, {:.0}/s, delivered {last}",
@@ -147,6 +155,8 @@ pub(super) async fn one_run(
         rows: written,
         seconds: elapsed.as_secs_f64(),
         listener_ns: after.listener_ns.saturating_sub(before.listener_ns),
+        capture_ns: capture_before.zip(capture_cpu()).map(|(b, a)| a.saturating_sub(b)),
+        slot_lag,
         db_ns: (!after.db.is_empty()).then_some(db_ns),
         machine_ticks: match (before.machine, after.machine) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),

@@ -1,0 +1,186 @@
+//! The WAL side of the scenario: `pgpubsub capture` appends the WAL-watched
+//! targets to the log for their runs only (so no other run, the plain
+//! table's included, has a slot consumer running), and a gateway with an
+//! SSE subscriber counts what reaches a browser-like client. With `--pin`,
+//! PostgreSQL and the writers run on CPU 0 and pgpubsub's processes on
+//! CPU 1, as if pgpubsub ran on a host of its own.
+
+use super::*;
+
+/// CPU pinning with `taskset`: the server and this process on CPU 0,
+/// pgpubsub's children on CPU 1.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pin(pub(super) bool);
+
+impl Pin {
+    /// `cmd` as a child to start: on CPU 1 when pinning.
+    pub(super) fn command(self, program: &std::path::Path) -> Command {
+        if self.0 {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// Moves the PostgreSQL server (its postmaster and every process it has
+    /// started; later ones inherit it) and this process to CPU 0.
+    pub(super) async fn server_and_writers(self, admin: &Client) -> anyhow::Result<()> {
+        if !self.0 {
+            return Ok(());
+        }
+        let backend: i32 = admin.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+        let postmaster = parent(backend as u32).context("--pin needs the server on this machine")?;
+        let mut pids: Vec<u32> = children(postmaster);
+        pids.push(postmaster);
+        pids.push(std::process::id());
+        for pid in pids {
+            let ok = std::process::Command::new("taskset")
+                .args(["-a", "-p", "-c", "0", &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .context("running taskset (util-linux)")?;
+            if !ok.success() {
+                bail!("taskset could not pin process {pid} to CPU 0 (run as the server's user or root)");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The parent of `pid`, from /proc.
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.get(stat.rfind(')')? + 2..)?.split(' ').nth(1)?.parse().ok()
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).filter(|&p| parent(p) == Some(pid)).collect()
+}
+
+/// A `pgpubsub capture` child for one run.
+pub(super) struct Capture {
+    child: tokio::process::Child,
+    pub(super) pid: u32,
+}
+
+impl Capture {
+    /// Starts it and waits until it has caught up with the WAL written so
+    /// far (the other runs' WAL, which it decodes and skips): the run then
+    /// measures only its own writes.
+    pub(super) async fn start(url: &str, admin: &Client, pin: Pin) -> anyhow::Result<Capture> {
+        let exe = std::env::current_exe().context("finding the pgpubsub binary")?;
+        let mut cmd = pin.command(&exe);
+        cmd.arg("capture");
+        let (mut child, pid) = spawn(cmd, url, std::process::Stdio::null())?;
+        wait_ready(&mut child, "capturing").await.context("starting pgpubsub capture")?;
+        let target: String = admin.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let caught_up: bool = admin
+                .query_one(
+                    "SELECT coalesce(bool_or(confirmed_flush_lsn >= $1::text::pg_lsn), false)
+                     FROM pg_replication_slots WHERE slot_name = 'pgpubsub_capture'",
+                    &[&target],
+                )
+                .await?
+                .get(0);
+            if caught_up {
+                return Ok(Capture { child, pid });
+            }
+            if Instant::now() > deadline {
+                bail!("the capturer did not catch up with the WAL in 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub(super) async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// Bytes of WAL the capturer's slot has not confirmed yet.
+pub(super) async fn slot_lag(admin: &Client) -> Option<u64> {
+    let row = admin
+        .query_opt(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+             FROM pg_replication_slots WHERE slot_name = 'pgpubsub_capture'",
+            &[],
+        )
+        .await
+        .ok()??;
+    Some(row.get::<_, i64>(0).max(0) as u64)
+}
+
+/// `pgpubsub serve` and one SSE subscriber (curl) on the WAL targets'
+/// channels, for the whole scenario: counts, per run, the events a client
+/// of the gateway received.
+pub(super) struct Gateway {
+    serve: tokio::process::Child,
+    sse: tokio::process::Child,
+    delivered: Arc<Vec<AtomicU64>>,
+    stop: Arc<AtomicBool>,
+    reader: std::thread::JoinHandle<Vec<Probe>>,
+}
+
+impl Gateway {
+    pub(super) async fn start(url: &str, runs: usize, pin: Pin) -> anyhow::Result<Gateway> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let exe = std::env::current_exe().context("finding the pgpubsub binary")?;
+        let mut cmd = pin.command(&exe);
+        cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")]);
+        let (mut serve, _) = spawn(cmd, url, std::process::Stdio::null())?;
+        wait_ready(&mut serve, "serving").await.context("starting pgpubsub serve")?;
+        let channels: Vec<String> = [Target::Wal, Target::PublishWal].iter().filter_map(|t| t.channel()).collect();
+        let output = OutputFile::create()?;
+        let mut curl = if pin.0 {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1", "curl"]);
+            c
+        } else {
+            Command::new("curl")
+        };
+        curl.args(["-sN", &format!("http://127.0.0.1:{port}/events?channel={}", channels.join(","))])
+            .stdout(std::process::Stdio::from(output.file.try_clone()?))
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let sse = curl.spawn().context("starting curl for the SSE subscriber (is curl installed?)")?;
+        // The subscription is live once its first record (its position) is out.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&output.path).map_or(0, |m| m.len()) == 0 {
+            if Instant::now() > deadline {
+                bail!("the SSE subscriber got nothing from the gateway in 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let delivered: Arc<Vec<AtomicU64>> = Arc::new((0..runs).map(|_| AtomicU64::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (delivered.clone(), stop.clone());
+        let reader = std::thread::spawn(move || super::listen::read(&output, runs, &d, &s));
+        Ok(Gateway { serve, sse, delivered, stop, reader })
+    }
+
+    pub(super) fn delivered(&self, run: usize) -> u64 {
+        self.delivered[run].load(Ordering::SeqCst)
+    }
+
+    pub(super) async fn stop(mut self) -> anyhow::Result<Vec<Probe>> {
+        let _ = self.sse.kill().await;
+        let _ = self.serve.kill().await;
+        self.stop.store(true, Ordering::SeqCst);
+        let reader = self.reader;
+        tokio::task::spawn_blocking(move || reader.join())
+            .await
+            .context("joining the SSE reader")?
+            .map_err(|_| anyhow::anyhow!("the SSE reader panicked"))
+    }
+}
