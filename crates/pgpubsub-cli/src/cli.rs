@@ -1,11 +1,18 @@
-//! The command line: flags, their environment variables and defaults.
+//! The command line: the global flags, the subcommands and how they are
+//! parsed. Each command's own flags are in its file under `cmd/` (`serve`'s
+//! and `bridge`'s in theirs).
 //!
 //! Precedence: flags, then the environment, then `.env` in the working
 //! directory (loaded into the environment first, never overriding it), then
 //! the defaults below.
 
 use clap::{Args, Parser, Subcommand};
-use pgpubsub::Channel;
+
+use crate::cmd::listen::ListenArgs;
+use crate::cmd::migrate::MigrateArgs;
+use crate::cmd::prune::RetentionArgs;
+use crate::cmd::publish::PublishArgs;
+use crate::cmd::watch::WatchArgs;
 
 /// PostgreSQL as a pub/sub service: row changes and messages, typed, complete
 /// and in order, over LISTEN/NOTIFY.
@@ -118,158 +125,10 @@ pub enum Command {
     /// Events/s and latency through the bridge beside the plain listener.
     #[command(hide = true)]
     #[cfg(feature = "load")]
-    LoadBridge(crate::bridge::bench::BenchArgs),
+    LoadBridge(crate::load::bridge::BenchArgs),
     /// Run the whole flow once: migrate, watch a demo table, write rows,
     /// print the events that arrive.
     Demo,
-}
-
-/// Options of `listen`.
-#[derive(Debug, Args, Clone)]
-pub struct ListenArgs {
-    /// The channels to listen on.
-    #[command(flatten)]
-    pub channels: Channels,
-
-    /// One JSON object per event per line on stdout (logs stay on stderr).
-    #[arg(long)]
-    pub json: bool,
-
-    /// Stamp each event with the time it was printed: a `received_at`
-    /// member (RFC 3339, UTC, microseconds) in JSON, a leading field in lines.
-    #[arg(long)]
-    pub received_at: bool,
-
-    /// Exit after this many events.
-    #[arg(long, value_name = "N")]
-    pub count: Option<u64>,
-
-    /// Largest event accepted, in bytes; larger ones are dropped and counted.
-    #[arg(long, env = "PGPUBSUB_MAX_EVENT_BYTES", default_value_t = 64 << 20, value_name = "BYTES")]
-    pub max_event_bytes: u64,
-
-    /// Seconds an incomplete chunked event waits for its missing chunks.
-    #[arg(long, env = "PGPUBSUB_CHUNK_TIMEOUT", default_value_t = 30, value_name = "SECONDS")]
-    pub chunk_timeout: u64,
-
-    /// Durable subscriber name: its cursor is stored in the database, and a
-    /// restart resumes after the last event printed.
-    #[arg(long, env = "PGPUBSUB_NAME", value_name = "NAME")]
-    pub name: Option<String>,
-
-    /// After a read that found less than a page, the least time before the
-    /// next read begins (the library's `linger`, default 2ms). For
-    /// measurements: longer carries more events per read under load, at up
-    /// to that much more latency.
-    #[arg(long, env = "PGPUBSUB_LINGER", value_name = "DURATION", value_parser = parse_duration, hide = true)]
-    pub linger: Option<std::time::Duration>,
-
-    /// Prune the log while listening (every minute), by these bounds.
-    #[command(flatten)]
-    pub retention: RetentionArgs,
-
-    /// Also run the capturer in this process: tables watched with `watch
-    /// --wal` (and `publish --wal` messages) are appended to the log from
-    /// the WAL (`pgpubsub capture` does it as a process of its own). Needs
-    /// wal_level = logical and a role with REPLICATION. See docs/delivery.md.
-    #[arg(long)]
-    pub capture: bool,
-}
-
-/// Retention bounds.
-#[derive(Debug, Args, Clone, Default)]
-pub struct RetentionArgs {
-    /// Delete events older than this (e.g. 7d, 12h, 30m).
-    #[arg(long, env = "PGPUBSUB_RETENTION_AGE", value_name = "DURATION", value_parser = parse_duration)]
-    pub max_age: Option<std::time::Duration>,
-    /// Keep at most this many of the newest events.
-    #[arg(long, env = "PGPUBSUB_RETENTION_COUNT", value_name = "N")]
-    pub max_count: Option<i64>,
-}
-
-impl RetentionArgs {
-    /// As the library's policy.
-    pub fn policy(&self) -> pgpubsub::retention::Retention {
-        pgpubsub::retention::Retention::new(self.max_age, self.max_count)
-    }
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 7d, 12h, 30m, 90s)"))
-}
-
-/// The channels a command works on: `--channel`, repeated or
-/// comma-separated, else `PUB_SUB_CHANNEL` (the seed's name), else the
-/// seed's `job_channel`. `listen`'s (`serve` has its own: none means every
-/// channel, and patterns).
-#[derive(Debug, Args, Clone)]
-pub struct Channels {
-    /// Channels (repeat, or separate with commas).
-    #[arg(
-        long = "channel",
-        short = 'c',
-        env = "PUB_SUB_CHANNEL",
-        value_name = "PUB_SUB_CHANNEL",
-        value_delimiter = ',',
-        default_value = "job_channel"
-    )]
-    pub list: Vec<Channel>,
-}
-
-/// Options of `migrate`.
-#[derive(Debug, Args)]
-pub struct MigrateArgs {
-    /// up (default), down (revert the last step) or status.
-    #[arg(value_enum, default_value = "up")]
-    pub action: MigrateAction,
-    /// Also apply the seed's `job` example (tables job and notification).
-    #[arg(long)]
-    pub example: bool,
-}
-
-/// What `migrate` does.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum MigrateAction {
-    /// Apply every pending migration.
-    Up,
-    /// Revert the most recent one.
-    Down,
-    /// List migrations and watched tables.
-    Status,
-}
-
-/// Options of `watch`.
-#[derive(Debug, Args)]
-pub struct WatchArgs {
-    /// The table, optionally schema-qualified; omit to list watched tables.
-    pub table: Option<String>,
-    /// Channel for its events (default: the table's name).
-    #[arg(long, short = 'c')]
-    pub channel: Option<Channel>,
-    /// Also notify each event's JSON in the payload (chunked past 8000
-    /// bytes), the seeds' way, for programs that read NOTIFY themselves.
-    /// Readable by every role that can LISTEN, and every write takes
-    /// PostgreSQL's NOTIFY lock: see docs/delivery.md.
-    #[arg(long, conflicts_with = "wal")]
-    pub inline: bool,
-    /// Capture from the WAL: no trigger, writers unhurt; `pgpubsub capture`
-    /// appends the changes to the log (needs wal_level = logical). See
-    /// docs/delivery.md.
-    #[arg(long)]
-    pub wal: bool,
-}
-
-/// Options of `publish`.
-#[derive(Debug, Args)]
-pub struct PublishArgs {
-    /// The channel.
-    pub channel: Channel,
-    /// The message; `-` or nothing reads it from stdin.
-    pub payload: Option<String>,
-    /// Publish through the WAL (an INSERT into `pubsub.wal_messages`): no
-    /// log insert in this transaction; `pgpubsub capture` appends it.
-    #[arg(long)]
-    pub wal: bool,
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {

@@ -16,3 +16,4 @@ pub mod cmd;
 pub mod load;
 pub mod output;
 pub mod serve;
+pub mod shutdown;

@@ -71,7 +71,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bridge(args)) => bridge::run(&config, &args).await,
         Some(Command::Capture(args)) => cmd::capture::run(&config, &args).await,
         #[cfg(feature = "load")]
-        Some(Command::LoadBridge(args)) => bridge::bench::run(&config, &cli.database_url, &args).await,
+        Some(Command::LoadBridge(args)) => load::bridge::run(&config, &cli.database_url, &args).await,
         #[cfg(feature = "load")]
         Some(Command::Load(args)) => load::run(&config, &cli.database_url, &args).await,
         #[cfg(feature = "load")]

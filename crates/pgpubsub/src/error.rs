@@ -144,21 +144,28 @@ impl std::error::Error for DbMessage {
 }
 
 impl Error {
-    /// Wraps a driver error from a statement, turning a missing `pubsub`
-    /// schema (SQLSTATE 3F000), or a missing table, column or function of it
-    /// (42P01, 42703, 42883 naming a `pubsub` object), into
-    /// [`Error::NotMigrated`]. Classified by SQLSTATE and the object's
-    /// name, which no `lc_messages` translates; a user's missing table stays
-    /// a [`Error::Db`] with its SQLSTATE.
+    /// Wraps a driver error from a statement that names only pgpubsub's own
+    /// objects (the `pubsub` schema, `schema_migrations`), or from preparing
+    /// one that also takes a caller's (see [`Error::db_running`]). A missing
+    /// schema, table, column or function (SQLSTATE 3F000, 42P01, 42703,
+    /// 42883) can then only be ours, missing or older than this pgpubsub:
+    /// [`Error::NotMigrated`]. Decided by SQLSTATE alone, never by the
+    /// message, which `lc_messages` translates.
     pub(crate) fn db(context: &'static str, source: tokio_postgres::Error) -> Self {
         let msg = DbMessage::new(source);
-        let ours = msg.message.contains("pubsub") || msg.message.contains("payload");
         match msg.code.as_deref() {
-            Some("3F000") => return Error::NotMigrated,
-            Some("42P01" | "42703" | "42883") if ours => return Error::NotMigrated,
-            _ => {}
+            Some("3F000" | "42P01" | "42703" | "42883") => Error::NotMigrated,
+            _ => Error::Db { context, source: msg },
         }
-        Error::Db { context, source: msg }
+    }
+
+    /// Wraps a driver error from running a statement, already prepared
+    /// (errors of that go through [`Error::db`]), that names a caller's
+    /// object: `pubsub.watch($1::text::regclass)` with a table that does not
+    /// exist fails with 42P01 (or 3F000 for its schema) only when it runs.
+    /// So this is always an [`Error::Db`] with the server's SQLSTATE.
+    pub(crate) fn db_running(context: &'static str, source: tokio_postgres::Error) -> Self {
+        Error::Db { context, source: DbMessage::new(source) }
     }
 
     /// The SQLSTATE of a database error, if this is one.

@@ -78,6 +78,12 @@ pub use reassembly::Limits;
 pub use stats::{Stats, StatsSnapshot};
 pub use watch::{publish, unwatch, watch};
 
+/// The README's example (the crate's page), compiled by `cargo test --doc`
+/// so that it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// Not part of the API: how a stored event renders to JSON, public only so
 /// the decode benchmark (`benches/decode.rs`) and the property tests
 /// (`tests/props.rs`), which build outside the crate, can measure and check

@@ -1,7 +1,8 @@
 //! The schema, as dbmate migrations embedded in the binary.
 //!
 //! The files under `db/migrations` (the `pubsub` schema) and `db/examples`
-//! (the seed's `job` example) are in dbmate's format: `-- migrate:up` and
+//! (the seed's `job` example), in this crate's folder so that the
+//! published crate carries them, are in dbmate's format: `-- migrate:up` and
 //! `-- migrate:down` sections, applied versions recorded in
 //! `schema_migrations`. So `dbmate up` on the same folder does what
 //! [`up`] does, and either tool sees what the other applied.
@@ -29,7 +30,7 @@ pub struct Migration {
 
 macro_rules! embed {
     ($example:expr, $dir:literal, $file:literal) => {
-        ($example, $file, include_str!(concat!("../../../db/", $dir, "/", $file)))
+        ($example, $file, include_str!(concat!("../db/", $dir, "/", $file)))
     };
 }
 
@@ -192,6 +193,22 @@ mod tests {
         }
         assert!(all.windows(2).all(|w| w[0].version < w[1].version));
         assert!(all.iter().filter(|m| m.example).all(|m| !m.up.contains("pubsub.")));
+    }
+
+    /// A file added to a folder but not to `FILES` would never be applied.
+    #[test]
+    fn every_file_of_the_folders_is_embedded() {
+        for (dir, example) in [("migrations", false), ("examples", true)] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("db").join(dir);
+            let mut on_disk: Vec<String> = std::fs::read_dir(&path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.ends_with(".sql"))
+                .collect();
+            on_disk.sort();
+            let embedded: Vec<&str> = FILES.iter().filter(|f| f.0 == example).map(|f| f.1).collect();
+            assert_eq!(on_disk, embedded, "{}", path.display());
+        }
     }
 
     #[test]

@@ -26,7 +26,11 @@
 //! (statement order: a row updated by two transactions arrives in the order
 //! of the updates); pages follow each other in commit order.
 //!
-//! Listener, gateway feeds and the NATS bridge all read through this.
+//! Whatever reads the log reads through this, events the capturer copied
+//! there from the WAL included: the [`Listener`](crate::Listener) (so
+//! `listen`, `serve` fed from PostgreSQL, and the NATS bridge), and a
+//! gateway [`Feed`](crate::Feed) resuming from the log. Not through it: a
+//! feed resuming from the NATS stream (its own [`Replay`](crate::Replay)).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

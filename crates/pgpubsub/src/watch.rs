@@ -45,10 +45,13 @@ pub async fn watch(client: &Client, table: &str, channel: Option<&Channel>) -> R
 /// # Errors
 /// As [`watch`].
 pub async fn watch_with(client: &Client, table: &str, channel: Option<&Channel>, inline: bool) -> Result<Channel> {
+    let context = "watching the table";
+    let sql = "SELECT pubsub.watch($1::text::regclass, $2, $3)";
+    let statement = client.prepare(sql).await.map_err(|e| Error::db(context, e))?;
     let row = client
-        .query_one("SELECT pubsub.watch($1::text::regclass, $2, $3)", &[&table, &channel.map(Channel::as_str), &inline])
+        .query_one(&statement, &[&table, &channel.map(Channel::as_str), &inline])
         .await
-        .map_err(|e| Error::db("watching the table", e))?;
+        .map_err(|e| Error::db_running(context, e))?;
     Ok(Channel::new(row.get::<_, String>(0))?)
 }
 
@@ -57,10 +60,10 @@ pub async fn watch_with(client: &Client, table: &str, channel: Option<&Channel>,
 /// # Errors
 /// [`Error::Db`] when the table does not exist.
 pub async fn unwatch(client: &Client, table: &str) -> Result<bool> {
-    let row = client
-        .query_one("SELECT pubsub.unwatch($1::text::regclass)", &[&table])
-        .await
-        .map_err(|e| Error::db("unwatching the table", e))?;
+    let context = "unwatching the table";
+    let statement =
+        client.prepare("SELECT pubsub.unwatch($1::text::regclass)").await.map_err(|e| Error::db(context, e))?;
+    let row = client.query_one(&statement, &[&table]).await.map_err(|e| Error::db_running(context, e))?;
     Ok(row.get(0))
 }
 
@@ -85,10 +88,13 @@ pub async fn watches(client: &Client) -> Result<Vec<(String, String)>> {
 /// As [`watch`]; also when the caller does not own the table and the
 /// `pgpubsub` publication.
 pub async fn watch_wal(client: &Client, table: &str, channel: Option<&Channel>) -> Result<Channel> {
+    let context = "watching the table through the WAL";
+    let statement =
+        client.prepare("SELECT pubsub.watch_wal($1::text::regclass, $2)").await.map_err(|e| Error::db(context, e))?;
     let row = client
-        .query_one("SELECT pubsub.watch_wal($1::text::regclass, $2)", &[&table, &channel.map(Channel::as_str)])
+        .query_one(&statement, &[&table, &channel.map(Channel::as_str)])
         .await
-        .map_err(|e| Error::db("watching the table through the WAL", e))?;
+        .map_err(|e| Error::db_running(context, e))?;
     Ok(Channel::new(row.get::<_, String>(0))?)
 }
 

@@ -71,8 +71,11 @@ pub const CHUNK_DATA_BYTES: usize = 7800;
 
 /// Our chunk frames for `body`, each carrying at most `data_bytes` bytes cut
 /// on a character boundary: what `pubsub.send` emits for a body of this
-/// size (with [`CHUNK_DATA_BYTES`]). For tests, benchmarks, and senders that
-/// encode on the client side.
+/// size (with [`CHUNK_DATA_BYTES`]) on a table watched with `watch
+/// --inline`. pgpubsub never sends chunks from Rust: this is the reference
+/// encoder, against which `tests/db/sizes.rs` checks the SQL one, and with
+/// which a program that reads `watch --inline` payloads can test its
+/// decoder (see [`Reassembler::push_chunk`](crate::reassembly::Reassembler::push_chunk)).
 pub fn encode_chunks(seq: i64, body: &str, data_bytes: usize) -> Vec<String> {
     use md5::{Digest, Md5};
     let digest = format!("{:x}", Md5::digest(body.as_bytes()));

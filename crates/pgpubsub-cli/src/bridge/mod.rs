@@ -12,8 +12,6 @@
 //! - One active bridge per name: [`lock::Lock`]. Others wait as standbys.
 
 mod args;
-#[cfg(feature = "load")]
-pub mod bench;
 mod lock;
 mod metrics;
 mod outbox;
@@ -21,7 +19,7 @@ mod pump;
 mod stream;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_nats::jetstream;
@@ -32,7 +30,7 @@ use tokio::sync::watch;
 pub use self::args::BridgeArgs;
 use self::lock::Lock;
 use self::metrics::BridgeStats;
-use self::outbox::{Outbox, Prepared, Window};
+use self::outbox::{Outbox, Window};
 use self::pump::pump;
 use self::stream::{ensure_stream, source_id};
 
@@ -93,7 +91,7 @@ pub async fn run(config: &Config, args: &BridgeArgs) -> anyhow::Result<()> {
         bail!("--duplicate-window must be positive: it is what drops events sent again");
     }
     let (stop_tx, stop) = watch::channel(false);
-    let signal = crate::cmd::listen::shutdown_signal();
+    let signal = crate::shutdown::signal();
     tokio::spawn(async move {
         signal.await;
         let _ = stop_tx.send(true);

@@ -1,7 +1,15 @@
 //! The active bridge's loop: events from the listener into the outbox,
 //! the cursor stored only when JetStream acknowledged everything before it.
 
-use super::*;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use pgpubsub::Listener;
+
+use super::lock::Lock;
+use super::metrics::BridgeStats;
+use super::outbox::{Outbox, Prepared};
+use super::{stopped, Ctx, Exit, Fatal, OWED_MAX, OWED_POLL, SAVE_EVERY, STOP_GRACE};
 
 /// Copies events until the lock is lost or the bridge is told to stop.
 ///

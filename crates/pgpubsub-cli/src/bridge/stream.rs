@@ -2,7 +2,12 @@
 //! subjects; and the source id that makes message ids unique across
 //! databases.
 
-use super::*;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+
+use super::{Ctx, Fatal};
 
 /// The events' identity: `<system_identifier>-<database oid>`. The log's seq
 /// is unique within one database, so `<this>:<seq>` names one event for

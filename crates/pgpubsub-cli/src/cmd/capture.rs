@@ -56,7 +56,7 @@ pub async fn run(config: &Config, args: &CaptureArgs) -> anyhow::Result<()> {
     let capturer = Capturer::new(config, args.options())?;
     let stats = capturer.stats();
     tracing::info!(slot = capturer.slot(), target = %pgpubsub::db::describe(config), "capture starting");
-    capturer.run(crate::cmd::listen::shutdown_signal()).await.context("capturing from the WAL")?;
+    capturer.run(crate::shutdown::signal()).await.context("capturing from the WAL")?;
     let s = stats.snapshot();
     tracing::info!(
         events = s.events,

@@ -4,11 +4,84 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use clap::Args;
 use pgpubsub::db::Config;
-use pgpubsub::{ConnectionState, Limits, Listener, ListenerOptions};
+use pgpubsub::{Channel, ConnectionState, Limits, Listener, ListenerOptions};
 
-use crate::cli::ListenArgs;
+use super::parse_duration;
+use super::prune::RetentionArgs;
 use crate::output::{self, Style};
+use crate::shutdown;
+
+/// Options of `listen`.
+#[derive(Debug, Args, Clone)]
+pub struct ListenArgs {
+    /// The channels to listen on.
+    #[command(flatten)]
+    pub channels: Channels,
+
+    /// One JSON object per event per line on stdout (logs stay on stderr).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Stamp each event with the time it was printed: a `received_at`
+    /// member (RFC 3339, UTC, microseconds) in JSON, a leading field in lines.
+    #[arg(long)]
+    pub received_at: bool,
+
+    /// Exit after this many events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Largest event accepted, in bytes; larger ones are dropped and counted.
+    #[arg(long, env = "PGPUBSUB_MAX_EVENT_BYTES", default_value_t = 64 << 20, value_name = "BYTES")]
+    pub max_event_bytes: u64,
+
+    /// Seconds an incomplete chunked event waits for its missing chunks.
+    #[arg(long, env = "PGPUBSUB_CHUNK_TIMEOUT", default_value_t = 30, value_name = "SECONDS")]
+    pub chunk_timeout: u64,
+
+    /// Durable subscriber name: its cursor is stored in the database, and a
+    /// restart resumes after the last event printed.
+    #[arg(long, env = "PGPUBSUB_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// After a read that found less than a page, the least time before the
+    /// next read begins (the library's `linger`, default 2ms). For
+    /// measurements: longer carries more events per read under load, at up
+    /// to that much more latency.
+    #[arg(long, env = "PGPUBSUB_LINGER", value_name = "DURATION", value_parser = parse_duration, hide = true)]
+    pub linger: Option<std::time::Duration>,
+
+    /// Prune the log while listening (every minute), by these bounds.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+
+    /// Also run the capturer in this process: tables watched with `watch
+    /// --wal` (and `publish --wal` messages) are appended to the log from
+    /// the WAL (`pgpubsub capture` does it as a process of its own). Needs
+    /// wal_level = logical and a role with REPLICATION. See docs/delivery.md.
+    #[arg(long)]
+    pub capture: bool,
+}
+
+/// The channels a command works on: `--channel`, repeated or
+/// comma-separated, else `PUB_SUB_CHANNEL` (the seed's name), else the
+/// seed's `job_channel`. `listen`'s (`serve` has its own: none means every
+/// channel, and patterns).
+#[derive(Debug, Args, Clone)]
+pub struct Channels {
+    /// Channels (repeat, or separate with commas).
+    #[arg(
+        long = "channel",
+        short = 'c',
+        env = "PUB_SUB_CHANNEL",
+        value_name = "PUB_SUB_CHANNEL",
+        value_delimiter = ',',
+        default_value = "job_channel"
+    )]
+    pub list: Vec<Channel>,
+}
 
 /// Prints events until Ctrl-C (or SIGTERM), or `--count` events.
 pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Result<()> {
@@ -37,11 +110,11 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         options = options.name(name.clone());
         options.autosave = false;
     }
-    let stop = shutdown_signal();
+    let stop = shutdown::signal();
     let mut listener =
         Listener::connect(config, &args.channels.list, options).await.context("starting the listener")?;
     if args.retention.policy().is_set() {
-        crate::cmd::prune::spawn_periodic(config.clone(), args.retention.policy(), Duration::from_secs(60));
+        super::prune::spawn_periodic(config.clone(), args.retention.policy(), Duration::from_secs(60));
     }
     log_state_changes(listener.state());
     let stats = listener.stats();
@@ -155,37 +228,6 @@ fn log_state_changes(mut state: tokio::sync::watch::Receiver<ConnectionState>) {
             }
         }
     });
-}
-
-/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is
-/// called, not when first polled, so a signal that arrives while the caller
-/// is still connecting is not fatal.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let int = signal(SignalKind::interrupt());
-        let term = signal(SignalKind::terminate());
-        async move {
-            match (int, term) {
-                (Ok(mut int), Ok(mut term)) => {
-                    tokio::select! {
-                        _ = int.recv() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                _ => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// Standard output without the standard library's own line buffering,

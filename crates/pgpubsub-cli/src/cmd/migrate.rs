@@ -1,9 +1,30 @@
 //! `pgpubsub migrate [up|down|status] [--example]`.
 
 use anyhow::Context;
+use clap::Args;
 use pgpubsub::db::Config;
 
-use crate::cli::{MigrateAction, MigrateArgs};
+/// Options of `migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// up (default), down (revert the last step) or status.
+    #[arg(value_enum, default_value = "up")]
+    pub action: MigrateAction,
+    /// Also apply the seed's `job` example (tables job and notification).
+    #[arg(long)]
+    pub example: bool,
+}
+
+/// What `migrate` does.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the most recent one.
+    Down,
+    /// List migrations and watched tables.
+    Status,
+}
 
 /// The migrations that made capture from the WAL: reverting one leaves the
 /// capturers' replication slots without a use.

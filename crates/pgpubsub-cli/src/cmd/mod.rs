@@ -1,4 +1,4 @@
-//! One subcommand per file.
+//! One subcommand per file, with its flags; here, what they share.
 
 pub mod capture;
 pub mod demo;
@@ -11,6 +11,11 @@ pub mod watch;
 use anyhow::Context;
 use pgpubsub::db::Config;
 use tokio_postgres::Client;
+
+/// A duration flag: `7d`, `12h`, `30m`, `90s`.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 7d, 12h, 30m, 90s)"))
+}
 
 /// A connection for statements, with the target named in the error.
 pub async fn connect(config: &Config) -> anyhow::Result<Client> {

@@ -3,10 +3,29 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::Args;
 use pgpubsub::db::Config;
 use pgpubsub::retention::{self, Retention};
 
-use crate::cli::RetentionArgs;
+use super::parse_duration;
+
+/// Retention bounds.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RetentionArgs {
+    /// Delete events older than this (e.g. 7d, 12h, 30m).
+    #[arg(long, env = "PGPUBSUB_RETENTION_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub max_age: Option<std::time::Duration>,
+    /// Keep at most this many of the newest events.
+    #[arg(long, env = "PGPUBSUB_RETENTION_COUNT", value_name = "N")]
+    pub max_count: Option<i64>,
+}
+
+impl RetentionArgs {
+    /// As the library's policy.
+    pub fn policy(&self) -> pgpubsub::retention::Retention {
+        pgpubsub::retention::Retention::new(self.max_age, self.max_count)
+    }
+}
 
 /// Prunes once and prints how many events went.
 pub async fn run(config: &Config, args: &RetentionArgs) -> anyhow::Result<()> {

@@ -1,10 +1,23 @@
 //! `pgpubsub publish CHANNEL [PAYLOAD | -]`.
 
 use anyhow::Context;
+use clap::Args;
 use pgpubsub::db::Config;
+use pgpubsub::Channel;
 use tokio::io::AsyncReadExt;
 
-use crate::cli::PublishArgs;
+/// Options of `publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The channel.
+    pub channel: Channel,
+    /// The message; `-` or nothing reads it from stdin.
+    pub payload: Option<String>,
+    /// Publish through the WAL (an INSERT into `pubsub.wal_messages`): no
+    /// log insert in this transaction; `pgpubsub capture` appends it.
+    #[arg(long)]
+    pub wal: bool,
+}
 
 /// Publishes one message; prints its sequence number on stdout.
 pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<()> {

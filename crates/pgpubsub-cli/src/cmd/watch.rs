@@ -1,8 +1,30 @@
 //! `pgpubsub watch [TABLE] [--channel C] [--inline]` and `pgpubsub unwatch TABLE`.
 
 use anyhow::Context;
+use clap::Args;
 use pgpubsub::db::Config;
 use pgpubsub::Channel;
+
+/// Options of `watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The table, optionally schema-qualified; omit to list watched tables.
+    pub table: Option<String>,
+    /// Channel for its events (default: the table's name).
+    #[arg(long, short = 'c')]
+    pub channel: Option<Channel>,
+    /// Also notify each event's JSON in the payload (chunked past 8000
+    /// bytes), the seeds' way, for programs that read NOTIFY themselves.
+    /// Readable by every role that can LISTEN, and every write takes
+    /// PostgreSQL's NOTIFY lock: see docs/delivery.md.
+    #[arg(long, conflicts_with = "wal")]
+    pub inline: bool,
+    /// Capture from the WAL: no trigger, writers unhurt; `pgpubsub capture`
+    /// appends the changes to the log (needs wal_level = logical). See
+    /// docs/delivery.md.
+    #[arg(long)]
+    pub wal: bool,
+}
 
 /// Watches a table, or lists watched tables when none is given.
 pub async fn run(

@@ -2,8 +2,12 @@
 //! tables → trigger → NOTIFY → `pgpubsub listen --json` as a child process),
 //! beside a bare LISTEN loop on the same notifications (`--baseline`), and
 //! reports rates, latency, losses, CPU and memory. See docs/performance.md.
+//! The other load tests live here too: `fanout.rs` (the gateway's fan-out,
+//! `load-fanout`) and `bridge.rs` (the NATS bridge beside the plain
+//! listener, `load-bridge`).
 
 pub mod baseline;
+pub mod bridge;
 pub mod child;
 pub mod fanout;
 mod plot;

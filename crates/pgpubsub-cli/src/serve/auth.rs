@@ -16,7 +16,7 @@ use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use super::access::{glob, Origins};
-use super::api::ApiError;
+use super::error::ApiError;
 
 /// The cookie a browser sends its token in.
 pub const COOKIE: &str = "pgpubsub_token";

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::api::ApiError;
+use super::error::ApiError;
 
 /// Token buckets, one per client: `rate` per second, bursts of `2 × rate`.
 pub struct Rate {

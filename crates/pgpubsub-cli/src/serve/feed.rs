@@ -7,7 +7,7 @@ use pgpubsub::{Cursor, Filter, Limits};
 
 pub use pgpubsub::FeedItem as Item;
 
-use super::api::ApiError;
+use super::error::ApiError;
 use super::nats::{self, StreamReplay};
 use super::AppState;
 

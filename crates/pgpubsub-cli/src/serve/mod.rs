@@ -21,10 +21,12 @@ mod api;
 mod auth;
 mod caps;
 mod capture_metrics;
+mod error;
 mod feed;
 mod listening;
 mod nats;
 mod ops;
+mod request;
 mod server;
 mod stream;
 mod writes;
@@ -152,7 +154,7 @@ pub struct AppState {
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and lets
 /// open streams end.
 pub async fn run(config: &Config, args: &ServeArgs) -> anyhow::Result<()> {
-    run_until(config, args, crate::cmd::listen::shutdown_signal(), None).await
+    run_until(config, args, crate::shutdown::signal(), None).await
 }
 
 /// Runs the gateway until `stop` resolves; tells `ready` the address it

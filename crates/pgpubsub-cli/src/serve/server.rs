@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
-use super::api::ApiError;
+use super::error::ApiError;
 
 /// Limits of the server loop.
 #[derive(Clone)]

@@ -13,9 +13,10 @@ use futures_util::{SinkExt, StreamExt};
 use pgpubsub::Cursor;
 use serde_json::{json, Value};
 
-use super::api::{ApiError, ErrorBody, Request};
 use super::auth::{self, Claims};
+use super::error::{ApiError, ErrorBody};
 use super::feed::{Feed, Item};
+use super::request::Request;
 use super::AppState;
 
 /// The gateway's renderings of an event, each kept in a frame slot of the

@@ -10,8 +10,8 @@ use futures_util::StreamExt;
 use pgpubsub::{store, Channel};
 use serde_json::{json, Value};
 
-use super::api::{ApiError, ErrorBody};
 use super::auth;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 
 /// `{"seq": n}`: the message's place in the log.

@@ -294,9 +294,14 @@ struct Report {
     malformed: usize,
 }
 
-/// Waits for the writers, then until the stream holds every row the table
-/// holds (or the wait runs out), then a little longer for any late
-/// duplicate, and compares.
+/// The row [`check`] writes last, after the writers: its event is the fence.
+const FENCE_ROW: (i32, i32) = (-1, 0);
+
+/// Waits for the writers, writes one more row (the fence, [`FENCE_ROW`]),
+/// waits until the stream holds its event (or the wait runs out), and
+/// compares. The bridge stores events in log order, so whatever it stores
+/// for the rows before the fence, a late re-send included, is in the
+/// stream by then: no fixed wait for duplicates.
 async fn check(
     config: &Config,
     stream: &TestStream,
@@ -307,23 +312,26 @@ async fn check(
         tokio::time::timeout(Duration::from_secs(90), w).await.expect("writers finish").unwrap();
     }
     let client = pgpubsub::db::connect(config).await.unwrap();
+    client.execute("INSERT INTO w VALUES ($1, $2, 'fence')", &[&FENCE_ROW.0, &FENCE_ROW.1]).await.unwrap();
     let rows = client.query("SELECT writer, n FROM w", &[]).await.unwrap();
     let expected: BTreeSet<(i32, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut settled = false;
     loop {
-        let report = compare(&expected, &stream.read().await, stream, channel);
-        if report.lost.is_empty() && !settled {
-            // Everything is in: give a late re-send the chance to show.
-            settled = true;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        if settled || Instant::now() > deadline {
-            return report;
+        let stored = stream.read().await;
+        if holds_fence_row(&stored) || Instant::now() > deadline {
+            return compare(&expected, &stored, stream, channel);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Whether the stream holds the event of [`FENCE_ROW`].
+fn holds_fence_row(stored: &[Stored]) -> bool {
+    stored.iter().any(|m| {
+        let event: Value = serde_json::from_str(&m.payload).unwrap();
+        (event["new"]["writer"].as_i64(), event["new"]["n"].as_i64())
+            == (Some(i64::from(FENCE_ROW.0)), Some(i64::from(FENCE_ROW.1)))
+    })
 }
 
 fn compare(expected: &BTreeSet<(i32, i32)>, stored: &[Stored], stream: &TestStream, channel: &Channel) -> Report {
@@ -429,6 +437,29 @@ async fn wait_stored(stream: &TestStream, n: usize) -> Vec<Stored> {
         assert!(Instant::now() < deadline, "the stream holds {} of {n} messages", all.len());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The stream once it holds a message whose payload is `payload` (waits up
+/// to [`WAIT`]): a fence. The bridge stores events in log order, so what it
+/// stores for events before the fence, a late copy included, is in by then.
+async fn wait_for_payload(stream: &TestStream, payload: &str) -> Vec<Stored> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = stream.read().await;
+        if payloads(&all).iter().any(|p| p == payload) {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "{payload:?} is not in the stream: {:?}", payloads(&all));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The published messages' payloads, in stream order.
+fn payloads(stored: &[Stored]) -> Vec<String> {
+    stored
+        .iter()
+        .map(|m| serde_json::from_str::<Value>(&m.payload).unwrap()["payload"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,15 +568,12 @@ async fn events_sent_again_are_dropped_by_their_msg_id() {
     };
     assert_eq!(metric(&text, "pgpubsub_bridge_duplicates_total"), 10.0, "{text}");
     assert_eq!(metric(&text, "pgpubsub_bridge_published_total"), 1.0, "{text}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let all_after = stream.read().await;
-    assert_eq!(all_after.len(), 11, "{all:?}");
-    let payloads: Vec<String> = all_after
-        .iter()
-        .map(|m| serde_json::from_str::<Value>(&m.payload).unwrap()["payload"].as_str().unwrap().to_string())
-        .collect();
-    let want: Vec<String> = (0..10).map(|i| format!("m{i}")).chain(["after".to_string()]).collect();
-    assert_eq!(payloads, want);
+    // No copy of an earlier event arrives late: the bridge stores in log
+    // order, so any would be in the stream before a later event.
+    pgpubsub::publish(&client, &ch, "fence").await.unwrap();
+    let all_after = wait_for_payload(&stream, "fence").await;
+    let want: Vec<String> = (0..10).map(|i| format!("m{i}")).chain(["after".into(), "fence".into()]).collect();
+    assert_eq!(payloads(&all_after), want, "{all:?}");
 }
 
 /// A backlog of several catch-up pages, written while the bridge was
@@ -665,7 +693,9 @@ async fn a_bridge_killed_while_nats_is_down_loses_nothing() {
     for i in 5..25 {
         pgpubsub::publish(&client, &ch, &format!("m{i}")).await.unwrap();
     }
-    // Several cursor-store periods and heartbeats pass with nothing acknowledged.
+    // Several cursor-store periods and heartbeats pass with nothing
+    // acknowledged: the time a bug would need to store the cursor past them
+    // (this wait proves nothing by itself; the count at the end does).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let logs = bridge.logs();
     bridge.kill();
@@ -677,14 +707,12 @@ async fn a_bridge_killed_while_nats_is_down_loses_nothing() {
     .unwrap();
     let bridge = Bridge::spawn(&db.url, &nats.url(), &ch, &name, &stream, &[]);
     let all = wait_stored(&stream, 25).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let all_after = stream.read().await;
-    let payloads: Vec<String> = all_after
-        .iter()
-        .map(|m| serde_json::from_str::<Value>(&m.payload).unwrap()["payload"].as_str().unwrap().to_string())
-        .collect();
-    let want: Vec<String> = (0..25).map(|i| format!("m{i}")).collect();
-    assert_eq!(payloads, want, "{all:?}\n{logs}\n---\n{}", bridge.logs());
+    // Nothing more comes late: a later event is stored after anything the
+    // bridge would still send for the earlier ones.
+    pgpubsub::publish(&client, &ch, "fence").await.unwrap();
+    let all_after = wait_for_payload(&stream, "fence").await;
+    let want: Vec<String> = (0..25).map(|i| format!("m{i}")).chain(["fence".into()]).collect();
+    assert_eq!(payloads(&all_after), want, "{all:?}\n{logs}\n---\n{}", bridge.logs());
 }
 
 /// Every PostgreSQL backend of the bridge (the LISTEN connection, the log's,
@@ -933,16 +961,19 @@ async fn captured_events_reach_nats_once_in_wal_order_through_bridge_kills() {
     for w in writers {
         tokio::time::timeout(Duration::from_secs(90), w).await.expect("writers finish").unwrap();
     }
+    // The fence: a last row. The bridge stores in WAL order, so once its
+    // event is in, so is whatever the bridge stores for the rows before it,
+    // a late re-send included.
+    client.execute("INSERT INTO w VALUES ($1, $2, 'fence')", &[&FENCE_ROW.0, &FENCE_ROW.1]).await.unwrap();
     let rows = client.query("SELECT writer, n FROM w", &[]).await.unwrap();
     let expected: BTreeSet<(i32, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(expected.len(), 900);
+    assert_eq!(expected.len(), 901);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while stream.read().await.len() < expected.len() && Instant::now() < deadline {
+    let mut stored = stream.read().await;
+    while !holds_fence_row(&stored) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
+        stored = stream.read().await;
     }
-    // A late re-send would show now.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let stored = stream.read().await;
     logs.push_str(&bridge.logs());
 
     let mut seen = BTreeSet::new();

@@ -3,8 +3,9 @@
 //!
 //! Events come from the log only (`tail.rs` reads it from a
 //! commit-safe position). A reading task (`reader.rs`) owns the LISTEN
-//! connection: it hears wake-ups and foreign notifications, nothing else.
-//! Here: `options.rs` (how it behaves), `waiting.rs` (reading the log, and
+//! connection: it hears wake-ups and foreign notifications, nothing else,
+//! and passes the foreign ones through `foreign.rs` (seed-format messages
+//! reassembled, in order). Here: `options.rs` (how it behaves), `waiting.rs` (reading the log, and
 //! becoming the listener writers wake), `progress.rs` (the position, stored
 //! for a named listener).
 //!
@@ -41,11 +42,13 @@ use crate::event_log::LogConn;
 use crate::stats::Stats;
 use crate::tail::Tail;
 
+mod foreign;
 mod options;
 mod progress;
 mod reader;
 mod waiting;
 
+use foreign::Foreign;
 pub use options::{ConnectionState, ListenerOptions};
 use progress::Progress;
 use reader::{Command, Outputs, Reader};
@@ -121,6 +124,7 @@ impl Listener {
             Some(from) => Tail::new(from, names, limits, stats.clone()),
             None => Tail::from_now(&log, names, limits, stats.clone()).await?,
         };
+        let foreign_tx = Foreign::new(options.limits.clone(), stats.clone(), foreign_tx);
         let outputs = Outputs { wake: wake.clone(), foreign: foreign_tx, state: state_tx };
         let mut reader = Reader::new(
             config,

@@ -10,7 +10,8 @@
 //! - a heartbeat on the listener's own fence channel;
 //! - anything else: a foreign notification (a plain `pg_notify`, the seed's
 //!   JSON, seed-004 chunk frames reassembled), handed over as an event of
-//!   kind `notify`, never deduplicated against or mixed into log events.
+//!   kind `notify`, never deduplicated against or mixed into log events,
+//!   through `foreign.rs`, told where each batch (what was read together) ends.
 //!
 //! Every `heartbeat` it sends a fence through its own channel; one that does
 //! not come back within `deaf_after` means the connection is deaf (open,
@@ -20,23 +21,31 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use crate::db::Config;
 
+use super::foreign::Foreign;
 use super::{ConnectionState, ListenerOptions};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::event_log::{LogConn, WAKE_CHANNEL};
-use crate::reassembly::Reassembler;
 use crate::stats::Stats;
 use crate::wire::{self, Frame};
 
 /// Notifications read from the socket but not yet sorted.
 const NOTIFY_QUEUE: usize = 4096;
+
+/// What the connection's task passes on.
+enum Incoming {
+    Notification(Notification),
+    /// Nothing more is ready on the socket: the notifications since the last
+    /// pause arrived together.
+    Pause,
+}
 
 /// A change to the set of channels, from the listener.
 #[derive(Debug)]
@@ -50,7 +59,7 @@ pub(crate) struct Outputs {
     /// Raised on every wake-up (coalescing).
     pub wake: Arc<Notify>,
     /// Foreign notifications, decoded.
-    pub foreign: mpsc::Sender<Event>,
+    pub foreign: Foreign,
     pub state: watch::Sender<ConnectionState>,
 }
 
@@ -67,7 +76,6 @@ pub(crate) struct Reader {
     options: ListenerOptions,
     log: Arc<LogConn>,
     stats: Arc<Stats>,
-    reassembler: Reassembler,
     out: Outputs,
     commands: mpsc::Receiver<Command>,
     /// The fence in flight: (token, when sent).
@@ -80,7 +88,7 @@ pub(crate) struct Reader {
 /// notifications.
 pub(crate) struct Live {
     client: Client,
-    notifications: mpsc::Receiver<Result<Notification, String>>,
+    notifications: mpsc::Receiver<Result<Incoming, String>>,
 }
 
 impl Reader {
@@ -92,7 +100,6 @@ impl Reader {
         out: Outputs,
         commands: mpsc::Receiver<Command>,
     ) -> Self {
-        let reassembler = Reassembler::new(options.limits.clone(), stats.clone());
         Reader {
             config,
             channels,
@@ -100,7 +107,6 @@ impl Reader {
             options,
             log,
             stats,
-            reassembler,
             out,
             commands,
             fence: None,
@@ -120,25 +126,40 @@ impl Reader {
             .await
             .map_err(|_| Error::ConnectionLost(format!("connecting took over {:?}", self.options.deaf_after)))??;
         let (tx, notifications) = mpsc::channel(NOTIFY_QUEUE);
-        tokio::spawn(async move {
+        // Unconstrained by tokio's cooperative budget, so that a poll that
+        // finds nothing ready means the socket has nothing, not that the
+        // task has used its budget: that is when a batch ends. It still
+        // yields whenever the socket is empty or the queue is full.
+        tokio::spawn(tokio::task::unconstrained(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            // Whether notifications were passed on since the last pause.
+            let mut since_pause = false;
             loop {
-                let next = tokio::select! {
-                    next = messages.next() => next,
-                    () = tx.closed() => break,
+                let next = match messages.next().now_or_never() {
+                    Some(next) => next,
+                    None => {
+                        if std::mem::take(&mut since_pause) && tx.send(Ok(Incoming::Pause)).await.is_err() {
+                            break;
+                        }
+                        tokio::select! {
+                            next = messages.next() => next,
+                            () = tx.closed() => break,
+                        }
+                    }
                 };
                 let item = match next {
-                    Some(Ok(AsyncMessage::Notification(n))) => Ok(n),
+                    Some(Ok(AsyncMessage::Notification(n))) => Ok(Incoming::Notification(n)),
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => Err(e.to_string()),
                     None => Err("server closed the connection".to_string()),
                 };
+                since_pause |= item.is_ok();
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     break;
                 }
             }
-        });
+        }));
         let recovering: bool = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await
@@ -168,13 +189,12 @@ impl Reader {
         self.send_fence().await?;
         let deadline = tokio::time::Instant::now() + self.options.deaf_after;
         while self.fence.is_some() {
-            let n = match tokio::time::timeout_at(deadline, live.notifications.recv()).await {
-                Ok(Some(Ok(n))) => n,
+            match tokio::time::timeout_at(deadline, live.notifications.recv()).await {
+                Ok(Some(Ok(incoming))) => self.on_incoming(&incoming),
                 Ok(Some(Err(e))) => return Err(Error::ConnectionLost(e)),
                 Ok(None) => return Err(Error::ConnectionLost("listening connection closed".into())),
                 Err(_) => return Err(Error::NotifyUnavailable(crate::db::describe(&self.config))),
-            };
-            self.on_notification(&n);
+            }
         }
         tracing::info!(target = %crate::db::describe(&self.config), channels = ?self.channels, "listening");
         Ok(())
@@ -194,8 +214,7 @@ impl Reader {
                     self.set_state(ConnectionState::Reconnecting { attempt: 0, error: reason });
                 }
             }
-            self.reassembler.clear();
-            self.reassembler.take_losses();
+            self.out.foreign.connection_lost();
             self.fence = None;
             live = loop {
                 let opened = match self.open().await {
@@ -241,7 +260,7 @@ impl Reader {
         loop {
             tokio::select! {
                 n = live.notifications.recv() => match n {
-                    Some(Ok(n)) => self.on_notification(&n),
+                    Some(Ok(incoming)) => self.on_incoming(&incoming),
                     Some(Err(e)) => return Stop::Lost(e),
                     None => return Stop::Lost("listening connection closed".into()),
                 },
@@ -289,8 +308,7 @@ impl Reader {
     }
 
     async fn on_tick(&mut self) -> Option<Stop> {
-        self.reassembler.expire(Instant::now());
-        self.reassembler.take_losses();
+        self.out.foreign.expire();
         if let Some((_, sent)) = &self.fence {
             let waited = sent.elapsed();
             if waited >= self.options.deaf_after {
@@ -323,6 +341,13 @@ impl Reader {
         Ok(())
     }
 
+    fn on_incoming(&mut self, incoming: &Incoming) {
+        match incoming {
+            Incoming::Notification(n) => self.on_notification(n),
+            Incoming::Pause => self.out.foreign.end_batch(),
+        }
+    }
+
     fn on_notification(&mut self, n: &Notification) {
         let channel = n.channel();
         if channel == self.fence_channel.as_str() {
@@ -341,16 +366,7 @@ impl Reader {
             self.wake();
             return;
         }
-        if let Some(event) = self.sort(channel, n.payload()) {
-            match self.out.foreign.try_send(event) {
-                Ok(()) => Stats::bump(&self.stats.foreign),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    Stats::bump(&self.stats.foreign_dropped);
-                    tracing::warn!(channel, "subscriber is behind: foreign notification dropped (not in the log)");
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
+        self.sort(channel, n.payload());
     }
 
     fn wake(&self) {
@@ -358,39 +374,26 @@ impl Reader {
         self.out.wake.notify_one();
     }
 
-    /// A foreign event, or `None` for a wake-up, a seed chunk still waiting
-    /// for others, or bad input (warned and counted).
-    fn sort(&mut self, channel: &str, payload: &str) -> Option<Event> {
-        let now = Instant::now();
-        let text = match wire::parse(payload) {
+    /// Hands a foreign notification on, wakes the listener, or counts bad
+    /// input.
+    fn sort(&mut self, channel: &str, payload: &str) {
+        match wire::parse(payload) {
             Ok(Frame::Whole(text)) => {
                 if text.is_empty() || Event::is_ours(channel, text) {
                     // An inline watch's event (or one shaped like it): the
                     // log has the real one.
                     self.wake();
-                    return None;
+                } else {
+                    self.out.foreign.text(channel, text);
                 }
-                text.to_string()
             }
-            Ok(Frame::Chunk(_) | Frame::Ref { .. }) => {
-                self.wake();
-                return None;
-            }
-            Ok(Frame::SeedPart { id, offset, data }) => {
-                self.reassembler.push_seed_part(channel, id, offset, data, now)?
-            }
-            Ok(Frame::SeedEof { id }) => self.reassembler.push_seed_eof(channel, id, now)?,
+            Ok(Frame::Chunk(_) | Frame::Ref { .. }) => self.wake(),
+            Ok(Frame::SeedPart { id, offset, data }) => self.out.foreign.seed_part(channel, id, offset, data),
+            Ok(Frame::SeedEof { id }) => self.out.foreign.seed_eof(channel, id),
             Err(e) => {
                 Stats::bump(&self.stats.malformed);
                 tracing::warn!(channel, error = %e, len = payload.len(), "malformed notification skipped");
-                return None;
             }
-        };
-        if text.len() as u64 > self.options.limits.max_event_bytes {
-            Stats::bump(&self.stats.oversize);
-            tracing::warn!(channel, bytes = text.len(), "foreign notification over max_event_bytes; skipped");
-            return None;
         }
-        Some(Event::foreign(channel, text))
     }
 }

@@ -7,6 +7,12 @@
 //! `max_bytes` of their text, each event at most `max_event_bytes`, none older
 //! than `max_age`. Whatever it drops is counted in [`Stats`]. When a
 //! seed-format event is complete is `seed.rs`'s to say.
+//!
+//! Two users. The [`Listener`](crate::Listener) puts seed-format messages
+//! (foreign notifications) back together. Our own chunks (`~c:` frames) come
+//! only from `watch --inline` tables, and the listener takes them as
+//! wake-ups and reads the log instead; [`Reassembler::push_chunk`] is for
+//! programs that read those payloads themselves.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -61,12 +67,28 @@ struct Partial {
     header: Option<(u32, u64, Box<str>)>,
     /// Seed format: whether `<id>EOF` has arrived.
     eof: bool,
-    /// Seed format: whether a new part arrived after the EOF (the parts
-    /// are not in the order senders send them).
+    /// Seed format: whether to decide at the end of this batch: its EOF is
+    /// in, and it changed since it was last decided.
+    due: bool,
+    /// Seed format: whether it was decided with its EOF in, so that the
+    /// batch its EOF came in has ended.
+    settled: bool,
+    /// Seed format: whether a new part arrived in a batch after its EOF's
+    /// (a sender's transaction arrives in one batch: this is not one).
     late: bool,
     /// Seed format: characters held, the sum over `parts`.
     chars: u64,
     parts: BTreeMap<u64, Box<str>>,
+}
+
+impl Partial {
+    /// Marks a seed-format message whose `EOF` is in as due; `true` the first
+    /// time since it was last decided.
+    fn make_due(&mut self) -> bool {
+        let first = self.eof && !self.due;
+        self.due |= self.eof;
+        first
+    }
 }
 
 /// Reassembles chunked events of every channel of one listener.
@@ -126,6 +148,30 @@ impl Reassembler {
 
     /// Adds one of our chunks; returns the event text once all have arrived
     /// and its size and digest match.
+    ///
+    /// For a program that LISTENs on a table watched with `watch --inline`
+    /// and reads the events from the payloads, which carry an event over
+    /// 8000 bytes in `~c:` chunks (docs/protocol.md). pgpubsub's own
+    /// [`Listener`](crate::Listener) does not call it: it reads every event
+    /// from the log, and takes chunks as wake-ups.
+    ///
+    /// ```
+    /// # use std::{sync::Arc, time::Instant};
+    /// use pgpubsub::reassembly::{Limits, Reassembler};
+    /// use pgpubsub::wire::{self, Frame};
+    ///
+    /// let mut r = Reassembler::new(Limits::default(), Arc::new(pgpubsub::Stats::default()));
+    /// let event = format!(r#"{{"seq":7,"kind":"message","channel":"orders","payload":"{}"}}"#, "x".repeat(20_000));
+    /// // The payloads of the notifications `watch --inline` sends for it.
+    /// let payloads = wire::encode_chunks(7, &event, wire::CHUNK_DATA_BYTES);
+    /// let mut whole = None;
+    /// for payload in payloads.iter().rev() {
+    ///     if let Ok(Frame::Chunk(chunk)) = wire::parse(payload) {
+    ///         whole = whole.or(r.push_chunk("orders", &chunk, Instant::now()));
+    ///     }
+    /// }
+    /// assert_eq!(whole, Some(event));
+    /// ```
     pub fn push_chunk(&mut self, channel: &str, chunk: &Chunk<'_>, now: Instant) -> Option<String> {
         Stats::bump(&self.stats.chunks);
         if chunk.bytes > self.limits.max_event_bytes {
@@ -172,30 +218,59 @@ impl Reassembler {
         Some(text)
     }
 
-    /// Adds a seed-format part; returns the message text once its parts
-    /// provably cover it (see docs/protocol.md, "Seed 004 format").
-    pub fn push_seed_part(&mut self, channel: &str, id: &str, offset: u64, data: &str, now: Instant) -> Option<String> {
+    /// Adds a seed-format part. Nothing is released here: returns `true`
+    /// when the message is now due, to be decided by
+    /// [`Reassembler::settle_seed`] at the end of this batch (its `EOF` is in
+    /// and this part is new).
+    pub fn push_seed_part(&mut self, channel: &str, id: &str, offset: u64, data: &str, now: Instant) -> bool {
         Stats::bump(&self.stats.chunks);
         let key = Key { channel: channel.into(), id: MsgId::Seed(id.into()) };
-        let p = self.entry(key.clone(), now);
-        let (new, after_eof) = (!p.parts.contains_key(&offset), p.eof);
-        if !self.insert_part(&key, offset, data) {
-            return None;
+        let new = !self.entry(key.clone(), now).parts.contains_key(&offset);
+        if !self.insert_part(&key, offset, data) || !new {
+            return false;
         }
-        if new {
-            let p = self.pending.get_mut(&key)?;
-            p.chars += data.chars().count() as u64;
-            p.late |= after_eof;
-        }
-        self.try_finish_seed(&key)
+        let Some(p) = self.pending.get_mut(&key) else { return false };
+        p.chars += data.chars().count() as u64;
+        p.late |= p.settled;
+        p.make_due()
     }
 
-    /// Marks a seed-format message as ended; returns its text if its parts
-    /// already provably cover it.
-    pub fn push_seed_eof(&mut self, channel: &str, id: &str, now: Instant) -> Option<String> {
+    /// Marks a seed-format message as ended. Nothing is released here:
+    /// returns `true` when the message is now due, to be decided by
+    /// [`Reassembler::settle_seed`] at the end of this batch.
+    pub fn push_seed_eof(&mut self, channel: &str, id: &str, now: Instant) -> bool {
+        let p = self.entry(Key { channel: channel.into(), id: MsgId::Seed(id.into()) }, now);
+        if p.eof {
+            return false;
+        }
+        p.eof = true;
+        p.make_due()
+    }
+
+    /// Decides a due seed-format message at the end of a batch: returns its
+    /// text if its parts provably cover it (see docs/protocol.md, "Seed 004
+    /// format"), else keeps it waiting. A batch is what arrived together:
+    /// Postgres delivers one transaction's notifications together, so a
+    /// sender's parts and `EOF` are all in by its end, in whatever order they
+    /// came. Parts arriving after that are late.
+    ///
+    /// Call it once per `true` from `push_seed_part` or `push_seed_eof`, in
+    /// that order, when nothing more has arrived; deciding at the `EOF`
+    /// instead would release `5}` of `1:5}`, `EOF`, `0:{"a":`.
+    pub fn settle_seed(&mut self, channel: &str, id: &str) -> Option<String> {
         let key = Key { channel: channel.into(), id: MsgId::Seed(id.into()) };
-        self.entry(key.clone(), now).eof = true;
-        self.try_finish_seed(&key)
+        let p = self.pending.get_mut(&key)?;
+        if !std::mem::take(&mut p.due) {
+            return None;
+        }
+        p.settled = true;
+        if seed_verdict(p, false).is_err() {
+            return None;
+        }
+        // Not remembered as done: seed 004 keys messages by row id, so the
+        // same id legitimately starts a new message on the row's next change.
+        let p = self.remove(&key)?;
+        Some(p.parts.into_values().collect::<Vec<_>>().concat())
     }
 
     /// Drops incomplete events older than `max_age`; returns how many.
@@ -231,6 +306,8 @@ impl Reassembler {
             held: 0,
             header: None,
             eof: false,
+            due: false,
+            settled: false,
             late: false,
             chars: 0,
             parts: BTreeMap::new(),
@@ -267,17 +344,6 @@ impl Reassembler {
             self.evict_oldest();
         }
         self.pending.contains_key(key)
-    }
-
-    fn try_finish_seed(&mut self, key: &Key) -> Option<String> {
-        let p = self.pending.get(key)?;
-        if seed_verdict(p, false).is_err() {
-            return None;
-        }
-        // Not remembered as done: seed 004 keys messages by row id, so the
-        // same id legitimately starts a new message on the row's next change.
-        let p = self.remove(key)?;
-        Some(p.parts.into_values().collect::<Vec<_>>().concat())
     }
 
     /// Remembers a released event of ours (a bounded window of the latest;
@@ -326,13 +392,32 @@ mod tests {
         crate::wire::encode_chunks(seq, text, size)
     }
 
+    /// Feeds one frame as a batch of its own (the worst a transport could
+    /// do: nothing arrives together); returns what it releases.
     fn push(r: &mut Reassembler, payload: &str, now: Instant) -> Option<String> {
         match crate::wire::parse(payload).unwrap() {
             crate::wire::Frame::Chunk(c) => r.push_chunk("ch", &c, now),
-            crate::wire::Frame::SeedPart { id, offset, data } => r.push_seed_part("ch", id, offset, data, now),
-            crate::wire::Frame::SeedEof { id } => r.push_seed_eof("ch", id, now),
-            other => panic!("{other:?}"),
+            _ => push_batch(r, &[payload], now).pop(),
         }
+    }
+
+    /// Feeds seed frames that arrived together (one transaction's, as
+    /// Postgres delivers them), then settles; returns what they release.
+    fn push_batch(r: &mut Reassembler, frames: &[impl AsRef<str>], now: Instant) -> Vec<String> {
+        let mut due = vec![];
+        for f in frames {
+            let (id, is_due) = match crate::wire::parse(f.as_ref()).unwrap() {
+                crate::wire::Frame::SeedPart { id, offset, data } => {
+                    (id, r.push_seed_part("ch", id, offset, data, now))
+                }
+                crate::wire::Frame::SeedEof { id } => (id, r.push_seed_eof("ch", id, now)),
+                other => panic!("{other:?}"),
+            };
+            if is_due {
+                due.push(id.to_string());
+            }
+        }
+        due.iter().filter_map(|id| r.settle_seed("ch", id)).collect()
     }
 
     fn new(limits: Limits) -> (Reassembler, Arc<Stats>) {
@@ -472,6 +557,8 @@ mod tests {
         /// Seed 004's trigger: `substr(doc, pos, size)` for pos 0, size, …
         /// while `pos <= length(doc)`.
         Substr,
+        /// 1-based character positions 1, 1 + size, 1 + 2·size, …
+        Positions,
     }
 
     /// The parts a sender numbering this way sends for `text`, cut every
@@ -494,6 +581,7 @@ mod tests {
         let counter = |i: usize, at: usize| match numbering {
             Numbering::From0 => i,
             Numbering::From1 => i + 1,
+            Numbering::Positions => at + 1,
             _ => at,
         };
         starts.iter().enumerate().map(|(i, &at)| format!("{ID}{}:{}", counter(i, at), piece(at, at + size))).collect()
@@ -564,10 +652,15 @@ mod tests {
     }
 
     /// Every arrangement of `text` sent this way is released exactly once,
-    /// whole, with nothing left behind.
+    /// whole, with nothing left behind: when it arrives together (one
+    /// transaction), and frame by frame except for the two arrangements only
+    /// arrival order can tell apart.
     fn assert_every_order_reassembles(numbering: Numbering, text: &str, size: usize) {
         let parts = seed_parts(text, numbering, size);
         for (name, frames, _) in arrangements(&parts) {
+            let (mut r, _) = new(Limits::default());
+            assert_eq!(push_batch(&mut r, &frames, Instant::now()), [text], "{numbering:?}, {name}, together");
+            assert_eq!((r.pending(), r.held_bytes()), (0, 0), "{numbering:?}, {name}, together");
             let eof = frames.iter().position(|f| f.ends_with("EOF")).unwrap();
             let before: Vec<&String> = parts.iter().filter(|p| frames[..eof].contains(p)).collect();
             if before.len() == 1 && before[0] == &parts[0] {
@@ -608,6 +701,26 @@ mod tests {
     }
 
     #[test]
+    fn seed_char_positions_from_1() {
+        assert_every_order_reassembles(Numbering::Positions, &multibyte(3_456), 1000);
+        assert_every_order_reassembles(Numbering::Positions, &multibyte(101), 7);
+        let parts = seed_parts(&multibyte(2_500), Numbering::Positions, 1000);
+        let counters: Vec<&str> = parts.iter().map(|p| p[ID.len()..].split_once(':').unwrap().0).collect();
+        assert_eq!(counters, ["1", "1001", "2001"]);
+    }
+
+    /// Found by a test through `listen`: one transaction sends part 1, the
+    /// EOF, then part 0. Decided at the EOF, `5}` was released alone and
+    /// part 0 expired; decided when the batch ends, the message is whole.
+    #[test]
+    fn seed_part_after_its_eof_in_one_transaction_is_not_cut_off() {
+        let (mut r, stats) = new(Limits::default());
+        let frames = [format!("{ID}1:5}}"), format!("{ID}EOF"), format!("{ID}0:{{\"a\":")];
+        assert_eq!(push_batch(&mut r, &frames, Instant::now()), [r#"{"a":5}"#]);
+        assert_eq!((r.pending(), stats.snapshot().expired), (0, 0));
+    }
+
+    #[test]
     fn seed_substr_offsets() {
         assert_every_order_reassembles(Numbering::Substr, &multibyte(3_456), 1000);
         assert_every_order_reassembles(Numbering::Substr, &multibyte(101), 7);
@@ -619,14 +732,18 @@ mod tests {
     }
 
     /// Numbered from 1, a message is released when all its parts came
-    /// before its EOF, in any order. When parts come after the EOF it waits,
-    /// then expires: counted, never truncated. (Parts 1..n then EOF cannot be
-    /// told from a message numbered from 0 whose part 0 is still to come.)
+    /// with its EOF or before, in any order. When parts come in a batch after
+    /// the EOF's it waits, then expires: counted, never truncated. (Parts
+    /// 1..n then EOF cannot be told from a message numbered from 0 whose part
+    /// 0 is still to come.)
     #[test]
     fn seed_chunk_numbers_from_1() {
         for (text, size) in [(multibyte(3_456), 1000), (multibyte(101), 7)] {
             let parts = seed_parts(&text, Numbering::From1, size);
             for (name, frames, _) in arrangements(&parts) {
+                let (mut r, _) = new(Limits::default());
+                assert_eq!(push_batch(&mut r, &frames, Instant::now()), [text.as_str()], "{name}, together");
+                // Frame by frame:
                 let (mut r, stats) = new(Limits { max_age: Duration::from_secs(1), ..Limits::default() });
                 let t0 = Instant::now();
                 let out = feed_seed(&mut r, &frames, t0);
@@ -658,17 +775,26 @@ mod tests {
     }
 
     /// A missing part (first, middle or last), under every numbering and in
-    /// every order, never releases a truncated message; it expires, counted
-    /// and warned about.
+    /// every order, arriving together or frame by frame, never releases a
+    /// truncated message; it expires, counted and warned about.
     #[test]
     fn seed_gap_never_releases_and_expires_with_a_warning() {
-        for numbering in [Numbering::From0, Numbering::From1, Numbering::Offsets, Numbering::Substr] {
+        let all = [Numbering::From0, Numbering::From1, Numbering::Offsets, Numbering::Substr, Numbering::Positions];
+        for numbering in all {
             let text = multibyte(101);
             let parts = seed_parts(&text, numbering, 7);
             for missing in [0, 1, parts.len() / 2, parts.len() - 1] {
                 let mut sent = parts.clone();
                 sent.remove(missing);
                 for (name, frames, _) in arrangements(&sent) {
+                    let (mut r, _) = new(Limits::default());
+                    let together = push_batch(&mut r, &frames, Instant::now());
+                    if numbering == Numbering::From0 && missing == 0 {
+                        // Read as a whole message numbered from 1.
+                        assert_eq!(together.len(), 1, "{numbering:?}, part 0 missing, {name}, together");
+                    } else {
+                        assert!(together.is_empty(), "{numbering:?}, part {missing} missing, {name}: {together:?}");
+                    }
                     let (mut r, stats) = new(Limits { max_age: Duration::from_secs(1), ..Limits::default() });
                     let t0 = Instant::now();
                     let out = feed_seed(&mut r, &frames, t0);
@@ -716,8 +842,9 @@ mod tests {
         }
     }
 
-    /// One part then its EOF is a whole message (the sender's order); one
-    /// part after its EOF may be the first of several, and waits.
+    /// One part then its EOF is a whole message (the sender's order), and so
+    /// is one part with its EOF in one batch; one part in a batch after its
+    /// EOF's may be the first of several, and waits.
     #[test]
     fn seed_lone_part() {
         for counter in [0, 1] {
@@ -726,6 +853,7 @@ mod tests {
             let part = format!("{ID}{counter}:{}", multibyte(50));
             let eof = format!("{ID}EOF");
             assert_eq!(feed_seed(&mut r, &[part.clone(), eof.clone()], t0), vec![multibyte(50)]);
+            assert_eq!(push_batch(&mut r, &[eof.clone(), part.clone()], t0), vec![multibyte(50)]);
             assert!(feed_seed(&mut r, &[eof, part], t0).is_empty());
             assert_eq!(r.expire(t0 + Duration::from_secs(2)), 1);
             assert_eq!(stats.snapshot().expired, 1);

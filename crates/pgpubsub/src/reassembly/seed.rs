@@ -17,6 +17,10 @@ enum Numbering {
     /// size, 2·size, …: 1-based character positions, except the first
     /// part's 0, which therefore carries `size - 1` characters.
     Substr,
+    /// 1-based character positions: each counter is the position of its
+    /// piece's first character (1, 1001, 2001, … for pieces of 1000), as
+    /// `substr(text, counter, size)` reads them counting from 1.
+    Positions,
 }
 
 /// How a numbering's reading of the parts ends.
@@ -36,33 +40,38 @@ enum Fit {
 /// Whether a seed-format message can be released: `Ok` once its parts
 /// provably cover it, else why it waits.
 ///
+/// Asked at the end of a batch (notifications that arrived together: all of
+/// one transaction's), once the message's `EOF` is in.
+///
 /// Senders cut the text into pieces of one size `C` characters, the last
 /// shorter or equal (seed 004's first piece is `C - 1`), number them one of
-/// the [`Numbering`] ways, and send `EOF` after the parts. In the order they
-/// were sent or not, a message is released when its `EOF` is in and:
+/// the [`Numbering`] ways, and send `EOF` after the parts, all in one
+/// transaction. In whatever order they arrived, a message is released when
+/// its `EOF` is in and:
 ///
-/// - its parts start at counter 0 and tile the text under one numbering,
-///   every piece but the last `C` characters and the last shorter. A short
-///   piece can only be the last, and the tiling leaves no gap: proof in any
-///   arrival order. Where two numberings fit (pieces of one character
-///   numbered 0, 1, 2 …), both read the same text: parts concatenated in
-///   counter order.
-/// - or no part arrived after the `EOF`, and the parts are either one lone
-///   part at counter 0 or 1 (the whole of a short message), or tile the
-///   text numbered from 1 with a short last piece. Order is the evidence
-///   here: parts 1..n and `EOF` cannot otherwise be told from a message
-///   numbered from 0 whose part 0 is still on the way.
+/// - its parts start at the numbering's first counter (0; 1 for 1-based
+///   positions) and tile the text under it, every piece but the last `C`
+///   characters and the last shorter. A short piece can only be the last,
+///   and the tiling leaves no gap: proof in any arrival order. Where two
+///   numberings fit (pieces of one character numbered 0, 1, 2 …), both read
+///   the same text: parts concatenated in counter order.
+/// - or no part arrived in a batch after the `EOF`'s (`late`), and the parts
+///   are either one lone part at counter 0 or 1 (the whole of a short
+///   message), or tile the text numbered from 1 with a short last piece.
+///   Arriving together is the evidence here: parts 1..n and `EOF` cannot
+///   otherwise be told from a message numbered from 0 whose part 0 is still
+///   on the way.
 ///
 /// Everything else waits, and expires at `max_age`: a gap; a last piece of
 /// the full size (a text of exactly `k·C` characters, or `k·C - 1` in seed
 /// 004's cut), which cannot be told from a message whose `EOF` overtook its
-/// last parts; a lone part, or a message numbered from 1, whose parts came
-/// after its `EOF`; pieces of uneven sizes.
+/// last parts; a lone part, or a message numbered from 1, with parts in a
+/// batch after its `EOF`'s; pieces of uneven sizes.
 ///
 /// `exact` walks every plausible numbering to say precisely why a message
 /// waits (for the expiry warning); without it, a numbering whose last piece
-/// is not shorter than its first is not walked, so that a message whose `EOF`
-/// came first costs one walk, not one per part.
+/// is not shorter than its first is not walked, so that a message decided at
+/// the end of several batches costs about one walk.
 pub(super) fn seed_verdict(p: &Partial, exact: bool) -> Result<(), &'static str> {
     if !p.eof {
         return Err("no EOF yet");
@@ -87,6 +96,7 @@ pub(super) fn seed_verdict(p: &Partial, exact: bool) -> Result<(), &'static str>
         (Numbering::Chunks { from: first }, last - first == n - 1),
         (Numbering::Offsets, first == 0 && last == before_last),
         (Numbering::Substr, first == 0 && last == before_last + 1),
+        (Numbering::Positions, first == 1 && last == before_last + 1),
     ];
     let mut why = "a gap: no numbering fits the parts yet";
     for (numbering, plausible) in candidates {
@@ -99,11 +109,14 @@ pub(super) fn seed_verdict(p: &Partial, exact: bool) -> Result<(), &'static str>
             why = "the last piece is full-size: more parts may follow";
             continue;
         }
+        // Proof in any order: counted from 0, or 1-based positions (with
+        // pieces of one character these are chunk numbers from 1).
+        let any_order = first == 0 || (numbering == Numbering::Positions && size > 1);
         match seed_fit(&p.parts, numbering) {
             Fit::No => {}
             Fit::FullEnd => why = "the last piece is full-size: more parts may follow",
-            Fit::ShortEnd if first == 0 || !p.late => return Ok(()),
-            Fit::ShortEnd => why = "numbered from 1 with parts after the EOF: part 0 may still come",
+            Fit::ShortEnd if any_order || !p.late => return Ok(()),
+            Fit::ShortEnd => why = "numbered from 1 with parts after the EOF's batch: part 0 may still come",
         }
     }
     Err(why)
@@ -121,7 +134,7 @@ fn seed_fit(parts: &BTreeMap<u64, Box<str>>, numbering: Numbering) -> Fit {
             Numbering::Chunks { from } => (from + i as u64, len),
             Numbering::Offsets => (before, len),
             Numbering::Substr if i == 0 => (0, len + 1),
-            Numbering::Substr => (before + 1, len),
+            Numbering::Substr | Numbering::Positions => (before + 1, len),
         };
         if at != expected {
             return Fit::No;

@@ -134,6 +134,32 @@ async fn not_migrated_is_a_clear_error() {
     assert!(!err.to_string().contains("pgpubsub migrate"), "{err}");
 }
 
+/// Whether the schema is missing is decided by SQLSTATE, never by the
+/// message: a caller's missing table or schema stays a database error with
+/// its SQLSTATE, even one named like ours (the message used to be searched
+/// for "pubsub" and "payload"), and the same calls on a database without
+/// the schema say it is not migrated.
+#[tokio::test]
+async fn a_callers_missing_table_is_not_a_missing_schema() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    for (table, sqlstate) in [("pubsub_orders", "42P01"), ("payload", "42P01"), ("no_such_schema.pubsub", "3F000")] {
+        let err = pgpubsub::watch(&client, table, None).await.unwrap_err();
+        assert_eq!(err.sqlstate(), Some(sqlstate), "{table}: {err}");
+        let err = pgpubsub::unwatch(&client, table).await.unwrap_err();
+        assert_eq!(err.sqlstate(), Some(sqlstate), "{table}: {err}");
+    }
+    let bare = TestDb::bare().await;
+    let client = bare.client().await;
+    client.batch_execute("CREATE TABLE orders (id int PRIMARY KEY)").await.unwrap();
+    for table in ["orders", "no_such_table"] {
+        let err = pgpubsub::watch(&client, table, None).await.unwrap_err();
+        assert!(matches!(err, pgpubsub::Error::NotMigrated), "{table}: {err}");
+        let err = pgpubsub::watch::watch_wal(&client, table, None).await.unwrap_err();
+        assert!(matches!(err, pgpubsub::Error::NotMigrated), "{table}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn sql_side_refuses_bad_channels_and_non_tables() {
     let db = TestDb::new().await;

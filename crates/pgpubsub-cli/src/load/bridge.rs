@@ -19,12 +19,12 @@ use hdrhistogram::Histogram;
 use pgpubsub::db::Config;
 use serde_json::Value;
 
-use crate::load::child::{self, Proc};
-use crate::load::now_us;
+use super::child::{self, Proc};
+use super::now_us;
 
 /// CPU time of every thread of `pid`, ns (0 once it has exited).
 fn cpu_ns(pid: u32) -> u64 {
-    crate::load::proc::usage(pid).map_or(0, |u| u.cpu_ns)
+    super::proc::usage(pid).map_or(0, |u| u.cpu_ns)
 }
 
 const TABLE: &str = "pgpubsub_bench_bridge";
