@@ -11,7 +11,7 @@ use pgpubsub::Channel;
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::cli::{pgpubsub, run, wait_output_within};
+use crate::cli::{pgpubsub, run, spawn_listener, wait_output_within};
 use crate::cluster::Cluster;
 use crate::common::{unique, write_rows, WAIT};
 use crate::serve::{curl_get, next_sse, serve_url, sse, subscribed};
@@ -95,13 +95,9 @@ async fn watch_publish_capture_and_listen_through_the_log() {
     assert!(String::from_utf8_lossy(&watched.stdout).contains("through the WAL"), "{watched:?}");
     let mut capturer = capture(&url).await;
     // A plain `listen` reads the log: no REPLICATION, no slot of its own.
-    let listen = pgpubsub(&url)
-        .args(["listen", "--json", "--count", "3", "--channel", "orders,news"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cmd = pgpubsub(&url);
+    cmd.env("RUST_LOG", "warn,pgpubsub=info").args(["listen", "--json", "--count", "3", "--channel", "orders,news"]);
+    let (listen, mut stdout, _logs) = tokio::task::spawn_blocking(move || spawn_listener(cmd)).await.unwrap();
     client.batch_execute("INSERT INTO orders VALUES (1, 'a'); UPDATE orders SET item = 'b'").await.unwrap();
     let out = tokio::task::spawn_blocking({
         let url = url.clone();
@@ -116,9 +112,16 @@ async fn watch_publish_capture_and_listen_through_the_log() {
     .await
     .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let out = tokio::task::spawn_blocking(move || wait_output_within(listen, WAIT)).await.unwrap();
-    let lines: Vec<Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let printed = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        let _ = wait_output_within(listen, WAIT);
+        text
+    })
+    .await
+    .unwrap();
+    let lines: Vec<Value> = printed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[0]["op"], "INSERT");
     assert_eq!(lines[1]["new"], serde_json::json!({"id": 1, "item": "b"}));

@@ -56,7 +56,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// Starts `listen` and returns once it reports it is listening, with its
 /// stdout and the stream of its log lines.
-fn spawn_listener(mut cmd: Command) -> (Child, std::process::ChildStdout, Receiver<String>) {
+pub(crate) fn spawn_listener(mut cmd: Command) -> (Child, std::process::ChildStdout, Receiver<String>) {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();

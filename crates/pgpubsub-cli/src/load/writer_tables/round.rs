@@ -162,8 +162,10 @@ pub(super) async fn one_run(
                 *by.entry(name).or_default() += ns.saturating_sub(*before.db.get(&pid).unwrap_or(&0));
             }
         }
-        let per: Vec<String> =
-            by.iter().map(|(k, ns)| format!("{k}: {:.1} µs/write", *ns as f64 / 1000.0 / written.max(1) as f64)).collect();
+        let per: Vec<String> = by
+            .iter()
+            .map(|(k, ns)| format!("{k}: {:.1} µs/write", *ns as f64 / 1000.0 / written.max(1) as f64))
+            .collect();
         eprintln!("[db cpu] {writers} writers → {}: {}", target.name(), per.join(", "));
     }
     Ok(Raw {
