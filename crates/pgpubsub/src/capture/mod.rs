@@ -31,130 +31,22 @@
 //!   channel: readers learn of the gap in the log, never silently.
 
 mod batch;
+mod options;
+mod session;
 mod slot;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use tokio_postgres::Client;
-
-use self::batch::Batch;
+pub use self::options::{CaptureOptions, CaptureSnapshot, CaptureStats};
+use self::session::{set, Session};
 pub use self::slot::{drop_idle, slots, SlotInfo};
 use crate::db::Config;
 use crate::error::{Error, Result};
-use crate::event::WalPosition;
 use crate::stats::Stats;
-use crate::wal::{self, Decoder, SlotError, Txn};
-
-/// How a [`Capturer`] works. The defaults suit most; see each field.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct CaptureOptions {
-    /// Names the slot: `pgpubsub_capture_<name>`; `None`: `pgpubsub_capture`.
-    /// Slots are per cluster: two databases of one cluster need two names.
-    pub name: Option<String>,
-    /// Most events per append (default 2,000)...
-    pub batch_rows: usize,
-    /// ...and most bytes (default 8 MiB): a capturer catching up confirms
-    /// (and, killed, re-reads) at most this much at a time.
-    pub batch_bytes: usize,
-    /// The longest a change read waits to be appended (default 5 ms): what
-    /// arrives meanwhile goes in the same append, so concurrent writers
-    /// share appends (and the database's work per event falls), at up to
-    /// this much latency.
-    pub linger: Duration,
-    /// How often the confirmed position is sent to the server (default 250 ms).
-    pub status_interval: Duration,
-    /// A standby tries to take the slot this often (default 1 s).
-    pub standby_poll: Duration,
-    /// How often the slot's retained WAL is measured (default 5 s).
-    pub health_interval: Duration,
-    /// Warn when the slot keeps more WAL than this (default 1 GiB).
-    pub retained_warn_bytes: u64,
-    /// No message from the server (not even a keepalive) for this long
-    /// means the connection is dead (default 75 s: the server sends a
-    /// keepalive every `wal_sender_timeout / 2`, 30 s by default).
-    pub idle_timeout: Duration,
-    /// Longest an append may take before its connection is presumed dead.
-    pub statement_timeout: Duration,
-}
-
-impl Default for CaptureOptions {
-    fn default() -> Self {
-        CaptureOptions {
-            name: None,
-            batch_rows: 2000,
-            batch_bytes: 8 << 20,
-            linger: Duration::from_millis(5),
-            status_interval: Duration::from_millis(250),
-            standby_poll: Duration::from_secs(1),
-            health_interval: Duration::from_secs(5),
-            retained_warn_bytes: 1 << 30,
-            idle_timeout: Duration::from_secs(75),
-            statement_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl CaptureOptions {
-    /// The defaults, with the slot named after `name`.
-    pub fn named(name: Option<String>) -> Self {
-        CaptureOptions { name, ..CaptureOptions::default() }
-    }
-}
-
-macro_rules! capture_stats {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
-        /// Live counters and gauges of a capturer (relaxed atomics, for
-        /// reporting: `/metrics`, the load report).
-        #[derive(Debug, Default)]
-        pub struct CaptureStats {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
-        }
-
-        /// A copy of [`CaptureStats`] at one moment.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-        #[non_exhaustive]
-        pub struct CaptureSnapshot {
-            $( $(#[$doc])* pub $name: u64, )*
-        }
-
-        impl CaptureStats {
-            /// Reads every counter.
-            pub fn snapshot(&self) -> CaptureSnapshot {
-                CaptureSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
-            }
-        }
-    };
-}
-
-capture_stats! {
-    /// Events appended to the log.
-    events,
-    /// Appends (one transaction each).
-    batches,
-    /// Source transactions read whole.
-    transactions,
-    /// Events read again after a restart and not appended twice.
-    skipped,
-    /// WAL messages that did not parse.
-    malformed,
-    /// Sessions replaced after a failure.
-    reconnects,
-    /// Slots re-created after the server invalidated them (each a resync in the log).
-    resets,
-    /// Gauge: 1 while this capturer holds the slot, 0 standing by.
-    active,
-    /// Gauge: bytes of WAL the slot keeps, at the last measure.
-    retained_bytes,
-    /// Gauge: commit-to-append lag of the last batch's newest event, in microseconds.
-    lag_us,
-    /// CPU time this process spent, at the last measure, in microseconds (Linux only).
-    cpu_us,
-}
+use crate::wal::{self, Decoder, SlotError};
 
 /// A capturer; see the [module](self) documentation.
 pub struct Capturer {
@@ -281,26 +173,9 @@ impl Capturer {
         };
         set(&self.stats.active, 1);
         tracing::info!(slot = %self.slot, appended = ?state.appended.map(|p| p.to_string()), "capturing: this capturer streams the slot");
-        let mut run = Session {
-            o,
-            slot: &self.slot,
-            stats: &self.stats,
-            side,
-            stream,
-            decoder: Decoder::new(map),
-            batch: Batch::default(),
-            appended: state.appended,
-            txn: None,
-            confirm: None,
-            newest_commit_us: 0,
-            owed_since: None,
-            last_health: None,
-            warned: false,
-        };
+        let mut run = Session::new(o, &self.slot, &self.stats, side, stream, Decoder::new(map), state.appended);
         let ended = run.go(stop).await;
-        if tokio::time::timeout(Duration::from_secs(2), run.stream.shutdown()).await.is_err() {
-            run.stream.abort();
-        }
+        run.close().await;
         ended
     }
 }
@@ -311,198 +186,4 @@ fn not_migrated(e: Error) -> Error {
         Some("42883" | "42P01" | "3F000") => Error::NotMigrated,
         _ => e,
     }
-}
-
-/// One streaming session's state.
-struct Session<'a> {
-    o: &'a CaptureOptions,
-    slot: &'a str,
-    stats: &'a CaptureStats,
-    side: Client,
-    stream: ReplicationClient,
-    decoder: Decoder,
-    batch: Batch,
-    /// The last event in the log: what the stream sends again up to it is skipped.
-    appended: Option<WalPosition>,
-    /// The transaction being read.
-    txn: Option<Txn>,
-    /// The end of the last transaction read whole: confirmed to the server
-    /// once everything read before it is in the log.
-    confirm: Option<Lsn>,
-    /// Commit time of the newest event in the batch (µs since 2000).
-    newest_commit_us: i64,
-    /// Since when something read is owed to the log: it is appended once
-    /// this is `linger` old (or the batch is full), whatever keeps coming.
-    owed_since: Option<tokio::time::Instant>,
-    last_health: Option<Instant>,
-    warned: bool,
-}
-
-impl Session<'_> {
-    /// Whether something read is not yet in the log (or the map not stored).
-    fn owed(&self) -> bool {
-        !self.batch.is_empty() || self.confirm.is_some() || self.decoder.map_dirty()
-    }
-
-    async fn go(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Result<Ended> {
-        loop {
-            if self.last_health.is_none_or(|t| t.elapsed() >= self.o.health_interval) {
-                self.health().await;
-            }
-            let next = if self.owed() {
-                match self.ready().await {
-                    Some(r) => r,
-                    None => {
-                        self.flush().await?;
-                        continue;
-                    }
-                }
-            } else {
-                tokio::select! {
-                    r = self.stream.recv() => r,
-                    () = tokio::time::sleep(self.o.idle_timeout) => {
-                        return Err(Error::ConnectionLost(format!("no message from the server within {:?}", self.o.idle_timeout)));
-                    }
-                    () = tokio::time::sleep(self.o.health_interval) => continue,
-                    _ = stop.wait_for(|s| *s) => return Ok(Ended::Stopped),
-                }
-            };
-            match next {
-                Ok(Some(event)) => self.handle(event).await?,
-                Ok(None) => return Err(Error::ConnectionLost("the server ended the replication stream".into())),
-                Err(e) => return Err(wal::wal_error("reading the replication stream", e)),
-            }
-            if self.batch.events.len() >= self.o.batch_rows || self.batch.bytes >= self.o.batch_bytes {
-                self.flush().await?;
-            }
-            if *stop.borrow() && self.txn.is_none() {
-                self.flush().await?;
-                return Ok(Ended::Stopped);
-            }
-        }
-    }
-
-    /// The next message, if one comes before what is owed is `linger` old.
-    async fn ready(&mut self) -> Option<pgwire_replication::Result<Option<ReplicationEvent>>> {
-        let since = *self.owed_since.get_or_insert_with(tokio::time::Instant::now);
-        tokio::time::timeout_at(since + self.o.linger, self.stream.recv()).await.ok()
-    }
-
-    async fn handle(&mut self, event: ReplicationEvent) -> Result<()> {
-        match event {
-            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                self.txn = Some(Txn { lsn: final_lsn.as_u64(), xid, time_us: commit_time_micros, next_index: 0 });
-            }
-            ReplicationEvent::XLogData { data, .. } => {
-                // A table described anew: learn the shapes of its column
-                // types first (arrays, composites, domains render nested).
-                if let Ok(crate::wal::pgoutput::Msg::Relation(rel)) = crate::wal::pgoutput::parse(&data) {
-                    let unknown = self.decoder.types.unknown(rel.columns.iter().map(|c| c.type_oid));
-                    if !unknown.is_empty() {
-                        self.decoder.types.learn(&self.side, unknown).await?;
-                    }
-                }
-                let Some(txn) = self.txn else {
-                    // Outside a transaction only relations are learnt.
-                    let idle = Txn { lsn: 0, xid: 0, time_us: 0, next_index: 0 };
-                    self.decoder.message(&self.stats.malformed, &idle, &data, &mut Vec::new());
-                    return Ok(());
-                };
-                let mut out = Vec::new();
-                let decoded = self.decoder.message(&self.stats.malformed, &txn, &data, &mut out);
-                if let Some(t) = self.txn.as_mut() {
-                    t.next_index += decoded.rows;
-                }
-                for e in out {
-                    if self.appended.is_some_and(|a| e.at <= a) {
-                        Stats::bump(&self.stats.skipped);
-                        continue;
-                    }
-                    self.newest_commit_us = txn.time_us;
-                    self.batch.push(e);
-                }
-            }
-            ReplicationEvent::Commit { end_lsn, .. } if self.txn.take().is_some() => {
-                Stats::bump(&self.stats.transactions);
-                self.confirm = Some(end_lsn);
-                if self.batch.is_empty() && !self.decoder.map_dirty() {
-                    // Nothing of it to append: confirmed as it is.
-                    self.stream.update_applied_lsn(end_lsn);
-                    self.confirm = None;
-                }
-            }
-            // Nothing in flight: everything the server decoded before
-            // wal_end is in the log, so the slot may move past WAL that held
-            // none of our tables (else it would keep it forever).
-            ReplicationEvent::KeepAlive { wal_end, .. }
-                if !self.owed() && self.txn.is_none() && wal_end.as_u64() > 0 =>
-            {
-                self.stream.update_applied_lsn(wal_end);
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Appends what was read (and the channel map, if it changed), then
-    /// confirms the transactions read whole.
-    async fn flush(&mut self) -> Result<()> {
-        self.owed_since = None;
-        let map = self.decoder.take_map_change();
-        if !self.batch.is_empty() || map.is_some() {
-            let last = self.batch.events.last().map(|e| e.at);
-            let new = self.batch.append(&self.side, self.slot, map.as_ref(), self.o.statement_timeout).await?;
-            Stats::bump(&self.stats.batches);
-            self.stats.events.fetch_add(new, Ordering::Relaxed);
-            if let Some(at) = last {
-                self.appended = Some(at);
-                set(&self.stats.lag_us, lag_us(self.newest_commit_us));
-            }
-        }
-        if let Some(end) = self.confirm.take() {
-            self.stream.update_applied_lsn(end);
-        }
-        Ok(())
-    }
-
-    /// Measures the slot's retained WAL (and this process's CPU); warns past the threshold.
-    async fn health(&mut self) {
-        self.last_health = Some(Instant::now());
-        if let Some(cpu) = process_cpu_us() {
-            set(&self.stats.cpu_us, cpu);
-        }
-        let Ok(all) = slots(&self.side).await else { return };
-        let Some(me) = all.iter().find(|s| s.name == self.slot) else { return };
-        set(&self.stats.retained_bytes, me.retained_bytes);
-        if me.retained_bytes > self.o.retained_warn_bytes && !self.warned {
-            tracing::warn!(slot = %self.slot, retained_bytes = me.retained_bytes, safe_wal_bytes = ?me.safe_wal_bytes,
-                "the replication slot keeps more WAL than expected: is the capturer keeping up? \
-                 (set max_slot_wal_keep_size so a stalled capturer cannot fill the disk)");
-            self.warned = true;
-        } else if me.retained_bytes <= self.o.retained_warn_bytes / 2 {
-            self.warned = false;
-        }
-    }
-}
-
-fn set(gauge: &AtomicU64, value: u64) {
-    gauge.store(value, Ordering::Relaxed);
-}
-
-/// Microseconds from a commit time (µs since 2000-01-01) to now.
-fn lag_us(commit_us: i64) -> u64 {
-    const PG_EPOCH_US: i128 = 946_684_800 * 1_000_000;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros();
-    (now as i128 - PG_EPOCH_US - i128::from(commit_us)).max(0) as u64
-}
-
-/// This process's CPU time (user + system), from /proc (Linux).
-fn process_cpu_us() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command (which may hold spaces) start after its `)`.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ is 100 on every Linux we run on.
-    Some(ticks * 10_000)
 }

@@ -1,6 +1,15 @@
 //! The `pgpubsub listen` child that receives every run's events, and reading its output back.
 
-use super::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::pin::Pin;
+use super::{Target, RUN_IDS};
+use crate::load::probe::{line_tag, now_us, Probe};
+use crate::load::receiver::{received_at, spawn, wait_ready, OutputFile};
 
 /// `pgpubsub listen --json --received-at > file` on every channel, and a
 /// thread that reads the file as it grows into one probe per run.

@@ -22,34 +22,33 @@
 //! repeats the whole sweep with the tables' order rotated and reports
 //! medians, since one run on a shared 2-core machine can be far off.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use pgpubsub::db::Config;
 use serde::Serialize;
-use tokio::process::Command;
 use tokio_postgres::Client;
 
-use super::probe::{line_tag, now_us, Probe};
-use super::proc;
-use super::receiver::{received_at, spawn, wait_ready, OutputFile};
-use super::workload::{teardown, SCHEMA};
+use super::probe::Probe;
+use super::workload::teardown;
 
 /// How long a run's delivery may make no progress before the missing
 /// events are counted as lost.
 mod capture;
 mod listen;
+mod pin;
 mod round;
 mod table;
 mod tables;
+mod target;
 
-use self::capture::{Capture, Gateway, Pin};
+use self::capture::{Capture, Gateway};
 use self::listen::Listener;
+use self::pin::Pin;
 use self::round::one_run;
 use self::table::table;
-use self::tables::{message, setup, statement};
+use self::tables::setup;
+pub use self::target::Target;
 
 const SETTLE: Duration = Duration::from_secs(15);
 
@@ -73,88 +72,6 @@ pub struct Options {
     /// PostgreSQL and the writers on CPU 0, pgpubsub's processes on CPU 1
     /// (`taskset`), as if pgpubsub ran on a host of its own.
     pub pin: bool,
-}
-
-/// What one run writes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// A table with no trigger.
-    Plain,
-    /// A table with the seed's trigger: `pg_notify` of the row as JSON.
-    Seed,
-    /// `pubsub.watch(table, channel, true)`: the log, and the event in the
-    /// NOTIFY payload.
-    Inline,
-    /// `pubsub.watch(table, channel)`: the log only.
-    Watched,
-    /// `pubsub.watch_wal(table, channel)`: no trigger; `pgpubsub capture`
-    /// appends its rows to the log (only with wal_level = logical).
-    Wal,
-    /// A plain INSERT of the message text into a table with no trigger.
-    Insert,
-    /// `pubsub.publish` of the message.
-    Publish,
-    /// The message published through the WAL (an INSERT into
-    /// `pubsub.wal_messages`), appended to the log by `pgpubsub capture`.
-    PublishWal,
-}
-
-impl Target {
-    /// The tables of one writer count: the four, and the WAL-watched one
-    /// when the server can decode.
-    fn tables(wal: bool) -> Vec<Target> {
-        let mut t = vec![Target::Plain, Target::Seed, Target::Inline, Target::Watched];
-        if wal {
-            t.push(Target::Wal);
-        }
-        t
-    }
-
-    /// The publish comparison: a plain INSERT, `publish`, and `publish_wal`
-    /// when the server can decode.
-    fn publishing(wal: bool) -> Vec<Target> {
-        let mut t = vec![Target::Insert, Target::Publish];
-        if wal {
-            t.push(Target::PublishWal);
-        }
-        t
-    }
-
-    /// Captured by `pgpubsub capture` (started for its runs only, so no
-    /// other run has a slot consumer running).
-    fn wal(self) -> bool {
-        matches!(self, Target::Wal | Target::PublishWal)
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Target::Plain => "plain",
-            Target::Seed => "seed",
-            Target::Inline => "inline",
-            Target::Watched => "watched",
-            Target::Wal => "wal",
-            Target::Insert => "insert",
-            Target::Publish => "publish",
-            Target::PublishWal => "publish_wal",
-        }
-    }
-
-    /// The channel its events arrive on, if any.
-    fn channel(self) -> Option<String> {
-        match self {
-            Target::Plain | Target::Insert => None,
-            t => Some(format!("pgpubsub_load_{}", t.name())),
-        }
-    }
-
-    /// What its writes/s are compared with.
-    fn baseline(self) -> Target {
-        match self {
-            Target::Insert | Target::Publish | Target::PublishWal => Target::Insert,
-            _ => Target::Plain,
-        }
-    }
 }
 
 /// The figures of one writer count and target, over every round.

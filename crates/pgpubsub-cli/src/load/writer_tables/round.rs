@@ -1,6 +1,19 @@
 //! One run: N writers on one table for the duration, with CPU snapshots around it.
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use pgpubsub::db::Config;
+use tokio_postgres::Client;
+
+use super::capture::{self, Capture, Gateway};
+use super::listen::Listener;
+use super::tables::{message, statement};
+use super::{Options, Raw, Target, RUN_IDS, SETTLE};
+use crate::load::probe::now_us;
+use crate::load::proc;
 
 /// CPU counters at one moment.
 pub(super) struct Snapshot {

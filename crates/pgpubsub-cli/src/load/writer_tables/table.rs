@@ -1,6 +1,6 @@
 //! The report as a Markdown table.
 
-use super::*;
+use super::{Options, RunReport, Target};
 
 /// The report as a Markdown table, with what its columns mean.
 pub(super) fn table(reports: &[RunReport], opts: &Options, payload: usize, postgres: &str) -> String {

@@ -1,6 +1,10 @@
 //! The scratch tables of the comparison and the statements that write them.
 
-use super::*;
+use anyhow::Context;
+use tokio_postgres::Client;
+
+use super::Target;
+use crate::load::workload::{teardown, SCHEMA};
 
 /// The scratch schema: the four tables, the seed's trigger, the watches,
 /// and the message table of the publish comparison.
