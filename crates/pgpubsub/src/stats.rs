@@ -4,31 +4,40 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Declares a struct of relaxed atomic counters, its plain snapshot, and
+/// `snapshot()`: the listener's [`Stats`] here, the capturer's
+/// `CaptureStats` too.
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
-        /// Live counters of one listener.
+    ($(#[$sdoc:meta])* $stats:ident, $(#[$ndoc:meta])* $snapshot:ident,
+     $( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        $(#[$sdoc])*
         #[derive(Debug, Default)]
-        pub struct Stats {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
+        pub struct $stats {
+            $( $(#[$doc])* pub $name: std::sync::atomic::AtomicU64, )*
         }
 
-        /// A copy of [`Stats`] at one moment.
+        $(#[$ndoc])*
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
         #[non_exhaustive]
-        pub struct StatsSnapshot {
+        pub struct $snapshot {
             $( $(#[$doc])* pub $name: u64, )*
         }
 
-        impl Stats {
+        impl $stats {
             /// Reads every counter.
-            pub fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
+            pub fn snapshot(&self) -> $snapshot {
+                $snapshot { $( $name: self.$name.load(std::sync::atomic::Ordering::Relaxed), )* }
             }
         }
     };
 }
+pub(crate) use counters;
 
 counters! {
+    /// Live counters of one listener.
+    Stats,
+    /// A copy of [`Stats`] at one moment.
+    StatsSnapshot,
     /// Notifications received from Postgres (wake-ups and foreign ones).
     notifications,
     /// Wake-ups received: writers telling a waiting listener to read.

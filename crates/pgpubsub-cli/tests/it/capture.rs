@@ -66,21 +66,10 @@ pub(crate) async fn capture(url: &str) -> Child {
     }
 }
 
-/// Publishes `marker` through the WAL and waits until it is in the log:
-/// the capturer appends in commit order, so all before it is there too.
+/// Waits until `marker`, published through the WAL after everything else,
+/// is in the log.
 async fn fence(client: &Client, marker: &str) {
-    pgpubsub::watch::publish_wal(client, &Channel::new("fence").unwrap(), marker).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
-    while client
-        .query_one("SELECT count(*) FROM pubsub.events WHERE body::json->>'payload' = $1", &[&marker])
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        == 0
-    {
-        assert!(tokio::time::Instant::now() < deadline, "the fence {marker} never reached the log");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::common::wal_fence(client, &Channel::new("fence").unwrap(), marker).await;
 }
 
 #[tokio::test]
@@ -186,19 +175,7 @@ async fn a_capture_process_killed_three_times_leaves_every_change_once_in_the_lo
         w.await.unwrap();
     }
     fence(&client, "all written").await;
-    let row = client
-        .query_one(
-            "SELECT count(*), count(DISTINCT (body::json->'new'->>'writer', body::json->'new'->>'n')),
-                    coalesce(bool_and(ok), true)
-             FROM (SELECT body, (source_lsn, (body::json->>'index')::int)
-                              > lag((source_lsn, (body::json->>'index')::int)) OVER (ORDER BY seq)
-                              IS NOT FALSE AS ok
-                   FROM pubsub.events WHERE channel = $1) x",
-            &[&ch.as_str()],
-        )
-        .await
-        .unwrap();
-    let (rows, distinct, ordered): (i64, i64, bool) = (row.get(0), row.get(1), row.get(2));
+    let (rows, distinct, ordered) = crate::common::captured_once_in_order(&client, &ch).await;
     assert_eq!((rows, distinct, ordered), (8000, 8000, true));
     let _ = capturer.kill();
     let _ = capturer.wait();

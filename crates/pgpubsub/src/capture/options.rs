@@ -1,6 +1,5 @@
 //! How a capturer works, and the counters it keeps.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How a [`Capturer`] works. The defaults suit most; see each field.
@@ -60,32 +59,12 @@ impl CaptureOptions {
     }
 }
 
-macro_rules! capture_stats {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
-        /// Live counters and gauges of a capturer (relaxed atomics, for
-        /// reporting: `/metrics`, the load report).
-        #[derive(Debug, Default)]
-        pub struct CaptureStats {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
-        }
-
-        /// A copy of [`CaptureStats`] at one moment.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-        #[non_exhaustive]
-        pub struct CaptureSnapshot {
-            $( $(#[$doc])* pub $name: u64, )*
-        }
-
-        impl CaptureStats {
-            /// Reads every counter.
-            pub fn snapshot(&self) -> CaptureSnapshot {
-                CaptureSnapshot { $( $name: self.$name.load(Ordering::Relaxed), )* }
-            }
-        }
-    };
-}
-
-capture_stats! {
+crate::stats::counters! {
+    /// Live counters and gauges of a capturer (relaxed atomics, for
+    /// reporting: `/metrics`, the load report).
+    CaptureStats,
+    /// A copy of [`CaptureStats`] at one moment.
+    CaptureSnapshot,
     /// Events appended to the log.
     events,
     /// Appends (one transaction each).

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use crate::cluster::Cluster;
-use crate::common::{next, unique, write_rows, WAIT};
+use crate::common::{captured_once_in_order as log_of, next, unique, wal_fence as fence, write_rows, WAIT};
 
 /// A cluster that can decode, and a migrated database in it.
 async fn logical() -> (Cluster, Config, Client) {
@@ -84,47 +84,6 @@ impl Running {
 
 fn value(e: &Event) -> serde_json::Value {
     serde_json::from_str(e.json()).unwrap()
-}
-
-/// Publishes `marker` through the WAL and waits until the capturer has put
-/// it in the log: everything committed before it is there by then (the
-/// capturer appends in commit order).
-async fn fence(client: &Client, channel: &Channel, marker: &str) {
-    pgpubsub::watch::publish_wal(client, channel, marker).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
-    loop {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pubsub.events WHERE channel = $1 AND body::json->>'payload' = $2",
-                &[&channel.as_str(), &marker],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the fence {marker} never reached the log");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// (rows, distinct rows, in commit order) of the row changes on `channel`:
-/// every change once, and seq order = the order of (source LSN, index).
-async fn log_of(client: &Client, channel: &Channel) -> (i64, i64, bool) {
-    let row = client
-        .query_one(
-            "SELECT count(*), count(DISTINCT (body::json->'new'->>'writer', body::json->'new'->>'n')),
-                    coalesce(bool_and(ok), true)
-             FROM (SELECT body, (source_lsn, (body::json->>'index')::int)
-                              > lag((source_lsn, (body::json->>'index')::int)) OVER (ORDER BY seq)
-                              IS NOT FALSE AS ok
-                   FROM pubsub.events WHERE channel = $1 AND body::json->>'kind' = 'change') x",
-            &[&channel.as_str()],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1), row.get(2))
 }
 
 /// The table the writers fill, watched through the WAL on a channel of its own.

@@ -185,3 +185,47 @@ pub async fn write_rows(config: Config, id: i32, count: i32, batch: i32, pause: 
         }
     }
 }
+
+/// Publishes `marker` through the WAL on `channel` and waits until the
+/// capturer has put it in the log: everything committed before it is there
+/// by then (the capturer appends in commit order).
+#[allow(dead_code)]
+pub async fn wal_fence(client: &Client, channel: &Channel, marker: &str) {
+    pgpubsub::watch::publish_wal(client, channel, marker).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    loop {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pubsub.events WHERE channel = $1 AND body::json->>'payload' = $2",
+                &[&channel.as_str(), &marker],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the fence {marker} never reached the log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// (rows, distinct (writer, n) rows, in commit order) of the row changes
+/// captured on `channel`: every change once, and seq order = the order of
+/// (source LSN, index).
+#[allow(dead_code)]
+pub async fn captured_once_in_order(client: &Client, channel: &Channel) -> (i64, i64, bool) {
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT (body::json->'new'->>'writer', body::json->'new'->>'n')),
+                    coalesce(bool_and(ok), true)
+             FROM (SELECT body, (source_lsn, (body::json->>'index')::int)
+                              > lag((source_lsn, (body::json->>'index')::int)) OVER (ORDER BY seq)
+                              IS NOT FALSE AS ok
+                   FROM pubsub.events WHERE channel = $1 AND body::json->>'kind' = 'change') x",
+            &[&channel.as_str()],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
