@@ -32,7 +32,8 @@
 //!   tables watched with `pubsub.watch_wal` from a logical replication slot
 //!   (`wal`: the stream and its pgoutput messages) and appends their events
 //!   to the same log, exactly once; writers run no trigger;
-//! - [`stats`]: counters of all the above; [`error`]: the one error type.
+//! - [`stats`]: counters of all the above; [`backoff`]: the one reconnect
+//!   backoff; [`error`]: the one error type.
 //!
 //! ```no_run
 //! # async fn demo() -> pgpubsub::Result<()> {
@@ -45,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backoff;
 pub mod capture;
 pub mod channel;
 pub mod cursor;
@@ -65,6 +67,7 @@ mod wal;
 pub mod watch;
 pub mod wire;
 
+pub use backoff::Backoff;
 pub use capture::{CaptureOptions, Capturer};
 pub use channel::Channel;
 pub use cursor::Cursor;

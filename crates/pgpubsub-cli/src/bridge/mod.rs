@@ -164,7 +164,7 @@ async fn connect_nats(args: &BridgeArgs, me: &str) -> anyhow::Result<(async_nats
         .max_reconnects(None)
         .request_timeout(Some(args.ack_timeout))
         .reconnect_delay_callback(|attempt| {
-            Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6) as u64)).min(Duration::from_secs(2))
+            pgpubsub::Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).nth(attempt)
         })
         .event_callback(move |event| {
             let lost = lost.clone();

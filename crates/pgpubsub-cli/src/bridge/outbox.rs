@@ -312,8 +312,7 @@ impl Outbox {
     /// The stream's last sequence and its last message's `Nats-Msg-Id`,
     /// retried with capped backoff until read.
     async fn tail_until_read(&mut self) -> (u64, Option<String>) {
-        let mut delay = Duration::from_millis(50);
-        let mut attempt = 0u32;
+        let mut backoff = pgpubsub::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
             // Nothing answers while disconnected: wait for the client to be
             // back rather than for a request to time out.
@@ -326,12 +325,12 @@ impl Outbox {
             match self.tail().await {
                 Ok(tail) => return tail,
                 Err(e) => {
-                    attempt += 1;
+                    let delay = backoff.next_delay();
+                    let attempt = backoff.attempt();
                     if attempt == 1 || attempt % 20 == 0 {
                         tracing::warn!(error = %e, attempt, "cannot read the stream's state; retrying");
                     }
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }

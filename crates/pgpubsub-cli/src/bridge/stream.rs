@@ -43,18 +43,16 @@ pub(super) async fn ensure_stream(ctx: &Ctx<'_>) -> anyhow::Result<jetstream::st
         description: Some("pgpubsub bridge: the PostgreSQL event log".into()),
         ..Default::default()
     };
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 0u32;
+    let mut backoff = pgpubsub::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut stream = loop {
         match ctx.js.get_or_create_stream(wanted.clone()).await {
             Ok(s) => break s,
             Err(e) => {
-                attempt += 1;
-                if attempt == 1 || attempt % 20 == 0 {
+                let delay = backoff.next_delay();
+                if backoff.attempt() == 1 || backoff.attempt() % 20 == 0 {
                     tracing::warn!(error = %e, stream = %args.stream, "cannot open or create the stream; retrying");
                 }
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     };

@@ -109,12 +109,15 @@ impl Capturer {
     async fn sessions(&self, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
         let mut started = false;
         let mut standing_by: Option<String> = None;
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = crate::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let ended = self.session(&mut stop).await;
             // A session that streamed: from now on failures are retried.
-            started |= self.stats.active.swap(0, Ordering::Relaxed) == 1;
-            match ended {
+            if self.stats.active.swap(0, Ordering::Relaxed) == 1 {
+                started = true;
+                backoff.reset();
+            }
+            let delay = match ended {
                 Ok(Ended::Stopped) => return Ok(()),
                 Ok(Ended::Again) => continue,
                 Ok(Ended::Standby(why)) => {
@@ -123,22 +126,22 @@ impl Capturer {
                         tracing::info!(slot = %self.slot, holder = %why, "standby: another capturer streams the slot; waiting to take over");
                         standing_by = Some(why);
                     }
-                    delay = self.options.standby_poll;
+                    self.options.standby_poll
                 }
                 Err(e @ (Error::NotMigrated | Error::Config(_))) => return Err(e),
                 Err(e) if !started => return Err(e),
                 Err(e) => {
                     Stats::bump(&self.stats.reconnects);
-                    tracing::warn!(error = %e, slot = %self.slot, "capture session ended; starting again");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, slot = %self.slot, retry_in = ?delay, "capture session ended; starting again");
                     standing_by = None;
+                    delay
                 }
-            }
+            };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
-            delay =
-                if standing_by.is_some() { self.options.standby_poll } else { (delay * 2).min(Duration::from_secs(5)) };
         }
     }
 

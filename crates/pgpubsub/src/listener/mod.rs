@@ -79,7 +79,7 @@ pub struct Listener {
     /// The next read waits until then (see [`ListenerOptions::linger`]).
     not_before: Option<Instant>,
     /// Delay before the next read after a failure.
-    retry: Duration,
+    retry: crate::Backoff,
 }
 
 impl std::fmt::Debug for Listener {
@@ -155,8 +155,8 @@ impl Listener {
             waiting: Waiting::No,
             pause: options.poll_min,
             not_before: None,
+            retry: crate::Backoff::new(options.backoff_min, options.backoff_max),
             options,
-            retry: Duration::ZERO,
         };
         if stored.is_none() && listener.options.name.is_some() {
             listener.save().await?;
@@ -200,14 +200,14 @@ impl Listener {
                     }
                 }
                 match self.read().await {
-                    Ok(()) => self.retry = Duration::ZERO,
+                    Ok(()) => self.retry.reset(),
                     Err(e @ Error::ResyncNeeded { .. }) => return Some(Err(e)),
                     Err(e) => {
-                        self.retry = (self.retry * 2).clamp(self.options.backoff_min, self.options.backoff_max);
-                        tracing::warn!(error = %e, retry_in = ?self.retry, "reading the log failed; retrying");
+                        let delay = self.retry.next_delay();
+                        tracing::warn!(error = %e, retry_in = ?delay, "reading the log failed; retrying");
                         self.waiting = Waiting::No;
                         tokio::select! {
-                            () = tokio::time::sleep(self.retry) => {}
+                            () = tokio::time::sleep(delay) => {}
                             e = self.foreign.recv() => return Some(Ok(e?)),
                         }
                     }

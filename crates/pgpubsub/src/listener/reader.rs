@@ -203,8 +203,7 @@ impl Reader {
     /// Runs until the listener goes away: pumps, and reconnects with capped
     /// exponential backoff whenever the connection is lost or deaf.
     pub async fn run(mut self, mut live: Live) {
-        let mut backoff = self.options.backoff_min;
-        let mut attempt = 0u32;
+        let mut backoff = crate::Backoff::new(self.options.backoff_min, self.options.backoff_max);
         loop {
             self.set_state(ConnectionState::Listening);
             match self.pump(&mut live).await {
@@ -224,23 +223,22 @@ impl Reader {
                 match opened {
                     Ok(l) => break l,
                     Err(e) => {
-                        attempt += 1;
-                        tracing::warn!(error = %e, attempt, retry_in = ?backoff, "reconnect failed");
+                        let delay = backoff.next_delay();
+                        let attempt = backoff.attempt();
+                        tracing::warn!(error = %e, attempt, retry_in = ?delay, "reconnect failed");
                         self.set_state(ConnectionState::Reconnecting { attempt, error: e.to_string() });
                         tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
+                            () = tokio::time::sleep(delay) => {}
                             () = self.out.foreign.closed() => return,
                         }
-                        backoff = (backoff * 2).min(self.options.backoff_max);
                     }
                 }
             };
             Stats::bump(&self.stats.reconnects);
-            tracing::info!(attempt, "reconnected");
+            tracing::info!(attempt = backoff.attempt(), "reconnected");
             // Wake-ups sent while we were away are lost: read the log.
             self.out.wake.notify_one();
-            backoff = self.options.backoff_min;
-            attempt = 0;
+            backoff.reset();
         }
     }
 
