@@ -73,7 +73,7 @@ pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
 pub use event::{Body, Change, Event, Message, Op, Resync, WalPosition};
-pub use event_log::LogConn;
+pub use event_log::{LogConn, StatementError};
 pub use feed::{Feed, FeedItem, Replay, ReplayPage, Replayed};
 pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};

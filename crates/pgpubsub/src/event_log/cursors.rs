@@ -9,7 +9,7 @@ impl LogConn {
     /// A named subscriber's stored cursor.
     pub(crate) async fn load_cursor(&self, name: &str) -> Result<Option<Cursor>> {
         let name = name.to_string();
-        self.run("reading a stored cursor", |c| async move {
+        self.run_pg("reading a stored cursor", |c| async move {
             let row = c.query_opt("SELECT txid::text, seq FROM pubsub.cursors WHERE name = $1", &[&name]).await?;
             Ok(row.map(|r| Cursor { txid: u64_of(r.get(0)), seq: r.get(1) }))
         })
@@ -19,7 +19,7 @@ impl LogConn {
     /// Stores a named subscriber's cursor (never moving it backwards).
     pub(crate) async fn save_cursor(&self, name: &str, cursor: Cursor) -> Result<()> {
         let name = name.to_string();
-        self.run("storing a cursor", |c| async move {
+        self.run_pg("storing a cursor", |c| async move {
             c.execute(
                 "INSERT INTO pubsub.cursors (name, txid, seq) VALUES ($1, $2::text::xid8, $3)
                  ON CONFLICT (name) DO UPDATE SET txid = EXCLUDED.txid, seq = EXCLUDED.seq, updated_at = clock_timestamp()

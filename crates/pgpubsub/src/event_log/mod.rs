@@ -37,6 +37,25 @@ pub struct LogConn {
     generation: AtomicU64,
 }
 
+/// An error a statement run by [`LogConn::run`] can fail with: the
+/// driver's (given the context here) or the library's own.
+pub trait StatementError {
+    /// As the library's error, saying what was being done.
+    fn into_error(self, context: &'static str) -> Error;
+}
+
+impl StatementError for tokio_postgres::Error {
+    fn into_error(self, context: &'static str) -> Error {
+        Error::db(context, self)
+    }
+}
+
+impl StatementError for Error {
+    fn into_error(self, _context: &'static str) -> Error {
+        self
+    }
+}
+
 /// What a fence statement reports.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FenceInfo {
@@ -96,24 +115,56 @@ impl LogConn {
     }
 
     /// Runs `f` on the connection within the statement timeout; on failure
-    /// the connection is dropped so the next call starts afresh.
-    async fn run<T, F, Fut>(&self, context: &'static str, f: F) -> Result<T>
+    /// the connection is dropped so the next call starts afresh (unless the
+    /// error came from SQL: the connection itself is fine then). The one
+    /// statement runner: the library's reads of the log, the gateway's
+    /// writes and snapshots all go through it.
+    ///
+    /// # Errors
+    /// What `f` failed with (a driver error as [`Error::Db`] with
+    /// `context`), or [`Error::ConnectionLost`] when no answer came in time.
+    pub async fn run<T, E, F, Fut>(&self, context: &'static str, f: F) -> Result<T>
+    where
+        E: StatementError,
+        F: FnOnce(Arc<Client>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        self.run_within(context, self.timeout, f).await
+    }
+
+    /// [`LogConn::run`] for statements of the driver's: only names the
+    /// error type, which a closure using `?` leaves open.
+    pub(crate) async fn run_pg<T, F, Fut>(&self, context: &'static str, f: F) -> Result<T>
     where
         F: FnOnce(Arc<Client>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
     {
+        self.run(context, f).await
+    }
+
+    /// [`LogConn::run`] with a timeout of its own (a large publish, say).
+    ///
+    /// # Errors
+    /// As [`LogConn::run`].
+    pub async fn run_within<T, E, F, Fut>(&self, context: &'static str, timeout: Duration, f: F) -> Result<T>
+    where
+        E: StatementError,
+        F: FnOnce(Arc<Client>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
         let client = self.client().await?;
-        match tokio::time::timeout(self.timeout, f(client)).await {
+        match tokio::time::timeout(timeout, f(client)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                if e.as_db_error().is_none() {
+                let e = e.into_error(context);
+                if e.sqlstate().is_none() {
                     self.reset().await;
                 }
-                Err(Error::db(context, e))
+                Err(e)
             }
             Err(_) => {
                 self.reset().await;
-                Err(Error::ConnectionLost(format!("{context}: no answer within {:?}", self.timeout)))
+                Err(Error::ConnectionLost(format!("{context}: no answer within {timeout:?}")))
             }
         }
     }
@@ -121,7 +172,7 @@ impl LogConn {
     /// The transactions in progress now, and the first txid not yet given
     /// out: where "from now" starts.
     pub(crate) async fn now(&self) -> Result<(u64, Vec<u64>)> {
-        self.run("reading the transaction horizon", |c| async move {
+        self.run_pg("reading the transaction horizon", |c| async move {
             let row = c.query_one("SELECT pg_current_snapshot()::text", &[]).await?;
             let snap: &str = row.get(0);
             let xmax = snap.split(':').nth(1).map_or(0, u64_of);
@@ -134,7 +185,7 @@ impl LogConn {
     /// connection hears) and reads the notification queue's usage.
     pub(crate) async fn fence(&self, channel: &str, token: &str) -> Result<FenceInfo> {
         let (channel, token) = (channel.to_string(), token.to_string());
-        self.run("sending a heartbeat", |c| async move {
+        self.run_pg("sending a heartbeat", |c| async move {
             let row = c
                 .query_one("SELECT pg_notification_queue_usage(), pg_notify($1, $2)::text", &[&channel, &token])
                 .await?;

@@ -59,7 +59,7 @@ impl LogConn {
         let channels = channels.map(<[String]>::to_vec);
         let open_txids: Vec<String> = open.iter().map(|(t, _)| t.to_string()).collect();
         let open_seqs: Vec<i64> = open.iter().map(|(_, s)| *s).collect();
-        self.run("reading the log", |c| async move {
+        self.run_pg("reading the log", |c| async move {
             let found = c
                 .query(
                     "SELECT s.snap, s.pruned_txid, s.pruned_seq, p.txid::text, p.seq, p.channel,

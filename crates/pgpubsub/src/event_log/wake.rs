@@ -28,7 +28,7 @@ impl LogConn {
     /// Tries to become the waiting listener: takes the wake lock if no
     /// writer holds it, or finds that another listener holds it.
     pub(crate) async fn try_wait(&self) -> Result<WaitLock> {
-        self.run("taking the wake lock", |c| async move {
+        self.run_pg("taking the wake lock", |c| async move {
             let row = c
                 .query_one(
                     "SELECT pg_try_advisory_lock($1),
@@ -50,7 +50,7 @@ impl LogConn {
 
     /// Releases the wake lock: writers stop sending wake-ups.
     pub(crate) async fn stop_waiting(&self) -> Result<()> {
-        self.run("releasing the wake lock", |c| async move {
+        self.run_pg("releasing the wake lock", |c| async move {
             c.execute("SELECT pg_advisory_unlock($1)", &[&WAKE_KEY]).await?;
             Ok(())
         })
