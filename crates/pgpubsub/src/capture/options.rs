@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// How a [`Capturer`] works. The defaults suit most; see each field.
+/// How a [`Capturer`](super::Capturer) works. The defaults suit most; see each field.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CaptureOptions {

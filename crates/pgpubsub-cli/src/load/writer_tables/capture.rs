@@ -92,7 +92,10 @@ impl Gateway {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let exe = std::env::current_exe().context("finding the pgpubsub binary")?;
         let mut cmd = pin.command(&exe);
-        cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}")]);
+        // A queue deep enough that a burst (the capturer catching up) is
+        // not a lag close: curl, unlike a browser's EventSource, would not
+        // reconnect, and the count would stop.
+        cmd.args(["serve", "--bind", &format!("127.0.0.1:{port}"), "--queue", "4194304"]);
         let (mut serve, _) = spawn(cmd, url, std::process::Stdio::null())?;
         wait_ready(&mut serve, "serving").await.context("starting pgpubsub serve")?;
         let channels: Vec<String> = [Target::Wal, Target::PublishWal].iter().filter_map(|t| t.channel()).collect();

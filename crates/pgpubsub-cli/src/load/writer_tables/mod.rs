@@ -173,11 +173,14 @@ pub async fn run(config: &Config, url: &str, opts: &Options, json: bool) -> anyh
     } else {
         print!("{}", table(&reports, opts, payload, &version));
     }
-    let short: Vec<String> = reports
+    let mut short: Vec<String> = reports
         .iter()
         .filter(|r| r.delivered.is_some_and(|d| d != r.rows))
         .map(|r| format!("{} writers → {}: {} of {}", r.writers, r.target.name(), r.delivered.unwrap_or(0), r.rows))
         .collect();
+    short.extend(reports.iter().filter(|r| r.sse_delivered.is_some_and(|d| d != r.rows)).map(|r| {
+        format!("{} writers → {} (SSE): {} of {}", r.writers, r.target.name(), r.sse_delivered.unwrap_or(0), r.rows)
+    }));
     if !short.is_empty() {
         bail!("NOT every row delivered: {}", short.join("; "));
     }

@@ -6,12 +6,13 @@ use super::{Options, RunReport, Target};
 pub(super) fn table(reports: &[RunReport], opts: &Options, payload: usize, postgres: &str) -> String {
     let f = |v: Option<f64>, d: usize| v.map_or("–".to_string(), |x| format!("{x:.d$}"));
     let mut o = format!(
-        "single-row writers, {} per run, {} round(s) ({}; PostgreSQL {postgres})\n\n\
+        "single-row writers, {} per run, {} round(s) ({}; PostgreSQL {postgres}){}\n\n\
          | writers | table | writes/s | vs plain | delivered | p50 ms | p99 ms | listener CPU µs/event | DB CPU µs/write | machine CPU µs/write | SSE delivered | capture CPU µs/event | slot lag at end |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         humantime::format_duration(opts.per_run),
         opts.rounds.max(1),
         crate::load::report::machine(),
+        if opts.pin { "; pinned: PostgreSQL and the writers on CPU 0, pgpubsub's processes on CPU 1" } else { "" },
     );
     for r in reports {
         let name = match r.target {
