@@ -133,7 +133,10 @@ impl Filter {
     pub fn bind<N: AsRef<str>, T: AsRef<str>>(&self, columns: &[(N, T)]) -> Result<BoundFilter, FilterError> {
         check_bounds(self)?;
         let root = bind_node(self, &|name: &str| {
-            let (_, ty) = columns.iter().find(|(n, _)| n.as_ref() == name).ok_or_else(|| FilterError::UnknownColumn(name.into()))?;
+            let (_, ty) = columns
+                .iter()
+                .find(|(n, _)| n.as_ref() == name)
+                .ok_or_else(|| FilterError::UnknownColumn(name.into()))?;
             let ty = ty.as_ref();
             let unsupported = || FilterError::UnsupportedType { column: name.into(), type_name: ty.into() };
             Ok(Column { name: name.into(), ty: ColumnType::from_name(ty).ok_or_else(unsupported)? })

@@ -14,7 +14,11 @@ pub(crate) enum Decimal {
     NegInfinity,
     /// `int`: digits before the point, without leading zeros; `frac`: after
     /// it, without trailing zeros. Zero is `neg: false` with both empty.
-    Finite { neg: bool, int: String, frac: String },
+    Finite {
+        neg: bool,
+        int: String,
+        frac: String,
+    },
     Infinity,
     NaN,
 }
@@ -133,7 +137,8 @@ mod tests {
 
     #[test]
     fn orders_as_numeric_does() {
-        let sorted = ["-Infinity", "-1e3", "-10.5", "-10.05", "-0.001", "-0", "0.0001", "0.1", "0.51", "0.6", "1", "1.5e1"];
+        let sorted =
+            ["-Infinity", "-1e3", "-10.5", "-10.05", "-0.001", "-0", "0.0001", "0.1", "0.51", "0.6", "1", "1.5e1"];
         for w in sorted.windows(2) {
             assert!(d(w[0]) < d(w[1]), "{w:?}");
         }

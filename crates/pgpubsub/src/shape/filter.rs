@@ -156,7 +156,10 @@ pub enum FilterError {
     #[error("unknown column {0:?}")]
     UnknownColumn(String),
     /// The column's type is not one filters support.
-    #[error("column {column:?} has type {type_name}, which filters do not support (supported: {})", super::bind::SUPPORTED)]
+    #[error(
+        "column {column:?} has type {type_name}, which filters do not support (supported: {})",
+        super::bind::SUPPORTED
+    )]
     UnsupportedType {
         /// The column.
         column: String,

@@ -60,7 +60,8 @@ fn syntax(path: &str, expected: &str, raw: Option<&RawValue>) -> FilterError {
 }
 
 fn node(raw: &RawValue, depth: usize, path: &str, counts: &mut Counts) -> Result<Filter, FilterError> {
-    let expected_node = "an object: {\"and\": [...]}, {\"or\": [...]}, {\"not\": {...}} or {\"col\", \"op\", \"value\"}";
+    let expected_node =
+        "an object: {\"and\": [...]}, {\"or\": [...]}, {\"not\": {...}} or {\"col\", \"op\", \"value\"}";
     let map: BTreeMap<String, &RawValue> =
         serde_json::from_str(raw.get()).map_err(|_| syntax(path, expected_node, Some(raw)))?;
     let keys: Vec<&str> = map.keys().map(String::as_str).collect();

@@ -46,6 +46,7 @@ mod decimal;
 mod eval;
 mod filter;
 pub mod json;
+mod lex;
 pub mod parse;
 mod sql;
 #[cfg(test)]

@@ -89,7 +89,10 @@ fn syntax_errors_say_where_and_what_was_expected() {
         }
     }
     let message = Filter::parse("status = ").unwrap_err().to_string();
-    assert_eq!(message, "filter syntax error at byte 9: expected a value: 'string', number, true or false, found the end of the filter");
+    assert_eq!(
+        message,
+        "filter syntax error at byte 9: expected a value: 'string', number, true or false, found the end of the filter"
+    );
 }
 
 #[test]
@@ -202,7 +205,7 @@ fn matches_only_when_true_in_three_valued_logic() {
     for (filter, want) in [
         ("status = 'paid'", true),
         ("qty = 1", false),
-        ("not qty = 1", false),          // not unknown is unknown
+        ("not qty = 1", false),               // not unknown is unknown
         ("qty = 1 or status = 'paid'", true), // unknown or true
         ("qty = 1 and status = 'x'", false),
         ("not (qty = 1 and status = 'x')", true), // unknown and false is false
