@@ -84,6 +84,46 @@ impl ColumnType {
     }
 }
 
+/// How [`Filter::bind`] is told a column's type: by name (`&str`,
+/// `String`), by OID (`u32`), as a `tokio_postgres` type, or directly.
+pub trait TypeRef {
+    /// The type, or its name for the error when filters do not support it.
+    ///
+    /// # Errors
+    /// The type's name (or OID) when it is not a [`ColumnType`].
+    fn column_type(&self) -> Result<ColumnType, String>;
+}
+
+impl TypeRef for &str {
+    fn column_type(&self) -> Result<ColumnType, String> {
+        ColumnType::from_name(self).ok_or_else(|| self.to_string())
+    }
+}
+
+impl TypeRef for String {
+    fn column_type(&self) -> Result<ColumnType, String> {
+        self.as_str().column_type()
+    }
+}
+
+impl TypeRef for u32 {
+    fn column_type(&self) -> Result<ColumnType, String> {
+        ColumnType::from_oid(*self).ok_or_else(|| format!("OID {self}"))
+    }
+}
+
+impl TypeRef for tokio_postgres::types::Type {
+    fn column_type(&self) -> Result<ColumnType, String> {
+        ColumnType::from_oid(self.oid()).ok_or_else(|| self.name().to_string())
+    }
+}
+
+impl TypeRef for ColumnType {
+    fn column_type(&self) -> Result<ColumnType, String> {
+        Ok(*self)
+    }
+}
+
 /// A column of the table, as the bound filter uses it.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Column {
@@ -121,8 +161,9 @@ pub(crate) enum Node {
 }
 
 impl Filter {
-    /// Checks the filter against the table's `columns` (name and type name,
-    /// as [`ColumnType::from_name`] reads it) and types its values.
+    /// Checks the filter against the table's `columns` (each a name and a
+    /// type: a name as [`ColumnType::from_name`] reads it, an OID, or a
+    /// `tokio_postgres` [`Type`](tokio_postgres::types::Type)) and types its values.
     ///
     /// # Errors
     /// [`FilterError::UnknownColumn`], [`FilterError::UnsupportedType`] for a
@@ -130,16 +171,15 @@ impl Filter {
     /// [`FilterError::BadValue`] for a value that does not fit its column or
     /// `like` on a column that is not text; [`FilterError::TooDeep`] or
     /// [`FilterError::TooLarge`] for a filter built in code past the bounds.
-    pub fn bind<N: AsRef<str>, T: AsRef<str>>(&self, columns: &[(N, T)]) -> Result<BoundFilter, FilterError> {
+    pub fn bind<N: AsRef<str>, T: TypeRef>(&self, columns: &[(N, T)]) -> Result<BoundFilter, FilterError> {
         check_bounds(self)?;
         let root = bind_node(self, &|name: &str| {
             let (_, ty) = columns
                 .iter()
                 .find(|(n, _)| n.as_ref() == name)
                 .ok_or_else(|| FilterError::UnknownColumn(name.into()))?;
-            let ty = ty.as_ref();
-            let unsupported = || FilterError::UnsupportedType { column: name.into(), type_name: ty.into() };
-            Ok(Column { name: name.into(), ty: ColumnType::from_name(ty).ok_or_else(unsupported)? })
+            let unsupported = |type_name| FilterError::UnsupportedType { column: name.into(), type_name };
+            Ok(Column { name: name.into(), ty: ty.column_type().map_err(unsupported)? })
         })?;
         Ok(BoundFilter { root })
     }

@@ -52,7 +52,7 @@ mod sql;
 #[cfg(test)]
 mod tests;
 
-pub use bind::{BoundFilter, ColumnType, SUPPORTED};
+pub use bind::{BoundFilter, ColumnType, TypeRef, SUPPORTED};
 pub use filter::{CompareOp, Filter, FilterError, Literal, MAX_BYTES, MAX_DEPTH, MAX_TERMS, MAX_VALUES};
 pub use sql::Param;
 

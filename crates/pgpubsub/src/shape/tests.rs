@@ -161,6 +161,8 @@ fn json_errors_name_the_path() {
         }
     }
     assert!(matches!(Filter::from_json("{"), Err(FilterError::Syntax { .. })));
+    assert!(matches!(Filter::from_json(&"[".repeat(60_000)), Err(FilterError::Syntax { .. })));
+    assert!(matches!(Filter::from_json(&"{\"not\":".repeat(8_000)), Err(FilterError::Syntax { .. })));
 }
 
 #[test]
@@ -182,6 +184,10 @@ fn binding_checks_columns_types_and_values() {
     let odd = Filter::parse("at = 1").unwrap().bind(&[("at", "timestamp with time zone")]).unwrap_err();
     assert!(odd.to_string().contains("which filters do not support (supported: smallint"), "{odd}");
     assert!(Filter::parse("qty = 1").unwrap().bind(&[("qty", "int4"), ("at", "jsonb")]).is_ok());
+    assert!(Filter::parse("qty = 1").unwrap().bind(&[("qty", 23u32)]).is_ok());
+    assert!(Filter::parse("qty = 1").unwrap().bind(&[("qty", tokio_postgres::types::Type::INT2)]).is_ok());
+    let by_oid = Filter::parse("qty = 1").unwrap().bind(&[("qty", 1184u32)]).unwrap_err();
+    assert!(by_oid.to_string().contains("has type OID 1184"), "{by_oid}");
     for ok in ["qty = '7'", "qty = 7.00", "qty = 7e0", "ok = 't'", "ok = 'off'", "w = 'NaN'", "price = '-Infinity'"] {
         assert!(Filter::parse(ok).unwrap().bind(&COLUMNS).is_ok(), "{ok}");
     }
