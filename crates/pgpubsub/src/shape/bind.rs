@@ -3,10 +3,11 @@
 
 use super::decimal::Decimal;
 use super::filter::{CompareOp, Filter, FilterError, Literal, MAX_DEPTH, MAX_TERMS, MAX_VALUES};
+use super::time::{Instant, Kind};
 
 /// The column types filters support, as the errors list them.
-pub const SUPPORTED: &str =
-    "smallint, integer, bigint, numeric, real, double precision, boolean, text, character varying";
+pub const SUPPORTED: &str = "smallint, integer, bigint, numeric, real, double precision, boolean, text, \
+     character varying, date, timestamp, timestamp with time zone";
 
 /// A column type a filter can compare on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,6 +31,12 @@ pub enum ColumnType {
     Text,
     /// `character varying` (`varchar`), compared as `text`.
     Varchar,
+    /// `date`.
+    Date,
+    /// `timestamp` (without time zone).
+    Timestamp,
+    /// `timestamp with time zone` (`timestamptz`), compared as instants.
+    Timestamptz,
 }
 
 impl ColumnType {
@@ -37,8 +44,18 @@ impl ColumnType {
     /// `pg_type.typname`: `integer`, `int4`, `numeric(10,2)`,
     /// `character varying(20)`...), if filters support it.
     pub fn from_name(name: &str) -> Option<ColumnType> {
-        let base = name.split('(').next().unwrap_or(name).trim().to_ascii_lowercase();
-        Some(match base.as_str() {
+        // Without a type modifier: `numeric(10,2)`, `timestamp(3) with time zone`.
+        let mut base = String::new();
+        let mut depth = 0;
+        for c in name.trim().chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                c if depth == 0 => base.push(c.to_ascii_lowercase()),
+                _ => {}
+            }
+        }
+        Some(match base.split_whitespace().collect::<Vec<_>>().join(" ").as_str() {
             "smallint" | "int2" => ColumnType::Int2,
             "integer" | "int" | "int4" => ColumnType::Int4,
             "bigint" | "int8" => ColumnType::Int8,
@@ -48,6 +65,9 @@ impl ColumnType {
             "boolean" | "bool" => ColumnType::Bool,
             "text" => ColumnType::Text,
             "character varying" | "varchar" => ColumnType::Varchar,
+            "date" => ColumnType::Date,
+            "timestamp" | "timestamp without time zone" => ColumnType::Timestamp,
+            "timestamptz" | "timestamp with time zone" => ColumnType::Timestamptz,
             _ => return None,
         })
     }
@@ -64,6 +84,9 @@ impl ColumnType {
             16 => ColumnType::Bool,
             25 => ColumnType::Text,
             1043 => ColumnType::Varchar,
+            1082 => ColumnType::Date,
+            1114 => ColumnType::Timestamp,
+            1184 => ColumnType::Timestamptz,
             _ => return None,
         })
     }
@@ -80,6 +103,19 @@ impl ColumnType {
             ColumnType::Bool => "bool",
             ColumnType::Text => "text",
             ColumnType::Varchar => "varchar",
+            ColumnType::Date => "date",
+            ColumnType::Timestamp => "timestamp",
+            ColumnType::Timestamptz => "timestamptz",
+        }
+    }
+
+    /// How a `date` or timestamp column's values are read.
+    pub(crate) fn time_kind(self) -> Option<Kind> {
+        match self {
+            ColumnType::Date => Some(Kind::Date),
+            ColumnType::Timestamp => Some(Kind::Timestamp),
+            ColumnType::Timestamptz => Some(Kind::Timestamptz),
+            _ => None,
         }
     }
 }
@@ -140,6 +176,7 @@ pub(crate) enum Value {
     Float(f64),
     Bool(bool),
     Text(String),
+    Instant(Instant),
 }
 
 /// A filter checked against a table's columns, its values typed: what
@@ -291,5 +328,19 @@ fn typed(c: &Column, literal: &Literal) -> Result<Value, FilterError> {
             Literal::Text(t) => Ok(Value::Text(t.clone())),
             _ => Err(not("text: write it as a string, '…'")),
         },
+        ColumnType::Date | ColumnType::Timestamp | ColumnType::Timestamptz => {
+            let kind = c.ty.time_kind().unwrap_or(Kind::Date);
+            let instant = match literal {
+                Literal::Text(t) => Instant::parse(t, kind, true),
+                _ => None,
+            };
+            instant.map(Value::Instant).ok_or_else(|| {
+                not(match kind {
+                    Kind::Date => "a date: 'YYYY-MM-DD' (years 1 to 9999) or 'infinity'",
+                    Kind::Timestamp => "a timestamp without offset: 'YYYY-MM-DD HH:MM[:SS[.ffffff]]'",
+                    Kind::Timestamptz => "a timestamp with its offset: 'YYYY-MM-DDTHH:MM[:SS[.ffffff]](Z|+HH[:MM])'",
+                })
+            })
+        }
     }
 }

@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 
 use super::bind::{BoundFilter, Column, ColumnType, Node, Value};
 use super::decimal::Decimal;
+use super::time::Instant;
 
 /// One column's value in a row, as JSON gave it. A number keeps its text.
 enum Cell<'a> {
@@ -111,6 +112,7 @@ fn compare(c: &Column, cell: &Cell<'_>, v: &Value) -> Option<Ordering> {
         }
         (Cell::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
         (Cell::Text(a), Value::Text(b)) => Some(a.as_bytes().cmp(b.as_bytes())),
+        (Cell::Text(a), Value::Instant(b)) => Some(Instant::parse(a, c.ty.time_kind()?, false)?.cmp(b)),
         _ => None,
     }
 }

@@ -51,6 +51,7 @@ pub mod parse;
 mod sql;
 #[cfg(test)]
 mod tests;
+mod time;
 
 pub use bind::{BoundFilter, ColumnType, TypeRef, SUPPORTED};
 pub use filter::{CompareOp, Filter, FilterError, Literal, MAX_BYTES, MAX_DEPTH, MAX_TERMS, MAX_VALUES};

@@ -5,7 +5,7 @@
 use tokio_postgres::types::ToSql;
 
 use super::bind::{BoundFilter, Column, ColumnType, Node, Value};
-use super::quote_ident;
+use super::{quote_ident, time};
 
 /// A query parameter, owned, sendable to a connection on another task.
 pub type Param = Box<dyn ToSql + Sync + Send>;
@@ -77,6 +77,9 @@ fn param(c: &Column, v: &Value, first: usize, params: &mut Vec<Param>) -> String
         (_, Value::Float(f)) => (Box::new(*f), "::float8"),
         (_, Value::Bool(b)) => (Box::new(*b), "::bool"),
         (_, Value::Text(t)) => (Box::new(t.clone()), "::text COLLATE \"C\""),
+        (ColumnType::Date, Value::Instant(i)) => (Box::new(time::Param(*i)), "::date"),
+        (ColumnType::Timestamp, Value::Instant(i)) => (Box::new(time::Param(*i)), "::timestamp"),
+        (_, Value::Instant(i)) => (Box::new(time::Param(*i)), "::timestamptz"),
     };
     params.push(value);
     format!("${n}{cast}")

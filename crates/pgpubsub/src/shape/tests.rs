@@ -181,13 +181,24 @@ fn binding_checks_columns_types_and_values() {
     assert!(err("note like 'a\\'").contains("must not end with the escape"));
     assert!(err("w = 1e400").contains("in the range"));
     assert!(err("status = 'a\u{0}'").contains("NUL"));
-    let odd = Filter::parse("at = 1").unwrap().bind(&[("at", "timestamp with time zone")]).unwrap_err();
+    let odd = Filter::parse("at = 1").unwrap().bind(&[("at", "uuid")]).unwrap_err();
     assert!(odd.to_string().contains("which filters do not support (supported: smallint"), "{odd}");
     assert!(Filter::parse("qty = 1").unwrap().bind(&[("qty", "int4"), ("at", "jsonb")]).is_ok());
     assert!(Filter::parse("qty = 1").unwrap().bind(&[("qty", 23u32)]).is_ok());
     assert!(Filter::parse("qty = 1").unwrap().bind(&[("qty", tokio_postgres::types::Type::INT2)]).is_ok());
-    let by_oid = Filter::parse("qty = 1").unwrap().bind(&[("qty", 1184u32)]).unwrap_err();
-    assert!(by_oid.to_string().contains("has type OID 1184"), "{by_oid}");
+    let by_oid = Filter::parse("qty = 1").unwrap().bind(&[("qty", 2950u32)]).unwrap_err();
+    assert!(by_oid.to_string().contains("has type OID 2950"), "{by_oid}");
+    let times = [("at", "timestamp(3) with time zone"), ("day", "date"), ("local", "timestamp without time zone")];
+    let b = Filter::parse("at >= '2024-01-02T03:04:05.5+02:00' and day < 'infinity' and local <> '2024-01-02 00:00'");
+    let b = b.unwrap().bind(&times).unwrap();
+    assert_eq!(
+        b.to_sql(1).0,
+        r#"(("at" >= $1::timestamptz) AND ("day" < $2::date) AND ("local" <> $3::timestamp))"#
+    );
+    let row = json!({"at": "2024-01-02T01:04:05.5+00:00", "day": "0044-03-15 BC", "local": "2024-01-02T00:00:01"});
+    assert!(b.matches(&row));
+    let err = Filter::parse("at = '2024-01-02 03:04'").unwrap().bind(&times).unwrap_err();
+    assert!(err.to_string().contains("a timestamp with its offset"), "{err}");
     for ok in ["qty = '7'", "qty = 7.00", "qty = 7e0", "ok = 't'", "ok = 'off'", "w = 'NaN'", "price = '-Infinity'"] {
         assert!(Filter::parse(ok).unwrap().bind(&COLUMNS).is_ok(), "{ok}");
     }
