@@ -191,10 +191,7 @@ fn binding_checks_columns_types_and_values() {
     let times = [("at", "timestamp(3) with time zone"), ("day", "date"), ("local", "timestamp without time zone")];
     let b = Filter::parse("at >= '2024-01-02T03:04:05.5+02:00' and day < 'infinity' and local <> '2024-01-02 00:00'");
     let b = b.unwrap().bind(&times).unwrap();
-    assert_eq!(
-        b.to_sql(1).0,
-        r#"(("at" >= $1::timestamptz) AND ("day" < $2::date) AND ("local" <> $3::timestamp))"#
-    );
+    assert_eq!(b.to_sql(1).0, r#"(("at" >= $1::timestamptz) AND ("day" < $2::date) AND ("local" <> $3::timestamp))"#);
     let row = json!({"at": "2024-01-02T01:04:05.5+00:00", "day": "0044-03-15 BC", "local": "2024-01-02T00:00:01"});
     assert!(b.matches(&row));
     let err = Filter::parse("at = '2024-01-02 03:04'").unwrap().bind(&times).unwrap_err();

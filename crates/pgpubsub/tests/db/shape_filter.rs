@@ -2,8 +2,11 @@
 //! filters, `SELECT id FROM t WHERE <to_sql>` in PostgreSQL returns exactly
 //! the rows for which `matches` (on the row's `row_to_json`) is true. NULLs,
 //! extreme and negative numbers, NaN and infinities, unicode, empty strings
-//! and `%`/`_`/`\` in text included. Shown able to fail by making
-//! `float_order` compare NaN as below every number: case 1 fails.
+//! and `%`/`_`/`\` in text, BC dates, infinities and timestamps written
+//! with a half-hour offset included. Shown able to fail by each of: NaN
+//! ordered below every float, decimal fractions ignored, `_` in `like`
+//! skipping a pattern character, a timestamp offset added instead of
+//! subtracted, fractional seconds not scaled.
 //!
 //! Also: any text or JSON given to the parsers gives a filter or an error,
 //! never a panic.
@@ -16,7 +19,7 @@ use tokio_postgres::types::ToSql;
 use crate::common::TestDb;
 
 /// The table's columns, as `bind` takes them.
-const COLUMNS: [(&str, &str); 9] = [
+const COLUMNS: [(&str, &str); 12] = [
     ("i2", "smallint"),
     ("i4", "integer"),
     ("i8", "bigint"),
@@ -26,6 +29,9 @@ const COLUMNS: [(&str, &str); 9] = [
     ("ok", "boolean"),
     ("d", "double precision"),
     ("r", "real"),
+    ("dt", "date"),
+    ("ts", "timestamp without time zone"),
+    ("tz", "timestamp(3) with time zone"),
 ];
 
 /// One row: every column nullable.
@@ -40,6 +46,9 @@ struct Row {
     ok: Option<bool>,
     d: Option<f64>,
     r: Option<f32>,
+    dt: Option<String>,
+    ts: Option<String>,
+    tz: Option<String>,
 }
 
 fn i2() -> impl Strategy<Value = i16> {
@@ -85,9 +94,65 @@ fn o<S: Strategy>(values: S) -> impl Strategy<Value = Option<S::Value>> {
     prop::option::weighted(0.8, values)
 }
 
+/// A date a filter may hold (years 1 to 9999), mostly one of three days so
+/// that rows and filters meet, within hours of each other.
+fn date() -> impl Strategy<Value = String> {
+    let near = (1u32..4).prop_map(|d| format!("2000-01-{d:02}"));
+    let far = (1i32..10_000, 1u32..13, 1u32..29).prop_map(|(y, m, d)| format!("{y:04}-{m:02}-{d:02}"));
+    prop_oneof![4 => near, 1 => far]
+}
+/// A time of day, mostly from a few that collide, with 0 to 6 fractional digits.
+fn time() -> impl Strategy<Value = String> {
+    let near = (
+        prop::sample::select(vec![0u32, 23]),
+        prop::sample::select(vec![0u32, 45]),
+        prop::sample::select(vec![0u32, 59]),
+        prop::sample::select(vec!["", ".5", ".50", ".000001", ".999999"]),
+    )
+        .prop_map(|(h, m, s, f)| format!("{h:02}:{m:02}:{s:02}{f}"));
+    let far = (0u32..24, 0u32..60, 0u32..60, "[0-9]{0,6}").prop_map(|(h, m, s, f)| {
+        if f.is_empty() {
+            format!("{h:02}:{m:02}:{s:02}")
+        } else {
+            format!("{h:02}:{m:02}:{s:02}.{f}")
+        }
+    });
+    prop_oneof![3 => near, 1 => far]
+}
+fn timestamp() -> impl Strategy<Value = String> {
+    (date(), time()).prop_map(|(d, t)| format!("{d} {t}"))
+}
+fn timestamptz() -> impl Strategy<Value = String> {
+    let offset = prop::sample::select(vec!["Z", "+00", "+05:30", "-08", "+14", "-03:30"]);
+    (date(), time(), offset).prop_map(|(d, t, o)| format!("{d}T{t}{o}"))
+}
+/// Rows also hold what a filter cannot: BC, five-digit years, infinities.
+fn or_odd(values: impl Strategy<Value = String>, odd: &'static [&'static str]) -> impl Strategy<Value = String> {
+    prop_oneof![8 => values, 1 => prop::sample::select(odd).prop_map(String::from)]
+}
+
 fn row() -> impl Strategy<Value = Row> {
-    (o(i2()), o(i4()), o(i8()), o(numeric()), o(text()), o(text()), o(any::<bool>()), o(f8()), o(f4()))
-        .prop_map(|(i2, i4, i8, n, s, v, ok, d, r)| Row { i2, i4, i8, n, s, v, ok, d, r })
+    let numbers = (o(i2()), o(i4()), o(i8()), o(numeric()), o(f8()), o(f4()));
+    let texts = (o(text()), o(text()), o(any::<bool>()));
+    let times = (
+        o(or_odd(date(), &["0044-03-15 BC", "12345-01-02", "infinity", "-infinity", "2000-02-29"])),
+        o(or_odd(timestamp(), &["0001-01-01 00:00:00 BC", "infinity", "-infinity"])),
+        o(or_odd(timestamptz(), &["1900-01-01 00:00:00+00", "0044-03-15 12:00:00+00 BC", "infinity"])),
+    );
+    (numbers, texts, times).prop_map(|((i2, i4, i8, n, d, r), (s, v, ok), (dt, ts, tz))| Row {
+        i2,
+        i4,
+        i8,
+        n,
+        s,
+        v,
+        ok,
+        d,
+        r,
+        dt,
+        ts,
+        tz,
+    })
 }
 
 /// A float literal: as a number when finite (Rust writes it in full, and it
@@ -120,7 +185,10 @@ fn literal(column: usize) -> BoxedStrategy<Literal> {
         4 | 5 => text().prop_map(Literal::Text).boxed(),
         6 => any::<bool>().prop_map(Literal::Bool).boxed(),
         7 => f8().prop_map(float_literal).boxed(),
-        _ => f4().prop_map(|f| float_literal(f64::from(f))).boxed(),
+        8 => f4().prop_map(|f| float_literal(f64::from(f))).boxed(),
+        9 => or_odd(date(), &["infinity", "-infinity"]).prop_map(Literal::Text).boxed(),
+        10 => or_odd(timestamp(), &["infinity", "-infinity"]).prop_map(Literal::Text).boxed(),
+        _ => or_odd(timestamptz(), &["infinity", "-infinity"]).prop_map(Literal::Text).boxed(),
     }
 }
 
@@ -171,14 +239,19 @@ fn sql_and_matches_agree_on_random_rows_and_filters() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let db = rt.block_on(TestDb::new());
     let client = rt.block_on(db.client());
+    // An odd time zone: timestamps are written with +05:45 (and, before
+    // 1920, +05:41:16), which `matches` must read back as the same instant.
     rt.block_on(client.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, i2 smallint, i4 integer, i8 bigint, n numeric, s text,
-                         v varchar(10), ok boolean, d double precision, r real)",
+        "SET timezone = 'Asia/Kathmandu';
+         CREATE TABLE t (id int PRIMARY KEY, i2 smallint, i4 integer, i8 bigint, n numeric, s text,
+                         v varchar(10), ok boolean, d double precision, r real,
+                         dt date, ts timestamp, tz timestamptz(3))",
     ))
     .unwrap();
     let insert = rt
         .block_on(client.prepare(
-            "INSERT INTO t (id, i2, i4, i8, n, s, v, ok, d, r) VALUES ($1, $2, $3, $4, $5::text::numeric, $6, $7, $8, $9, $10)",
+            "INSERT INTO t (id, i2, i4, i8, n, s, v, ok, d, r, dt, ts, tz)
+             VALUES ($1, $2, $3, $4, $5::text::numeric, $6, $7, $8, $9, $10, $11::text::date, $12::text::timestamp, $13::text::timestamptz)",
         ))
         .unwrap();
     let mut runner = TestRunner::new(Config { cases: 96, failure_persistence: None, ..Config::default() });
@@ -191,7 +264,8 @@ fn sql_and_matches_agree_on_random_rows_and_filters() {
             client.batch_execute("TRUNCATE t").await.unwrap();
             for (id, r) in rows.iter().enumerate() {
                 let id = id as i32;
-                let params: [&(dyn ToSql + Sync); 10] = [&id, &r.i2, &r.i4, &r.i8, &r.n, &r.s, &r.v, &r.ok, &r.d, &r.r];
+                let params: [&(dyn ToSql + Sync); 13] =
+                    [&id, &r.i2, &r.i4, &r.i8, &r.n, &r.s, &r.v, &r.ok, &r.d, &r.r, &r.dt, &r.ts, &r.tz];
                 client.execute(&insert, &params).await.unwrap();
             }
             let stored = client.query("SELECT id, row_to_json(t)::text FROM t ORDER BY id", &[]).await.unwrap();
