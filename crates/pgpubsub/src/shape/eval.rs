@@ -7,9 +7,10 @@ use std::collections::HashMap;
 
 use serde_json::value::RawValue;
 
-use super::bind::{BoundFilter, Column, ColumnType, Node, Value};
+use super::bind::{BoundFilter, Column, Node, Value};
 use super::decimal::Decimal;
 use super::time::Instant;
+use super::types::ColumnType;
 
 /// One column's value in a row, as JSON gave it. A number keeps its text.
 enum Cell<'a> {

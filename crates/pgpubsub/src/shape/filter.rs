@@ -158,7 +158,7 @@ pub enum FilterError {
     /// The column's type is not one filters support.
     #[error(
         "column {column:?} has type {type_name}, which filters do not support (supported: {})",
-        super::bind::SUPPORTED
+        super::types::SUPPORTED
     )]
     UnsupportedType {
         /// The column.

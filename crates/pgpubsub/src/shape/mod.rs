@@ -45,6 +45,8 @@ mod bind;
 mod decimal;
 mod eval;
 mod filter;
+#[cfg(test)]
+mod fuzz;
 pub mod json;
 mod lex;
 pub mod parse;
@@ -52,10 +54,12 @@ mod sql;
 #[cfg(test)]
 mod tests;
 mod time;
+mod types;
 
-pub use bind::{BoundFilter, ColumnType, TypeRef, SUPPORTED};
+pub use bind::BoundFilter;
 pub use filter::{CompareOp, Filter, FilterError, Literal, MAX_BYTES, MAX_DEPTH, MAX_TERMS, MAX_VALUES};
 pub use sql::Param;
+pub use types::{ColumnType, TypeRef, SUPPORTED};
 
 /// `name` as a quoted SQL identifier: between double quotes, each one inside
 /// doubled, so no column name can end it early.

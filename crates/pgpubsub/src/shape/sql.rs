@@ -4,7 +4,8 @@
 
 use tokio_postgres::types::ToSql;
 
-use super::bind::{BoundFilter, Column, ColumnType, Node, Value};
+use super::bind::{BoundFilter, Column, Node, Value};
+use super::types::ColumnType;
 use super::{quote_ident, time};
 
 /// A query parameter, owned, sendable to a connection on another task.
