@@ -16,6 +16,8 @@
 //!   what writes the log; [`store`]: the event-sourced snapshot + history
 //!   store, which writes it too;
 //! - [`retention`]: pruning the log by age or count;
+//! - [`shape`]: what a subscriber wants of a table: a filter over its
+//!   columns, as a SQL predicate and evaluated on each event's row;
 //! - `event_log`: reading the log back through a [`LogConn`]: pages, the
 //!   wake lock, durable cursors, stored events rendered as JSON;
 //! - `tail`: the one delivery engine, from a commit-safe [`cursor`] through
@@ -60,6 +62,7 @@ pub mod listener;
 pub mod migrate;
 pub mod reassembly;
 pub mod retention;
+pub mod shape;
 pub mod stats;
 pub mod store;
 mod tail;

@@ -18,6 +18,7 @@ mod migrations;
 mod proxy;
 mod retention;
 mod security;
+mod shape_filter;
 mod sizes;
 mod tls;
 mod tls_server;
