@@ -206,7 +206,9 @@ impl fmt::Display for Filter {
             Filter::IsNull { column, negated } => {
                 write!(f, "{} is {}null", ident(column), if *negated { "not " } else { "" })
             }
-            Filter::Like { column, pattern } => write!(f, "{} like {}", ident(column), quote(pattern, '\'')),
+            Filter::Like { column, pattern } => {
+                write!(f, "{} like {}", ident(column), super::words::quote(pattern, '\''))
+            }
         }
     }
 }
@@ -214,7 +216,7 @@ impl fmt::Display for Filter {
 impl fmt::Display for Literal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Literal::Text(s) => f.write_str(&quote(s, '\'')),
+            Literal::Text(s) => f.write_str(&super::words::quote(s, '\'')),
             Literal::Number(n) => f.write_str(n),
             Literal::Bool(b) => write!(f, "{b}"),
         }
@@ -226,24 +228,10 @@ impl fmt::Display for Literal {
 fn ident(name: &str) -> String {
     let bare = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !super::parse::is_keyword(name);
+        && !super::words::is_keyword(name);
     if bare {
         name.to_string()
     } else {
-        quote(name, '"')
+        super::words::quote(name, '"')
     }
-}
-
-/// `s` between `q`s, each `q` inside doubled (as SQL quotes).
-pub(crate) fn quote(s: &str, q: char) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push(q);
-    for c in s.chars() {
-        if c == q {
-            out.push(q);
-        }
-        out.push(c);
-    }
-    out.push(q);
-    out
 }

@@ -23,8 +23,8 @@ impl Token {
     pub(crate) fn describe(&self) -> String {
         match self {
             Token::Word(w) => format!("`{w}`"),
-            Token::Quoted(q) => format!("identifier {}", super::filter::quote(q, '"')),
-            Token::Str(s) => format!("string {}", super::filter::quote(s, '\'')),
+            Token::Quoted(q) => format!("identifier {}", super::words::quote(q, '"')),
+            Token::Str(s) => format!("string {}", super::words::quote(s, '\'')),
             Token::Num(n) => format!("number {n}"),
             Token::Op(o) => format!("`{o}`"),
             Token::Open => "`(`".into(),

@@ -55,6 +55,7 @@ mod sql;
 mod tests;
 mod time;
 mod types;
+mod words;
 
 pub use bind::BoundFilter;
 pub use filter::{CompareOp, Filter, FilterError, Literal, MAX_BYTES, MAX_DEPTH, MAX_TERMS, MAX_VALUES};
@@ -64,5 +65,5 @@ pub use types::{ColumnType, TypeRef, SUPPORTED};
 /// `name` as a quoted SQL identifier: between double quotes, each one inside
 /// doubled, so no column name can end it early.
 pub(crate) fn quote_ident(name: &str) -> String {
-    filter::quote(name, '"')
+    words::quote(name, '"')
 }

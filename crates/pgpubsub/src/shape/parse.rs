@@ -22,14 +22,6 @@
 use super::filter::{CompareOp, Filter, FilterError, Literal, MAX_BYTES, MAX_DEPTH, MAX_TERMS, MAX_VALUES};
 use super::lex::{Lexer, Token};
 
-const KEYWORDS: [&str; 9] = ["and", "or", "not", "in", "is", "null", "like", "true", "false"];
-
-/// Whether a (lower-case) bare word is one of the grammar's keywords, which
-/// a column so named must be quoted to avoid.
-pub(crate) fn is_keyword(word: &str) -> bool {
-    KEYWORDS.contains(&word)
-}
-
 struct Parser<'a> {
     lexer: Lexer<'a>,
     /// The current token and where it starts.
@@ -131,7 +123,7 @@ impl Parser<'_> {
 
     fn predicate(&mut self) -> Result<Filter, FilterError> {
         let column = match &self.token {
-            Token::Word(w) if !is_keyword(w) => w.clone(),
+            Token::Word(w) if !super::words::is_keyword(w) => w.clone(),
             Token::Quoted(q) => q.clone(),
             _ => return Err(self.expected("a column, `not` or `(`")),
         };
