@@ -71,6 +71,18 @@ pub struct ServeArgs {
     /// kept-alive connection may idle between requests (e.g. 10s).
     #[arg(long, env = "PGPUBSUB_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
+    /// How often every WebSocket gets a ping and a `{"type":"heartbeat"}`
+    /// message, and every SSE stream a keep-alive comment (e.g. 15s), so
+    /// that clients, proxies and the gateway can tell a quiet connection
+    /// from a dead one.
+    #[arg(long, env = "PGPUBSUB_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+    /// A WebSocket whose client has sent nothing (not even a pong) for this
+    /// long, or any connection whose writes have waited this long for the
+    /// peer, is closed and counted (`pgpubsub_dead_connections_total`).
+    /// Longer than --heartbeat.
+    #[arg(long, env = "PGPUBSUB_HEARTBEAT_TIMEOUT", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
     /// Publishes (and store writes) per second per token, or per client
     /// address without one, with bursts of twice that; past it, 429. 0: no limit.
     #[arg(long, env = "PGPUBSUB_PUBLISH_RATE", default_value_t = 0.0)]
@@ -131,6 +143,8 @@ pub struct AppState {
     pub listener_state: watch::Receiver<ConnectionState>,
     pub max_event_bytes: usize,
     pub auth: auth::Auth,
+    /// WebSocket heartbeats, and the silence after which a client is dead.
+    pub heartbeat: Heartbeat,
     /// Becomes true on SIGTERM / Ctrl-C: every feed ends, so streams close
     /// and graceful shutdown can finish.
     pub shutdown: watch::Receiver<bool>,
@@ -138,6 +152,20 @@ pub struct AppState {
     /// server exits once all are dropped (axum's graceful shutdown does not
     /// wait for upgraded connections, which would lose their close frames).
     pub _alive: tokio::sync::mpsc::Sender<()>,
+}
+
+/// The heartbeat of subscriber connections (`--heartbeat`,
+/// `--heartbeat-timeout`).
+#[derive(Clone, Debug)]
+pub struct Heartbeat {
+    /// How often a WebSocket gets a ping and a heartbeat message, and an SSE
+    /// stream a keep-alive comment.
+    pub every: Duration,
+    /// A WebSocket client silent this long is dead (checked at each beat, so
+    /// it is closed within `timeout + every`).
+    pub timeout: Duration,
+    /// WebSockets closed so far because their client fell silent.
+    pub silent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and lets
@@ -162,6 +190,13 @@ pub async fn run_until(
     anyhow::ensure!(args.max_connections > 0, "--max-connections must be at least 1");
     anyhow::ensure!(args.db_connections > 0, "--db-connections must be at least 1");
     anyhow::ensure!(args.publish_rate >= 0.0, "--publish-rate must be 0 (no limit) or more");
+    anyhow::ensure!(!args.heartbeat.is_zero(), "--heartbeat must be longer than 0");
+    anyhow::ensure!(
+        args.heartbeat_timeout > args.heartbeat,
+        "--heartbeat-timeout ({:?}) must be longer than --heartbeat ({:?}): a client answers a heartbeat only after it came",
+        args.heartbeat_timeout,
+        args.heartbeat
+    );
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
         _ => None,
@@ -182,10 +217,12 @@ pub async fn run_until(
             (None, stats, state)
         }
         Some(url) => {
-            let source = Arc::new(nats::Source::connect(&url, &args.stream, &args.subject_prefix).await?);
-            let stats = Arc::new(Stats::default());
             let (state_tx, state_rx) =
                 watch::channel(ConnectionState::Reconnecting { attempt: 0, error: "starting".into() });
+            let state_tx = Arc::new(state_tx);
+            let source =
+                Arc::new(nats::Source::connect(&url, &args.stream, &args.subject_prefix, state_tx.clone()).await?);
+            let stats = Arc::new(Stats::default());
             tokio::spawn(nats::feed_hub(hub.clone(), source.clone(), state_tx, stats.clone()));
             tracing::info!(nats = %source.url, stream = %args.stream, "events come from NATS; publishes go to PostgreSQL");
             (Some(source), stats, state_rx)
@@ -204,6 +241,7 @@ pub async fn run_until(
         listener_state,
         max_event_bytes: args.max_event_bytes,
         auth: auth.clone(),
+        heartbeat: Heartbeat { every: args.heartbeat, timeout: args.heartbeat_timeout, silent: Arc::default() },
         shutdown: shutdown.clone(),
         _alive: alive,
     };
@@ -230,7 +268,7 @@ pub async fn run_until(
         let _ = stopped.wait_for(|s| *s).await;
     };
     let places = state.places.clone();
-    let options = server::Options { header_timeout: args.header_timeout, tls };
+    let options = server::Options { header_timeout: args.header_timeout, tls, write_timeout: args.heartbeat_timeout };
     server::serve(socket, api::router(state), places, options, until_stopped).await;
     // The router and its state are gone; wait for the sockets still closing.
     if tokio::time::timeout(Duration::from_secs(5), drained.recv()).await.is_err() {

@@ -199,6 +199,14 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         metrics::describe_counter!(name, help);
         metrics::counter!(name).absolute(value);
     }
+    // Connections given up on because their peer fell silent, by how it showed.
+    let dead = "pgpubsub_dead_connections_total";
+    metrics::describe_counter!(
+        dead,
+        "Connections dropped as dead: reason=silent, a WebSocket client sent nothing (no pong) for --heartbeat-timeout; reason=write_stalled, a write waited that long for the peer."
+    );
+    metrics::counter!(dead, "reason" => "silent").absolute(state.heartbeat.silent.load(Ordering::Relaxed));
+    metrics::counter!(dead, "reason" => "write_stalled").absolute(state.places.stalled());
     for (name, help, value) in gauges {
         metrics::describe_gauge!(name, help);
         metrics::gauge!(name).set(value);

@@ -3,6 +3,9 @@
 //! through the log, then go on live, and end when the token expires.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -60,6 +63,7 @@ pub async fn sse(
     let claims = state.auth.check(auth::token_from(&headers, &state.origins)?.as_deref())?;
     let (filter, since) = request.resolve(&state, &claims, last)?;
     let expires = expiry(&claims);
+    let keep_alive = state.heartbeat.every;
     let feed = Feed::new(state, filter, since).await?;
     let start = feed.position();
     let record = |event: &str, data: &str, id: Option<Cursor>| {
@@ -76,8 +80,9 @@ pub async fn sse(
         // Feed::next is cancel-safe: the keep-alive may interrupt it.
         let next = tokio::select! {
             next = feed.next() => next,
-            // A comment now and then keeps proxies from closing an idle stream.
-            () = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
+            // A comment every --heartbeat keeps proxies from closing an idle
+            // stream, and tells the client it is alive.
+            () = tokio::time::sleep(keep_alive) => {
                 return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(feed)));
             }
             () = tokio::time::sleep_until(expires) => {
@@ -118,11 +123,17 @@ pub async fn sse(
 /// comes as `{"type": "event", "id": "<resume>", "event": {...}}`. A
 /// subscriber that falls behind gets `{"type": "lagged", ...}` and close code
 /// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
+/// Every `--heartbeat` the socket gets a ping and `{"type": "heartbeat"}`
+/// (pages cannot see pings); a client silent past `--heartbeat-timeout` is
+/// dropped.
 #[utoipa::path(get, path = "/ws", tag = "subscribe",
     description = "Upgrades to a WebSocket. The client's first message is the request as JSON: \
 `{\"channels\": [...], \"table\", \"ops\", \"where\": {\"col\": value}, \"since\", \"ack\", \"token\"}`. \
 Then each event comes as `{\"type\": \"event\", \"id\": \"<position>\", \"event\": {...}}`; also \
-`subscribed`, `resync`, `lagged` (close 4000), `expired` and `error` (close 4400, 4401).",
+`subscribed`, `resync`, `lagged` (close 4000), `expired` and `error` (close 4400, 4401). \
+Every `--heartbeat` (15 s) the server sends a ping and `{\"type\": \"heartbeat\"}`: a client that \
+hears nothing for three heartbeats may take the connection as dead and resume elsewhere. A client \
+that sends nothing, not even a pong, for `--heartbeat-timeout` (45 s) is dropped without a close frame.",
     params(("Origin" = Option<String>, Header, description = "With a token in the cookie, must be a trusted origin")),
     responses(
         (status = 101, description = "Switched to WebSocket"),
@@ -157,6 +168,7 @@ pub async fn ws(State(state): State<AppState>, headers: HeaderMap, upgrade: WebS
 }
 
 async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket) {
+    let beat = state.heartbeat.clone();
     let (mut tx, mut rx) = socket.split();
     let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.next()).await;
     let request = match first {
@@ -194,16 +206,27 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
         }
     }
     // The read side is watched by a task of its own, so that sending never
-    // polls it: it only wakes when the client sends something (a close).
+    // polls it: it only wakes when the client sends something (a pong, a
+    // close). It notes when it last heard from the client; it ends with this
+    // function, whichever way that returns (a dead client never closes).
+    let began = tokio::time::Instant::now();
+    let heard = Arc::new(AtomicU64::new(0));
     let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        while let Some(Ok(m)) = rx.next().await {
-            if matches!(m, Message::Close(_)) {
-                break;
+    let reader = {
+        let heard = heard.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = rx.next().await {
+                heard.store(millis(began.elapsed()), Ordering::Relaxed);
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
             }
-        }
-        let _ = closed_tx.send(());
-    });
+            let _ = closed_tx.send(());
+        })
+    };
+    let _reader = AbortOnDrop(reader);
+    let mut heartbeat = tokio::time::interval_at(began + beat.every, beat.every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One timer for the token's expiry, not one per delivery.
     let expiry = tokio::time::sleep_until(expires);
     tokio::pin!(expiry);
@@ -215,6 +238,21 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
                 let _ = tx.send(Message::Text(json!({"type": "expired", "error": "the token expired"}).to_string().into())).await;
                 let _ = tx.send(Message::Close(Some(CloseFrame { code: 4401, reason: "token expired".into() }))).await;
                 return;
+            }
+            _ = heartbeat.tick() => {
+                let silent = began.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
+                if silent > beat.timeout {
+                    // Gone without a word (a NAT timeout, a sleeping laptop):
+                    // no close frame, it would not arrive either.
+                    beat.silent.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(?silent, "a WebSocket client fell silent past --heartbeat-timeout: dropped");
+                    return;
+                }
+                let ping = tx.feed(Message::Ping(bytes::Bytes::new())).await;
+                if ping.is_err() || tx.send(Message::Text(HEARTBEAT.into())).await.is_err() {
+                    return;
+                }
+                continue;
             }
         };
         // This item, then whatever else is ready, in one flush.
@@ -238,6 +276,23 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
             return;
         }
     }
+}
+
+/// What a WebSocket gets every `--heartbeat`, besides a ping: browsers do not
+/// show pings to pages.
+const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One feed item as a WebSocket message, and the close that must follow it.

@@ -8,6 +8,7 @@ mod bridge;
 mod browser;
 mod cli;
 mod gateway;
+mod heartbeat;
 mod operable;
 mod serve;
 mod tls;
