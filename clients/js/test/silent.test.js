@@ -7,7 +7,7 @@ import { describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { get } from "node:http";
 import { connect } from "../src/client.js";
-import { TRANSPORTS, scratchDb, serve, unique, until, publishSql, sql, WAIT } from "./support/helpers.js";
+import { TRANSPORTS, scratchDb, serve, unique, until, sql, WAIT } from "./support/helpers.js";
 import { freezingProxy } from "./support/proxy.js";
 
 /** The server's heartbeat and timeout, short for the test. */
@@ -44,10 +44,15 @@ for (const [name, options] of TRANSPORTS) {
       });
       await until(() => sub.state === "open", "subscribed");
       const written = [];
+      let batches = 0;
       const write = async (prefix, n, size = 0) => {
-        const batch = Array.from({ length: n }, (_, i) => `${prefix} ${i} ${"x".repeat(size)}`);
-        await publishSql(db, ch, batch);
-        written.push(...batch);
+        prefix = `${prefix}${batches++}`;
+        await sql(
+          db,
+          `SELECT count(pubsub.publish('${ch}', '${prefix} ' || i || ' ' || repeat('x', ${size})))
+           FROM generate_series(0, ${n - 1}) i`,
+        );
+        written.push(...Array.from({ length: n }, (_, i) => `${prefix} ${i} ${"x".repeat(size)}`));
       };
       await write("before", 20);
       await until(() => got.length === 20, "the events before the freeze");
