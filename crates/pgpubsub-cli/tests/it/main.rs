@@ -9,6 +9,7 @@ mod browser;
 mod cli;
 mod gateway;
 mod heartbeat;
+mod nats_outage;
 mod operable;
 mod serve;
 mod tls;
