@@ -31,9 +31,9 @@ use crate::stats::Stats;
 use crate::tail::{PageLimits, Tail};
 
 /// Rows read from the log per page while catching a subscriber up.
-const PAGE_ROWS: i64 = 500;
+pub(crate) const PAGE_ROWS: i64 = 500;
 /// Bytes read from the log per page (past the first event).
-const PAGE_BYTES: i64 = 8 << 20;
+pub(crate) const PAGE_BYTES: i64 = 8 << 20;
 
 /// The histogram (through the `metrics` facade; an application installs the
 /// exporter) of how long resuming subscribers took to read the log up to the

@@ -26,7 +26,8 @@
 //! - [`hub`]: one stream fanned out to many subscribers, each with a filter
 //!   and a bounded queue; [`feed`]: one subscriber's resume from the log
 //!   (or from another copy of it, a [`Replay`]), then live from the hub,
-//!   without a gap;
+//!   without a gap; [`SharedReplays`]: many resumes from one position
+//!   sharing one read of the log (a crowd reconnecting at once);
 //! - [`wal`]: the other way in: events of tables watched with
 //!   `pubsub.watch_wal`, read from a logical replication slot, no trigger
 //!   in the writer's transaction;
@@ -54,6 +55,7 @@ pub mod hub;
 pub mod listener;
 pub mod migrate;
 pub mod reassembly;
+mod replay;
 pub mod retention;
 pub mod stats;
 pub mod store;
@@ -71,6 +73,7 @@ pub use feed::{Feed, FeedItem, Replay, ReplayPage, Replayed};
 pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;
+pub use replay::SharedReplays;
 pub use stats::{Stats, StatsSnapshot};
 pub use wal::{WalListener, WalOptions};
 pub use watch::{publish, unwatch, watch};

@@ -164,6 +164,8 @@ async fn connect_nats(args: &BridgeArgs, me: &str) -> anyhow::Result<(async_nats
         .name(me)
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // A silent NATS is dropped after three pings (docs/delivery.md).
+        .ping_interval(crate::serve::NATS_PING)
         .request_timeout(Some(args.ack_timeout))
         .reconnect_delay_callback(|attempt| {
             Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6) as u64)).min(Duration::from_secs(2))

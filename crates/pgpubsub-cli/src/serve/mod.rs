@@ -40,6 +40,7 @@ use pgpubsub::{ConnectionState, Hub, Listener, ListenerOptions, LogConn, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use api::documented as openapi;
+pub use nats::NATS_PING;
 
 /// Options of `serve`.
 #[derive(Debug, clap::Args)]
@@ -127,6 +128,8 @@ pub struct AppState {
     pub hub: Hub,
     /// Connections for publishes, store requests and replays.
     pub db: Arc<Pool>,
+    /// Resumes from one position share one read of the log.
+    pub replays: Arc<pgpubsub::SharedReplays>,
     /// The channels served.
     pub served: Arc<access::Served>,
     /// Origins trusted with the cookie.
@@ -231,6 +234,10 @@ pub async fn run_until(
     let state = AppState {
         hub: hub.clone(),
         db: Arc::new(Pool::new(config, args.db_connections)),
+        replays: Arc::new(pgpubsub::SharedReplays::new(&pgpubsub::Limits {
+            max_event_bytes: args.max_event_bytes as u64,
+            ..pgpubsub::Limits::default()
+        })),
         served: Arc::new(served.clone()),
         origins: Arc::new(origins),
         listening,

@@ -157,7 +157,17 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.listener_stats.snapshot();
     let h = state.hub.stats();
     let up = matches!(&*state.listener_state.borrow(), ConnectionState::Listening);
-    let counters: [(&str, &str, u64); 8] = [
+    let counters: [(&str, &str, u64); 10] = [
+        (
+            "pgpubsub_replay_reads_total",
+            "Pages of the log read for resuming subscribers (resumes from one position share them).",
+            state.replays.reads(),
+        ),
+        (
+            "pgpubsub_replay_shared_total",
+            "Resumes that joined a read of the log another resume had started.",
+            state.replays.joined(),
+        ),
         (
             "pgpubsub_events_in_total",
             "Events received from the source (PostgreSQL, or NATS with --source nats).",

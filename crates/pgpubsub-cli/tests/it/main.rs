@@ -7,6 +7,7 @@
 mod bridge;
 mod browser;
 mod cli;
+mod crowd;
 mod gateway;
 mod heartbeat;
 mod nats_outage;
