@@ -48,6 +48,9 @@ pub struct SharedReplays {
     reads: AtomicU64,
     /// Resumes that joined a group already reading.
     joined: AtomicU64,
+    /// Whether resumes share groups at all (off only to measure what
+    /// sharing saves).
+    share: bool,
 }
 
 /// What a group reads: from where, which channels (sorted; `None`: all).
@@ -95,7 +98,15 @@ impl SharedReplays {
     /// skipping events over `limits.max_event_bytes`.
     pub fn new(limits: &Limits) -> SharedReplays {
         let limits = PageLimits { rows: PAGE_ROWS, bytes: PAGE_BYTES, max_event_bytes: limits.max_event_bytes };
-        SharedReplays { groups: Mutex::default(), limits, reads: AtomicU64::new(0), joined: AtomicU64::new(0) }
+        let (reads, joined) = (AtomicU64::new(0), AtomicU64::new(0));
+        SharedReplays { groups: Mutex::default(), limits, reads, joined, share: true }
+    }
+
+    /// With `false`, every resume reads the log for itself, as without
+    /// sharing (the reads are still counted): to measure what sharing saves.
+    pub fn sharing(mut self, share: bool) -> SharedReplays {
+        self.share = share;
+        self
     }
 
     /// Pages read from the log for resumes so far (each one statement).
@@ -120,7 +131,7 @@ impl SharedReplays {
         }
         let key = (since, channels);
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        let joinable = groups.get(&key).and_then(Weak::upgrade).filter(|g| g.join());
+        let joinable = groups.get(&key).filter(|_| self.share).and_then(Weak::upgrade).filter(|g| g.join());
         let group = match joinable {
             Some(g) => {
                 self.joined.fetch_add(1, Ordering::Relaxed);

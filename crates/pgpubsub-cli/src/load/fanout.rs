@@ -43,14 +43,38 @@ pub struct FanoutArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// A reconnect storm instead (`storm.rs`): the clients subscribe, the
+    /// gateway is killed, `--events` messages are written while it is down,
+    /// and it is started again; how soon every client has them all, and the
+    /// reads of the log that took.
+    #[arg(long, conflicts_with_all = ["idle", "nats"])]
+    pub storm: bool,
+    /// Idle instead (`storm.rs`): the clients subscribe and nothing is
+    /// published for this long; the gateway's CPU and the heartbeat bytes
+    /// per second.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "nats")]
+    pub idle: Option<Duration>,
+    /// `serve --heartbeat` for `--storm` and `--idle` (the timeout three times it).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub heartbeat: Option<Duration>,
+    /// `serve --replay-alone` for `--storm`: every resume reads the log for
+    /// itself, to see what sharing saves.
+    #[arg(long)]
+    pub replay_alone: bool,
 }
 
-const CHANNEL: &str = "pgpubsub_fanout";
+pub(super) const CHANNEL: &str = "pgpubsub_fanout";
 
 /// Runs it and prints the report.
 pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Result<()> {
     let mut admin = crate::cmd::connect(config).await?;
     pgpubsub::migrate::up(&mut admin, false).await?;
+    if args.storm {
+        return super::storm::storm(config, url, args).await;
+    }
+    if let Some(duration) = args.idle {
+        return super::storm::idle(url, args, duration).await;
+    }
     let run = format!("{}_{}", std::process::id(), now_us() % 1_000_000);
     let (stream, prefix) = (format!("PGPUBSUB_FANOUT_{run}"), format!("pgpubsub_fanout_{run}"));
     let mut bridge = None;
@@ -215,7 +239,7 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
     Ok(())
 }
 
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+pub(super) async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;

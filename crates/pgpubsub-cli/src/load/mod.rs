@@ -12,6 +12,7 @@ pub use probe::now_us;
 pub mod proc;
 mod receiver;
 mod report;
+mod storm;
 mod workload;
 mod writer_tables;
 

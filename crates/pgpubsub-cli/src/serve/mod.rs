@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// With `--source nats`: the subjects' prefix, as given to `pgpubsub bridge`.
     #[arg(long, env = "PGPUBSUB_SUBJECT_PREFIX", default_value = "pgpubsub")]
     pub subject_prefix: String,
+    /// Every resume reads the log for itself instead of sharing reads with
+    /// resumes from the same position (to measure what sharing saves).
+    #[arg(long, hide = true)]
+    pub replay_alone: bool,
     /// Who may read and write what (off unless a secret or key is given).
     #[command(flatten)]
     pub auth: auth::AuthArgs,
@@ -234,10 +238,13 @@ pub async fn run_until(
     let state = AppState {
         hub: hub.clone(),
         db: Arc::new(Pool::new(config, args.db_connections)),
-        replays: Arc::new(pgpubsub::SharedReplays::new(&pgpubsub::Limits {
-            max_event_bytes: args.max_event_bytes as u64,
-            ..pgpubsub::Limits::default()
-        })),
+        replays: Arc::new(
+            pgpubsub::SharedReplays::new(&pgpubsub::Limits {
+                max_event_bytes: args.max_event_bytes as u64,
+                ..pgpubsub::Limits::default()
+            })
+            .sharing(!args.replay_alone),
+        ),
         served: Arc::new(served.clone()),
         origins: Arc::new(origins),
         listening,
