@@ -32,9 +32,9 @@ use std::time::Instant;
 
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
-use crate::event::Event;
 use crate::event_log::LogConn;
 use crate::feed::{Replay, ReplayPage, Replayed, PAGE_BYTES, PAGE_ROWS};
+use crate::hub::Shared;
 use crate::reassembly::Limits;
 use crate::stats::Stats;
 use crate::tail::{PageLimits, Tail};
@@ -78,9 +78,9 @@ struct Shelf {
 /// One page as read, with what a member needs to use it.
 #[derive(Debug)]
 struct Read {
-    /// The tail's position before the page.
-    from: Cursor,
-    events: Vec<Event>,
+    /// The events, each with the position a member stands at once it
+    /// handled it, shared by every member (rendered once for all).
+    events: Vec<Arc<Shared>>,
     /// Where a subscriber stands once it has handled the page.
     position: Cursor,
     /// The page was full.
@@ -181,11 +181,16 @@ impl Group {
         let (began, from) = (Instant::now(), tail.position());
         let read = match tail.next_page(&self.log).await {
             Ok(page) => {
-                let (events, position, more) = (page.events, page.position, page.more);
-                Read { from, events, position, more, gone: None, began }
+                let (position, more, last) = (page.position, page.more, page.events.len().saturating_sub(1));
+                // As the log's own replay (`feed::LogReplay`): only the
+                // page's end is final, a late commit may still land below
+                // an event inside it.
+                let events = page.events.into_iter().enumerate();
+                let events = events.map(|(i, e)| Arc::new(Shared::new(e, if i == last { position } else { from })));
+                Read { events: events.collect(), position, more, gone: None, began }
             }
             Err(Error::ResyncNeeded { cursor, pruned }) => {
-                Read { from, events: Vec::new(), position: pruned, more: true, gone: Some((cursor, pruned)), began }
+                Read { events: Vec::new(), position: pruned, more: true, gone: Some((cursor, pruned)), began }
             }
             Err(e) => return Err(e),
         };
@@ -248,18 +253,16 @@ impl Replay for Member {
             if read.gone.is_some() {
                 return Ok(ReplayPage { gone: read.gone, ..ReplayPage::default() });
             }
-            // As the log's own replay (`feed::LogReplay`) does; "caught up"
-            // only from a read that began after this member subscribed.
+            // "Caught up" only from a read that began after this member
+            // subscribed.
             let caught_up = read.events.is_empty() && !read.more && read.began >= subscribed;
-            let last = read.events.len().saturating_sub(1);
             let events = read
                 .events
                 .iter()
-                .enumerate()
-                .map(|(i, event)| {
-                    let at = event.seq.zip(event.txid).map(|(seq, txid)| Cursor { txid, seq });
-                    let position = if i == last { read.position } else { read.from };
-                    Replayed { comes_live: at.is_some_and(|c| c > live_from), event: event.clone(), position }
+                .map(|shared| {
+                    let e = &shared.event;
+                    let at = e.seq.zip(e.txid).map(|(seq, txid)| Cursor { txid, seq });
+                    Replayed { comes_live: at.is_some_and(|c| c > live_from), shared: shared.clone() }
                 })
                 .collect();
             Ok(ReplayPage { events, position: read.position, caught_up, gone: None })

@@ -13,7 +13,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -29,8 +29,6 @@ use super::proc;
 /// What one client saw.
 #[derive(Default)]
 struct Seen {
-    /// The id of the last event (or the subscription's), to resume from.
-    last_id: Option<String>,
     /// Missed events received, by number.
     missed: HashSet<u64>,
     duplicates: u64,
@@ -38,14 +36,32 @@ struct Seen {
     done: Option<Instant>,
     /// Close codes (or errors) that ended its connections.
     closes: Vec<String>,
-    connects: u64,
+}
+
+/// What the clients share with the run: how many stand at a position
+/// (have a last id), how many have every missed event.
+#[derive(Default)]
+struct Crowd {
+    positioned: AtomicU64,
+    done: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// The value of `"key":"…"` in `text` (no escapes in what is looked for).
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let at = text.find(key)? + key.len();
+    let rest = &text[at..];
+    Some(&rest[..rest.find('"')?])
 }
 
 /// A client that reconnects at once (then every 50 ms) after any drop,
-/// resuming from its last id, until `stop`.
-async fn client(addr: String, want: u64, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
-    let lock = |s: &Arc<Mutex<Seen>>| s.lock().unwrap_or_else(|e| e.into_inner()).last_id.clone();
-    while !stop.load(Ordering::Relaxed) {
+/// resuming from its last id, until the crowd stops; what it saw. It reads
+/// no more of each message than it needs (the clients share the machine
+/// with the gateway: their cost is not the gateway's).
+async fn client(addr: String, want: u64, crowd: Arc<Crowd>) -> Seen {
+    let mut seen = Seen::default();
+    let mut last_id: Option<String> = None;
+    while !crowd.stop.load(Ordering::Relaxed) {
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
         let Ok((mut ws, _)) =
             tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), true).await
@@ -54,18 +70,17 @@ async fn client(addr: String, want: u64, seen: Arc<Mutex<Seen>>, stop: Arc<Atomi
             continue;
         };
         let mut request = json!({"channels": [CHANNEL], "ack": true});
-        if let Some(id) = lock(&seen) {
-            request["since"] = id.into();
+        if let Some(id) = &last_id {
+            request["since"] = id.clone().into();
         }
         if ws.send(Message::text(request.to_string())).await.is_err() {
             continue;
         }
-        seen.lock().unwrap_or_else(|e| e.into_inner()).connects += 1;
         let why = loop {
             let m = tokio::select! {
                 m = ws.next() => m,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if stop.load(Ordering::Relaxed) { return }
+                    if crowd.stop.load(Ordering::Relaxed) { return seen }
                     continue;
                 }
             };
@@ -76,26 +91,25 @@ async fn client(addr: String, want: u64, seen: Arc<Mutex<Seen>>, stop: Arc<Atomi
                 Some(Err(e)) => break format!("error: {e}"),
                 None => break "ended".into(),
             };
-            let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
-            let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-            match v["type"].as_str() {
-                Some("subscribed") if s.last_id.is_none() => s.last_id = v["id"].as_str().map(str::to_string),
-                Some("event") => {
-                    s.last_id = v["id"].as_str().map(str::to_string);
-                    let n = v["event"]["payload"].as_str().and_then(|p| p.strip_prefix("missed ")?.parse().ok());
-                    if let Some(n) = n {
-                        if !s.missed.insert(n) {
-                            s.duplicates += 1;
-                        } else if s.missed.len() as u64 == want {
-                            s.done = Some(Instant::now());
-                        }
-                    }
-                }
-                _ => {}
+            let event = text.starts_with(r#"{"type":"event""#);
+            if !(event || text.starts_with(r#"{"type":"subscribed""#) && last_id.is_none()) {
+                continue;
+            }
+            if last_id.is_none() {
+                crowd.positioned.fetch_add(1, Ordering::Relaxed);
+            }
+            last_id = field(&text, r#""id":""#).map(str::to_string);
+            let Some(n) = field(&text, r#""payload":"missed "#).and_then(|n| n.parse::<u64>().ok()) else { continue };
+            if !seen.missed.insert(n) {
+                seen.duplicates += 1;
+            } else if seen.missed.len() as u64 == want {
+                seen.done = Some(Instant::now());
+                crowd.done.fetch_add(1, Ordering::Relaxed);
             }
         };
-        seen.lock().unwrap_or_else(|e| e.into_inner()).closes.push(why);
+        seen.closes.push(why);
     }
+    seen
 }
 
 /// A free port on 127.0.0.1, for a gateway that must come back there.
@@ -128,14 +142,8 @@ async fn metric(addr: &str, name: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(f64::NAN)
 }
 
-async fn connect_all(addr: &str, args: &FanoutArgs, want: u64, stop: &Arc<AtomicBool>) -> Vec<Arc<Mutex<Seen>>> {
-    let mut all = Vec::new();
-    for _ in 0..args.clients {
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        tokio::spawn(client(addr.to_string(), want, seen.clone(), stop.clone()));
-        all.push(seen);
-    }
-    all
+fn connect_all(addr: &str, args: &FanoutArgs, want: u64, crowd: &Arc<Crowd>) -> Vec<tokio::task::JoinHandle<Seen>> {
+    (0..args.clients).map(|_| tokio::spawn(client(addr.to_string(), want, crowd.clone()))).collect()
 }
 
 async fn until_subscribed(addr: &str, n: usize) -> anyhow::Result<()> {
@@ -166,14 +174,14 @@ pub async fn storm(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Res
     let addr = format!("127.0.0.1:{}", free_port()?);
     let mut server = gateway(url, &addr, args)?;
     server.wait_for("serving on http://").await.context("pgpubsub serve")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = connect_all(&addr, args, args.events, &stop).await;
+    let crowd = Arc::new(Crowd::default());
+    let clients = connect_all(&addr, args, args.events, &crowd);
     until_subscribed(&addr, args.clients).await?;
     // One live event: every client stands where a live crowd stands.
     let channel = pgpubsub::Channel::new(CHANNEL)?;
     pgpubsub::publish(&admin, &channel, "live").await?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while clients.iter().any(|c| c.lock().unwrap_or_else(|e| e.into_inner()).last_id.is_none()) {
+    while (crowd.positioned.load(Ordering::Relaxed) as usize) < args.clients {
         if Instant::now() > deadline {
             bail!("the live event did not reach every client");
         }
@@ -196,8 +204,7 @@ pub async fn storm(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Res
     let (mut ready, mut unready, mut reasons) = (0u64, 0u64, HashSet::new());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let done = clients.iter().filter(|c| c.lock().unwrap_or_else(|e| e.into_inner()).done.is_some()).count();
-        if done == clients.len() || Instant::now() > deadline {
+        if crowd.done.load(Ordering::Relaxed) as usize == args.clients || Instant::now() > deadline {
             break;
         }
         let body = http_get(&addr, "/readyz").await.unwrap_or_default();
@@ -213,12 +220,12 @@ pub async fn storm(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Res
     let cpu_ms = proc::usage(pid).map_or(0, |u| u.cpu_ns.saturating_sub(cpu_before)) as f64 / 1e6;
     let reads = metric(&addr, "pgpubsub_replay_reads_total").await;
     let shared = metric(&addr, "pgpubsub_replay_shared_total").await;
-    stop.store(true, Ordering::Relaxed);
+    crowd.stop.store(true, Ordering::Relaxed);
 
     let mut times: Vec<f64> = Vec::new();
     let (mut lost, mut duplicates, mut codes) = (0u64, 0u64, std::collections::BTreeMap::<String, u64>::new());
-    for c in &clients {
-        let s = c.lock().unwrap_or_else(|e| e.into_inner());
+    for c in clients {
+        let s = c.await?;
         lost += args.events - s.missed.len() as u64;
         duplicates += s.duplicates;
         if let Some(done) = s.done {

@@ -30,6 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use futures_util::StreamExt;
+use pgpubsub::hub::Shared;
 use pgpubsub::{ConnectionState, Cursor, Event, Hub, Replay, ReplayPage, Replayed, Stats};
 use tokio::sync::watch;
 
@@ -320,7 +321,8 @@ impl StreamReplay {
             }
             page.position = position(seq);
             if let Some(event) = self.source.event(&message, seq, &self.stats) {
-                page.events.push(Replayed { event, position: position(seq), comes_live: false });
+                let shared = Arc::new(Shared::new(event, position(seq)));
+                page.events.push(Replayed { shared, comes_live: false });
             }
             if pending == 0 || seq == reading.upto || page.events.len() >= 500 {
                 page.caught_up = pending == 0 || seq == reading.upto;

@@ -207,8 +207,10 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
     }
     // The read side is watched by a task of its own, so that sending never
     // polls it: it only wakes when the client sends something (a pong, a
-    // close). It notes when it last heard from the client; it ends with this
-    // function, whichever way that returns (a dead client never closes).
+    // close). It notes when it last heard from the client. When this
+    // function returns it is given the timeout to read the client's answer
+    // to a close (closing a socket with unread data resets it, which can
+    // destroy the close frame sent), or ended at once for a dead client.
     let began = tokio::time::Instant::now();
     let heard = Arc::new(AtomicU64::new(0));
     let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
@@ -224,7 +226,7 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
             let _ = closed_tx.send(());
         })
     };
-    let _reader = AbortOnDrop(reader);
+    let mut reader = Reader { task: Some(reader), linger: beat.timeout };
     let mut heartbeat = tokio::time::interval_at(began + beat.every, beat.every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One timer for the token's expiry, not one per delivery.
@@ -246,6 +248,7 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
                     // no close frame, it would not arrive either.
                     beat.silent.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(?silent, "a WebSocket client fell silent past --heartbeat-timeout: dropped");
+                    reader.abort();
                     return;
                 }
                 let ping = tx.feed(Message::Ping(bytes::Bytes::new())).await;
@@ -282,12 +285,32 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
 /// show pings to pages.
 const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A socket's reading task: when dropped, given `linger` to end by itself
+/// (the client answering a close), then ended.
+struct Reader {
+    task: Option<tokio::task::JoinHandle<()>>,
+    linger: Duration,
+}
 
-impl Drop for AbortOnDrop {
+impl Reader {
+    /// Ends it now (the client is gone).
+    fn abort(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Reader {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = self.task.take() {
+            let (abort, linger) = (task.abort_handle(), self.linger);
+            tokio::spawn(async move {
+                if tokio::time::timeout(linger, task).await.is_err() {
+                    abort.abort();
+                }
+            });
+        }
     }
 }
 

@@ -15,6 +15,7 @@ mod faults;
 mod foreign;
 mod migrations;
 mod proxy;
+mod replays;
 mod retention;
 mod security;
 mod sizes;
