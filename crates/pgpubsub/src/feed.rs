@@ -132,7 +132,10 @@ impl Replay for LogReplay {
                     // Only the page's end is final: a late commit may still
                     // land below an event inside it.
                     let position = if i == last { page.position } else { from };
-                    Replayed { comes_live: at.is_some_and(|c| c > live_from), shared: Arc::new(Shared::new(event, position)) }
+                    Replayed {
+                        comes_live: at.is_some_and(|c| c > live_from),
+                        shared: Arc::new(Shared::new(event, position)),
+                    }
                 })
                 .collect();
             Ok(ReplayPage { events, position: page.position, caught_up, gone: None })

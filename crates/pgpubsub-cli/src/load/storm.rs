@@ -86,7 +86,9 @@ async fn client(addr: String, want: u64, crowd: Arc<Crowd>) -> Seen {
             };
             let text = match m {
                 Some(Ok(Message::Text(t))) => t,
-                Some(Ok(Message::Close(frame))) => break frame.map_or("close".into(), |f| u16::from(f.code).to_string()),
+                Some(Ok(Message::Close(frame))) => {
+                    break frame.map_or("close".into(), |f| u16::from(f.code).to_string())
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => break format!("error: {e}"),
                 None => break "ended".into(),

@@ -154,12 +154,7 @@ impl Source {
 /// handle to the hub's server is gone. Outages are retried, going on from
 /// the last message read; a reconnected client re-creates the consumer at
 /// once.
-pub async fn feed_hub(
-    hub: Hub,
-    source: Arc<Source>,
-    state: Arc<watch::Sender<ConnectionState>>,
-    stats: Arc<Stats>,
-) {
+pub async fn feed_hub(hub: Hub, source: Arc<Source>, state: Arc<watch::Sender<ConnectionState>>, stats: Arc<Stats>) {
     let mut last = source.start;
     let mut attempt = 0u32;
     loop {

@@ -253,7 +253,8 @@ pub async fn serve(
                 }
             },
         };
-        let stall = Stall { timeout: options.write_timeout, timer: None, armed: false, counter: places.stalled.clone() };
+        let stall =
+            Stall { timeout: options.write_timeout, timer: None, armed: false, counter: places.stalled.clone() };
         let placed = Placed { tcp, _place: place, stall };
         let conn = Conn { app: app.clone(), peer, full, max: places.max, header_timeout: options.header_timeout };
         let stop = stop_rx.clone();

@@ -60,7 +60,8 @@ async fn a_gateway_fed_from_nats_notices_a_silent_nats_says_503_and_loses_nothin
     let js = jetstream::new(async_nats::connect(&url).await.unwrap());
     let id = common::unique("o");
     let (name, prefix) = (format!("T{id}"), format!("t{id}"));
-    let config = jetstream::stream::Config { name: name.clone(), subjects: vec![format!("{prefix}.>")], ..Default::default() };
+    let config =
+        jetstream::stream::Config { name: name.clone(), subjects: vec![format!("{prefix}.>")], ..Default::default() };
     js.create_stream(config).await.unwrap();
     let ch = common::channel("outage");
     let mut seq = 0;
