@@ -75,15 +75,16 @@ pub async fn sse(
     let hello = futures_util::stream::once(async move {
         Ok::<_, Infallible>(Bytes::from(format!("retry: 1000\nid: {start}\n: pgpubsub\n\n")))
     });
-    let events = futures_util::stream::unfold(Some(feed), move |feed| async move {
-        let mut feed = feed?;
-        // Feed::next is cancel-safe: the keep-alive may interrupt it.
-        let next = tokio::select! {
-            next = feed.next() => next,
+    let events = futures_util::stream::unfold(Some(next_of(feed)), move |pending| async move {
+        let mut pending = pending?;
+        // The wait for the next item goes on across keep-alives (a page of
+        // the log being read is not started over).
+        let (feed, next) = tokio::select! {
+            done = &mut pending => done,
             // A comment every --heartbeat keeps proxies from closing an idle
             // stream, and tells the client it is alive.
             () = tokio::time::sleep(keep_alive) => {
-                return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(feed)));
+                return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(pending)));
             }
             () = tokio::time::sleep_until(expires) => {
                 let data = json!({"error": "the token expired"}).to_string();
@@ -109,13 +110,24 @@ pub async fn sse(
             Ok(None) => return None,
             Err(e) => (record("error", &json!({"error": format!("{e:#}")}).to_string(), None), false),
         };
-        Some((Ok(bytes), go_on.then_some(feed)))
+        Some((Ok(bytes), go_on.then(|| next_of(feed))))
     });
     Ok(Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
         .body(axum::body::Body::from_stream(hello.chain(events)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// A feed's next item, owning the feed until it has it.
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = (Feed, NextItem)> + Send>>;
+type NextItem = Result<Option<Item>, pgpubsub::Error>;
+
+fn next_of(mut feed: Feed) -> Pending {
+    Box::pin(async move {
+        let next = feed.next().await;
+        (feed, next)
+    })
 }
 
 /// `GET /ws`: the client's first message is the request as JSON
@@ -233,29 +245,37 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
     let expiry = tokio::time::sleep_until(expires);
     tokio::pin!(expiry);
     loop {
-        let item = tokio::select! {
-            item = feed.next() => item,
-            _ = &mut closed => return,
-            () = &mut expiry => {
-                let _ = tx.send(Message::Text(json!({"type": "expired", "error": "the token expired"}).to_string().into())).await;
-                let _ = tx.send(Message::Close(Some(CloseFrame { code: 4401, reason: "token expired".into() }))).await;
-                return;
-            }
-            _ = heartbeat.tick() => {
-                let silent = began.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
-                if silent > beat.timeout {
-                    // Gone without a word (a NAT timeout, a sleeping laptop):
-                    // no close frame, it would not arrive either.
-                    beat.silent.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(?silent, "a WebSocket client fell silent past --heartbeat-timeout: dropped");
-                    reader.abort();
-                    return;
+        // A heartbeat does not interrupt the wait for the next item: a page
+        // of the log being read goes on (a read slower than the heartbeat
+        // would otherwise start over forever).
+        let item = {
+            let next = feed.next();
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    item = &mut next => break item,
+                    _ = &mut closed => return,
+                    () = &mut expiry => {
+                        let _ = tx.send(Message::Text(json!({"type": "expired", "error": "the token expired"}).to_string().into())).await;
+                        let _ = tx.send(Message::Close(Some(CloseFrame { code: 4401, reason: "token expired".into() }))).await;
+                        return;
+                    }
+                    _ = heartbeat.tick() => {
+                        let silent = began.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
+                        if silent > beat.timeout {
+                            // Gone without a word (a NAT timeout, a sleeping
+                            // laptop): no close frame, it would not arrive.
+                            beat.silent.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(?silent, "a WebSocket client fell silent past --heartbeat-timeout: dropped");
+                            reader.abort();
+                            return;
+                        }
+                        let ping = tx.feed(Message::Ping(bytes::Bytes::new())).await;
+                        if ping.is_err() || tx.send(Message::Text(HEARTBEAT.into())).await.is_err() {
+                            return;
+                        }
+                    }
                 }
-                let ping = tx.feed(Message::Ping(bytes::Bytes::new())).await;
-                if ping.is_err() || tx.send(Message::Text(HEARTBEAT.into())).await.is_err() {
-                    return;
-                }
-                continue;
             }
         };
         // This item, then whatever else is ready, in one flush.
