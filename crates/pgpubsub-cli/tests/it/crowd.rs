@@ -90,3 +90,25 @@ async fn a_crowd_resuming_from_one_position_shares_reads_and_gets_everything_onc
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `load-fanout --storm` and `--idle` run and report what
+/// docs/performance.md quotes: every client caught up with nothing lost,
+/// the reads of the log counted; heartbeat frames counted.
+#[cfg(feature = "load")]
+#[tokio::test]
+async fn the_storm_and_idle_benchmarks_run() {
+    let db = TestDb::new().await;
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgpubsub"));
+        cmd.env("DATABASE_URL", &db.url).env("RUST_LOG", "warn").arg("load-fanout").args(args).arg("--json");
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let v = run(&["--storm", "--clients", "20", "--events", "600"]);
+    assert_eq!((v["caught_up_clients"].as_u64(), v["lost"].as_u64()), (Some(20), Some(0)), "{v}");
+    let reads = v["log_reads_for_resumes"].as_f64().unwrap();
+    assert!(reads >= 2.0 && reads < 20.0, "{v}");
+    let v = run(&["--idle", "2s", "--clients", "5", "--heartbeat", "500ms"]);
+    assert!(v["frames_per_s"].as_f64().unwrap() > 0.0 && v["server_cpu_percent_of_a_core"].is_number(), "{v}");
+}
