@@ -3,6 +3,12 @@
 //! forwarding (no FIN, no RST, as after a NAT timeout) being closed and
 //! counted within `--heartbeat-timeout`, so the open connections return to
 //! what they were.
+//!
+//! Shown able to fail: without the check of the client's silence the
+//! WebSocket test fails (the connection stays open); the SSE test fails
+//! with both the write-stall timeout and `TCP_USER_TIMEOUT` removed, and
+//! passes with either one alone (behind this proxy the window closes, and
+//! the kernel gives up on a zero window past the user timeout too).
 
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,9 @@
 //! refused. The gateway notices within its ping bound, says 503 on
 //! `/readyz` meanwhile, and once NATS is back its subscribers get what was
 //! stored during the outage, each event once.
+//!
+//! Shown able to fail: with the client's 60 s default ping and the
+//! disconnection not reported, `/readyz` stays 200 throughout.
 
 use std::time::{Duration, Instant};
 

@@ -2,6 +2,9 @@
 //! a group gets every event once, in order, with the hub's live events
 //! after; the reads are shared; and a member that subscribed after the
 //! group's last read does not take that read for "caught up".
+//!
+//! Shown able to fail: with every read taken for "caught up", the late
+//! member never gets `d`.
 
 use std::sync::Arc;
 use std::time::Duration;
