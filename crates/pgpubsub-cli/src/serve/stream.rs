@@ -323,13 +323,16 @@ impl Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            let (abort, linger) = (task.abort_handle(), self.linger);
-            tokio::spawn(async move {
+        let Some(task) = self.task.take() else { return };
+        let (abort, linger) = (task.abort_handle(), self.linger);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move {
                 if tokio::time::timeout(linger, task).await.is_err() {
                     abort.abort();
                 }
-            });
+            })),
+            // The runtime itself is going away, and the task with it.
+            Err(_) => abort.abort(),
         }
     }
 }
