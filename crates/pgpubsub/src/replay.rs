@@ -20,8 +20,10 @@
 //!
 //! A group takes new members until its first page is dropped (every member
 //! went past it); later resumes from that position start a group of their
-//! own. Memory: the pages between the slowest and the fastest member, each
-//! page at most 500 events and 8 MiB, as a feed's own replay reads.
+//! own. Memory: the pages between the slowest and the fastest member, at
+//! most [`SHELF_BYTES`] of events (by default); a member that needs a new page when the
+//! shelf is full goes on alone, from a copy of the group's tail (a long
+//! backlog and a slow member cannot hold the whole backlog in memory).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -39,6 +41,9 @@ use crate::reassembly::Limits;
 use crate::stats::Stats;
 use crate::tail::{PageLimits, Tail};
 
+/// The most bytes of events a group keeps for its slower members.
+pub(crate) const SHELF_BYTES: usize = 64 << 20;
+
 /// The groups of resumes sharing reads of the log; one per server.
 #[derive(Debug)]
 pub struct SharedReplays {
@@ -51,6 +56,8 @@ pub struct SharedReplays {
     /// Whether resumes share groups at all (off only to measure what
     /// sharing saves).
     share: bool,
+    /// The most bytes of events a group keeps.
+    shelf_bytes: usize,
 }
 
 /// What a group reads: from where, which channels (sorted; `None`: all).
@@ -63,6 +70,8 @@ struct Group {
     /// One reader at a time; the others wait for its page.
     tail: tokio::sync::Mutex<Tail>,
     shelf: Mutex<Shelf>,
+    /// The most bytes of events kept.
+    shelf_bytes: usize,
 }
 
 /// The pages read and who still needs them.
@@ -71,6 +80,8 @@ struct Shelf {
     /// The index of `pages[0]` (pages before it were dropped).
     base: usize,
     pages: VecDeque<Arc<Read>>,
+    /// Bytes of events in `pages`.
+    bytes: usize,
     /// The next page of each member: index → how many members.
     at: BTreeMap<usize, usize>,
 }
@@ -91,6 +102,39 @@ struct Read {
     /// When the read began: it says "caught up" only to members subscribed
     /// before then.
     began: Instant,
+    /// Bytes of its events' JSON.
+    bytes: usize,
+}
+
+/// What a member gets from its group.
+enum Next {
+    Page(Arc<Read>),
+    /// The shelf is full: go on alone from this copy of the group's tail.
+    Alone(Box<Tail>),
+}
+
+/// Reads the next page through `tail`, each event wrapped for sharing.
+async fn read(tail: &mut Tail, log: &LogConn, reads: &AtomicU64) -> Result<Read> {
+    let (began, from) = (Instant::now(), tail.position());
+    let read = match tail.next_page(log).await {
+        Ok(page) => {
+            let (position, more, last) = (page.position, page.more, page.events.len().saturating_sub(1));
+            let bytes = page.events.iter().map(|e| e.json().len()).sum();
+            // As the log's own replay (`feed::LogReplay`): only the page's
+            // end is final, a late commit may still land below an event
+            // inside it.
+            let events = page.events.into_iter().enumerate();
+            let events = events.map(|(i, e)| Arc::new(Shared::new(e, if i == last { position } else { from })));
+            Read { events: events.collect(), position, more, gone: None, began, bytes }
+        }
+        Err(Error::ResyncNeeded { cursor, pruned }) => {
+            let gone = Some((cursor, pruned));
+            Read { events: Vec::new(), position: pruned, more: true, gone, began, bytes: 0 }
+        }
+        Err(e) => return Err(e),
+    };
+    reads.fetch_add(1, Ordering::Relaxed);
+    Ok(read)
 }
 
 impl SharedReplays {
@@ -99,7 +143,13 @@ impl SharedReplays {
     pub fn new(limits: &Limits) -> SharedReplays {
         let limits = PageLimits { rows: PAGE_ROWS, bytes: PAGE_BYTES, max_event_bytes: limits.max_event_bytes };
         let (reads, joined) = (AtomicU64::new(0), AtomicU64::new(0));
-        SharedReplays { groups: Mutex::default(), limits, reads, joined, share: true }
+        SharedReplays { groups: Mutex::default(), limits, reads, joined, share: true, shelf_bytes: SHELF_BYTES }
+    }
+
+    /// Keeps at most `bytes` of events per group (default 64 MiB).
+    pub fn shelf_bytes(mut self, bytes: usize) -> SharedReplays {
+        self.shelf_bytes = bytes;
+        self
     }
 
     /// With `false`, every resume reads the log for itself, as without
@@ -141,13 +191,14 @@ impl SharedReplays {
                 groups.retain(|_, g| g.strong_count() > 0);
                 let tail = Tail::new(since, key.1.clone(), self.limits, Arc::new(Stats::default()));
                 let shelf = Shelf { at: BTreeMap::from([(0, 1)]), ..Shelf::default() };
-                let g = Arc::new(Group { log, tail: tokio::sync::Mutex::new(tail), shelf: Mutex::new(shelf) });
+                let (tail, shelf) = (tokio::sync::Mutex::new(tail), Mutex::new(shelf));
+                let g = Arc::new(Group { log, tail, shelf, shelf_bytes: self.shelf_bytes });
                 groups.insert(key, Arc::downgrade(&g));
                 g
             }
         };
         drop(groups);
-        Box::new(Member { group, next: 0, subscribed: None, replays: self.clone() })
+        Box::new(Member { group, next: 0, subscribed: None, replays: self.clone(), alone: None })
     }
 }
 
@@ -166,38 +217,27 @@ impl Group {
         true
     }
 
-    /// Page `i`, read now if no one has read it yet. Cancel-safe: the tail
-    /// is (a cancelled read leaves it unchanged), and a page is shelved only
-    /// once read.
-    async fn page(&self, i: usize, reads: &AtomicU64) -> Result<Arc<Read>> {
+    /// Page `i`, read now if no one has read it yet; or, when the shelf
+    /// holds its most bytes already, a copy of the tail to go on
+    /// alone. Cancel-safe: the tail is (a cancelled read leaves it
+    /// unchanged), and a page is shelved only once read.
+    async fn page(&self, i: usize, reads: &AtomicU64) -> Result<Next> {
         if let Some(read) = self.shelf().get(i) {
-            return Ok(read);
+            return Ok(Next::Page(read));
         }
         let mut tail = self.tail.lock().await;
         // Read by the member that held the tail before us?
         if let Some(read) = self.shelf().get(i) {
-            return Ok(read);
+            return Ok(Next::Page(read));
         }
-        let (began, from) = (Instant::now(), tail.position());
-        let read = match tail.next_page(&self.log).await {
-            Ok(page) => {
-                let (position, more, last) = (page.position, page.more, page.events.len().saturating_sub(1));
-                // As the log's own replay (`feed::LogReplay`): only the
-                // page's end is final, a late commit may still land below
-                // an event inside it.
-                let events = page.events.into_iter().enumerate();
-                let events = events.map(|(i, e)| Arc::new(Shared::new(e, if i == last { position } else { from })));
-                Read { events: events.collect(), position, more, gone: None, began }
-            }
-            Err(Error::ResyncNeeded { cursor, pruned }) => {
-                Read { events: Vec::new(), position: pruned, more: true, gone: Some((cursor, pruned)), began }
-            }
-            Err(e) => return Err(e),
-        };
-        reads.fetch_add(1, Ordering::Relaxed);
-        let read = Arc::new(read);
-        self.shelf().pages.push_back(read.clone());
-        Ok(read)
+        if self.shelf().bytes >= self.shelf_bytes {
+            return Ok(Next::Alone(Box::new(tail.clone())));
+        }
+        let read = Arc::new(read(&mut tail, &self.log, reads).await?);
+        let mut shelf = self.shelf();
+        shelf.bytes += read.bytes;
+        shelf.pages.push_back(read.clone());
+        Ok(Next::Page(read))
     }
 
     /// A member moves from page `from` to `to` (`None`: it is gone); pages
@@ -214,7 +254,9 @@ impl Group {
             *shelf.at.entry(to).or_insert(0) += 1;
         }
         let lowest = shelf.at.keys().next().copied().unwrap_or(usize::MAX);
-        while shelf.base < lowest && shelf.pages.pop_front().is_some() {
+        while shelf.base < lowest {
+            let Some(read) = shelf.pages.pop_front() else { break };
+            shelf.bytes -= read.bytes;
             shelf.base += 1;
         }
     }
@@ -235,11 +277,15 @@ struct Member {
     /// hub (a feed subscribes when it is made, and reads after).
     subscribed: Option<Instant>,
     replays: Arc<SharedReplays>,
+    /// Gone on alone (the group's shelf was full), with its own tail.
+    alone: Option<Box<Tail>>,
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
-        self.group.moved(self.next, None);
+        if self.alone.is_none() {
+            self.group.moved(self.next, None);
+        }
     }
 }
 
@@ -247,9 +293,24 @@ impl Replay for Member {
     fn next_page(&mut self, live_from: Cursor) -> Pin<Box<dyn Future<Output = Result<ReplayPage>> + Send + '_>> {
         Box::pin(async move {
             let subscribed = *self.subscribed.get_or_insert_with(Instant::now);
-            let read = self.group.page(self.next, &self.replays.reads).await?;
-            self.group.moved(self.next, Some(self.next + 1));
-            self.next += 1;
+            let read = match &mut self.alone {
+                Some(tail) => Arc::new(read(tail, &self.group.log, &self.replays.reads).await?),
+                None => match self.group.page(self.next, &self.replays.reads).await? {
+                    Next::Page(read) => {
+                        self.group.moved(self.next, Some(self.next + 1));
+                        self.next += 1;
+                        read
+                    }
+                    Next::Alone(mut tail) => {
+                        // Leaves the group (its pages are for the others),
+                        // then reads for itself from where the group is.
+                        let read = Arc::new(read(&mut tail, &self.group.log, &self.replays.reads).await?);
+                        self.group.moved(self.next, None);
+                        self.alone = Some(tail);
+                        read
+                    }
+                },
+            };
             if read.gone.is_some() {
                 return Ok(ReplayPage { gone: read.gone, ..ReplayPage::default() });
             }

@@ -89,3 +89,29 @@ async fn resumes_from_one_position_share_reads_and_a_late_member_reads_on() {
     assert_eq!(payloads(&mut first, 1).await, ["e"]);
     drop(waiting);
 }
+
+/// A fast member does not make the group keep the whole backlog for a slow
+/// one: past the shelf's bytes it goes on alone, and both still get every
+/// event once, in order.
+#[tokio::test]
+async fn past_the_shelf_a_fast_member_goes_on_alone() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("shelf");
+    let log = Arc::new(LogConn::new(db.config.clone(), Duration::from_secs(10)));
+    let hub = Hub::new(64);
+    // One page (500 events) fills the shelf.
+    let replays = Arc::new(SharedReplays::new(&Limits::default()).shelf_bytes(1));
+    let sql = "SELECT count(pubsub.publish($1, i::text)) FROM generate_series(1, 1200) i";
+    client.execute(sql, &[&ch.as_str()]).await.unwrap();
+    let join = || {
+        let replay = replays.replay(log.clone(), Cursor::default(), &[ch.as_str().to_string()]);
+        Feed::with_replay(&hub, Filter::channels([ch.as_str()]), Some((Cursor::default(), replay)))
+    };
+    let (mut slow, mut fast) = (join(), join());
+    let want: Vec<String> = (1..=1200).map(|i| i.to_string()).collect();
+    assert_eq!(payloads(&mut fast, 1200).await, want);
+    // The group kept one page for `slow`; `fast` read the other two itself.
+    assert_eq!(payloads(&mut slow, 1200).await, want);
+    assert!(replays.reads() >= 5, "{}", replays.reads());
+}
