@@ -79,7 +79,7 @@ export interface Lagged {
 export type State = "connecting" | "open" | "reconnecting" | "closed" | "failed";
 
 export interface StateDetail {
-  /** Why it reconnects: "ended", "error", "lagged", "expired", "unauthorized". */
+  /** Why it reconnects: "ended", "error", "idle" (nothing heard for idleTimeout), "lagged", "expired", "unauthorized". */
   reason?: string;
   error?: unknown;
   /** ms until the next attempt. */
@@ -113,7 +113,11 @@ export interface ConnectOptions {
   backoffMax?: number;
   /** ms for a connection to be subscribed (default 10000). */
   connectTimeout?: number;
-  /** ms without a byte on an SSE stream before it is replaced (default 45000; the server sends a keep-alive every 15 s). */
+  /**
+   * ms without a byte, on either transport, before the connection is taken as dead and replaced, resuming from
+   * the position (default 45000: the server sends a heartbeat every 15 s, `serve --heartbeat`). Keep it above
+   * twice the server's heartbeat.
+   */
   idleTimeout?: number;
   /** Delivered events remembered above the position to drop repeats (default 100000). */
   maxRemembered?: number;

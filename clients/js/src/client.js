@@ -12,7 +12,7 @@ const DEFAULTS = {
   backoffMin: 250, // ms before the first retry (then doubling, with jitter)
   backoffMax: 10_000, // ms, the longest wait between two attempts
   connectTimeout: 10_000, // ms for a connection to be subscribed
-  idleTimeout: 45_000, // ms without a byte on an SSE stream (the server sends a keep-alive every 15 s)
+  idleTimeout: 45_000, // ms without a byte, either transport, before the connection is taken as dead (the server sends a heartbeat every 15 s)
   maxRemembered: 100_000, // delivered events remembered above the position, for duplicate detection
 };
 
@@ -455,20 +455,48 @@ export class Subscription {
       }
       let opened = false;
       let paused = false;
+      let settled = false;
       let said = null; // what the server said before closing
+      let idle = null;
       const timer = setTimeout(() => {
         said ??= { kind: "error", error: new PgPubSubError("timed out subscribing") };
         ws.close();
       }, this.#options.connectTimeout);
       const conn = { close: () => ws.close(1000) };
       this.#conn = conn;
+      const settle = (outcome) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        clearTimeout(idle);
+        if (this.#conn === conn) this.#conn = null;
+        resolve({ ...outcome, opened });
+      };
+      // Silence for idleTimeout (the server sends a heartbeat every 15 s):
+      // the connection is dead without a word (a NAT timeout, a sleeping
+      // laptop, a network hand-over). Give it up at once, without waiting
+      // for a closing handshake that cannot happen, and resume.
+      const alive = () => {
+        clearTimeout(idle);
+        if (settled || paused) return;
+        idle = setTimeout(() => {
+          const ms = this.#options.idleTimeout;
+          settle({ kind: "idle", error: new PgPubSubError(`nothing heard for ${ms} ms: the connection is taken as dead`) });
+          if (typeof ws.terminate === "function") ws.terminate();
+          else ws.close();
+        }, this.#options.idleTimeout);
+      };
+      if (typeof ws.on === "function") ws.on("ping", alive); // the ws package shows pings; browsers do not
       ws.onopen = () => {
+        alive();
         const first = { ...this.#request, ack: true };
         if (this.#position) first.since = this.#position;
         if (token) first.token = token;
         ws.send(JSON.stringify(first));
       };
       ws.onmessage = (m) => {
+        if (settled) return;
+        alive();
         let msg;
         try {
           msg = JSON.parse(typeof m.data === "string" ? m.data : new TextDecoder().decode(m.data));
@@ -484,13 +512,16 @@ export class Subscription {
           case "event":
             this.#enqueue({ id: msg.id, event: msg.event });
             // The ws package can stop reading (and so let the server see a
-            // slow reader); a browser's WebSocket cannot.
+            // slow reader); a browser's WebSocket cannot. No idle timer
+            // while paused: the silence is ours.
             if (!paused && this.#queue.length > 256 && typeof ws.pause === "function") {
               paused = true;
+              clearTimeout(idle);
               ws.pause();
               this.#drained().then(() => {
                 paused = false;
                 ws.resume();
+                alive();
               });
             }
             break;
@@ -508,13 +539,12 @@ export class Subscription {
             said = { kind: "error", error: new PgPubSubError(msg.error ?? "error") };
             break;
           default:
-          // "closing" and anything newer: the close says the rest
+          // "heartbeat" (proof of life, handled above), "closing" and anything
+          // newer: the close says the rest
         }
       };
       ws.onerror = () => {}; // the close follows
       ws.onclose = (e) => {
-        clearTimeout(timer);
-        if (this.#conn === conn) this.#conn = null;
         const reason = said?.error?.message || e.reason || `closed (${e.code})`;
         let outcome;
         if (e.code === 4000) outcome = { kind: "lagged" };
@@ -523,7 +553,7 @@ export class Subscription {
             said?.kind === "expired" ? said : { kind: "unauthorized", error: new AuthError(reason, { status: 4401 }) };
         else if (e.code === 4400) outcome = { kind: "refused", error: new RefusedError(reason, { status: 4400 }) };
         else outcome = { kind: said?.kind === "error" ? "error" : "ended", error: said?.error };
-        resolve({ ...outcome, opened });
+        settle(outcome);
       };
     });
   }
@@ -598,9 +628,15 @@ export class Subscription {
           this.#enqueue({ id, event: body });
       }
     };
+    let silent = false;
     try {
       for (;;) {
-        timer = setTimeout(() => abort.abort(), this.#options.idleTimeout);
+        // Silence for idleTimeout (the server sends a keep-alive every 15 s):
+        // the stream is dead without a word; give it up and resume.
+        timer = setTimeout(() => {
+          silent = true;
+          abort.abort();
+        }, this.#options.idleTimeout);
         const { value, done } = await reader.read();
         clearTimeout(timer);
         if (done) break;
@@ -627,6 +663,10 @@ export class Subscription {
         if (this.#closed) break;
       }
     } catch (error) {
+      if (silent) {
+        const ms = this.#options.idleTimeout;
+        said ??= { kind: "idle", error: new PgPubSubError(`nothing heard for ${ms} ms: the stream is taken as dead`) };
+      }
       said ??= { kind: "error", error };
     } finally {
       clearTimeout(timer);

@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
-use crate::event::Event;
 use crate::event_log::LogConn;
 use crate::hub::{Delivery, Filter, Hub, Shared, Subscription};
 use crate::reassembly::Limits;
@@ -31,9 +30,9 @@ use crate::stats::Stats;
 use crate::tail::{PageLimits, Tail};
 
 /// Rows read from the log per page while catching a subscriber up.
-const PAGE_ROWS: i64 = 500;
+pub(crate) const PAGE_ROWS: i64 = 500;
 /// Bytes read from the log per page (past the first event).
-const PAGE_BYTES: i64 = 8 << 20;
+pub(crate) const PAGE_BYTES: i64 = 8 << 20;
 
 /// The histogram (through the `metrics` facade; an application installs the
 /// exporter) of how long resuming subscribers took to read the log up to the
@@ -96,11 +95,11 @@ pub struct ReplayPage {
 /// An event read by a [`Replay`].
 #[derive(Debug)]
 pub struct Replayed {
-    /// The event.
-    pub event: Event,
-    /// Where a subscriber stands once it handled it (the feed keeps
-    /// positions from going back).
-    pub position: Cursor,
+    /// The event, wrapped for sharing, with the position a subscriber
+    /// stands at once it handled it (the feed keeps positions from going
+    /// back). Replays that serve many feeds at once hand each the same
+    /// `Arc`, so each event is rendered once for all of them.
+    pub shared: Arc<Shared>,
     /// It also comes live (it lies above `live_from`): skipped when it does.
     pub comes_live: bool,
 }
@@ -133,7 +132,10 @@ impl Replay for LogReplay {
                     // Only the page's end is final: a late commit may still
                     // land below an event inside it.
                     let position = if i == last { page.position } else { from };
-                    Replayed { comes_live: at.is_some_and(|c| c > live_from), event, position }
+                    Replayed {
+                        comes_live: at.is_some_and(|c| c > live_from),
+                        shared: Arc::new(Shared::new(event, position)),
+                    }
                 })
                 .collect();
             Ok(ReplayPage { events, position: page.position, caught_up, gone: None })
@@ -274,9 +276,13 @@ impl Feed {
             self.backlog.push_back(FeedItem::Resync { cursor, pruned });
         }
         let queued = self.backlog.len();
-        for Replayed { event, position, comes_live } in page.events {
-            let position = position.max(self.position);
-            let shared = Arc::new(Shared::new(event, position));
+        for Replayed { shared, comes_live } in page.events {
+            // Never behind where the subscriber stands already.
+            let shared = match shared.position < self.position {
+                true => Arc::new(Shared::new(shared.event.clone(), self.position)),
+                false => shared,
+            };
+            let position = shared.position;
             if comes_live {
                 if let Some(seq) = shared.event.seq {
                     self.replayed.insert(seq);

@@ -29,7 +29,8 @@
 //! - [`hub`]: one stream fanned out to many subscribers, each with a filter
 //!   and a bounded queue; [`feed`]: one subscriber's resume from the log
 //!   (or from another copy of it, a [`Replay`]), then live from the hub,
-//!   without a gap;
+//!   without a gap; [`SharedReplays`]: many resumes from one position
+//!   sharing one read of the log (a crowd reconnecting at once);
 //! - [`capture`]: the other way in: one capturer per database reads the
 //!   tables watched with `pubsub.watch_wal` from a logical replication slot
 //!   (`wal`: the stream and its pgoutput messages) and appends their events
@@ -61,6 +62,7 @@ pub mod hub;
 pub mod listener;
 pub mod migrate;
 pub mod reassembly;
+mod replay;
 pub mod retention;
 pub mod shape;
 pub mod stats;
@@ -81,6 +83,7 @@ pub use feed::{Feed, FeedItem, Replay, ReplayPage, Replayed};
 pub use hub::{Delivery, Filter, Hub, Subscription};
 pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;
+pub use replay::SharedReplays;
 pub use stats::{Stats, StatsSnapshot};
 pub use watch::{publish, unwatch, watch};
 

@@ -64,7 +64,7 @@ pub(crate) struct Page {
 }
 
 /// A reader of the log from a position; see the module docs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Tail {
     /// Channels read; `None`: all.
     channels: Option<Vec<String>>,

@@ -162,6 +162,8 @@ async fn connect_nats(args: &BridgeArgs, me: &str) -> anyhow::Result<(async_nats
         .name(me)
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // A silent NATS is dropped after three pings (docs/delivery.md).
+        .ping_interval(crate::serve::NATS_PING)
         .request_timeout(Some(args.ack_timeout))
         .reconnect_delay_callback(|attempt| {
             pgpubsub::Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).nth(attempt)

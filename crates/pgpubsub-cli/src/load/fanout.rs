@@ -21,36 +21,19 @@ use super::child::{self, Proc};
 use super::probe::now_us;
 use super::proc;
 
-/// Options of the fan-out benchmark.
-#[derive(Debug, clap::Args)]
-pub struct FanoutArgs {
-    /// WebSocket clients, all on one channel.
-    #[arg(long, default_value_t = 1000)]
-    pub clients: usize,
-    /// Messages published.
-    #[arg(long, default_value_t = 500)]
-    pub events: u64,
-    /// Messages per second published (spread evenly).
-    #[arg(long, default_value_t = 500.0)]
-    pub rate: f64,
-    /// Bytes of padding per message.
-    #[arg(long, default_value_t = 100)]
-    pub payload: usize,
-    /// Feed the gateway from this NATS server (a bridge copies the channel
-    /// into a stream of the run's own) instead of from PostgreSQL.
-    #[arg(long, value_name = "URL")]
-    pub nats: Option<String>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-const CHANNEL: &str = "pgpubsub_fanout";
+pub use super::fanout_args::FanoutArgs;
+use super::fanout_args::{http_get, CHANNEL};
 
 /// Runs it and prints the report.
 pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Result<()> {
     let mut admin = crate::cmd::connect(config).await?;
     pgpubsub::migrate::up(&mut admin, false).await?;
+    if args.storm {
+        return super::storm::storm(config, url, args).await;
+    }
+    if let Some(duration) = args.idle {
+        return super::storm::idle(url, args, duration).await;
+    }
     let run = format!("{}_{}", std::process::id(), now_us() % 1_000_000);
     let (stream, prefix) = (format!("PGPUBSUB_FANOUT_{run}"), format!("pgpubsub_fanout_{run}"));
     let mut bridge = None;
@@ -213,13 +196,4 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
         bail!("{} of {} deliveries arrived", total, args.events * args.clients as u64);
     }
     Ok(())
-}
-
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }

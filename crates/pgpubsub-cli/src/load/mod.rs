@@ -10,12 +10,14 @@ pub mod baseline;
 pub mod bridge;
 pub mod child;
 pub mod fanout;
+mod fanout_args;
 mod plot;
 mod probe;
 pub use probe::now_us;
 pub mod proc;
 mod receiver;
 mod report;
+mod storm;
 mod workload;
 mod writer_tables;
 

@@ -3,7 +3,7 @@
 //! stream when fed from NATS ([`StreamReplay`]). It ends with the server's
 //! shutdown, and keeps its channels LISTENed to while it lives.
 
-use pgpubsub::{Cursor, Filter, Limits};
+use pgpubsub::{Cursor, Filter};
 
 pub use pgpubsub::FeedItem as Item;
 
@@ -47,9 +47,11 @@ impl Feed {
             None if state.hub.position() == Cursor::default() => now(&state).await?,
             _ => Cursor::default(),
         };
-        let limits = Limits { max_event_bytes: state.max_event_bytes as u64, ..Limits::default() };
         let held = state.listening.hold(filter.channels.iter().map(String::as_str));
-        let inner = pgpubsub::Feed::new(state.db.pick(), &state.hub, filter, since, &limits);
+        // Resumes from one position share one read of the log (a crowd
+        // reconnecting after a restart: docs/performance.md).
+        let replay = since.map(|s| (s, state.replays.replay(state.db.pick(), s, &filter.channels)));
+        let inner = pgpubsub::Feed::with_replay(&state.hub, filter, replay);
         Ok(Feed { inner, start, shutdown, _held: Some(held) })
     }
 

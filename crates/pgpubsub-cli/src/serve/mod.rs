@@ -43,6 +43,7 @@ use pgpubsub::{ConnectionState, Hub, Listener, ListenerOptions, LogConn, Stats};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use api::documented as openapi;
+pub use nats::NATS_PING;
 
 /// Options of `serve`.
 #[derive(Debug, clap::Args)]
@@ -74,6 +75,18 @@ pub struct ServeArgs {
     /// kept-alive connection may idle between requests (e.g. 10s).
     #[arg(long, env = "PGPUBSUB_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
+    /// How often every WebSocket gets a ping and a `{"type":"heartbeat"}`
+    /// message, and every SSE stream a keep-alive comment (e.g. 15s), so
+    /// that clients, proxies and the gateway can tell a quiet connection
+    /// from a dead one.
+    #[arg(long, env = "PGPUBSUB_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+    /// A WebSocket whose client has sent nothing (not even a pong) for this
+    /// long, or any connection whose writes have waited this long for the
+    /// peer, is closed and counted (`pgpubsub_dead_connections_total`).
+    /// Longer than --heartbeat.
+    #[arg(long, env = "PGPUBSUB_HEARTBEAT_TIMEOUT", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
     /// Publishes (and store writes) per second per token, or per client
     /// address without one, with bursts of twice that; past it, 429. 0: no limit.
     #[arg(long, env = "PGPUBSUB_PUBLISH_RATE", default_value_t = 0.0)]
@@ -107,6 +120,10 @@ pub struct ServeArgs {
     /// With `--source nats`: the subjects' prefix, as given to `pgpubsub bridge`.
     #[arg(long, env = "PGPUBSUB_SUBJECT_PREFIX", default_value = "pgpubsub")]
     pub subject_prefix: String,
+    /// Every resume reads the log for itself instead of sharing reads with
+    /// resumes from the same position (to measure what sharing saves).
+    #[arg(long, hide = true)]
+    pub replay_alone: bool,
     /// Who may read and write what (off unless a secret or key is given).
     #[command(flatten)]
     pub auth: auth::AuthArgs,
@@ -124,6 +141,8 @@ pub struct AppState {
     pub hub: Hub,
     /// Connections for publishes, store requests and replays.
     pub db: Arc<Pool>,
+    /// Resumes from one position share one read of the log.
+    pub replays: Arc<pgpubsub::SharedReplays>,
     /// The channels served.
     pub served: Arc<access::Served>,
     /// Origins trusted with the cookie.
@@ -142,6 +161,8 @@ pub struct AppState {
     pub capture: Option<Arc<pgpubsub::capture::CaptureStats>>,
     pub max_event_bytes: usize,
     pub auth: auth::Auth,
+    /// WebSocket heartbeats, and the silence after which a client is dead.
+    pub heartbeat: Heartbeat,
     /// Becomes true on SIGTERM / Ctrl-C: every feed ends, so streams close
     /// and graceful shutdown can finish.
     pub shutdown: watch::Receiver<bool>,
@@ -149,6 +170,20 @@ pub struct AppState {
     /// server exits once all are dropped (axum's graceful shutdown does not
     /// wait for upgraded connections, which would lose their close frames).
     pub _alive: tokio::sync::mpsc::Sender<()>,
+}
+
+/// The heartbeat of subscriber connections (`--heartbeat`,
+/// `--heartbeat-timeout`).
+#[derive(Clone, Debug)]
+pub struct Heartbeat {
+    /// How often a WebSocket gets a ping and a heartbeat message, and an SSE
+    /// stream a keep-alive comment.
+    pub every: Duration,
+    /// A WebSocket client silent this long is dead (checked at each beat, so
+    /// it is closed within `timeout + every`).
+    pub timeout: Duration,
+    /// WebSockets closed so far because their client fell silent.
+    pub silent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Runs the gateway until SIGTERM or Ctrl-C, then stops accepting and lets
@@ -173,6 +208,13 @@ pub async fn run_until(
     anyhow::ensure!(args.max_connections > 0, "--max-connections must be at least 1");
     anyhow::ensure!(args.db_connections > 0, "--db-connections must be at least 1");
     anyhow::ensure!(args.publish_rate >= 0.0, "--publish-rate must be 0 (no limit) or more");
+    anyhow::ensure!(!args.heartbeat.is_zero(), "--heartbeat must be longer than 0");
+    anyhow::ensure!(
+        args.heartbeat_timeout > args.heartbeat,
+        "--heartbeat-timeout ({:?}) must be longer than --heartbeat ({:?}): a client answers a heartbeat only after it came",
+        args.heartbeat_timeout,
+        args.heartbeat
+    );
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
         _ => None,
@@ -198,10 +240,12 @@ pub async fn run_until(
             (None, stats, state)
         }
         Some(url) => {
-            let source = Arc::new(nats::Source::connect(&url, &args.stream, &args.subject_prefix).await?);
-            let stats = Arc::new(Stats::default());
             let (state_tx, state_rx) =
                 watch::channel(ConnectionState::Reconnecting { attempt: 0, error: "starting".into() });
+            let state_tx = Arc::new(state_tx);
+            let source =
+                Arc::new(nats::Source::connect(&url, &args.stream, &args.subject_prefix, state_tx.clone()).await?);
+            let stats = Arc::new(Stats::default());
             tokio::spawn(nats::feed_hub(hub.clone(), source.clone(), state_tx, stats.clone()));
             tracing::info!(nats = %source.url, stream = %args.stream, "events come from NATS; publishes go to PostgreSQL");
             (Some(source), stats, state_rx)
@@ -210,6 +254,13 @@ pub async fn run_until(
     let state = AppState {
         hub: hub.clone(),
         db: Arc::new(Pool::new(config, args.db_connections)),
+        replays: Arc::new(
+            pgpubsub::SharedReplays::new(&pgpubsub::Limits {
+                max_event_bytes: args.max_event_bytes as u64,
+                ..pgpubsub::Limits::default()
+            })
+            .sharing(!args.replay_alone),
+        ),
         served: Arc::new(served.clone()),
         origins: Arc::new(origins),
         listening,
@@ -221,6 +272,7 @@ pub async fn run_until(
         capture,
         max_event_bytes: args.max_event_bytes,
         auth: auth.clone(),
+        heartbeat: Heartbeat { every: args.heartbeat, timeout: args.heartbeat_timeout, silent: Arc::default() },
         shutdown: shutdown.clone(),
         _alive: alive,
     };
@@ -247,7 +299,7 @@ pub async fn run_until(
         let _ = stopped.wait_for(|s| *s).await;
     };
     let places = state.places.clone();
-    let options = server::Options { header_timeout: args.header_timeout, tls };
+    let options = server::Options { header_timeout: args.header_timeout, tls, write_timeout: args.heartbeat_timeout };
     let capture_failed = crate::cmd::capture::ended(capture_task);
     tokio::select! {
         () = server::serve(socket, api::router(state), places, options, until_stopped) => {}

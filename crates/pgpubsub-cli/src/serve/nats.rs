@@ -11,6 +11,11 @@
 //! - The hub is fed by one ordered consumer on `<prefix>.>`, from the
 //!   stream's end at start, re-created from where it was after an outage
 //!   ([`feed_hub`]).
+//! - A dead NATS is noticed at once when its connection closes, and within
+//!   [`NATS_PING`] × 3 when it goes silent (the client pings; two pings
+//!   unanswered when the third is due drop the connection). Meanwhile the
+//!   source is `Reconnecting` and `/readyz` answers 503; once the client is
+//!   connected again the consumer is re-created at once from where it was.
 //! - A resuming subscriber reads the stream from its position up to where
 //!   the hub stood when it subscribed, then goes on live from the hub, with
 //!   nothing missed or repeated ([`StreamReplay`], in the library's
@@ -25,11 +30,16 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use futures_util::StreamExt;
+use pgpubsub::hub::Shared;
 use pgpubsub::{ConnectionState, Cursor, Event, Hub, Replay, ReplayPage, Replayed, Stats};
 use tokio::sync::watch;
 
 /// How long a read of the stream may wait before it is given up.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the NATS client pings the server: a server silent for three
+/// pings is taken as gone (async-nats allows two outstanding).
+pub const NATS_PING: Duration = Duration::from_secs(2);
 
 /// The stream the gateway reads.
 pub struct Source {
@@ -41,6 +51,9 @@ pub struct Source {
     start: u64,
     /// The NATS server, for the log line.
     pub url: String,
+    /// Signalled when the client has (re)connected: the hub's consumer is
+    /// re-created from where it was, not left to notice by itself.
+    connected: Arc<tokio::sync::Notify>,
 }
 
 /// The position of a stream message, as a cursor (transaction 0).
@@ -50,15 +63,41 @@ pub fn position(stream_sequence: u64) -> Cursor {
 
 impl Source {
     /// Connects to NATS and finds the stream (written by `pgpubsub bridge`).
+    /// `state` turns `Reconnecting` as soon as the client loses NATS.
     ///
     /// # Errors
     /// When NATS does not answer or the stream does not exist.
-    pub async fn connect(url: &str, stream: &str, prefix: &str) -> anyhow::Result<Source> {
+    pub async fn connect(
+        url: &str,
+        stream: &str,
+        prefix: &str,
+        state: Arc<watch::Sender<ConnectionState>>,
+    ) -> anyhow::Result<Source> {
+        let connected = Arc::new(tokio::sync::Notify::new());
+        let on_event = connected.clone();
         let options = async_nats::ConnectOptions::new()
             .name("pgpubsub serve")
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connection_timeout(Duration::from_secs(5));
+            .connection_timeout(Duration::from_secs(5))
+            .ping_interval(NATS_PING)
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6) as u64)).min(Duration::from_secs(2))
+            })
+            .event_callback(move |event| {
+                let (state, connected) = (state.clone(), on_event.clone());
+                async move {
+                    match event {
+                        async_nats::Event::Connected => connected.notify_one(),
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("NATS disconnected; reconnecting");
+                            let error = "NATS disconnected".to_string();
+                            state.send_replace(ConnectionState::Reconnecting { attempt: 0, error });
+                        }
+                        other => tracing::info!(event = %other, "NATS"),
+                    }
+                }
+            });
         let client = tokio::time::timeout(Duration::from_secs(10), options.connect(url))
             .await
             .map_err(|_| anyhow::anyhow!("NATS at {url} did not answer within 10 s"))?
@@ -69,7 +108,7 @@ impl Source {
             .await
             .with_context(|| format!("stream {stream} (start `pgpubsub bridge` first: it creates it)"))?;
         let start = stream.info().await.context("reading the stream's state")?.state.last_sequence;
-        Ok(Source { stream, prefix: prefix.to_string(), start, url: url.to_string() })
+        Ok(Source { stream, prefix: prefix.to_string(), start, url: url.to_string(), connected })
     }
 
     /// The stream's last sequence when the gateway started.
@@ -113,42 +152,22 @@ impl Source {
 
 /// Feeds the hub from the stream, from its end at start on, until every
 /// handle to the hub's server is gone. Outages are retried, going on from
-/// the last message read.
-pub async fn feed_hub(hub: Hub, source: Arc<Source>, state: watch::Sender<ConnectionState>, stats: Arc<Stats>) {
+/// the last message read; a reconnected client re-creates the consumer at
+/// once.
+pub async fn feed_hub(hub: Hub, source: Arc<Source>, state: Arc<watch::Sender<ConnectionState>>, stats: Arc<Stats>) {
     let mut last = source.start;
     let mut attempt = 0u32;
     loop {
-        let failure = match source.read_from(last + 1, None).await {
-            Err(e) => e,
-            Ok(consumer) => match consumer.messages().await {
-                Err(e) => anyhow::Error::new(e).context("reading the stream"),
-                Ok(mut messages) => {
-                    attempt = 0;
-                    state.send_replace(ConnectionState::Listening);
-                    loop {
-                        match messages.next().await {
-                            Some(Ok(message)) => {
-                                let seq = message.info().map_or(0, |i| i.stream_sequence);
-                                if seq <= last {
-                                    continue;
-                                }
-                                // Past it, even when it is not an event (counted once).
-                                last = seq;
-                                let Some(event) = source.event(&message, seq, &stats) else { continue };
-                                stats.events.fetch_add(1, Ordering::Relaxed);
-                                super::ops::observe_delivery(&event);
-                                hub.publish_at(event, position(seq));
-                            }
-                            Some(Err(e)) => break anyhow::Error::new(e).context("reading the stream"),
-                            None => break anyhow::anyhow!("the stream's consumer ended"),
-                        }
-                        if state.is_closed() {
-                            return;
-                        }
-                    }
-                }
-            },
+        let failure = tokio::select! {
+            failure = follow(&hub, &source, &state, &stats, &mut last, &mut attempt) => failure,
+            () = source.connected.notified() => {
+                // From where it was, without waiting for the old consumer
+                // to notice that its connection went away.
+                attempt = 0;
+                continue;
+            }
         };
+        let Some(failure) = failure else { return };
         if state.is_closed() {
             return;
         }
@@ -157,6 +176,49 @@ pub async fn feed_hub(hub: Hub, source: Arc<Source>, state: watch::Sender<Connec
         tracing::warn!(error = %format!("{failure:#}"), attempt, "the NATS source failed; retrying");
         state.send_replace(ConnectionState::Reconnecting { attempt, error: format!("{failure:#}") });
         tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10)))).await;
+    }
+}
+
+/// Reads the stream after `last` into the hub until it fails (the error) or
+/// the server is gone (`None`).
+async fn follow(
+    hub: &Hub,
+    source: &Source,
+    state: &watch::Sender<ConnectionState>,
+    stats: &Stats,
+    last: &mut u64,
+    attempt: &mut u32,
+) -> Option<anyhow::Error> {
+    let consumer = match source.read_from(*last + 1, None).await {
+        Ok(consumer) => consumer,
+        Err(e) => return Some(e),
+    };
+    let mut messages = match consumer.messages().await {
+        Ok(messages) => messages,
+        Err(e) => return Some(anyhow::Error::new(e).context("reading the stream")),
+    };
+    *attempt = 0;
+    state.send_replace(ConnectionState::Listening);
+    loop {
+        match messages.next().await {
+            Some(Ok(message)) => {
+                let seq = message.info().map_or(0, |i| i.stream_sequence);
+                if seq <= *last {
+                    continue;
+                }
+                // Past it, even when it is not an event (counted once).
+                *last = seq;
+                let Some(event) = source.event(&message, seq, stats) else { continue };
+                stats.events.fetch_add(1, Ordering::Relaxed);
+                super::ops::observe_delivery(&event);
+                hub.publish_at(event, position(seq));
+            }
+            Some(Err(e)) => return Some(anyhow::Error::new(e).context("reading the stream")),
+            None => return Some(anyhow::anyhow!("the stream's consumer ended")),
+        }
+        if state.is_closed() {
+            return None;
+        }
     }
 }
 
@@ -254,7 +316,8 @@ impl StreamReplay {
             }
             page.position = position(seq);
             if let Some(event) = self.source.event(&message, seq, &self.stats) {
-                page.events.push(Replayed { event, position: position(seq), comes_live: false });
+                let shared = Arc::new(Shared::new(event, position(seq)));
+                page.events.push(Replayed { shared, comes_live: false });
             }
             if pending == 0 || seq == reading.upto || page.events.len() >= 500 {
                 page.caught_up = pending == 0 || seq == reading.upto;

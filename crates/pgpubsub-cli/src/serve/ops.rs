@@ -157,7 +157,17 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.listener_stats.snapshot();
     let h = state.hub.stats();
     let up = matches!(&*state.listener_state.borrow(), ConnectionState::Listening);
-    let counters: [(&str, &str, u64); 8] = [
+    let counters: [(&str, &str, u64); 10] = [
+        (
+            "pgpubsub_replay_reads_total",
+            "Pages of the log read for resuming subscribers (resumes from one position share them).",
+            state.replays.reads(),
+        ),
+        (
+            "pgpubsub_replay_shared_total",
+            "Resumes that joined a read of the log another resume had started.",
+            state.replays.joined(),
+        ),
         (
             "pgpubsub_events_in_total",
             "Events received from the source (PostgreSQL, or NATS with --source nats).",
@@ -199,6 +209,14 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         metrics::describe_counter!(name, help);
         metrics::counter!(name).absolute(value);
     }
+    // Connections given up on because their peer fell silent, by how it showed.
+    let dead = "pgpubsub_dead_connections_total";
+    metrics::describe_counter!(
+        dead,
+        "Connections dropped as dead: reason=silent, a WebSocket client sent nothing (no pong) for --heartbeat-timeout; reason=write_stalled, a write waited that long for the peer."
+    );
+    metrics::counter!(dead, "reason" => "silent").absolute(state.heartbeat.silent.load(Ordering::Relaxed));
+    metrics::counter!(dead, "reason" => "write_stalled").absolute(state.places.stalled());
     for (name, help, value) in gauges {
         metrics::describe_gauge!(name, help);
         metrics::gauge!(name).set(value);

@@ -11,7 +11,12 @@
 //! - `TCP_NODELAY` on every socket, the client's address for handlers
 //!   ([`ConnectInfo`]), and graceful shutdown;
 //! - HTTPS (`--tls-cert`, `--tls-key`, rustls), the handshake held to the
-//!   same timeout as a request head.
+//!   same timeout as a request head;
+//! - dead peers dropped (`--heartbeat-timeout`): a write that cannot go out
+//!   for that long fails the connection (counted), and the kernel gives up on
+//!   data unacknowledged that long (`TCP_USER_TIMEOUT`), so a client gone
+//!   silent (a NAT timeout, a sleeping laptop) does not keep its socket and
+//!   queue for the 15 minutes of TCP's own retries.
 //!
 //! A connection keeps its place while it is upgraded to a WebSocket: the
 //! place belongs to the socket.
@@ -19,6 +24,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,6 +50,9 @@ pub struct Options {
     pub header_timeout: Duration,
     /// HTTPS, when given.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The longest a write may wait for the peer before the connection is
+    /// given up (`--heartbeat-timeout`).
+    pub write_timeout: Duration,
 }
 
 /// The TLS acceptor for a certificate chain and its key (PEM files).
@@ -81,12 +90,20 @@ pub struct Places {
     /// too, so a flood of them costs at most this many sockets (and TLS
     /// handshakes); past it, a connection is closed at once.
     over: Arc<Semaphore>,
+    /// Connections given up because a write stalled past the timeout.
+    stalled: Arc<AtomicU64>,
 }
 
 impl Places {
     /// `max` places, and room to answer `max / 10 + 16` connections over it.
     pub fn new(max: usize) -> Places {
-        Places { sem: Arc::new(Semaphore::new(max)), max, over: Arc::new(Semaphore::new(max / 10 + 16)) }
+        let over = Arc::new(Semaphore::new(max / 10 + 16));
+        Places { sem: Arc::new(Semaphore::new(max)), max, over, stalled: Arc::default() }
+    }
+
+    /// Connections given up so far because a write stalled past the timeout.
+    pub fn stalled(&self) -> u64 {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// Connections open now.
@@ -95,10 +112,52 @@ impl Places {
     }
 }
 
-/// A socket holding its place until it is closed.
+/// A socket holding its place until it is closed, whose writes fail once
+/// they have waited for the peer longer than the timeout.
 struct Placed {
     tcp: TcpStream,
     _place: Option<OwnedSemaphorePermit>,
+    stall: Stall,
+}
+
+/// The write-stall watch of a socket: armed when a write finds the socket
+/// full, disarmed by the next write that goes through.
+struct Stall {
+    timeout: Duration,
+    /// The deadline of the write waiting now; allocated on the first stall.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+    counter: Arc<AtomicU64>,
+}
+
+impl Stall {
+    /// After a write returned `Pending`: still pending, or an error once the
+    /// socket has been full for the whole timeout (the peer reads nothing,
+    /// or its network is gone).
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            self.armed = true;
+            timer.as_mut().reset(deadline);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                self.counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(timeout = ?self.timeout, "a write stalled past --heartbeat-timeout: connection dropped");
+                let message = format!("no write went through for {:?} (--heartbeat-timeout)", self.timeout);
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
+            }
+        }
+    }
+
+    /// After a write went through (or failed): its outcome, the watch
+    /// disarmed.
+    fn done<T>(&mut self, outcome: std::io::Result<T>) -> Poll<std::io::Result<T>> {
+        self.armed = false;
+        Poll::Ready(outcome)
+    }
 }
 
 impl AsyncRead for Placed {
@@ -109,7 +168,11 @@ impl AsyncRead for Placed {
 
 impl AsyncWrite for Placed {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        let this = self.get_mut();
+        match Pin::new(&mut this.tcp).poll_write(cx, buf) {
+            Poll::Pending => this.stall.pending(cx),
+            Poll::Ready(outcome) => this.stall.done(outcome),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -125,7 +188,11 @@ impl AsyncWrite for Placed {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        match Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.stall.pending(cx),
+            Poll::Ready(outcome) => this.stall.done(outcome),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -169,6 +236,11 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
+        // Data the peer has not acknowledged within the timeout (its network
+        // is gone): the kernel closes the socket, and the next write fails.
+        if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(options.write_timeout)) {
+            tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
+        }
         let place = places.sem.clone().try_acquire_owned().ok();
         let full = place.is_none();
         let place = match place {
@@ -181,7 +253,9 @@ pub async fn serve(
                 }
             },
         };
-        let placed = Placed { tcp, _place: place };
+        let stall =
+            Stall { timeout: options.write_timeout, timer: None, armed: false, counter: places.stalled.clone() };
+        let placed = Placed { tcp, _place: place, stall };
         let conn = Conn { app: app.clone(), peer, full, max: places.max, header_timeout: options.header_timeout };
         let stop = stop_rx.clone();
         let open = open_tx.clone();

@@ -3,6 +3,9 @@
 //! through the log, then go on live, and end when the token expires.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -61,6 +64,7 @@ pub async fn sse(
     let claims = state.auth.check(auth::token_from(&headers, &state.origins)?.as_deref())?;
     let (filter, since) = request.resolve(&state, &claims, last)?;
     let expires = expiry(&claims);
+    let keep_alive = state.heartbeat.every;
     let feed = Feed::new(state, filter, since).await?;
     let start = feed.position();
     let record = |event: &str, data: &str, id: Option<Cursor>| {
@@ -72,14 +76,16 @@ pub async fn sse(
     let hello = futures_util::stream::once(async move {
         Ok::<_, Infallible>(Bytes::from(format!("retry: 1000\nid: {start}\n: pgpubsub\n\n")))
     });
-    let events = futures_util::stream::unfold(Some(feed), move |feed| async move {
-        let mut feed = feed?;
-        // Feed::next is cancel-safe: the keep-alive may interrupt it.
-        let next = tokio::select! {
-            next = feed.next() => next,
-            // A comment now and then keeps proxies from closing an idle stream.
-            () = tokio::time::sleep(std::time::Duration::from_secs(15)) => {
-                return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(feed)));
+    let events = futures_util::stream::unfold(Some(next_of(feed)), move |pending| async move {
+        let mut pending = pending?;
+        // The wait for the next item goes on across keep-alives (a page of
+        // the log being read is not started over).
+        let (feed, next) = tokio::select! {
+            done = &mut pending => done,
+            // A comment every --heartbeat keeps proxies from closing an idle
+            // stream, and tells the client it is alive.
+            () = tokio::time::sleep(keep_alive) => {
+                return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(pending)));
             }
             () = tokio::time::sleep_until(expires) => {
                 let data = json!({"error": "the token expired"}).to_string();
@@ -105,7 +111,7 @@ pub async fn sse(
             Ok(None) => return None,
             Err(e) => (record("error", &json!({"error": format!("{e:#}")}).to_string(), None), false),
         };
-        Some((Ok(bytes), go_on.then_some(feed)))
+        Some((Ok(bytes), go_on.then(|| next_of(feed))))
     });
     Ok(Response::builder()
         .header("content-type", "text/event-stream")
@@ -114,16 +120,33 @@ pub async fn sse(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
+/// A feed's next item, owning the feed until it has it.
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = (Feed, NextItem)> + Send>>;
+type NextItem = Result<Option<Item>, pgpubsub::Error>;
+
+fn next_of(mut feed: Feed) -> Pending {
+    Box::pin(async move {
+        let next = feed.next().await;
+        (feed, next)
+    })
+}
+
 /// `GET /ws`: the client's first message is the request as JSON
 /// (`{"channels": [...], "table", "ops", "where", "since", "ack"}`); then each event
 /// comes as `{"type": "event", "id": "<resume>", "event": {...}}`. A
 /// subscriber that falls behind gets `{"type": "lagged", ...}` and close code
 /// 4000; a bad request gets `{"type": "error", ...}` and close code 4400.
+/// Every `--heartbeat` the socket gets a ping and `{"type": "heartbeat"}`
+/// (pages cannot see pings); a client silent past `--heartbeat-timeout` is
+/// dropped.
 #[utoipa::path(get, path = "/ws", tag = "subscribe",
     description = "Upgrades to a WebSocket. The client's first message is the request as JSON: \
 `{\"channels\": [...], \"table\", \"ops\", \"where\": {\"col\": value}, \"since\", \"ack\", \"token\"}`. \
 Then each event comes as `{\"type\": \"event\", \"id\": \"<position>\", \"event\": {...}}`; also \
-`subscribed`, `resync`, `lagged` (close 4000), `expired` and `error` (close 4400, 4401).",
+`subscribed`, `resync`, `lagged` (close 4000), `expired` and `error` (close 4400, 4401). \
+Every `--heartbeat` (15 s) the server sends a ping and `{\"type\": \"heartbeat\"}`: a client that \
+hears nothing for three heartbeats may take the connection as dead and resume elsewhere. A client \
+that sends nothing, not even a pong, for `--heartbeat-timeout` (45 s) is dropped without a close frame.",
     params(("Origin" = Option<String>, Header, description = "With a token in the cookie, must be a trusted origin")),
     responses(
         (status = 101, description = "Switched to WebSocket"),
@@ -158,6 +181,7 @@ pub async fn ws(State(state): State<AppState>, headers: HeaderMap, upgrade: WebS
 }
 
 async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket) {
+    let beat = state.heartbeat.clone();
     let (mut tx, mut rx) = socket.split();
     let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.next()).await;
     let request = match first {
@@ -195,27 +219,64 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
         }
     }
     // The read side is watched by a task of its own, so that sending never
-    // polls it: it only wakes when the client sends something (a close).
+    // polls it: it only wakes when the client sends something (a pong, a
+    // close). It notes when it last heard from the client. When this
+    // function returns it is given the timeout to read the client's answer
+    // to a close (closing a socket with unread data resets it, which can
+    // destroy the close frame sent), or ended at once for a dead client.
+    let began = tokio::time::Instant::now();
+    let heard = Arc::new(AtomicU64::new(0));
     let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        while let Some(Ok(m)) = rx.next().await {
-            if matches!(m, Message::Close(_)) {
-                break;
+    let reader = {
+        let heard = heard.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = rx.next().await {
+                heard.store(millis(began.elapsed()), Ordering::Relaxed);
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
             }
-        }
-        let _ = closed_tx.send(());
-    });
+            let _ = closed_tx.send(());
+        })
+    };
+    let mut reader = Reader { task: Some(reader), linger: beat.timeout };
+    let mut heartbeat = tokio::time::interval_at(began + beat.every, beat.every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One timer for the token's expiry, not one per delivery.
     let expiry = tokio::time::sleep_until(expires);
     tokio::pin!(expiry);
     loop {
-        let item = tokio::select! {
-            item = feed.next() => item,
-            _ = &mut closed => return,
-            () = &mut expiry => {
-                let _ = tx.send(Message::Text(json!({"type": "expired", "error": "the token expired"}).to_string().into())).await;
-                let _ = tx.send(Message::Close(Some(CloseFrame { code: 4401, reason: "token expired".into() }))).await;
-                return;
+        // A heartbeat does not interrupt the wait for the next item: a page
+        // of the log being read goes on (a read slower than the heartbeat
+        // would otherwise start over forever).
+        let item = {
+            let next = feed.next();
+            tokio::pin!(next);
+            loop {
+                tokio::select! {
+                    item = &mut next => break item,
+                    _ = &mut closed => return,
+                    () = &mut expiry => {
+                        let _ = tx.send(Message::Text(json!({"type": "expired", "error": "the token expired"}).to_string().into())).await;
+                        let _ = tx.send(Message::Close(Some(CloseFrame { code: 4401, reason: "token expired".into() }))).await;
+                        return;
+                    }
+                    _ = heartbeat.tick() => {
+                        let silent = began.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
+                        if silent > beat.timeout {
+                            // Gone without a word (a NAT timeout, a sleeping
+                            // laptop): no close frame, it would not arrive.
+                            beat.silent.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(?silent, "a WebSocket client fell silent past --heartbeat-timeout: dropped");
+                            reader.abort();
+                            return;
+                        }
+                        let ping = tx.feed(Message::Ping(bytes::Bytes::new())).await;
+                        if ping.is_err() || tx.send(Message::Text(HEARTBEAT.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
             }
         };
         // This item, then whatever else is ready, in one flush.
@@ -239,6 +300,46 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
             return;
         }
     }
+}
+
+/// What a WebSocket gets every `--heartbeat`, besides a ping: browsers do not
+/// show pings to pages.
+const HEARTBEAT: &str = r#"{"type":"heartbeat"}"#;
+
+/// A socket's reading task: when dropped, given `linger` to end by itself
+/// (the client answering a close), then ended.
+struct Reader {
+    task: Option<tokio::task::JoinHandle<()>>,
+    linger: Duration,
+}
+
+impl Reader {
+    /// Ends it now (the client is gone).
+    fn abort(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else { return };
+        let (abort, linger) = (task.abort_handle(), self.linger);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move {
+                if tokio::time::timeout(linger, task).await.is_err() {
+                    abort.abort();
+                }
+            })),
+            // The runtime itself is going away, and the task with it.
+            Err(_) => abort.abort(),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One feed item as a WebSocket message, and the close that must follow it.

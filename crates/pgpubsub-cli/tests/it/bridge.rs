@@ -815,7 +815,10 @@ async fn next_ws(ws: &mut crate::serve::Ws) -> Value {
     loop {
         let m = tokio::time::timeout(WAIT, ws.next()).await.expect("no WebSocket message in time").unwrap().unwrap();
         if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
-            return serde_json::from_str(&t).unwrap();
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] != "heartbeat" {
+                return v;
+            }
         }
     }
 }

@@ -59,8 +59,11 @@ async fn without_channels_every_channel_is_served_even_new_ones() {
     let deadline = Instant::now() + WAIT;
     loop {
         common::raw_notify(&client, &ch, r#"{"foreign": true}"#).await;
-        if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
-            let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "heartbeat" {
+                continue;
+            }
             assert_eq!(v["event"]["kind"], "notify", "{v}");
             break;
         }
@@ -68,9 +71,18 @@ async fn without_channels_every_channel_is_served_even_new_ones() {
     }
 }
 
+/// The next text message, heartbeats skipped (pings are not text).
 async fn next_ws(ws: &mut crate::serve::Ws) -> Value {
-    let m = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
-    serde_json::from_str(m.to_text().unwrap()).unwrap()
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        if m.is_ping() || m.is_pong() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        if v["type"] != "heartbeat" {
+            return v;
+        }
+    }
 }
 
 /// `--channel` is an allow-list of names and patterns.

@@ -376,7 +376,11 @@ async fn a_stalled_websocket_subscriber_is_told_it_lagged_and_closed() {
         let mut count = 0;
         while count < n {
             let m = tokio::time::timeout(WAIT, fast.next()).await.unwrap().unwrap().unwrap();
-            let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "heartbeat" {
+                continue;
+            }
             assert_eq!(v["type"], "event", "the fast subscriber lagged: {v}");
             count += 1;
         }

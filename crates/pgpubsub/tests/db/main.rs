@@ -16,6 +16,7 @@ mod faults;
 mod foreign;
 mod migrations;
 mod proxy;
+mod replays;
 mod retention;
 mod security;
 mod shape_filter;
