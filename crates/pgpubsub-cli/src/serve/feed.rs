@@ -83,27 +83,12 @@ impl Feed {
 
 /// The position "from now": before the oldest transaction in progress.
 async fn now(state: &AppState) -> Result<Cursor, pgpubsub::Error> {
-    let db = |source| pgpubsub::Error::Db {
-        context: "reading the snapshot",
-        source: pgpubsub::error::DbMessage::new(source),
-    };
     let log = state.db.pick();
-    let client = log.client().await?;
-    let query = client.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[]);
-    let row = match tokio::time::timeout(std::time::Duration::from_secs(10), query).await {
-        Ok(Ok(row)) => row,
-        Ok(Err(e)) => {
-            if e.as_db_error().is_none() {
-                log.reset().await;
-            }
-            return Err(db(e));
-        }
-        Err(_) => {
-            // A connection gone silent: replaced on the next use.
-            log.reset().await;
-            return Err(pgpubsub::Error::ConnectionLost("reading the snapshot: no answer within 10 s".into()));
-        }
-    };
-    let xmin: String = row.get(0);
+    let xmin: String = log
+        .run("reading the snapshot", |c| async move {
+            let row = c.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[]).await?;
+            Ok::<_, tokio_postgres::Error>(row.get(0))
+        })
+        .await?;
     Ok(Cursor::before_txid(xmin.parse().unwrap_or(0)))
 }

@@ -82,7 +82,7 @@ impl Source {
             .connection_timeout(Duration::from_secs(5))
             .ping_interval(NATS_PING)
             .reconnect_delay_callback(|attempt| {
-                Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6) as u64)).min(Duration::from_secs(2))
+                pgpubsub::Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).nth(attempt)
             })
             .event_callback(move |event| {
                 let (state, connected) = (state.clone(), on_event.clone());
@@ -175,7 +175,8 @@ pub async fn feed_hub(hub: Hub, source: Arc<Source>, state: Arc<watch::Sender<Co
         stats.reconnects.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %format!("{failure:#}"), attempt, "the NATS source failed; retrying");
         state.send_replace(ConnectionState::Reconnecting { attempt, error: format!("{failure:#}") });
-        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10)))).await;
+        let retry = pgpubsub::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        tokio::time::sleep(retry.nth(attempt.saturating_sub(1) as usize)).await;
     }
 }
 

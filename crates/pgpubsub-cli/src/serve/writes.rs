@@ -226,29 +226,15 @@ fn store_check(state: &AppState, headers: &HeaderMap, write: bool, bucket: &str,
 /// How long a request's statements may take.
 const DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Runs statements on the gateway's connection within [`DB_TIMEOUT`]. A
-/// connection that fails or does not answer (a network path that went
-/// silent) is dropped, so the next request opens a new one.
+/// Runs statements on the gateway's connection within [`DB_TIMEOUT`]
+/// ([`pgpubsub::LogConn::run_within`]: a connection that fails or does not
+/// answer is dropped, so the next request opens a new one).
 async fn with_db<T, F, Fut>(state: &AppState, f: F) -> Result<T, ApiError>
 where
     F: FnOnce(std::sync::Arc<tokio_postgres::Client>) -> Fut,
     Fut: std::future::Future<Output = Result<T, pgpubsub::Error>>,
 {
-    let log = state.db.pick();
-    let client = log.client().await?;
-    match tokio::time::timeout(DB_TIMEOUT, f(client)).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            if e.sqlstate().is_none() {
-                log.reset().await;
-            }
-            Err(e.into())
-        }
-        Err(_) => {
-            log.reset().await;
-            Err(ApiError::Unavailable(format!("the database did not answer within {DB_TIMEOUT:?}")))
-        }
-    }
+    Ok(state.db.pick().run_within("a request's statements", DB_TIMEOUT, f).await?)
 }
 
 /// PostgreSQL text cannot hold NUL: say so, rather than fail in the database.
