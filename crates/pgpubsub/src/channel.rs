@@ -55,11 +55,26 @@ impl Channel {
     }
 
     /// The name as a quoted SQL identifier, for `LISTEN`/`UNLISTEN`, which take
-    /// no parameters. Valid names contain no quote, so this cannot be escaped
-    /// out of.
-    pub(crate) fn quoted(&self) -> String {
-        format!("\"{}\"", self.0)
+    /// no parameters.
+    pub fn quoted(&self) -> String {
+        quote_ident(&self.0)
     }
+}
+
+/// `name` as a quoted SQL identifier: between double quotes, each one
+/// inside doubled, so no name can end it early. The one place identifiers
+/// (channels for LISTEN, columns of a filter) are quoted.
+pub fn quote_ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        if c == '"' {
+            out.push('"');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
 }
 
 impl fmt::Display for Channel {
@@ -119,5 +134,6 @@ mod tests {
     #[test]
     fn quotes_for_listen() {
         assert_eq!(Channel::new("Ab_1").unwrap().quoted(), "\"Ab_1\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }

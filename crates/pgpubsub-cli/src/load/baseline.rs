@@ -41,7 +41,7 @@ pub async fn run(config: &Config, args: &BaselineArgs) -> anyhow::Result<()> {
             }
         }
     });
-    let sql: String = args.channel.iter().map(|c| format!("LISTEN \"{c}\";")).collect();
+    let sql: String = args.channel.iter().map(|c| format!("LISTEN {};", pgpubsub::channel::quote_ident(c))).collect();
     client.batch_execute(&sql).await.context("baseline: LISTEN")?;
     println!("{{\"ready\":true}}");
 

@@ -125,7 +125,8 @@ impl Receivers {
                 let mut m = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                 while let Some(Ok(_)) = m.next().await {}
             });
-            let sql: String = channels.iter().map(|c| format!("LISTEN \"{c}\";")).collect();
+            let sql: String =
+                channels.iter().map(|c| format!("LISTEN {};", pgpubsub::channel::quote_ident(c.as_ref()))).collect();
             client.batch_execute(&sql).await?;
             receivers._idle.push(client);
         }

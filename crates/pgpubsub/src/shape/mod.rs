@@ -62,8 +62,4 @@ pub use filter::{CompareOp, Filter, FilterError, Literal, MAX_BYTES, MAX_DEPTH, 
 pub use sql::Param;
 pub use types::{ColumnType, TypeRef, SUPPORTED};
 
-/// `name` as a quoted SQL identifier: between double quotes, each one inside
-/// doubled, so no column name can end it early.
-pub(crate) fn quote_ident(name: &str) -> String {
-    words::quote(name, '"')
-}
+pub(crate) use crate::channel::quote_ident;
