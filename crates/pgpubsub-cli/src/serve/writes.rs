@@ -105,8 +105,7 @@ pub async fn store_put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Versioned>, ApiError> {
-    store_check(&state, &headers, true, &bucket, &id)?;
-    state.rate.take(&rate_key(auth::token_from(&headers, &state.origins)?.as_deref(), peer))?;
+    store_write_check(&state, &headers, peer, &bucket, &id)?;
     let body = read_body(&headers, body, state.max_event_bytes).await?;
     let val: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body must be JSON: {e}")))?;
@@ -171,8 +170,7 @@ pub async fn store_delete(
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Versioned>, ApiError> {
-    store_check(&state, &headers, true, &bucket, &id)?;
-    state.rate.take(&rate_key(auth::token_from(&headers, &state.origins)?.as_deref(), peer))?;
+    store_write_check(&state, &headers, peer, &bucket, &id)?;
     match with_db(&state, |c| {
         let (b, i) = (bucket.as_str(), id.as_str());
         async move { store::remove(&c, b, i).await }
@@ -209,6 +207,19 @@ pub async fn store_history(
 
 /// Whether the token allows a store request: the store is read and written
 /// as the channel it announces changes on.
+/// A write to the store: allowed to this token, and within its publish rate.
+fn store_write_check(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: std::net::SocketAddr,
+    bucket: &str,
+    id: &str,
+) -> Result<(), ApiError> {
+    store_check(state, headers, true, bucket, id)?;
+    state.rate.take(&rate_key(auth::token_from(headers, &state.origins)?.as_deref(), peer))?;
+    Ok(())
+}
+
 fn store_check(state: &AppState, headers: &HeaderMap, write: bool, bucket: &str, id: &str) -> Result<(), ApiError> {
     let claims = state.auth.check(auth::token_from(headers, &state.origins)?.as_deref())?;
     let allowed = if write { claims.can_write(store::STORE_CHANNEL) } else { claims.can_read(store::STORE_CHANNEL) };
