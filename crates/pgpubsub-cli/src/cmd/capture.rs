@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use pgpubsub::db::Config;
 use pgpubsub::{CaptureOptions, Capturer};
@@ -56,7 +55,7 @@ pub async fn run(config: &Config, args: &CaptureArgs) -> anyhow::Result<()> {
     let capturer = Capturer::new(config, args.options())?;
     let stats = capturer.stats();
     tracing::info!(slot = capturer.slot(), target = %pgpubsub::db::describe(config), "capture starting");
-    capturer.run(crate::shutdown::signal()).await.context("capturing from the WAL")?;
+    capturer.run(crate::shutdown::signal()).await?;
     let s = stats.snapshot();
     tracing::info!(
         events = s.events,
@@ -81,8 +80,7 @@ pub type Beside = (tokio::task::JoinHandle<anyhow::Result<()>>, std::sync::Arc<p
 pub fn spawn(config: &Config, options: CaptureOptions) -> anyhow::Result<Beside> {
     let capturer = Capturer::new(config, options)?;
     let stats = capturer.stats();
-    let task =
-        tokio::spawn(async move { capturer.run(std::future::pending()).await.context("capturing from the WAL") });
+    let task = tokio::spawn(async move { capturer.run(std::future::pending()).await.map_err(anyhow::Error::from) });
     Ok((task, stats))
 }
 

@@ -49,11 +49,10 @@ pub(crate) fn sqlstate(e: &PgWireError) -> Option<&str> {
 /// A replication error as ours, with the hint a user needs, chosen by SQLSTATE.
 pub(crate) fn wal_error(context: &'static str, e: PgWireError) -> Error {
     let hint = match sqlstate(&e) {
-        // object_not_in_prerequisite_state: wal_level, or a slot the server invalidated.
-        Some("55000") => {
-            "set wal_level = logical in postgresql.conf and restart the server; \
-                          or the slot was invalidated (pgpubsub capture re-creates it)"
-        }
+        // object_not_in_prerequisite_state. (A slot the server invalidated
+        // says the same; the capturer tells it apart by asking
+        // pg_replication_slots, and re-creates it.)
+        Some("55000") => "set wal_level = logical in postgresql.conf and restart the server",
         // insufficient_privilege
         Some("42501") => "the capturer's role needs REPLICATION: ALTER ROLE … REPLICATION",
         Some("55006") => "another capturer streams this slot",
