@@ -465,3 +465,44 @@ async fn rows_are_typed_as_row_to_json_types_them() {
     }
     capture.stop().await;
 }
+
+/// The capturer runs as a role with only what docs/deploying.md grants it
+/// (REPLICATION and EXECUTE on the capture functions), not as a superuser;
+/// without the grants it is refused clearly.
+#[tokio::test]
+async fn the_capturer_needs_only_its_documented_grants() {
+    let (_cluster, config, client) = logical().await;
+    let role = unique("capturer");
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN REPLICATION;
+             CREATE TABLE orders (id int PRIMARY KEY, item text);"
+        ))
+        .await
+        .unwrap();
+    let ch = pgpubsub::watch::watch_wal(&client, "orders", None).await.unwrap();
+    let mut as_role = config.clone();
+    as_role.pg_mut().user(&role);
+    // No grants yet: refused, and it says so.
+    let refused = Capturer::new(&as_role, CaptureOptions::default()).unwrap().run(std::future::pending()).await;
+    let e = refused.expect_err("captured without EXECUTE on the capture functions");
+    assert!(matches!(e, pgpubsub::Error::Db { .. } | pgpubsub::Error::NotMigrated), "{e}");
+    client
+        .batch_execute(&format!(
+            "GRANT USAGE ON SCHEMA pubsub TO {role};
+             GRANT EXECUTE ON FUNCTION pubsub.capture_state(text),
+                 pubsub.capture_append(text, pg_lsn[], integer[], bigint[], text[], oid[], text[], text[], jsonb, pg_lsn, integer),
+                 pubsub.capture_reset(text, text) TO {role};"
+        ))
+        .await
+        .unwrap();
+    let capture = start(&as_role, CaptureOptions::default());
+    capture.active().await;
+    let mut listener = pgpubsub::Listener::connect(&config, &[ch], ListenerOptions::default()).await.unwrap();
+    client.batch_execute("INSERT INTO orders VALUES (1, 'tea')").await.unwrap();
+    assert_eq!(value(&next(&mut listener).await)["new"]["item"], "tea");
+    let superuser: bool =
+        client.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role]).await.unwrap().get(0);
+    assert!(!superuser);
+    capture.stop().await;
+}
