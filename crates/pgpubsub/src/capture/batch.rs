@@ -53,6 +53,29 @@ pub(crate) async fn current_map(side: &Client) -> Result<ChannelMap> {
     Ok(ChannelMap { channels: rows.iter().map(|r| (r.get(0), r.get(1))).collect(), at: None })
 }
 
+/// The channel map as of a new slot's start: `pubsub.wal_watches` read in
+/// the snapshot the slot exported, placed at its consistent point (every
+/// change that streams commits after it).
+pub(crate) async fn map_in_snapshot(side: &Client, snapshot: &str, consistent_point: u64) -> Result<ChannelMap> {
+    let read = async {
+        side.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
+        // The snapshot's name comes from the server; quoted all the same.
+        side.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot.replace('\'', "''"))).await?;
+        let rows = side.query("SELECT source, channel FROM pubsub.wal_watches", &[]).await?;
+        side.batch_execute("COMMIT").await?;
+        Ok::<_, tokio_postgres::Error>(rows)
+    };
+    let rows = match read.await {
+        Ok(rows) => rows,
+        Err(e) => {
+            let _ = side.batch_execute("ROLLBACK").await;
+            return Err(Error::db("reading the watched tables in the new slot's snapshot", e));
+        }
+    };
+    let at = Some(WalPosition { lsn: consistent_point, index: 0 });
+    Ok(ChannelMap { channels: rows.iter().map(|r| (r.get(0), r.get(1))).collect(), at })
+}
+
 /// Events waiting to be appended, in WAL order.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {

@@ -40,6 +40,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use self::batch::Batch;
 pub use self::options::{CaptureOptions, CaptureSnapshot, CaptureStats};
 use self::session::{set, Session};
 pub use self::slot::{drop_idle, slots, SlotInfo};
@@ -152,27 +153,64 @@ impl Capturer {
         let mut config = self.config.clone();
         config.pg_mut().application_name("pgpubsub capture (append)");
         let side = crate::db::connect(&config).await?;
-        let state = batch::state(&side, &self.slot).await.map_err(not_migrated)?;
-        let stream = match wal::open(&self.config, &self.slot, o.status_interval).await {
+        let t = o.statement_timeout;
+        // Fails early (and clearly) without the schema or the grants.
+        within(t, batch::state(&side, &self.slot)).await.map_err(not_migrated)?;
+        let failed = |e| async {
+            if within(t, slot::invalidated(&side, &self.slot)).await.unwrap_or(false) {
+                tracing::error!(slot = %self.slot, "the server invalidated the replication slot (it kept more WAL \
+                    than max_slot_wal_keep_size allows): changes made meanwhile are lost to capture; re-creating \
+                    it and recording a resync in the log");
+                let channels = within(t, slot::reset(&side, &self.slot)).await?;
+                Stats::bump(&self.stats.resets);
+                tracing::warn!(channels, "a resync event was appended on every WAL-watched channel");
+                return Ok(Ended::Again);
+            }
+            Err(e)
+        };
+        let (client, created) = match wal::connect(&self.config, &self.slot, o.status_interval).await {
+            Ok(c) => c,
+            Err(SlotError::InUse(e)) => return Ok(Ended::Standby(e.to_string())),
+            Err(SlotError::Failed(e)) => return failed(e).await,
+        };
+        if let Some(created) = created {
+            // A new slot streams from now: a capturer that had appended
+            // before lost what happened in between (a slot dropped by hand,
+            // or lost in a failover). Say so in the log, then store the
+            // channel map as of the slot's start, read in its snapshot.
+            let before = within(t, batch::state(&side, &self.slot)).await?;
+            if before.appended.is_some() || before.map.is_some() {
+                tracing::error!(slot = %self.slot, "the replication slot was missing (dropped, or lost in a \
+                    failover) and was created again: changes since the capturer last confirmed were not captured; \
+                    recording a resync in the log");
+                within(
+                    t,
+                    slot::record_gap(
+                        &side,
+                        &self.slot,
+                        "the replication slot was missing and was created again: \
+                    changes made since the capturer last confirmed were not captured",
+                    ),
+                )
+                .await?;
+                Stats::bump(&self.stats.resets);
+            }
+            let map = within(t, batch::map_in_snapshot(&side, &created.snapshot, created.consistent_point)).await?;
+            within(t, Batch::default().append(&side, &self.slot, Some(&map), t)).await?;
+        }
+        let stream = match wal::start(client).await {
             Ok(s) => s,
             Err(SlotError::InUse(e)) => return Ok(Ended::Standby(e.to_string())),
-            Err(SlotError::Failed(e)) => {
-                if slot::invalidated(&side, &self.slot).await.unwrap_or(false) {
-                    tracing::error!(slot = %self.slot, "the server invalidated the replication slot (it kept more WAL \
-                        than max_slot_wal_keep_size allows): changes made meanwhile are lost to capture; re-creating \
-                        it and recording a resync in the log");
-                    let channels = slot::reset(&side, &self.slot).await?;
-                    Stats::bump(&self.stats.resets);
-                    tracing::warn!(channels, "a resync event was appended on every WAL-watched channel");
-                    return Ok(Ended::Again);
-                }
-                return Err(e);
-            }
+            Err(SlotError::Failed(e)) => return failed(e).await,
         };
+        // Read once this session holds the slot: what another capturer
+        // appended before is in it, and what it had not confirmed streams
+        // again to this one.
+        let state = within(t, batch::state(&side, &self.slot)).await?;
         let map = match state.map {
             Some(m) => m,
-            // Read once the slot exists: a watch made since is in its stream.
-            None => batch::current_map(&side).await?,
+            // A slot made by an older pgpubsub, before maps were stored.
+            None => within(t, batch::current_map(&side)).await?,
         };
         set(&self.stats.active, 1);
         tracing::info!(slot = %self.slot, appended = ?state.appended.map(|p| p.to_string()), "capturing: this capturer streams the slot");
@@ -180,6 +218,15 @@ impl Capturer {
         let ended = run.go(stop).await;
         run.close().await;
         ended
+    }
+}
+
+/// `f`, or [`Error::ConnectionLost`] if the side connection does not
+/// answer within `t` (a silently dead network never does).
+pub(super) async fn within<T>(t: Duration, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(t, f).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::ConnectionLost(format!("the capturer's statement connection: no answer within {t:?}"))),
     }
 }
 

@@ -80,10 +80,14 @@ impl<'a> Session<'a> {
     }
 
     pub(super) async fn go(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Result<Ended> {
+        // No message at all (the server sends keepalives) for `idle_timeout`
+        // means the connection is dead, however the loop turns meanwhile.
+        let mut heard = tokio::time::Instant::now();
         loop {
             if self.last_health.is_none_or(|t| t.elapsed() >= self.o.health_interval) {
                 self.health().await;
             }
+            let silent_until = heard + self.o.idle_timeout;
             let next = if self.owed() {
                 match self.ready().await {
                     Some(r) => r,
@@ -93,15 +97,17 @@ impl<'a> Session<'a> {
                     }
                 }
             } else {
+                let health_at = tokio::time::Instant::now() + self.o.health_interval;
                 tokio::select! {
                     r = self.stream.recv() => r,
-                    () = tokio::time::sleep(self.o.idle_timeout) => {
+                    () = tokio::time::sleep_until(silent_until) => {
                         return Err(Error::ConnectionLost(format!("no message from the server within {:?}", self.o.idle_timeout)));
                     }
-                    () = tokio::time::sleep(self.o.health_interval) => continue,
+                    () = tokio::time::sleep_until(health_at) => continue,
                     _ = stop.wait_for(|s| *s) => return Ok(Ended::Stopped),
                 }
             };
+            heard = tokio::time::Instant::now();
             match next {
                 Ok(Some(event)) => self.handle(event).await?,
                 Ok(None) => return Err(Error::ConnectionLost("the server ended the replication stream".into())),
@@ -131,11 +137,14 @@ impl<'a> Session<'a> {
             ReplicationEvent::XLogData { data, .. } => {
                 // A table described anew: learn the shapes of its column
                 // types first (arrays, composites, domains render nested).
+                // Asked again each time: a composite type may have changed
+                // since (ALTER TYPE), and the stream describes a table anew
+                // after its definition changes.
                 if let Ok(crate::wal::pgoutput::Msg::Relation(rel)) = crate::wal::pgoutput::parse(&data) {
-                    let unknown = self.decoder.types.unknown(rel.columns.iter().map(|c| c.type_oid));
-                    if !unknown.is_empty() {
-                        self.decoder.types.learn(&self.side, unknown).await?;
-                    }
+                    let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
+                    self.decoder.types.forget(&oids);
+                    let learn = self.decoder.types.learn(&self.side, oids);
+                    super::within(self.o.statement_timeout, learn).await?;
                 }
                 let Some(txn) = self.txn else {
                     // Outside a transaction only relations are learnt.
@@ -206,7 +215,7 @@ impl<'a> Session<'a> {
         if let Some(cpu) = process_cpu_us() {
             set(&self.stats.cpu_us, cpu);
         }
-        let Ok(all) = slots(&self.side).await else { return };
+        let Ok(Ok(all)) = tokio::time::timeout(self.o.statement_timeout, slots(&self.side)).await else { return };
         let Some(me) = all.iter().find(|s| s.name == self.slot) else { return };
         set(&self.stats.retained_bytes, me.retained_bytes);
         if me.retained_bytes > self.o.retained_warn_bytes && !self.warned {

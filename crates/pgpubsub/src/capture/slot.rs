@@ -63,17 +63,9 @@ pub(crate) async fn invalidated(side: &Client, slot: &str) -> Result<bool> {
     Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false))
 }
 
-/// Drops the invalidated `slot` and records the gap: a `resync` event on
-/// every WAL-watched channel, and the capturer's state started anew. The
-/// next start creates the slot again, from now.
-pub(crate) async fn reset(side: &Client, slot: &str) -> Result<u64> {
-    side.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-        .await
-        .map_err(|e| Error::db("dropping the invalidated replication slot", e))?;
-    let reason = format!(
-        "the server invalidated replication slot {slot} (it kept more WAL than max_slot_wal_keep_size allows): \
-         changes made while the capturer was behind were not captured"
-    );
+/// Records a gap in capture for `slot`: a `resync` event on every
+/// WAL-watched channel, and the capturer's state started anew.
+pub(crate) async fn record_gap(side: &Client, slot: &str, reason: &str) -> Result<u64> {
     let row = side
         .query_one("SELECT pubsub.capture_reset($1, $2)", &[&slot, &reason])
         .await
@@ -81,15 +73,31 @@ pub(crate) async fn reset(side: &Client, slot: &str) -> Result<u64> {
     Ok(row.get::<_, i64>(0) as u64)
 }
 
-/// Drops every pgpubsub slot of this database that no session streams;
-/// returns the names dropped and those left (active).
+/// The invalidated `slot`: records the gap, then drops it (in that order: a
+/// crash in between records the gap again, never not at all). The next
+/// start creates the slot again, from now.
+pub(crate) async fn reset(side: &Client, slot: &str) -> Result<u64> {
+    let reason = format!(
+        "the server invalidated replication slot {slot} (it kept more WAL than max_slot_wal_keep_size allows): \
+         changes made while the capturer was behind were not captured"
+    );
+    let channels = record_gap(side, slot, &reason).await?;
+    side.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(|e| Error::db("dropping the invalidated replication slot", e))?;
+    Ok(channels)
+}
+
+/// Drops every capturer slot (`pgpubsub_capture…`) of this database that no
+/// session streams; returns the names dropped and those left (active).
+/// Other `pgpubsub_` slots (older direct readers') are the operator's.
 ///
 /// # Errors
 /// [`Error::Db`] when one cannot be dropped.
 pub async fn drop_idle(client: &Client) -> Result<(Vec<String>, Vec<String>)> {
     let mut dropped = Vec::new();
     let mut left = Vec::new();
-    for slot in slots(client).await? {
+    for slot in slots(client).await?.into_iter().filter(|s| s.name.starts_with("pgpubsub_capture")) {
         if slot.active {
             left.push(slot.name);
             continue;

@@ -103,13 +103,22 @@ fn replication_config(config: &Config, slot: &str, status_interval: Duration) ->
         .with_options("-c datestyle=ISO -c timezone=UTC")
 }
 
-/// Opens the replication connection to `slot`, creates the slot if it does
-/// not exist, and starts streaming from its confirmed position.
-pub(crate) async fn open(
+/// A slot this session created: the snapshot it exported (valid until the
+/// stream starts) and its consistent point (what streams is after it).
+#[derive(Debug)]
+pub(crate) struct Created {
+    pub(crate) snapshot: String,
+    pub(crate) consistent_point: u64,
+}
+
+/// Opens the replication connection to `slot` and creates the slot if it
+/// does not exist (then with what it exported). Nothing streams until
+/// [`start`].
+pub(crate) async fn connect(
     config: &Config,
     slot: &str,
     status_interval: Duration,
-) -> Result<ReplicationClient, SlotError> {
+) -> Result<(ReplicationClient, Option<Created>), SlotError> {
     let repl = replication_config(config, slot, status_interval);
     let failed = |context| move |e| SlotError::Failed(wal_error(context, e));
     let mut client =
@@ -120,13 +129,31 @@ pub(crate) async fn open(
         .await
         .map_err(failed("looking up the slot"))?
         .is_empty();
-    if !exists {
-        client
-            .simple_query(&format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput"))
-            .await
-            .map_err(failed("creating the replication slot"))?;
-        tracing::info!(slot, "created the replication slot");
+    if exists {
+        return Ok((client, None));
     }
+    let rows = match client.simple_query(&format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput")).await {
+        Ok(rows) => rows,
+        // Another capturer made it a moment ago: it streams it.
+        Err(e) if sqlstate(&e) == Some("42710") => return Err(SlotError::InUse(e)),
+        Err(e) => return Err(SlotError::Failed(wal_error("creating the replication slot", e))),
+    };
+    // slot_name, consistent_point, snapshot_name, output_plugin
+    let text = |i: usize| {
+        rows.first()
+            .and_then(|r| r.get(i))
+            .and_then(|v| v.as_ref())
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .map(str::to_string)
+    };
+    let consistent_point = text(1).and_then(|l| crate::event::WalPosition::parse_lsn(&l)).unwrap_or(0);
+    let created = text(2).map(|snapshot| Created { snapshot, consistent_point });
+    tracing::info!(slot, "created the replication slot");
+    Ok((client, created))
+}
+
+/// Starts streaming from the slot's confirmed position.
+pub(crate) async fn start(mut client: ReplicationClient) -> Result<ReplicationClient, SlotError> {
     let started = match client.start().await {
         Ok(()) => client.wait_started().await,
         Err(e) => Err(e),

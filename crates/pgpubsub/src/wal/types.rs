@@ -39,6 +39,15 @@ impl Types {
         self.shapes.get(&oid)
     }
 
+    /// Forgets what is known of `oids` (and not of the types they are made
+    /// of), so the next [`Types::learn`] asks again.
+    pub(crate) fn forget(&mut self, oids: &[u32]) {
+        for oid in oids {
+            self.asked.remove(oid);
+            self.shapes.remove(oid);
+        }
+    }
+
     /// Which of `oids` have not been asked about yet.
     pub(crate) fn unknown(&self, oids: impl IntoIterator<Item = u32>) -> Vec<u32> {
         let mut out: Vec<u32> = oids.into_iter().filter(|o| !self.asked.contains(o)).collect();
