@@ -96,8 +96,10 @@ fn replication_config(config: &Config, slot: &str, status_interval: Duration) ->
         .with_tls(tls)
         .with_status_interval(status_interval)
         .with_application_name("pgpubsub capture")
-        // A capturer appends while the stream goes on: room for a batch or two.
-        .with_buffer_size(8192)
+        // A capturer appends while the stream goes on: room for about a
+        // batch of messages. Counted in messages, not bytes (the crate has no
+        // byte bound): a backlog of very large rows holds up to this many.
+        .with_buffer_size(2048)
         // Values are rendered by the server's output functions: make dates
         // ISO 8601 in UTC whatever the server's defaults (pgoutput.rs).
         .with_options("-c datestyle=ISO -c timezone=UTC")
