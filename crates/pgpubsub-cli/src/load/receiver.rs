@@ -275,8 +275,8 @@ pub(super) struct OutputFile {
 }
 
 impl OutputFile {
-    /// A file of its own: several listeners of one run (the writer-tables
-    /// scenario starts `listen --wal` beside `listen`) must not share one.
+    /// A file of its own: several readers of one run (the writer-tables
+    /// scenario's `listen` and its SSE subscriber) must not share one.
     pub(super) fn create() -> anyhow::Result<OutputFile> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
