@@ -77,7 +77,11 @@ pub type Beside = (tokio::task::JoinHandle<anyhow::Result<()>>, std::sync::Arc<p
 ///
 /// # Errors
 /// When the options cannot name a slot.
-pub fn spawn(config: &Config, options: CaptureOptions) -> anyhow::Result<Beside> {
+pub fn spawn(config: &Config, mut options: CaptureOptions) -> anyhow::Result<Beside> {
+    // As `pgpubsub capture --name` reads it: slots are per cluster.
+    if options.name.is_none() {
+        options.name = std::env::var("PGPUBSUB_CAPTURE_NAME").ok().filter(|n| !n.is_empty());
+    }
     let capturer = Capturer::new(config, options)?;
     let stats = capturer.stats();
     let task = tokio::spawn(async move { capturer.run(std::future::pending()).await.map_err(anyhow::Error::from) });

@@ -157,6 +157,9 @@ impl Capturer {
         // Fails early (and clearly) without the schema or the grants.
         within(t, batch::state(&side, &self.slot)).await.map_err(not_migrated)?;
         let failed = |e| async {
+            if matches!(e, Error::Config(_)) {
+                return Err(e);
+            }
             if within(t, slot::invalidated(&side, &self.slot)).await.unwrap_or(false) {
                 tracing::error!(slot = %self.slot, "the server invalidated the replication slot (it kept more WAL \
                     than max_slot_wal_keep_size allows): changes made meanwhile are lost to capture; re-creating \

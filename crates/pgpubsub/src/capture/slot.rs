@@ -57,7 +57,7 @@ pub async fn slots(client: &Client) -> Result<Vec<SlotInfo>> {
 /// Whether the server invalidated `slot` (`wal_status = 'lost'`).
 pub(crate) async fn invalidated(side: &Client, slot: &str) -> Result<bool> {
     let row = side
-        .query_opt("SELECT wal_status = 'lost' FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt("SELECT wal_status = 'lost' FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()", &[&slot])
         .await
         .map_err(|e| Error::db("reading the replication slot", e))?;
     Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false))

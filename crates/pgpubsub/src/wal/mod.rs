@@ -126,12 +126,22 @@ pub(crate) async fn connect(
     let mut client =
         ReplicationClient::connect_gated(repl).await.map_err(failed("opening the replication connection"))?;
     // The name is checked by the caller (slot_name): only [a-z0-9_].
-    let exists = !client
-        .simple_query(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}'"))
+    let found = client
+        .simple_query(&format!(
+            "SELECT database = current_database(), database FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
         .await
-        .map_err(failed("looking up the slot"))?
-        .is_empty();
-    if exists {
+        .map_err(failed("looking up the slot"))?;
+    if let Some(row) = found.first() {
+        let text = |i: usize| row.get(i).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned());
+        if text(0).as_deref() != Some("t") {
+            // Slots are per cluster, a logical slot per database.
+            return Err(SlotError::Failed(Error::Config(format!(
+                "replication slot {slot} belongs to database {:?}: give this database's capturer a name of its own \
+                 (pgpubsub capture --name N, or PGPUBSUB_CAPTURE_NAME)",
+                text(1).unwrap_or_default()
+            ))));
+        }
         return Ok((client, None));
     }
     let rows = match client.simple_query(&format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput")).await {

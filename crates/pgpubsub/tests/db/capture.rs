@@ -542,3 +542,34 @@ async fn a_missing_slot_is_created_again_and_the_gap_is_a_resync() {
     assert_eq!(capture.stats.snapshot().resets, 1);
     capture.stop().await;
 }
+
+/// Slots are per cluster: a second database's capturer under the same name
+/// is refused clearly (and touches nothing of the first's); with a name of
+/// its own it captures.
+#[tokio::test]
+async fn a_slot_of_another_database_is_refused_clearly() {
+    let (cluster, config, client) = logical().await;
+    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    pgpubsub::watch::watch_wal(&client, "t", None).await.unwrap();
+    let first = start(&config, CaptureOptions::default());
+    first.active().await;
+    let admin = pgpubsub::db::connect(&cluster.url("postgres").parse().unwrap()).await.unwrap();
+    admin.batch_execute("CREATE DATABASE other").await.unwrap();
+    let other: Config = cluster.url("other").parse().unwrap();
+    let mut c = pgpubsub::db::connect(&other).await.unwrap();
+    pgpubsub::migrate::up(&mut c, false).await.unwrap();
+    first.stop().await;
+    let refused = Capturer::new(&other, CaptureOptions::default()).unwrap().run(std::future::pending()).await;
+    let e = refused.expect_err("a slot of another database was used");
+    assert!(e.to_string().contains("belongs to database"), "{e}");
+    let named = start(&other, CaptureOptions::named(Some("other".into())));
+    named.active().await;
+    named.stop().await;
+    // The first database's slot is untouched.
+    let kept: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgpubsub_capture'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1);
+}
