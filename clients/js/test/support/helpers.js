@@ -36,13 +36,30 @@ export async function sql(url, text) {
   return stdout.trim();
 }
 
-/** A migrated database of the test's own, dropped when the test ends. */
-export async function scratchDb(t) {
+/**
+ * A migrated database of the test's own, dropped when the test ends, on the
+ * server `admin` names (by default the one the Rust tests use). Its
+ * replication slots (a capturer's) are dropped first: a database that has
+ * one cannot be dropped.
+ */
+export async function scratchDb(t, admin = ADMIN_URL) {
   const name = unique("pgps_js");
-  await sql(ADMIN_URL, `CREATE DATABASE ${name}`);
-  const url = withDb(ADMIN_URL, name);
+  await sql(admin, `CREATE DATABASE ${name}`);
+  const url = withDb(admin, name);
   t.after(async () => {
-    await sql(ADMIN_URL, `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`).catch(() => {});
+    await sql(
+      admin,
+      `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '${name}' AND active`,
+    ).catch(() => {});
+    await until(
+      async () =>
+        (await sql(admin, `SELECT count(*) FROM pg_replication_slots WHERE database = '${name}' AND active`)) === "0",
+      "the test's slots to be let go",
+    ).catch(() => {});
+    await sql(admin, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '${name}'`).catch(
+      () => {},
+    );
+    await sql(admin, `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`).catch(() => {});
   });
   await run(BIN, ["migrate"], { env: { ...process.env, DATABASE_URL: url, RUST_LOG: "warn" } });
   return url;
