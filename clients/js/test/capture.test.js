@@ -25,40 +25,46 @@ for (const [name, options] of TRANSPORTS) {
       let server = await start();
       const client = connect(server.url, { ...options, ...fast });
       t.after(() => client.close());
-      const got = [];
-      const sub = client.subscribe({ channels: ["orders"], table: "orders" }, (e) => got.push(e.new.id));
-      await bounded(sub.ready, "subscribed");
-
-      const written = [];
+      // Stopped before the database goes, pass or fail: the hooks drop the
+      // database first, and a running capturer would keep its slot (and the
+      // database) alive.
       let writing = true;
-      const writer = (async () => {
-        for (let i = 1; writing; i++) {
-          await sql(db, `INSERT INTO orders VALUES (${i}, 'x')`);
-          written.push(i);
+      try {
+        const got = [];
+        const sub = client.subscribe({ channels: ["orders"], table: "orders" }, (e) => got.push(e.new.id));
+        await bounded(sub.ready, "subscribed");
+
+        const written = [];
+        const writer = (async () => {
+          for (let i = 1; writing; i++) {
+            await sql(db, `INSERT INTO orders VALUES (${i}, 'x')`);
+            written.push(i);
+          }
+        })();
+        for (let round = 0; round < 2; round++) {
+          const before = written.length;
+          await until(() => written.length >= before + 10 && got.length >= before + 5, "captured rows flowing");
+          await server.stop("SIGKILL");
+          await until(() => sub.state === "reconnecting", "the drop noticed");
+          const during = written.length;
+          await until(() => written.length >= during + 10, "rows written while the gateway is down");
+          server = await start();
+          await until(() => sub.state === "open", "reconnected");
         }
-      })();
-      for (let round = 0; round < 2; round++) {
-        const before = written.length;
-        await until(() => written.length >= before + 10 && got.length >= before + 5, "captured rows flowing");
-        await server.stop("SIGKILL");
-        await until(() => sub.state === "reconnecting", "the drop noticed");
-        const during = written.length;
-        await until(() => written.length >= during + 10, "rows written while the gateway is down");
-        server = await start();
-        await until(() => sub.state === "open", "reconnected");
+        const after = written.length;
+        await until(() => written.length >= after + 10, "rows after the last restart");
+        writing = false;
+        await writer;
+        await until(() => got.length >= written.length, `all ${written.length} rows (got ${got.length})`);
+        // The fence: one more row, which must come right after the last.
+        await sql(db, "INSERT INTO orders VALUES (0, 'fence')");
+        await until(() => got.includes(0), "the fence row");
+        assert.deepEqual(got, [...written, 0]);
+      } finally {
+        writing = false;
+        client.close();
+        await server.stop();
       }
-      const after = written.length;
-      await until(() => written.length >= after + 10, "rows after the last restart");
-      writing = false;
-      await writer;
-      await until(() => got.length >= written.length, `all ${written.length} rows (got ${got.length})`);
-      // The fence: one more row, which must come right after the last.
-      await sql(db, "INSERT INTO orders VALUES (0, 'fence')");
-      await until(() => got.includes(0), "the fence row");
-      assert.deepEqual(got, [...written, 0]);
-      // Before the database goes (the hooks drop it first).
-      client.close();
-      await server.stop();
     });
   });
 }
