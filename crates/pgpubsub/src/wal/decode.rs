@@ -183,6 +183,11 @@ impl Decoder {
             out.push(message(txn, at, channel, payload));
             return one;
         }
+        if [new.as_deref(), old.as_deref()].into_iter().flatten().any(pgoutput::invalid_utf8) {
+            malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(rel, lsn = %pgwire_replication::Lsn(txn.lsn),
+                "a value that is not UTF-8 (a SQL_ASCII database?): captured with U+FFFD in place of its bad bytes");
+        }
         self.change(txn, at, rel, op, new.as_deref(), old.as_deref(), old_full, out);
         one
     }

@@ -274,7 +274,9 @@ fn push_scalar(out: &mut String, type_oid: u32, text: &str) {
 /// A row as a JSON object in column order. `only_keys` keeps the replica
 /// identity's columns. A column the message left out (an unchanged TOASTed
 /// value) is taken from `fallback` (the old row, with REPLICA IDENTITY
-/// FULL) or else omitted. `None` when a value is not UTF-8.
+/// FULL) or else omitted. A value that is not UTF-8 (only possible in a
+/// `SQL_ASCII` database) is rendered with U+FFFD in place of its bad bytes:
+/// [`invalid_utf8`] tells the caller, who counts it.
 pub(crate) fn row_json(
     rel: &Relation,
     types: &Types,
@@ -303,12 +305,17 @@ pub(crate) fn row_json(
         crate::event_log::json_string::write(&mut out, &col.name);
         out.push(':');
         match v {
-            Value::Text(b) => push_value(&mut out, types, col.type_oid, std::str::from_utf8(b).ok()?),
+            Value::Text(b) => push_value(&mut out, types, col.type_oid, &String::from_utf8_lossy(b)),
             _ => out.push_str("null"),
         }
     }
     out.push('}');
     Some(out)
+}
+
+/// Whether a value of `values` is not UTF-8.
+pub(crate) fn invalid_utf8(values: &[Value<'_>]) -> bool {
+    values.iter().any(|v| matches!(v, Value::Text(b) if std::str::from_utf8(b).is_err()))
 }
 
 /// The text of column `name` in `values`, if it is there and not null.
@@ -392,6 +399,17 @@ mod tests {
             r#"{"id":1,"name":"new","doc":[]}"#
         );
         assert_eq!(row_json(&rel, &Types::default(), &new, None, false).unwrap(), r#"{"id":1,"name":"new"}"#);
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_rendered_lossily_and_told() {
+        let Msg::Relation(rel) = parse(&relation_bytes()).unwrap() else { panic!() };
+        let bad = [b'a', 0xff, b'b'];
+        let values = [Value::Text(b"1"), Value::Text(&bad), Value::Null];
+        assert!(invalid_utf8(&values));
+        assert!(!invalid_utf8(&values[..1]));
+        let json = row_json(&rel, &Types::default(), &values, None, false).unwrap();
+        assert_eq!(json, "{\"id\":1,\"name\":\"a\u{fffd}b\",\"doc\":null}");
     }
 
     #[test]
