@@ -46,11 +46,14 @@ pub(crate) async fn state(side: &Client, slot: &str) -> Result<State> {
 /// Every WAL-watched table's channel, as the table has it now: the map a
 /// capturer starts from when none is stored (a new slot starts now too).
 pub(crate) async fn current_map(side: &Client) -> Result<ChannelMap> {
-    let rows = side
-        .query("SELECT source, channel FROM pubsub.wal_watches", &[])
-        .await
-        .map_err(|e| Error::db("reading the tables watched through the WAL", e))?;
-    Ok(ChannelMap { channels: rows.iter().map(|r| (r.get(0), r.get(1))).collect(), at: None })
+    let channels = watches(side).await.map_err(|e| Error::db("reading the tables watched through the WAL", e))?;
+    Ok(ChannelMap { channels, at: None })
+}
+
+/// Every WAL-watched table's channel, as the connection's snapshot shows them.
+async fn watches(side: &Client) -> Result<std::collections::HashMap<u32, String>, tokio_postgres::Error> {
+    let rows = side.query("SELECT source, channel FROM pubsub.wal_watches", &[]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The channel map as of a new slot's start: `pubsub.wal_watches` read in
@@ -61,19 +64,19 @@ pub(crate) async fn map_in_snapshot(side: &Client, snapshot: &str, consistent_po
         side.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await?;
         // The snapshot's name comes from the server; quoted all the same.
         side.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot.replace('\'', "''"))).await?;
-        let rows = side.query("SELECT source, channel FROM pubsub.wal_watches", &[]).await?;
+        let channels = watches(side).await?;
         side.batch_execute("COMMIT").await?;
-        Ok::<_, tokio_postgres::Error>(rows)
+        Ok::<_, tokio_postgres::Error>(channels)
     };
-    let rows = match read.await {
-        Ok(rows) => rows,
+    let channels = match read.await {
+        Ok(channels) => channels,
         Err(e) => {
             let _ = side.batch_execute("ROLLBACK").await;
             return Err(Error::db("reading the watched tables in the new slot's snapshot", e));
         }
     };
     let at = Some(WalPosition { lsn: consistent_point, index: 0 });
-    Ok(ChannelMap { channels: rows.iter().map(|r| (r.get(0), r.get(1))).collect(), at })
+    Ok(ChannelMap { channels, at })
 }
 
 /// Events waiting to be appended, in WAL order.

@@ -154,8 +154,9 @@ impl Capturer {
         config.pg_mut().application_name("pgpubsub capture (append)");
         let side = crate::db::connect(&config).await?;
         let t = o.statement_timeout;
-        // Fails early (and clearly) without the schema or the grants.
-        within(t, batch::state(&side, &self.slot)).await.map_err(not_migrated)?;
+        // Fails early (and clearly) without the schema (Error::NotMigrated)
+        // or the grants. Nobody else changes it while the slot is missing.
+        let before = within(t, batch::state(&side, &self.slot)).await?;
         let failed = |e| async {
             if matches!(e, Error::Config(_)) {
                 return Err(e);
@@ -181,7 +182,6 @@ impl Capturer {
             // before lost what happened in between (a slot dropped by hand,
             // or lost in a failover). Say so in the log, then store the
             // channel map as of the slot's start, read in its snapshot.
-            let before = within(t, batch::state(&side, &self.slot)).await?;
             if before.appended.is_some() || before.map.is_some() {
                 tracing::error!(slot = %self.slot, "the replication slot was missing (dropped, or lost in a \
                     failover) and was created again: changes since the capturer last confirmed were not captured; \
@@ -199,7 +199,7 @@ impl Capturer {
                 Stats::bump(&self.stats.resets);
             }
             let map = within(t, batch::map_in_snapshot(&side, &created.snapshot, created.consistent_point)).await?;
-            within(t, Batch::default().append(&side, &self.slot, Some(&map), t)).await?;
+            Batch::default().append(&side, &self.slot, Some(&map), t).await?;
         }
         let stream = match wal::start(client).await {
             Ok(s) => s,
@@ -230,13 +230,5 @@ pub(super) async fn within<T>(t: Duration, f: impl std::future::Future<Output = 
     match tokio::time::timeout(t, f).await {
         Ok(r) => r,
         Err(_) => Err(Error::ConnectionLost(format!("the capturer's statement connection: no answer within {t:?}"))),
-    }
-}
-
-/// The schema check of the first statement: a missing function is an old schema.
-fn not_migrated(e: Error) -> Error {
-    match e.sqlstate() {
-        Some("42883" | "42P01" | "3F000") => Error::NotMigrated,
-        _ => e,
     }
 }

@@ -85,6 +85,4 @@ crate::stats::counters! {
     retained_bytes,
     /// Gauge: commit-to-append lag of the last batch's newest event, in microseconds.
     lag_us,
-    /// CPU time this process spent, at the last measure, in microseconds (Linux only).
-    cpu_us,
 }

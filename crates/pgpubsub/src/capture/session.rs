@@ -153,9 +153,9 @@ impl<'a> Session<'a> {
                     return Ok(());
                 };
                 let mut out = Vec::new();
-                let decoded = self.decoder.message(&self.stats.malformed, &txn, &data, &mut out);
+                let rows = self.decoder.message(&self.stats.malformed, &txn, &data, &mut out);
                 if let Some(t) = self.txn.as_mut() {
-                    t.next_index += decoded.rows;
+                    t.next_index += rows;
                 }
                 for e in out {
                     if self.appended.is_some_and(|a| e.at <= a) {
@@ -209,12 +209,9 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Measures the slot's retained WAL (and this process's CPU); warns past the threshold.
+    /// Measures the slot's retained WAL; warns past the threshold.
     async fn health(&mut self) {
         self.last_health = Some(Instant::now());
-        if let Some(cpu) = process_cpu_us() {
-            set(&self.stats.cpu_us, cpu);
-        }
         let Ok(Ok(all)) = tokio::time::timeout(self.o.statement_timeout, slots(&self.side)).await else { return };
         let Some(me) = all.iter().find(|s| s.name == self.slot) else { return };
         set(&self.stats.retained_bytes, me.retained_bytes);
@@ -235,18 +232,7 @@ pub(super) fn set(gauge: &AtomicU64, value: u64) {
 
 /// Microseconds from a commit time (µs since 2000-01-01) to now.
 fn lag_us(commit_us: i64) -> u64 {
-    const PG_EPOCH_US: i128 = 946_684_800 * 1_000_000;
+    let epoch_us = i128::from(wal::PG_EPOCH) * 1_000_000;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros();
-    (now as i128 - PG_EPOCH_US - i128::from(commit_us)).max(0) as u64
-}
-
-/// This process's CPU time (user + system), from /proc (Linux).
-fn process_cpu_us() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command (which may hold spaces) start after its `)`.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ is 100 on every Linux we run on.
-    Some(ticks * 10_000)
+    (now as i128 - epoch_us - i128::from(commit_us)).max(0) as u64
 }

@@ -88,15 +88,6 @@ pub(crate) struct Decoder {
     map_dirty: bool,
 }
 
-/// What one message did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Decoded {
-    /// Row changes it held (what `next_index` moves by), captured or not.
-    pub(crate) rows: u32,
-    /// It changed the channel map.
-    pub(crate) map_changed: bool,
-}
-
 /// `true` when `rel` is pgpubsub's table `name`.
 fn ours(rel: &Relation, name: &str) -> bool {
     rel.schema == "pubsub" && rel.name == name
@@ -118,27 +109,21 @@ impl Decoder {
     }
 
     /// Reads one pgoutput message of `txn`; the events it makes go to `out`,
-    /// numbered from `txn.next_index`.
-    pub(crate) fn message(
-        &mut self,
-        malformed: &AtomicU64,
-        txn: &Txn,
-        data: &[u8],
-        out: &mut Vec<Captured>,
-    ) -> Decoded {
+    /// numbered from `txn.next_index`. Returns how many row changes it held
+    /// (what `next_index` moves by), captured or not.
+    pub(crate) fn message(&mut self, malformed: &AtomicU64, txn: &Txn, data: &[u8], out: &mut Vec<Captured>) -> u32 {
         let msg = match pgoutput::parse(data) {
             Ok(m) => m,
             Err(e) => {
                 malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, lsn = %pgwire_replication::Lsn(txn.lsn), "skipping a WAL message");
-                return Decoded::default();
+                return 0;
             }
         };
-        let one = Decoded { rows: 1, map_changed: false };
         let (rel, op, new, old, old_full) = match msg {
             Msg::Relation(r) => {
                 self.relations.insert(r.id, r);
-                return Decoded::default();
+                return 0;
             }
             Msg::Insert { rel, new } => (rel, Op::Insert, Some(new), None, false),
             Msg::Update { rel, old, new } => {
@@ -152,36 +137,36 @@ impl Decoder {
                     let at = WalPosition { lsn: txn.lsn, index: txn.next_index + i as u32 };
                     self.change(txn, at, rel, Op::Truncate, None, None, false, out);
                 }
-                return Decoded { rows: n, map_changed: false };
+                return n;
             }
-            Msg::Other => return Decoded::default(),
+            Msg::Other => return 0,
         };
         let at = WalPosition { lsn: txn.lsn, index: txn.next_index };
         let Some(relation) = self.relations.get(&rel) else {
             malformed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(rel, "a WAL change of a table the stream did not describe: skipped");
-            return one;
+            return 1;
         };
         if ours(relation, "wal_watches") {
             // Read again after a restart: applied once, by its place.
             if self.map.at.is_some_and(|m| at <= m) {
-                return one;
+                return 1;
             }
             self.watch_changed(relation.clone(), new.as_deref(), old.as_deref());
             self.map.at = Some(at);
             self.map_dirty = true;
-            return Decoded { rows: 1, map_changed: true };
+            return 1;
         }
         if ours(relation, "wal_messages") {
-            let Some(new) = new else { return one };
+            let Some(new) = new else { return 1 };
             let (Some(channel), Some(payload)) =
                 (pgoutput::text(relation, &new, "channel"), pgoutput::text(relation, &new, "payload"))
             else {
                 malformed.fetch_add(1, Ordering::Relaxed);
-                return one;
+                return 1;
             };
             out.push(message(txn, at, channel, payload));
-            return one;
+            return 1;
         }
         if [new.as_deref(), old.as_deref()].into_iter().flatten().any(pgoutput::invalid_utf8) {
             malformed.fetch_add(1, Ordering::Relaxed);
@@ -189,7 +174,7 @@ impl Decoder {
                 "a value that is not UTF-8 (a SQL_ASCII database?): captured with U+FFFD in place of its bad bytes");
         }
         self.change(txn, at, rel, op, new.as_deref(), old.as_deref(), old_full, out);
-        one
+        1
     }
 
     /// A row of pubsub.wal_watches changed: a table was watched, its
@@ -294,8 +279,8 @@ fn head(txn: &Txn, at: WalPosition, kind: &str, channel: &str) -> String {
     s
 }
 
-/// PostgreSQL's epoch (2000-01-01) in Unix seconds.
-const PG_EPOCH: u64 = 946_684_800;
+/// PostgreSQL's epoch (2000-01-01) in Unix seconds: commit times count from it.
+pub(crate) const PG_EPOCH: u64 = 946_684_800;
 
 /// The latest time RFC 3339 can write (9999-12-31T23:59:59Z), in Unix seconds.
 const LAST_SECOND: u64 = 253_402_300_799;

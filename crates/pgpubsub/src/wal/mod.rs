@@ -19,7 +19,7 @@ use std::time::Duration;
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, TlsConfig};
 use tokio_postgres::config::Host;
 
-pub(crate) use self::decode::{Captured, ChannelMap, Decoder, Txn};
+pub(crate) use self::decode::{Captured, ChannelMap, Decoder, Txn, PG_EPOCH};
 use crate::db::{Config, RootCert, SslMode};
 use crate::error::Error;
 
