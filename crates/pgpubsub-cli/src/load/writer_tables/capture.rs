@@ -3,14 +3,12 @@
 //! table's included, has a slot consumer running), and a gateway with an
 //! SSE subscriber counts what reaches a browser-like client.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::process::Command;
 use tokio_postgres::Client;
 
+use super::listen::Counter;
 use super::pin::Pin;
 use super::Target;
 use crate::load::probe::Probe;
@@ -82,9 +80,7 @@ pub(super) async fn slot_lag(admin: &Client) -> Option<u64> {
 pub(super) struct Gateway {
     serve: tokio::process::Child,
     sse: tokio::process::Child,
-    delivered: Arc<Vec<AtomicU64>>,
-    stop: Arc<AtomicBool>,
-    reader: std::thread::JoinHandle<Vec<Probe>>,
+    counter: Counter,
 }
 
 impl Gateway {
@@ -100,13 +96,7 @@ impl Gateway {
         wait_ready(&mut serve, "serving").await.context("starting pgpubsub serve")?;
         let channels: Vec<String> = [Target::Wal, Target::PublishWal].iter().filter_map(|t| t.channel()).collect();
         let output = OutputFile::create()?;
-        let mut curl = if pin.0 {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "1", "curl"]);
-            c
-        } else {
-            Command::new("curl")
-        };
+        let mut curl = pin.command("curl");
         curl.args(["-sN", &format!("http://127.0.0.1:{port}/events?channel={}", channels.join(","))])
             .stdout(std::process::Stdio::from(output.file.try_clone()?))
             .stderr(std::process::Stdio::null())
@@ -120,25 +110,16 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let delivered: Arc<Vec<AtomicU64>> = Arc::new((0..runs).map(|_| AtomicU64::new(0)).collect());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (d, s) = (delivered.clone(), stop.clone());
-        let reader = std::thread::spawn(move || super::listen::read(&output, runs, &d, &s));
-        Ok(Gateway { serve, sse, delivered, stop, reader })
+        Ok(Gateway { serve, sse, counter: Counter::start(output, runs) })
     }
 
     pub(super) fn delivered(&self, run: usize) -> u64 {
-        self.delivered[run].load(Ordering::SeqCst)
+        self.counter.delivered(run)
     }
 
     pub(super) async fn stop(mut self) -> anyhow::Result<Vec<Probe>> {
         let _ = self.sse.kill().await;
         let _ = self.serve.kill().await;
-        self.stop.store(true, Ordering::SeqCst);
-        let reader = self.reader;
-        tokio::task::spawn_blocking(move || reader.join())
-            .await
-            .context("joining the SSE reader")?
-            .map_err(|_| anyhow::anyhow!("the SSE reader panicked"))
+        self.counter.finish().await
     }
 }

@@ -14,12 +14,9 @@ use crate::load::receiver::{received_at, spawn, wait_ready, OutputFile};
 /// `pgpubsub listen --json --received-at > file` on every channel, and a
 /// thread that reads the file as it grows into one probe per run.
 pub(super) struct Listener {
-    pub(super) child: tokio::process::Child,
+    child: tokio::process::Child,
     pub(super) pid: u32,
-    /// Distinct events per run so far.
-    pub(super) delivered: Arc<Vec<AtomicU64>>,
-    pub(super) stop: Arc<AtomicBool>,
-    pub(super) reader: std::thread::JoinHandle<Vec<Probe>>,
+    counter: Counter,
 }
 
 impl Listener {
@@ -34,21 +31,44 @@ impl Listener {
         cmd.args(["listen", "--json", "--received-at", "--channel", &channels.join(",")]);
         let (mut child, pid) = spawn(cmd, url, std::process::Stdio::from(output.file.try_clone()?))?;
         wait_ready(&mut child, "listening").await?;
-        let delivered: Arc<Vec<AtomicU64>> = Arc::new((0..runs).map(|_| AtomicU64::new(0)).collect());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (d, s) = (delivered.clone(), stop.clone());
-        let reader = std::thread::spawn(move || read(&output, runs, &d, &s));
-        Ok(Listener { child, pid, delivered, stop, reader })
+        Ok(Listener { child, pid, counter: Counter::start(output, runs) })
     }
 
     pub(super) fn delivered(&self, run: usize) -> u64 {
-        self.delivered[run].load(Ordering::SeqCst)
+        self.counter.delivered(run)
     }
 
     /// Stops the listener, reads its output to the end, and returns the
     /// probes, one per run.
     pub(super) async fn stop(mut self) -> anyhow::Result<Vec<Probe>> {
         let _ = self.child.kill().await;
+        self.counter.finish().await
+    }
+}
+
+/// A thread that reads a receiver's output file as it grows (see [`read`]):
+/// distinct events per run so far, and the probes once stopped.
+pub(super) struct Counter {
+    delivered: Arc<Vec<AtomicU64>>,
+    stop: Arc<AtomicBool>,
+    reader: std::thread::JoinHandle<Vec<Probe>>,
+}
+
+impl Counter {
+    pub(super) fn start(output: OutputFile, runs: usize) -> Counter {
+        let delivered: Arc<Vec<AtomicU64>> = Arc::new((0..runs).map(|_| AtomicU64::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (delivered.clone(), stop.clone());
+        let reader = std::thread::spawn(move || read(&output, runs, &d, &s));
+        Counter { delivered, stop, reader }
+    }
+
+    pub(super) fn delivered(&self, run: usize) -> u64 {
+        self.delivered[run].load(Ordering::SeqCst)
+    }
+
+    /// Once the writer of the file has stopped: reads it to the end.
+    pub(super) async fn finish(self) -> anyhow::Result<Vec<Probe>> {
         self.stop.store(true, Ordering::SeqCst);
         let reader = self.reader;
         tokio::task::spawn_blocking(move || reader.join())
@@ -61,7 +81,7 @@ impl Listener {
 /// Reads the listener's lines (or an SSE stream's `data:` lines) into one
 /// probe per run (the run is in the writer id), until told to stop and at
 /// the end of the file.
-pub(super) fn read(output: &OutputFile, runs: usize, delivered: &[AtomicU64], stop: &AtomicBool) -> Vec<Probe> {
+fn read(output: &OutputFile, runs: usize, delivered: &[AtomicU64], stop: &AtomicBool) -> Vec<Probe> {
     use std::io::BufRead;
     let mut probes: Vec<Probe> = (0..runs).map(|_| Probe::new()).collect();
     // Opened anew: a clone of the listener's descriptor would share its offset.

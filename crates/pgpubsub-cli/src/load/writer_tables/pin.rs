@@ -11,8 +11,8 @@ use tokio_postgres::Client;
 pub(super) struct Pin(pub(super) bool);
 
 impl Pin {
-    /// `cmd` as a child to start: on CPU 1 when pinning.
-    pub(super) fn command(self, program: &std::path::Path) -> Command {
+    /// `program` as a child to start: on CPU 1 when pinning.
+    pub(super) fn command(self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         if self.0 {
             let mut c = Command::new("taskset");
             c.args(["-c", "1"]).arg(program);
