@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crate::cursor::Cursor;
 use crate::error::{Error, Result};
+use crate::event::Body;
 use crate::event_log::LogConn;
 use crate::hub::{Delivery, Filter, Hub, Shared, Subscription};
 use crate::reassembly::Limits;
@@ -49,12 +50,14 @@ pub enum FeedItem {
         /// The event, shared with every other subscriber.
         shared: Arc<Shared>,
     },
-    /// Events the subscriber missed were pruned from the log: it should
-    /// reload its state. The feed goes on from the oldest event kept.
+    /// Events the subscriber missed are not in the log: they were pruned
+    /// (the feed goes on from the oldest event kept), or never captured (a
+    /// [`Body::Resync`] event: capture from the WAL lost
+    /// its slot). It should reload its state.
     Resync {
         /// Where the subscriber was.
         cursor: Cursor,
-        /// Where pruning had reached.
+        /// Where the gap ends: resume from here.
         pruned: Cursor,
     },
     /// The subscriber fell behind: `missed` live events were dropped; it
@@ -65,6 +68,16 @@ pub enum FeedItem {
         /// Where to resume from.
         position: Cursor,
     },
+}
+
+/// An event as a feed item: a gap in capture (a [`Body::Resync`] event in
+/// the log) is handed over as [`FeedItem::Resync`], the way every consumer
+/// already handles a gap, ending where the event stands.
+fn item(before: Cursor, position: Cursor, shared: Arc<Shared>) -> FeedItem {
+    if matches!(shared.event.body, Body::Resync(_)) {
+        return FeedItem::Resync { cursor: before, pruned: position };
+    }
+    FeedItem::Event { position, shared }
 }
 
 /// Where a resuming [`Feed`] reads what its subscriber missed, page by page,
@@ -245,8 +258,10 @@ impl Feed {
     /// The next item read from the log, if any, moving the position with it.
     fn pop_backlog(&mut self) -> Option<FeedItem> {
         let item = self.backlog.pop_front()?;
-        if let FeedItem::Event { position, .. } = &item {
-            self.position = *position;
+        match &item {
+            FeedItem::Event { position, .. } => self.position = *position,
+            FeedItem::Resync { pruned, .. } => self.position = self.position.max(*pruned),
+            FeedItem::Lagged { .. } => {}
         }
         Some(item)
     }
@@ -258,8 +273,9 @@ impl Feed {
                 if !self.replayed.is_empty() && shared.event.seq.is_some_and(|s| self.replayed.remove(&s)) {
                     return None;
                 }
+                let before = self.position;
                 self.position = self.position.max(shared.position);
-                Some(FeedItem::Event { position: self.position, shared })
+                Some(item(before, self.position, shared))
             }
             Delivery::Lagged { missed, .. } => Some(FeedItem::Lagged { missed, position: self.position }),
         }
@@ -276,6 +292,7 @@ impl Feed {
             self.backlog.push_back(FeedItem::Resync { cursor, pruned });
         }
         let queued = self.backlog.len();
+        let mut before = self.position;
         for Replayed { shared, comes_live } in page.events {
             // Never behind where the subscriber stands already.
             let shared = match shared.position < self.position {
@@ -289,7 +306,8 @@ impl Feed {
                 }
             }
             if self.filter.matches(&shared) {
-                self.backlog.push_back(FeedItem::Event { position, shared });
+                self.backlog.push_back(item(before, position, shared));
+                before = position;
             }
         }
         if self.backlog.len() == queued {

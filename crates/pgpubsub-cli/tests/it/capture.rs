@@ -267,3 +267,39 @@ async fn migrate_down_leaves_no_orphaned_slot() {
 async fn slots(c: &Client) -> i64 {
     c.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgpubsub%'", &[]).await.unwrap().get(0)
 }
+
+/// A gap in capture (here: the slot dropped while no capturer ran) reaches
+/// a gateway subscriber as the resync it already knows, with where it was
+/// and where to go on from, never as a row event.
+#[tokio::test]
+async fn a_capture_gap_reaches_a_gateway_subscriber_as_a_resync() {
+    let (_cluster, url, client) = logical().await;
+    client.batch_execute("CREATE TABLE orders (id int PRIMARY KEY)").await.unwrap();
+    pgpubsub::watch::watch_wal(&client, "orders", None).await.unwrap();
+    let mut capturer = capture(&url).await;
+    let server = serve_url(&url, "orders", &[]);
+    let (mut sub, rx) = sse(&format!("http://{}/events?channel=orders", server.addr), None);
+    subscribed(&server, "orders").await;
+    client.batch_execute("INSERT INTO orders VALUES (1)").await.unwrap();
+    let one = next_sse(&rx);
+    assert_eq!(serde_json::from_str::<Value>(&one.data).unwrap()["new"]["id"], 1);
+    capturer.kill().unwrap();
+    capturer.wait().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.execute("SELECT pg_drop_replication_slot('pgpubsub_capture')", &[]).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the slot stayed in use");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.batch_execute("INSERT INTO orders VALUES (2)").await.unwrap();
+    let mut capturer = capture(&url).await;
+    client.batch_execute("INSERT INTO orders VALUES (3)").await.unwrap();
+    let gap = next_sse(&rx);
+    assert_eq!(gap.event, "resync", "{gap:?}");
+    let data: Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!((data["cursor"].as_str(), data["pruned"].as_str()), (one.id.as_deref(), gap.id.as_deref()), "{gap:?}");
+    let three = next_sse(&rx);
+    assert_eq!(serde_json::from_str::<Value>(&three.data).unwrap()["new"]["id"], 3);
+    let _ = sub.kill();
+    let _ = capturer.kill();
+    let _ = capturer.wait();
+}
