@@ -72,23 +72,25 @@ pub async fn run(config: &Config, args: &CaptureArgs) -> anyhow::Result<()> {
 /// A capturer running beside another command.
 pub type Beside = (tokio::task::JoinHandle<anyhow::Result<()>>, std::sync::Arc<pgpubsub::capture::CaptureStats>);
 
-/// Runs a capturer in the background of another command (`listen
-/// --capture`, `serve --capture`), until the process stops; with its counters.
+/// With `on` (`listen --capture`, `serve --capture`): a capturer running in
+/// the background of the command until the process stops, with its
+/// counters; the slot named by `PGPUBSUB_CAPTURE_NAME`, as `pgpubsub
+/// capture --name` reads it (slots are per cluster).
 ///
 /// # Errors
-/// When the options cannot name a slot.
-pub fn spawn(config: &Config, mut options: CaptureOptions) -> anyhow::Result<Beside> {
-    // As `pgpubsub capture --name` reads it: slots are per cluster.
-    if options.name.is_none() {
-        options.name = std::env::var("PGPUBSUB_CAPTURE_NAME").ok().filter(|n| !n.is_empty());
+/// When the name cannot name a slot.
+pub fn beside(config: &Config, on: bool) -> anyhow::Result<Option<Beside>> {
+    if !on {
+        return Ok(None);
     }
-    let capturer = Capturer::new(config, options)?;
+    let name = std::env::var("PGPUBSUB_CAPTURE_NAME").ok().filter(|n| !n.is_empty());
+    let capturer = Capturer::new(config, CaptureOptions::named(name))?;
     let stats = capturer.stats();
     let task = tokio::spawn(async move { capturer.run(std::future::pending()).await.map_err(anyhow::Error::from) });
-    Ok((task, stats))
+    Ok(Some((task, stats)))
 }
 
-/// Resolves when a capturer [`spawn`]ed beside a command ends (only by an
+/// Resolves when a capturer started [`beside`] a command ends (only by an
 /// error: it runs until the process stops); never, without one.
 pub async fn ended(capture: Option<tokio::task::JoinHandle<anyhow::Result<()>>>) -> anyhow::Result<()> {
     let Some(task) = capture else { return std::future::pending().await };

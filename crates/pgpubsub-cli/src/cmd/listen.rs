@@ -91,10 +91,7 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         (false, false) => Style::Line,
     };
     // `--capture`: this process also appends WAL-watched tables to the log.
-    let capture = match args.capture {
-        true => Some(crate::cmd::capture::spawn(config, pgpubsub::CaptureOptions::default())?.0),
-        false => None,
-    };
+    let capture = crate::cmd::capture::beside(config, args.capture)?.map(|(task, _)| task);
     let limits = Limits {
         max_event_bytes: args.max_event_bytes,
         max_age: Duration::from_secs(args.chunk_timeout.max(1)),

@@ -220,11 +220,7 @@ pub async fn run_until(
         _ => None,
     };
     ops::install_metrics();
-    let capture = match args.capture {
-        true => Some(crate::cmd::capture::spawn(config, pgpubsub::CaptureOptions::default())?),
-        false => None,
-    };
-    let (capture_task, capture) = capture.unzip();
+    let (capture_task, capture) = crate::cmd::capture::beside(config, args.capture)?.unzip();
     // Plain names: the listener reads only those. Patterns or none: every
     // channel of the log, filtered per subscriber.
     let listened = served.names().unwrap_or_default();
