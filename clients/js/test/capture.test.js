@@ -55,7 +55,19 @@ for (const [name, options] of TRANSPORTS) {
         await until(() => written.length >= after + 10, "rows after the last restart");
         writing = false;
         await writer;
-        await until(() => got.length >= written.length, `all ${written.length} rows (got ${got.length})`);
+        await until(() => got.length >= written.length, `all ${written.length} rows`).catch(async (e) => {
+          // What a failure needs to be understood: which rows, whether the
+          // capturer put them in the log, and what the gateway said.
+          const missing = written.filter((id) => !got.includes(id));
+          const logged = await sql(
+            db,
+            `SELECT string_agg(format('%s:%s %s', txid, seq, body::json->'new'->>'id'), ', ' ORDER BY txid, seq)
+             FROM pubsub.events WHERE channel = 'orders'`,
+          ).catch((err) => String(err));
+          e.message += `\ngot ${got.length}: ${got.join(",")}\nmissing: ${missing.join(",")}\nin the log: ${logged}`;
+          e.message += `\nstate: ${sub.state}\ngateway log:\n${server.log.slice(-4000)}`;
+          throw e;
+        });
         // The fence: one more row, which must come right after the last.
         await sql(db, "INSERT INTO orders VALUES (0, 'fence')");
         await until(() => got.includes(0), "the fence row");

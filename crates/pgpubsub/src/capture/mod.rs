@@ -130,7 +130,11 @@ impl Capturer {
                     self.options.standby_poll
                 }
                 Err(e @ (Error::NotMigrated | Error::Config(_))) => return Err(e),
-                Err(e) if !started => return Err(e),
+                // Before a first stream, what will not mend by waiting
+                // (wal_level, grants) ends the capturer with its reason;
+                // a lost or refused connection (a server restarting, a
+                // killed predecessor's session not yet gone) is retried.
+                Err(e) if !started && permanent(&e) => return Err(e),
                 Err(e) => {
                     Stats::bump(&self.stats.reconnects);
                     let delay = backoff.next_delay();
@@ -222,6 +226,22 @@ impl Capturer {
         run.close().await;
         ended
     }
+}
+
+/// Whether `e` is a mistake of setup that retrying cannot mend: the
+/// server's settings (wal_level, max_replication_slots), a missing
+/// privilege, a refused login, an undefined object.
+fn permanent(e: &Error) -> bool {
+    let code = match e {
+        Error::NotMigrated | Error::Config(_) => return true,
+        Error::Wal { source, .. } => wal::sqlstate(source),
+        Error::Db { source, .. } => source.code.as_deref(),
+        Error::Connect { source, .. } => source.as_db_error().map(|d| d.code().code()),
+        _ => None,
+    };
+    // 28: invalid authorization; 42: privileges, undefined objects;
+    // 55000: wal_level; 53400: too few slots or senders.
+    code.is_some_and(|c| c.starts_with("28") || c.starts_with("42") || c == "55000" || c == "53400")
 }
 
 /// `f`, or [`Error::ConnectionLost`] if the side connection does not
