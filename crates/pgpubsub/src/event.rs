@@ -152,6 +152,22 @@ pub struct Change {
     pub new: Option<Box<RawValue>>,
     /// The row before the change (UPDATE, DELETE), as a JSON object.
     pub old: Option<Box<RawValue>>,
+    /// Under row-level authorization ([`crate::views`]): the row entered
+    /// or left what this subscriber may see. `None`: a change within it.
+    pub view: Option<View>,
+}
+
+/// How an UPDATE moved a row for a subscriber under row-level
+/// authorization ([`crate::views`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum View {
+    /// The row became visible: `new` is the whole row (as far as the
+    /// subscriber may read it), `old` is absent.
+    Enter,
+    /// The row is no longer visible: only `key` is set.
+    Leave,
 }
 
 impl Change {
@@ -215,6 +231,7 @@ struct Envelope<'a> {
     key: Option<Box<RawValue>>,
     new: Option<Box<RawValue>>,
     old: Option<Box<RawValue>>,
+    view: Option<View>,
     payload: Option<String>,
     reason: Option<String>,
 }
@@ -319,6 +336,55 @@ impl Event {
         }
     }
 
+    /// This row change as a subscriber under row-level authorization
+    /// sees it ([`crate::views`]): `change`'s rows and view, in the same
+    /// envelope (seq, txid, place, channel, time). `None` unless this is a
+    /// row change.
+    pub(crate) fn seen_as(&self, change: Change) -> Option<Event> {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            seq: Option<i64>,
+            txid: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            source_txid: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            lsn: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            index: Option<u32>,
+            kind: &'static str,
+            channel: &'a str,
+            time: Option<&'a str>,
+            op: Op,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            view: Option<View>,
+            schema: &'a str,
+            table: &'a str,
+            key: Option<&'a RawValue>,
+            new: Option<&'a RawValue>,
+            old: Option<&'a RawValue>,
+        }
+        self.change()?;
+        let json = serde_json::to_string(&Out {
+            seq: self.seq,
+            txid: self.txid,
+            source_txid: self.source_txid,
+            lsn: self.wal.map(|w| w.lsn_text()),
+            index: self.wal.map(|w| w.index),
+            kind: "change",
+            channel: &self.channel,
+            time: self.time.as_deref(),
+            op: change.op,
+            view: change.view,
+            schema: &change.schema,
+            table: &change.table,
+            key: change.key.as_deref(),
+            new: change.new.as_deref(),
+            old: change.old.as_deref(),
+        })
+        .ok()?;
+        Some(Event { body: Body::Change(change), json, ..self.clone() })
+    }
+
     /// The message, if this is one.
     pub fn message(&self) -> Option<&Message> {
         match &self.body {
@@ -353,6 +419,7 @@ fn ours(channel: &str, text: &str) -> Option<Ours> {
             key: non_null(env.key),
             new: non_null(env.new),
             old: non_null(env.old),
+            view: env.view,
         }),
         ("message", _, Some(payload)) => Body::Message(Message { payload }),
         ("resync", _, _) => Body::Resync(Resync { reason: env.reason.unwrap_or_default() }),

@@ -68,6 +68,7 @@ pub mod shape;
 pub mod stats;
 pub mod store;
 mod tail;
+pub mod views;
 mod wal;
 pub mod watch;
 pub mod wire;
@@ -77,7 +78,7 @@ pub use capture::{CaptureOptions, Capturer};
 pub use channel::Channel;
 pub use cursor::Cursor;
 pub use error::{Error, Result};
-pub use event::{Body, Change, Event, Message, Op, Resync, WalPosition};
+pub use event::{Body, Change, Event, Message, Op, Resync, View, WalPosition};
 pub use event_log::{LogConn, StatementError};
 pub use feed::{Feed, FeedItem, Replay, ReplayPage, Replayed};
 pub use hub::{Delivery, Filter, Hub, Subscription};
@@ -85,6 +86,7 @@ pub use listener::{ConnectionState, Listener, ListenerOptions};
 pub use reassembly::Limits;
 pub use replay::SharedReplays;
 pub use stats::{Stats, StatsSnapshot};
+pub use views::{Viewer, Views};
 pub use watch::{publish, unwatch, watch};
 
 /// The README's example (the crate's page), compiled by `cargo test --doc`

@@ -45,6 +45,14 @@ pub struct Claims {
     read: Vec<String>,
     #[serde(default)]
     write: Vec<String>,
+    /// PostgREST's `role` claim: the PostgreSQL role the bearer's row
+    /// changes are decided as (row-level authorization, `pgpubsub::views`).
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Every claim, as the JSON object policies read in
+    /// `request.jwt.claims`.
+    #[serde(skip)]
+    pub all: Option<String>,
 }
 
 impl Claims {
@@ -123,16 +131,21 @@ impl Auth {
     /// not-yet-valid token, or one for another audience.
     pub fn check(&self, token: Option<&str>) -> Result<Claims, ApiError> {
         let Some((key, validation)) = &self.0 else {
-            return Ok(Claims { exp: u64::MAX, read: vec!["*".into()], write: vec!["*".into()] });
+            return Ok(Claims { exp: u64::MAX, read: vec!["*".into()], write: vec!["*".into()], role: None, all: None });
         };
         let token = token.ok_or_else(|| {
             ApiError::Unauthorized(
                 "a token is required: Authorization: Bearer <jwt>, or the pgpubsub_token cookie".into(),
             )
         })?;
-        jsonwebtoken::decode::<Claims>(token, key, validation)
-            .map(|data| data.claims)
-            .map_err(|e| ApiError::Unauthorized(format!("token refused: {e}")))
+        let all = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, validation)
+            .map_err(|e| ApiError::Unauthorized(format!("token refused: {e}")))?
+            .claims;
+        let text = serde_json::Value::Object(all.clone()).to_string();
+        let mut claims: Claims = serde_json::from_value(serde_json::Value::Object(all))
+            .map_err(|e| ApiError::Unauthorized(format!("token refused: {e}")))?;
+        claims.all = Some(text);
+        Ok(claims)
     }
 }
 

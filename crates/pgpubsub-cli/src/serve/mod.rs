@@ -143,6 +143,8 @@ pub struct AppState {
     pub db: Arc<Pool>,
     /// Resumes from one position share one read of the log.
     pub replays: Arc<pgpubsub::SharedReplays>,
+    /// Row-level authorization: one class per role and claims in use.
+    pub views: Arc<pgpubsub::Views>,
     /// The channels served.
     pub served: Arc<access::Served>,
     /// Origins trusted with the cookie.
@@ -257,6 +259,7 @@ pub async fn run_until(
             })
             .sharing(!args.replay_alone),
         ),
+        views: Arc::new(pgpubsub::Views::new()),
         served: Arc::new(served.clone()),
         origins: Arc::new(origins),
         listening,

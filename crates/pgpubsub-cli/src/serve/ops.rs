@@ -157,7 +157,14 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.listener_stats.snapshot();
     let h = state.hub.stats();
     let up = matches!(&*state.listener_state.borrow(), ConnectionState::Listening);
-    let counters: [(&str, &str, u64); 10] = [
+    let counters: [(&str, &str, u64); 13] = [
+        (
+            "pgpubsub_rls_statements_total",
+            "Statements that decided what a class of subscribers (one role, one set of claims) sees: one per class per batch.",
+            state.views.statements(),
+        ),
+        ("pgpubsub_rls_decided_total", "Row changes decided for some class.", state.views.decided()),
+        ("pgpubsub_rls_withheld_total", "Row changes withheld from some class.", state.views.withheld()),
         (
             "pgpubsub_replay_reads_total",
             "Pages of the log read for resuming subscribers (resumes from one position share them).",
@@ -185,8 +192,13 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             s.malformed + s.not_json + s.corrupt + s.oversize,
         ),
     ];
-    let gauges: [(&str, &str, f64); 6] = [
+    let gauges: [(&str, &str, f64); 7] = [
         ("pgpubsub_subscribers", "Subscribers connected.", state.hub.subscribers() as f64),
+        (
+            "pgpubsub_rls_classes",
+            "Classes of subscribers (one role, one set of claims) decided apart.",
+            state.views.classes() as f64,
+        ),
         (
             "pgpubsub_notify_queue_usage",
             "pg_notification_queue_usage() at the last heartbeat.",

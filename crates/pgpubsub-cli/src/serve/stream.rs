@@ -65,7 +65,7 @@ pub async fn sse(
     let (filter, since) = request.resolve(&state, &claims, last)?;
     let expires = expiry(&claims);
     let keep_alive = state.heartbeat.every;
-    let feed = Feed::new(state, filter, since).await?;
+    let feed = Feed::new(state, filter, since, viewer(&claims)).await?;
     let start = feed.position();
     let record = |event: &str, data: &str, id: Option<Cursor>| {
         let id = id.map(|c| format!("id: {c}\n")).unwrap_or_default();
@@ -118,6 +118,12 @@ pub async fn sse(
         .header("cache-control", "no-cache")
         .body(axum::body::Body::from_stream(hello.chain(events)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// The viewer a token's `role` claim names (row-level authorization);
+/// `None` without one: the token's channels decide alone.
+fn viewer(claims: &Claims) -> Option<pgpubsub::Viewer> {
+    claims.role.as_ref().map(|role| pgpubsub::Viewer::role(role, claims.all.clone()))
 }
 
 /// A feed's next item, owning the feed until it has it.
@@ -199,7 +205,9 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
         _ => Err(ApiError::BadRequest("expected the subscription request as the first message within 10 s".into())),
     };
     let (feed, expires, ack) = match request {
-        Ok(((filter, since), claims, ack)) => (Feed::new(state, filter, since).await, expiry(&claims), ack),
+        Ok(((filter, since), claims, ack)) => {
+            (Feed::new(state, filter, since, viewer(&claims)).await, expiry(&claims), ack)
+        }
         Err(e) => (Err(e), tokio::time::Instant::now(), false),
     };
     let mut feed = match feed {

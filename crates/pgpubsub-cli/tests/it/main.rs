@@ -13,6 +13,7 @@ mod gateway;
 mod heartbeat;
 mod nats_outage;
 mod operable;
+mod rls;
 mod serve;
 mod tls;
 

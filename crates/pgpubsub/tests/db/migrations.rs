@@ -43,7 +43,8 @@ async fn up_down_up() {
             "20261121000400",
             "20261130000100",
             "20261130000200",
-            "20261207000100"
+            "20261207000100",
+            "20261207000200"
         ]
     );
 
@@ -60,6 +61,7 @@ async fn up_down_up() {
     assert_eq!(
         reverted,
         vec![
+            "pubsub_row_views",
             "pubsub_capture",
             "pubsub_wal",
             "pubsub_log_only",
