@@ -111,6 +111,7 @@ impl Views {
             viewer: viewer.clone(),
             counts: self.counts.clone(),
             decided: Mutex::default(),
+            open: Mutex::default(),
             gate: tokio::sync::Mutex::new(()),
         });
         classes.insert(viewer, Arc::downgrade(&class));
@@ -144,10 +145,34 @@ impl Views {
 pub struct Class {
     viewer: Viewer,
     counts: Arc<Counts>,
-    /// seq → (when decided, what the class sees; `None`: nothing).
-    decided: Mutex<BTreeMap<i64, (Instant, Option<Arc<Shared>>)>>,
+    /// seq → (when decided, what the class sees).
+    decided: Mutex<BTreeMap<i64, (Instant, Seen)>>,
+    /// Tables the class may read whole (`schema.table`, quoted) → when
+    /// that was last said: their events pass without asking.
+    open: Mutex<HashMap<String, Instant>>,
     /// One statement at a time per class: the others wait for its answer.
     gate: tokio::sync::Mutex<()>,
+}
+
+/// What a class sees of one event.
+#[derive(Debug, Clone)]
+enum Seen {
+    /// The event as it is.
+    Same,
+    /// Nothing.
+    Hidden,
+    /// The event rewritten for the class (shared by its subscribers).
+    As(Arc<Shared>),
+}
+
+impl Seen {
+    fn of(self, s: &Arc<Shared>) -> Option<Arc<Shared>> {
+        match self {
+            Seen::Same => Some(s.clone()),
+            Seen::Hidden => None,
+            Seen::As(r) => Some(r),
+        }
+    }
 }
 
 /// One event's answer from `pubsub.row_views`.
@@ -156,6 +181,7 @@ struct Answer {
     new_seen: bool,
     old_seen: bool,
     columns: Option<Vec<String>>,
+    open: bool,
 }
 
 impl Class {
@@ -193,68 +219,89 @@ impl Class {
             return Ok(seen);
         }
         let now = Instant::now();
-        let todo: Vec<&Arc<Shared>> = {
+        let todo: Vec<(&Arc<Shared>, String)> = {
             let decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+            let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             events
                 .iter()
-                .filter(|s| needs(s).is_some_and(|seq| decided.get(&seq).is_none_or(|(at, _)| now - *at >= FRESH)))
+                .filter_map(|s| {
+                    let (seq, table) = needs(s)?;
+                    let fresh = |at: &Instant| now - *at < FRESH;
+                    let known =
+                        open.get(&table).is_some_and(fresh) || decided.get(&seq).is_some_and(|(at, _)| fresh(at));
+                    (!known).then_some((s, table))
+                })
                 .collect()
         };
         let (mut tables, mut news, mut olds) = (Vec::new(), Vec::new(), Vec::new());
-        for s in &todo {
+        for (s, table) in &todo {
             let c = s.event.change().expect("needs() keeps row changes");
-            tables.push(format!("{}.{}", quote_ident(&c.schema), quote_ident(&c.table)));
+            tables.push(table.clone());
             news.push(c.new.as_ref().map(|r| r.get().to_string()));
             olds.push(c.old.as_ref().map(|r| r.get().to_string()));
         }
         let answers = self.ask(log, tables, news, olds).await?;
         self.counts.statements.fetch_add(1, Ordering::Relaxed);
         self.counts.decided.fetch_add(todo.len() as u64, Ordering::Relaxed);
-        let fresh: HashMap<i64, Option<Arc<Shared>>> = todo
-            .into_iter()
-            .zip(answers)
-            .map(|(s, answer)| {
+        let mut fresh: HashMap<i64, Seen> = HashMap::with_capacity(todo.len());
+        {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            for ((s, table), answer) in todo.into_iter().zip(answers) {
+                if answer.open {
+                    open.insert(table, now);
+                } else {
+                    open.remove(&table);
+                }
                 let seen = seen_as(s, &answer);
-                if seen.is_none() {
+                if matches!(seen, Seen::Hidden) {
                     self.counts.withheld.fetch_add(1, Ordering::Relaxed);
                 }
-                (needs(s).unwrap_or_default(), seen)
-            })
-            .collect();
+                fresh.insert(s.event.seq.unwrap_or_default(), seen);
+            }
+        }
         let mut decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(events.len());
         for s in events {
-            match needs(s) {
-                None => out.push(s.clone()),
-                Some(seq) => match fresh.get(&seq) {
-                    Some(seen) => out.extend(seen.clone()),
-                    None => out.extend(decided.get(&seq).and_then(|(_, seen)| seen.clone())),
+            let seen = match needs(s) {
+                None => Seen::Same,
+                Some((seq, _)) => match fresh.get(&seq) {
+                    Some(seen) => seen.clone(),
+                    // Decided a moment ago, or a table open to the class.
+                    None => decided.get(&seq).map_or(Seen::Same, |(_, seen)| seen.clone()),
                 },
-            }
+            };
+            out.extend(seen.of(s));
         }
-        decided.extend(fresh.into_iter().map(|(seq, seen)| (seq, (now, seen))));
+        decided.extend(
+            fresh.into_iter().filter(|(_, seen)| !matches!(seen, Seen::Same)).map(|(q, seen)| (q, (now, seen))),
+        );
         while decided.len() > KEPT {
             decided.pop_first();
         }
         Ok(out)
     }
 
-    /// What the class sees of `events`, if every row change among them
-    /// was decided within [`FRESH`].
+    /// What the class sees of `events`, if every row change among them was
+    /// decided within [`FRESH`] or is of a table open to the class.
     fn known(&self, events: &[Arc<Shared>]) -> Option<Vec<Arc<Shared>>> {
         let decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let mut out = Vec::with_capacity(events.len());
         for s in events {
-            let Some(seq) = needs(s) else {
+            let Some((seq, table)) = needs(s) else {
                 out.push(s.clone());
                 continue;
             };
+            if open.get(&table).is_some_and(|at| now - *at < FRESH) {
+                out.push(s.clone());
+                continue;
+            }
             let (at, seen) = decided.get(&seq)?;
             if now - *at >= FRESH {
                 return None;
             }
-            out.extend(seen.clone());
+            out.extend(seen.clone().of(s));
         }
         Some(out)
     }
@@ -272,7 +319,7 @@ impl Class {
         let rows = log
             .run_pg("deciding what a role may see", |c| async move {
                 c.query(
-                    "SELECT n, readable, new_seen, old_seen, columns
+                    "SELECT n, readable, new_seen, old_seen, columns, open
                      FROM pubsub.row_views($1::text[], $2::text[]::jsonb[], $3::text[]::jsonb[], $4, $5) ORDER BY n",
                     &[&tables, &news, &olds, &role, &claims],
                 )
@@ -287,20 +334,36 @@ impl Class {
         }
         Ok(rows
             .iter()
-            .map(|r| Answer { readable: r.get(1), new_seen: r.get(2), old_seen: r.get(3), columns: r.get(4) })
+            .map(|r| Answer {
+                readable: r.get(1),
+                new_seen: r.get(2),
+                old_seen: r.get(3),
+                columns: r.get(4),
+                open: r.get(5),
+            })
             .collect())
     }
 }
 
-/// The seq of a row change from the log (what a class decides); `None`
-/// for anything else.
-fn needs(s: &Shared) -> Option<i64> {
-    s.event.change()?;
-    s.event.seq
+/// The seq and table (`schema.table`, quoted) of a row change from the
+/// log (what a class decides); `None` for anything else.
+fn needs(s: &Shared) -> Option<(i64, String)> {
+    let c = s.event.change()?;
+    Some((s.event.seq?, format!("{}.{}", quote_ident(&c.schema), quote_ident(&c.table))))
 }
 
-/// `s` as a role answered `a` sees it; `None`: not at all.
-fn seen_as(s: &Arc<Shared>, a: &Answer) -> Option<Arc<Shared>> {
+/// `s` as a role answered `a` sees it.
+fn seen_as(s: &Arc<Shared>, a: &Answer) -> Seen {
+    match rewrite(s, a) {
+        None => Seen::Hidden,
+        Some(r) if Arc::ptr_eq(&r, s) => Seen::Same,
+        Some(r) => Seen::As(r),
+    }
+}
+
+/// `s` as a role answered `a` sees it: itself, a rewritten copy, or
+/// nothing.
+fn rewrite(s: &Arc<Shared>, a: &Answer) -> Option<Arc<Shared>> {
     let c = s.event.change()?;
     if !a.readable {
         return None;
@@ -399,24 +462,27 @@ mod tests {
 
     fn answer(new_seen: bool, old_seen: bool, columns: Option<&[&str]>) -> Answer {
         let columns = columns.map(|c| c.iter().map(|s| s.to_string()).collect());
-        Answer { readable: true, new_seen, old_seen, columns }
+        Answer { readable: true, new_seen, old_seen, columns, open: false }
     }
 
     #[test]
     fn updates_enter_leave_or_stay() {
         let s = change("UPDATE", r#"{"id":1,"t":"a","x":2}"#, r#"{"id":1,"t":"b","x":1}"#);
-        let same = seen_as(&s, &answer(true, true, None)).unwrap();
+        let same = rewrite(&s, &answer(true, true, None)).unwrap();
         assert!(Arc::ptr_eq(&same, &s), "an unchanged event is shared, not copied");
-        let enter = seen_as(&s, &answer(true, false, None)).unwrap();
+        let enter = rewrite(&s, &answer(true, false, None)).unwrap();
         let c = enter.event.change().unwrap();
-        assert_eq!((c.view, c.old.is_none(), c.new.as_ref().unwrap().get()), (Some(View::Enter), true, r#"{"id":1,"t":"a","x":2}"#));
+        assert_eq!(
+            (c.view, c.old.is_none(), c.new.as_ref().unwrap().get()),
+            (Some(View::Enter), true, r#"{"id":1,"t":"a","x":2}"#)
+        );
         let v: serde_json::Value = serde_json::from_str(enter.event.json()).unwrap();
         assert_eq!((v["view"].as_str(), v["seq"].as_i64(), v["old"].is_null()), (Some("enter"), Some(5), true));
-        let leave = seen_as(&s, &answer(false, true, None)).unwrap();
+        let leave = rewrite(&s, &answer(false, true, None)).unwrap();
         let c = leave.event.change().unwrap();
         assert_eq!((c.view, c.new.is_none(), c.old.is_none()), (Some(View::Leave), true, true));
         assert_eq!(c.key.as_ref().unwrap().get(), r#"{"id":1}"#);
-        assert!(seen_as(&s, &answer(false, false, None)).is_none());
+        assert!(rewrite(&s, &answer(false, false, None)).is_none());
         // Decoded again (a client), the view is there.
         let again = Event::decode("t", leave.event.json().to_string()).unwrap();
         assert_eq!(again.change().unwrap().view, Some(View::Leave));
@@ -425,16 +491,16 @@ mod tests {
     #[test]
     fn deletes_carry_the_old_row_and_columns_are_removed() {
         let s = change("DELETE", "null", r#"{"id":1,"t":"a","secret":"s"}"#);
-        let seen = seen_as(&s, &answer(false, true, Some(&["id", "t"]))).unwrap();
+        let seen = rewrite(&s, &answer(false, true, Some(&["id", "t"]))).unwrap();
         let c = seen.event.change().unwrap();
         assert_eq!(c.old.as_ref().unwrap().get(), r#"{"id":1,"t":"a"}"#);
         assert!(!seen.event.json().contains("secret"));
-        assert!(seen_as(&s, &answer(false, false, None)).is_none());
+        assert!(rewrite(&s, &answer(false, false, None)).is_none());
         // A leave without a readable key cannot name its row.
         let u = change("UPDATE", r#"{"id":1}"#, r#"{"id":1}"#);
-        assert!(seen_as(&u, &answer(false, true, Some(&["t"]))).is_none());
+        assert!(rewrite(&u, &answer(false, true, Some(&["t"]))).is_none());
         let unreadable = Answer { readable: false, ..answer(true, true, None) };
-        assert!(seen_as(&change("TRUNCATE", "null", "null"), &unreadable).is_none());
+        assert!(rewrite(&change("TRUNCATE", "null", "null"), &unreadable).is_none());
     }
 
     #[test]

@@ -209,7 +209,7 @@ async fn active(ctx: &Ctx<'_>, lock: &Lock) -> anyhow::Result<Exit> {
         () = lock.lost() => return Ok(Exit::LockLost),
         () = stopped(&ctx.stop) => return Ok(Exit::Stopped),
     };
-    let mut options = ListenerOptions::default().name(format!("bridge:{}", args.name));
+    let mut options = ListenerOptions::default().name(format!("bridge:{}", args.name)).row_views(false);
     options.autosave = false;
     // Larger catch-up pages: the bridge publishes a page before the
     // listener reads the next one, so each page costs a round trip to both.

@@ -131,7 +131,13 @@ impl Auth {
     /// not-yet-valid token, or one for another audience.
     pub fn check(&self, token: Option<&str>) -> Result<Claims, ApiError> {
         let Some((key, validation)) = &self.0 else {
-            return Ok(Claims { exp: u64::MAX, read: vec!["*".into()], write: vec!["*".into()], role: None, all: None });
+            return Ok(Claims {
+                exp: u64::MAX,
+                read: vec!["*".into()],
+                write: vec!["*".into()],
+                role: None,
+                all: None,
+            });
         };
         let token = token.ok_or_else(|| {
             ApiError::Unauthorized(

@@ -158,7 +158,9 @@ impl Feed {
                     Item::Event { position, shared } => {
                         // `seen` keeps the order of `events`: this event's
                         // answer is next, if the class sees it.
-                        if let Some(s) = seen.next_if(|s| s.event.seq == shared.event.seq && s.position == shared.position) {
+                        if let Some(s) =
+                            seen.next_if(|s| s.event.seq == shared.event.seq && s.position == shared.position)
+                        {
                             self.ready.push_back(Item::Event { position, shared: s });
                         }
                     }

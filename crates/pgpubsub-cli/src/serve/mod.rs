@@ -230,7 +230,7 @@ pub async fn run_until(
     let (listening, changes) = listening::Listening::new(&listened);
     let (source, listener_stats, listener_state) = match source_of(args)? {
         None => {
-            let listener = Listener::connect(config, &listened, ListenerOptions::default())
+            let listener = Listener::connect(config, &listened, ListenerOptions::default().row_views(false))
                 .await
                 .context("starting the listener")?;
             let (stats, state) = (listener.stats(), listener.state());

@@ -271,7 +271,5 @@ async fn subscribers_exactly(addr: &str, n: u64) {
 /// A counter of the gateway's /metrics.
 fn metric(addr: &str, name: &str) -> f64 {
     let text = curl_get(&format!("http://{addr}/metrics")).1;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }

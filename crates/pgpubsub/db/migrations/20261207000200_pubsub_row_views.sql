@@ -15,7 +15,10 @@
 --   readable  the role may SELECT some column of the table;
 --   new_seen  it may see the new row (the table's policies pass on it);
 --   old_seen  the same for the old row;
---   columns   the columns it may read, NULL when all of them.
+--   columns   the columns it may read, NULL when all of them;
+--   open      it may read every row and column of the table (no row
+--             security for it, every column granted): what it sees of the
+--             table needs no asking until that changes.
 -- A table the role cannot read, or that no longer exists, shows nothing.
 --
 -- The policies: the permissive SELECT (or ALL) ones that apply to the role,
@@ -34,7 +37,7 @@
 -- have any right on the pubsub schema.
 CREATE FUNCTION pubsub.row_views(p_tables text[], p_news jsonb[], p_olds jsonb[],
                                  p_role text DEFAULT NULL, p_claims text DEFAULT NULL)
-RETURNS TABLE (n bigint, readable boolean, new_seen boolean, old_seen boolean, columns text[])
+RETURNS TABLE (n bigint, readable boolean, new_seen boolean, old_seen boolean, columns text[], open boolean)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_table   text;
@@ -51,7 +54,7 @@ BEGIN
     FOR v_table IN SELECT DISTINCT t FROM unnest(p_tables) t LOOP
         v_rel := to_regclass(v_table);
         IF v_rel IS NULL OR NOT has_any_column_privilege(v_rel, 'SELECT') THEN
-            RETURN QUERY SELECT u.pgps_n, false, false, false, NULL::text[]
+            RETURN QUERY SELECT u.pgps_n, false, false, false, NULL::text[], false
                 FROM unnest(p_tables) WITH ORDINALITY u(pgps_t, pgps_n) WHERE u.pgps_t = v_table;
             CONTINUE;
         END IF;
@@ -63,7 +66,8 @@ BEGIN
             v_columns := NULL;
         END IF;
         IF NOT row_security_active(v_rel) THEN
-            RETURN QUERY SELECT u.pgps_n, true, u.pgps_new IS NOT NULL, u.pgps_old IS NOT NULL, v_columns
+            RETURN QUERY SELECT u.pgps_n, true, u.pgps_new IS NOT NULL, u.pgps_old IS NOT NULL, v_columns,
+                                v_columns IS NULL
                 FROM unnest(p_tables, p_news, p_olds) WITH ORDINALITY u(pgps_t, pgps_new, pgps_old, pgps_n)
                 WHERE u.pgps_t = v_table;
             CONTINUE;
@@ -86,7 +90,7 @@ BEGIN
             'SELECT u.pgps_n, true,
                     u.pgps_new IS NOT NULL AND (SELECT %1$s FROM jsonb_populate_record(NULL::%2$s, u.pgps_new) AS %3$I),
                     u.pgps_old IS NOT NULL AND (SELECT %1$s FROM jsonb_populate_record(NULL::%2$s, u.pgps_old) AS %3$I),
-                    $4
+                    $4, false
              FROM unnest($1, $2, $3) WITH ORDINALITY u(pgps_t, pgps_new, pgps_old, pgps_n)
              WHERE u.pgps_t = $5',
             v_qual, v_rel, v_name)

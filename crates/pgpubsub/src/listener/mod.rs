@@ -69,6 +69,11 @@ pub struct Listener {
     progress: Progress,
     /// Events of the last page not yet handed over.
     ready: VecDeque<Event>,
+    /// With row-level authorization: events read and not yet decided (kept
+    /// here until they are, so a cancelled `recv` loses nothing).
+    unseen: Vec<Arc<crate::hub::Shared>>,
+    /// The reading role's class, with [`ListenerOptions::row_views`].
+    class: Option<Arc<crate::views::Class>>,
     /// Where the cursor stands once `ready` is handed over.
     page_end: Option<Cursor>,
     /// Read the log before waiting again.
@@ -150,6 +155,10 @@ impl Listener {
             channels: channels.to_vec(),
             progress,
             ready: VecDeque::new(),
+            unseen: Vec::new(),
+            class: options
+                .row_views
+                .then(|| Arc::new(crate::views::Views::new()).class(crate::views::Viewer::itself())),
             page_end: None,
             due: true,
             waiting: Waiting::No,
@@ -176,6 +185,17 @@ impl Listener {
             if let Ok(event) = self.foreign.try_recv() {
                 Stats::bump(&self.stats.events);
                 return Some(Ok(event));
+            }
+            if !self.unseen.is_empty() {
+                if let Err(e) = self.decide().await {
+                    let delay = self.retry.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "deciding what this role may see failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        e = self.foreign.recv() => return Some(Ok(e?)),
+                    }
+                    continue;
+                }
             }
             if let Some(event) = self.ready.pop_front() {
                 if self.ready.is_empty() {

@@ -50,6 +50,13 @@ pub struct ListenerOptions {
     /// heartbeat) as events are acknowledged. Turn off to call
     /// [`Listener::save`](super::Listener::save) at points of your own, such as after a flush.
     pub autosave: bool,
+    /// Row-level authorization ([`crate::views`]): hand over row changes
+    /// as the reading role may see them under the tables' own policies and
+    /// column privileges (entering, leaving, deletes with the old row),
+    /// and nothing it may not see. On by default; off for a reader that
+    /// reads on behalf of others and decides for each of them itself (the
+    /// gateway, the bridge).
+    pub row_views: bool,
 }
 
 impl Default for ListenerOptions {
@@ -69,6 +76,7 @@ impl Default for ListenerOptions {
             poll_max: Duration::from_millis(20),
             linger: Duration::from_millis(2),
             autosave: true,
+            row_views: true,
         }
     }
 }
@@ -96,6 +104,13 @@ impl ListenerOptions {
     pub fn heartbeat(mut self, every: Duration, deaf_after: Duration) -> Self {
         self.heartbeat = every;
         self.deaf_after = deaf_after.max(every);
+        self
+    }
+
+    /// Turns row-level authorization by the reading role on or off (see
+    /// [`ListenerOptions::row_views`]).
+    pub fn row_views(mut self, on: bool) -> Self {
+        self.row_views = on;
         self
     }
 

@@ -2,11 +2,14 @@
 //! finds nothing (see the [listener](super) docs): the wake lock, taken on
 //! one generation of the log connection, and given back once woken.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::Listener;
+use crate::cursor::Cursor;
 use crate::error::Result;
 use crate::event_log::WaitLock;
+use crate::hub::Shared;
 use crate::stats::Stats;
 
 /// Whether this listener is the one writers wake, or sleeps on behalf of
@@ -22,6 +25,28 @@ pub(super) enum Waiting {
 }
 
 impl Listener {
+    /// A page's events: to hand over, or, with row-level authorization, to
+    /// decide first.
+    fn take(&mut self, events: Vec<crate::Event>) {
+        match self.class {
+            None => self.ready.extend(events),
+            Some(_) => {
+                let shared = events.into_iter().map(|e| Arc::new(Shared::new(e, Cursor::default())));
+                self.unseen.extend(shared);
+            }
+        }
+    }
+
+    /// What the reading role sees of the events read: ready to hand over.
+    /// Cancel-safe: they stay unseen until decided.
+    pub(super) async fn decide(&mut self) -> Result<()> {
+        let Some(class) = self.class.clone() else { return Ok(()) };
+        let seen = class.see(&self.log, &self.unseen).await?;
+        self.unseen.clear();
+        self.ready.extend(seen.into_iter().map(|s| Arc::try_unwrap(s).map_or_else(|s| s.event.clone(), |s| s.event)));
+        Ok(())
+    }
+
     /// Reads one page; when it is empty, moves towards waiting.
     pub(super) async fn read(&mut self) -> Result<()> {
         if let Waiting::Mine(generation) = self.waiting {
@@ -39,7 +64,7 @@ impl Listener {
         let page = self.tail.next_page(&self.log).await?;
         let found = !page.events.is_empty() || page.more;
         self.page_end = Some(page.position);
-        self.ready.extend(page.events);
+        self.take(page.events);
         if found {
             self.due = true;
             self.pause = self.options.poll_min;
@@ -66,7 +91,7 @@ impl Listener {
         let page = self.tail.next_page(&self.log).await?;
         self.page_end = Some(page.position);
         if !page.events.is_empty() || page.more {
-            self.ready.extend(page.events);
+            self.take(page.events);
             self.due = true;
         }
         Ok(())

@@ -18,6 +18,7 @@ mod migrations;
 mod proxy;
 mod replays;
 mod retention;
+mod row_views;
 mod security;
 mod shape_filter;
 mod sizes;

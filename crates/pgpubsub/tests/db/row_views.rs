@@ -1,0 +1,284 @@
+//! Row-level authorization decides as PostgreSQL does: on random policies
+//! (permissive and restrictive, on claims, on columns, on the role), random
+//! column grants, random claims and random changes, what a class of
+//! subscribers receives ([`pgpubsub::views`]) is what a `SELECT` as that
+//! role with those claims shows of the old and the new row, by the rules of
+//! the module docs, and never a column the role may not read.
+//!
+//! Also: a listener sees what its own role may, live (enter, leave, a
+//! delete with its old row), and nothing else.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgpubsub::hub::Shared;
+use pgpubsub::views::{Viewer, Views};
+use pgpubsub::{Cursor, Event, ListenerOptions, LogConn};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use serde_json::{json, Value};
+
+use crate::common::{self, TestDb};
+
+/// A row of `t`: every column but the key nullable.
+#[derive(Debug, Clone)]
+struct Row {
+    tenant: Option<i32>,
+    level: Option<i32>,
+    note: Option<String>,
+    secret: Option<String>,
+}
+
+fn row() -> impl Strategy<Value = Row> {
+    let small = prop::option::weighted(0.85, 0..4i32);
+    let note =
+        prop::option::weighted(0.85, prop_oneof![Just("x".to_string()), Just("y".to_string()), Just(String::new())]);
+    (small.clone(), small, note.clone(), note).prop_map(|(tenant, level, note, secret)| Row {
+        tenant,
+        level,
+        note,
+        secret,
+    })
+}
+
+/// A policy's USING expression.
+fn qual() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("tenant = (current_setting('request.jwt.claims', true)::json ->> 'tenant')::int".to_string()),
+        (0..4i32).prop_map(|k| format!("level < {k}")),
+        Just("note IS DISTINCT FROM 'x'".to_string()),
+        Just("t.secret = 'y'".to_string()),
+        Just("level IS NULL".to_string()),
+        Just("true".to_string()),
+        Just("NULL::boolean".to_string()),
+    ]
+}
+
+/// One case: policies (permissive?, for the role or for PUBLIC, FOR SELECT
+/// or ALL, USING), the columns granted, the claims, the change.
+#[derive(Debug, Clone)]
+struct Case {
+    rls: bool,
+    policies: Vec<(bool, bool, bool, String)>,
+    columns: Vec<&'static str>,
+    tenant: Option<i32>,
+    op: &'static str,
+    old: Row,
+    new: Row,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let policy = (prop::bool::weighted(0.7), any::<bool>(), any::<bool>(), qual());
+    let columns = prop::sample::subsequence(vec!["tenant", "level", "note", "secret"], 0..=4);
+    (
+        prop::bool::weighted(0.85),
+        prop::collection::vec(policy, 0..4),
+        columns,
+        prop::option::weighted(0.9, 0..4i32),
+        prop_oneof![Just("INSERT"), Just("UPDATE"), Just("UPDATE"), Just("DELETE")],
+        row(),
+        row(),
+    )
+        .prop_map(|(rls, policies, columns, tenant, op, old, new)| Case {
+            rls,
+            policies,
+            columns,
+            tenant,
+            op,
+            old,
+            new,
+        })
+}
+
+fn json_of(r: &Row) -> Value {
+    json!({"id": 1, "tenant": r.tenant, "level": r.level, "note": r.note, "secret": r.secret})
+}
+
+#[test]
+fn a_class_receives_what_its_select_would_show() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let db = rt.block_on(TestDb::new());
+    let client = rt.block_on(db.client());
+    let role = common::unique("rv_role");
+    rt.block_on(client.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, tenant int, level int, note text, secret text);
+         CREATE ROLE {role} NOLOGIN;"
+    )))
+    .unwrap();
+    let log = LogConn::new(db.config.clone(), Duration::from_secs(10));
+    let mut runner = TestRunner::new(Config { cases: 160, failure_persistence: None, ..Config::default() });
+    // How many cases showed a row and withheld another, or removed columns:
+    // the test is only as good as its share of cases that discern.
+    let (kinds, stripped) = (std::cell::RefCell::new(std::collections::HashSet::new()), std::cell::Cell::new(0));
+    let result = runner.run(&case(), |c| {
+        rt.block_on(async {
+            // The table's policies and grants for this case.
+            let mut setup = format!(
+                "DROP TABLE IF EXISTS t; CREATE TABLE t (id int PRIMARY KEY, tenant int, level int, note text, secret text);
+                 {} ROW LEVEL SECURITY;",
+                if c.rls { "ALTER TABLE t ENABLE" } else { "ALTER TABLE t DISABLE" }
+            );
+            for (i, (permissive, to_role, select_only, using)) in c.policies.iter().enumerate() {
+                setup += &format!(
+                    "CREATE POLICY p{i} ON t AS {} FOR {} TO {} USING ({using});",
+                    if *permissive { "PERMISSIVE" } else { "RESTRICTIVE" },
+                    if *select_only { "SELECT" } else { "ALL" },
+                    if *to_role { role.as_str() } else { "PUBLIC" },
+                );
+            }
+            setup += &format!("GRANT SELECT (id{}) ON t TO {role};", c.columns.iter().map(|c| format!(", {c}")).collect::<String>());
+            client.batch_execute(&setup).await.unwrap();
+            let claims = json!({"tenant": c.tenant}).to_string();
+
+            // What SELECT shows the role of each row, and of which columns.
+            let visible = |r: &Row| {
+                let (r, claims, client, role) = (r.clone(), claims.clone(), &client, role.clone());
+                async move {
+                    client.batch_execute("DELETE FROM t").await.unwrap();
+                    client
+                        .execute(
+                            "INSERT INTO t VALUES (1, $1, $2, $3, $4)",
+                            &[&r.tenant, &r.level, &r.note, &r.secret],
+                        )
+                        .await
+                        .unwrap();
+                    let tx = format!(
+                        "BEGIN; SET LOCAL ROLE {role}; SELECT set_config('request.jwt.claims', '{claims}', true);"
+                    );
+                    client.batch_execute(&tx).await.unwrap();
+                    let n: i64 = client.query_one("SELECT count(*) FROM t WHERE id = 1", &[]).await.unwrap().get(0);
+                    client.batch_execute("ROLLBACK").await.unwrap();
+                    n == 1
+                }
+            };
+            let (old, new) = match c.op {
+                "INSERT" => (None, Some(&c.new)),
+                "UPDATE" => (Some(&c.old), Some(&c.new)),
+                _ => (Some(&c.old), None),
+            };
+            let old_seen = match old {
+                Some(r) => visible(r).await,
+                None => false,
+            };
+            let new_seen = match new {
+                Some(r) => visible(r).await,
+                None => false,
+            };
+
+            // The event as the log holds it, and as the class receives it.
+            let text = json!({
+                "seq": 1, "txid": 1, "kind": "change", "channel": "t", "time": "2026-01-01T00:00:00Z",
+                "op": c.op, "schema": "public", "table": "t", "key": {"id": 1},
+                "new": new.map(json_of), "old": old.map(json_of),
+            })
+            .to_string();
+            let event = Arc::new(Shared::new(Event::decode("t", text).unwrap(), Cursor::default()));
+            let class = Views::new().class(Viewer::role(&role, Some(claims.clone())));
+            let got = class.see(&log, &[event]).await.map_err(|e| TestCaseError::fail(format!("{e}")))?;
+
+            let expect = match (c.op, old_seen, new_seen) {
+                ("INSERT", _, true) => Some(("INSERT", None, true, false)),
+                ("UPDATE", true, true) => Some(("UPDATE", None, true, true)),
+                ("UPDATE", false, true) => Some(("UPDATE", Some("enter"), true, false)),
+                ("UPDATE", true, false) => Some(("UPDATE", Some("leave"), false, false)),
+                ("DELETE", true, _) => Some(("DELETE", None, false, true)),
+                _ => None,
+            };
+            kinds.borrow_mut().insert(format!("{expect:?}"));
+            let Some((op, view, has_new, has_old)) = expect else {
+                prop_assert!(got.is_empty(), "withheld: {:?}", got.first().map(|s| s.event.json().to_string()));
+                return Ok(());
+            };
+            prop_assert_eq!(got.len(), 1);
+            let v: Value = serde_json::from_str(got[0].event.json()).unwrap();
+            prop_assert_eq!(v["op"].as_str(), Some(op));
+            prop_assert_eq!(v["view"].as_str(), view);
+            prop_assert_eq!(!v["new"].is_null(), has_new, "{}", v);
+            prop_assert_eq!(!v["old"].is_null(), has_old, "{}", v);
+            prop_assert_eq!(&v["key"], &json!({"id": 1}));
+            // Exactly the columns granted, with the row's own values.
+            let mut allowed = vec!["id"];
+            allowed.extend(&c.columns);
+            for (side, row) in [("new", new), ("old", old)] {
+                let Some(shown) = v[side].as_object() else { continue };
+                let mut names: Vec<&str> = shown.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                let mut want = allowed.clone();
+                want.sort_unstable();
+                prop_assert_eq!(&names, &want, "{} of {}", side, v);
+                let full = json_of(row.unwrap());
+                for (k, value) in shown {
+                    prop_assert_eq!(value, &full[k]);
+                }
+                if want.len() < 5 {
+                    stripped.set(stripped.get() + 1);
+                }
+            }
+            Ok(())
+        })
+    });
+    rt.block_on(client.batch_execute(&format!("DROP TABLE t; DROP ROLE {role}"))).unwrap();
+    result.unwrap();
+    let kinds = kinds.into_inner();
+    assert!(kinds.len() >= 6, "too few kinds of outcome: {kinds:?}");
+    assert!(stripped.get() > 10, "columns were removed in only {} cases", stripped.get());
+}
+
+/// A listener (the library's reader, and `listen`'s) sees what its own
+/// role may: its rows, a row entering and leaving, a delete with the old
+/// row, and never another's row. The last row, its own, is the fence.
+#[tokio::test]
+async fn a_listener_sees_what_its_own_role_may() {
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    let (me, them) = (common::unique("rv_me"), common::unique("rv_them"));
+    let ch = common::channel("docs");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {me} LOGIN; CREATE ROLE {them} LOGIN;
+             CREATE TABLE docs (id int PRIMARY KEY, owner text NOT NULL, body text);
+             ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON docs FOR SELECT USING (owner = current_user);
+             GRANT SELECT ON docs TO {me}, {them};
+             GRANT USAGE ON SCHEMA pubsub TO {me};
+             GRANT SELECT ON pubsub.events, pubsub.retention TO {me};
+             SELECT pubsub.watch('docs', '{ch}');"
+        ))
+        .await
+        .unwrap();
+    let mut config = db.config.clone();
+    config.pg_mut().user(&me);
+    let mut listener = pgpubsub::Listener::connect(&config, &[ch.clone()], ListenerOptions::default()).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO docs VALUES (1, '{me}', 'mine'), (2, '{them}', 'theirs');
+             UPDATE docs SET owner = '{me}' WHERE id = 2;
+             UPDATE docs SET owner = '{them}' WHERE id = 1;
+             UPDATE docs SET body = 'still theirs' WHERE id = 1;
+             DELETE FROM docs WHERE id = 2;
+             INSERT INTO docs VALUES (3, '{me}', 'fence');"
+        ))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.last().map(|(_, _, id, _)| *id) != Some(3) {
+        let e = common::next(&mut listener).await;
+        let c = e.change().unwrap();
+        let row = c.new.as_ref().or(c.old.as_ref()).map(|r| serde_json::from_str::<Value>(r.get()).unwrap());
+        let key: Value = serde_json::from_str(c.key.as_ref().unwrap().get()).unwrap();
+        got.push((c.op.as_str(), c.view, key["id"].as_i64().unwrap(), row.map(|r| r["body"].clone())));
+    }
+    use pgpubsub::View::{Enter, Leave};
+    assert_eq!(
+        got,
+        vec![
+            ("INSERT", None, 1, Some(json!("mine"))),
+            ("UPDATE", Some(Enter), 2, Some(json!("theirs"))),
+            ("UPDATE", Some(Leave), 1, None),
+            ("DELETE", None, 2, Some(json!("theirs"))),
+            ("INSERT", None, 3, Some(json!("fence"))),
+        ]
+    );
+    drop(listener);
+    admin.batch_execute(&format!("DROP TABLE docs; REVOKE ALL ON SCHEMA pubsub FROM {me}; REVOKE ALL ON ALL TABLES IN SCHEMA pubsub FROM {me}; DROP ROLE {me}, {them}")).await.unwrap();
+}
