@@ -34,6 +34,12 @@ pub struct AuthArgs {
     /// Required `aud` claim.
     #[arg(long, env = "PGPUBSUB_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// The PostgreSQL role whose table policies decide what a subscriber
+    /// receives when its token has no `role` claim (with authentication
+    /// off: every subscriber), as PostgREST's anonymous role. Without it,
+    /// such subscribers receive every row change of their channels.
+    #[arg(long, env = "PGPUBSUB_DEFAULT_ROLE")]
+    pub default_role: Option<String>,
 }
 
 /// What a valid token grants.
@@ -80,7 +86,11 @@ impl Claims {
 
 /// The verifier; `None` inside means authentication is off.
 #[derive(Clone)]
-pub struct Auth(Option<(DecodingKey, Validation)>);
+pub struct Auth {
+    verify: Option<(DecodingKey, Validation)>,
+    /// `--default-role`.
+    default_role: Option<String>,
+}
 
 impl Auth {
     /// From the settings.
@@ -89,7 +99,7 @@ impl Auth {
     /// An unreadable or invalid key, or both a secret and a key.
     pub fn new(args: &AuthArgs) -> anyhow::Result<Auth> {
         let (key, algorithms) = match (&args.jwt_secret, &args.jwt_public_key) {
-            (None, None) => return Ok(Auth(None)),
+            (None, None) => return Ok(Auth { verify: None, default_role: args.default_role.clone() }),
             (Some(_), Some(_)) => anyhow::bail!("give PGPUBSUB_JWT_SECRET or PGPUBSUB_JWT_PUBLIC_KEY, not both"),
             (Some(secret), None) => {
                 anyhow::ensure!(secret.len() >= 32, "PGPUBSUB_JWT_SECRET must be at least 32 bytes");
@@ -116,12 +126,12 @@ impl Auth {
             Some(aud) => v.set_audience(&[aud]),
             None => v.validate_aud = false,
         }
-        Ok(Auth(Some((key, v))))
+        Ok(Auth { verify: Some((key, v)), default_role: args.default_role.clone() })
     }
 
     /// Whether tokens are checked at all.
     pub fn enabled(&self) -> bool {
-        self.0.is_some()
+        self.verify.is_some()
     }
 
     /// The claims of `token`; with authentication off, everything.
@@ -130,14 +140,9 @@ impl Auth {
     /// `Unauthorized` for a missing, malformed, badly signed, expired or
     /// not-yet-valid token, or one for another audience.
     pub fn check(&self, token: Option<&str>) -> Result<Claims, ApiError> {
-        let Some((key, validation)) = &self.0 else {
-            return Ok(Claims {
-                exp: u64::MAX,
-                read: vec!["*".into()],
-                write: vec!["*".into()],
-                role: None,
-                all: None,
-            });
+        let Some((key, validation)) = &self.verify else {
+            let role = self.default_role.clone();
+            return Ok(Claims { exp: u64::MAX, read: vec!["*".into()], write: vec!["*".into()], role, all: None });
         };
         let token = token.ok_or_else(|| {
             ApiError::Unauthorized(
@@ -151,6 +156,9 @@ impl Auth {
         let mut claims: Claims = serde_json::from_value(serde_json::Value::Object(all))
             .map_err(|e| ApiError::Unauthorized(format!("token refused: {e}")))?;
         claims.all = Some(text);
+        if claims.role.is_none() {
+            claims.role.clone_from(&self.default_role);
+        }
         Ok(claims)
     }
 }

@@ -254,6 +254,16 @@ async fn each_tenant_sees_its_rows_enter_leave_and_deletes_without_the_columns_i
     w.batch_execute("INSERT INTO orders VALUES (4, 'a', 'fence', 's')").await.unwrap();
     assert_eq!(seen(&change(&rx).0).2, key(4), "the row written under the closed policy was withheld");
     let _ = late.kill();
+
+    // --default-role: a token without a role claim is decided as that role
+    // (PostgREST's anonymous role), with its claims.
+    let anon = serve_url(&roles.url(), &ch, &["--jwt-secret", SECRET, "--default-role", &roles.tenant]);
+    let no_role = json!({"exp": now_s() + 3600, "read": [ch], "tenant": "b"});
+    let (mut plain, rx) = sse_with(&format!("http://{}/events?channel={ch}", anon.addr), None, &bearer(no_role));
+    subscribers(&anon.addr, 1).await;
+    w.batch_execute("INSERT INTO orders VALUES (5, 'a', 'not b', 's'), (6, 'b', 'b', 's')").await.unwrap();
+    assert_eq!(seen(&change(&rx).0).2, key(6));
+    let _ = plain.kill();
 }
 
 async fn subscribers_exactly(addr: &str, n: u64) {
