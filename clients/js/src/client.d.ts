@@ -26,6 +26,12 @@ export interface ChangeEvent<Row = Record<string, unknown>> extends EventBase {
   new: Row | null;
   /** The row before (UPDATE, DELETE). */
   old: Row | null;
+  /**
+   * Under row-level authorization (a token with a `role` claim): the UPDATE
+   * moved the row into what this subscriber may see (`new` is the row, `old`
+   * is null) or out of it (only `key`). Absent for a change within it.
+   */
+  view?: "enter" | "leave";
 }
 
 /** A published message: the text exactly as published. */
