@@ -51,6 +51,9 @@ pub const FRESH: Duration = Duration::from_secs(1);
 /// Decisions kept per class (the newest, by seq).
 const KEPT: usize = 50_000;
 
+/// The most events one statement decides.
+const BATCH_MAX: usize = 4_000;
+
 /// Who a subscriber is to PostgreSQL.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Viewer {
@@ -112,6 +115,7 @@ impl Views {
             counts: self.counts.clone(),
             decided: Mutex::default(),
             open: Mutex::default(),
+            pending: Mutex::default(),
             gate: tokio::sync::Mutex::new(()),
         });
         classes.insert(viewer, Arc::downgrade(&class));
@@ -150,6 +154,10 @@ pub struct Class {
     /// Tables the class may read whole (`schema.table`, quoted) → when
     /// that was last said: their events pass without asking.
     open: Mutex<HashMap<String, Instant>>,
+    /// Events some subscriber of the class asked about, by seq, not yet
+    /// decided: the next statement decides them all (while one statement
+    /// runs, the events that come meanwhile gather into the next one).
+    pending: Mutex<BTreeMap<i64, Arc<Shared>>>,
     /// One statement at a time per class: the others wait for its answer.
     gate: tokio::sync::Mutex<()>,
 }
@@ -214,16 +222,37 @@ impl Class {
         if let Some(seen) = self.known(events) {
             return Ok(seen);
         }
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for s in events {
+                if let Some((seq, _)) = needs(s) {
+                    pending.entry(seq).or_insert_with(|| s.clone());
+                }
+            }
+        }
         let _one = self.gate.lock().await;
         if let Some(seen) = self.known(events) {
             return Ok(seen);
         }
         let now = Instant::now();
+        // This caller's events and what others asked meanwhile, in one
+        // statement (at most BATCH_MAX of the others').
+        let mut batch: BTreeMap<i64, Arc<Shared>> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.keys().nth(BATCH_MAX).copied() {
+                None => std::mem::take(&mut *pending),
+                Some(first_left) => {
+                    let rest = pending.split_off(&first_left);
+                    std::mem::replace(&mut *pending, rest)
+                }
+            }
+        };
+        batch.extend(events.iter().filter_map(|s| Some((needs(s)?.0, s.clone()))));
         let todo: Vec<(&Arc<Shared>, String)> = {
             let decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
             let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            events
-                .iter()
+            batch
+                .values()
                 .filter_map(|s| {
                     let (seq, table) = needs(s)?;
                     let fresh = |at: &Instant| now - *at < FRESH;

@@ -43,6 +43,15 @@ pub struct FanoutArgs {
     /// itself, to see what sharing saves.
     #[arg(long)]
     pub replay_alone: bool,
+    /// Row-level authorization instead (`rls.rs`): `--events` rows of a table
+    /// with a per-tenant policy, spread over `--tenants`, to the clients
+    /// spread over the same tenants; first with an equality filter and no
+    /// authorization, then with tokens naming a role and a tenant claim.
+    #[arg(long, conflicts_with_all = ["storm", "idle", "nats"])]
+    pub rls: bool,
+    /// Tenants (classes of subscribers) for `--rls`.
+    #[arg(long, default_value_t = 100)]
+    pub tenants: usize,
 }
 
 pub(super) const CHANNEL: &str = "pgpubsub_fanout";

@@ -17,6 +17,7 @@ pub use probe::now_us;
 pub mod proc;
 mod receiver;
 mod report;
+mod rls;
 mod storm;
 mod workload;
 mod writer_tables;
