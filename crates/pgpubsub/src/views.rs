@@ -301,9 +301,7 @@ impl Class {
             };
             out.extend(seen.of(s));
         }
-        decided.extend(
-            fresh.into_iter().filter(|(_, seen)| !matches!(seen, Seen::Same)).map(|(q, seen)| (q, (now, seen))),
-        );
+        decided.extend(fresh.into_iter().map(|(q, seen)| (q, (now, seen))));
         while decided.len() > KEPT {
             decided.pop_first();
         }
