@@ -110,14 +110,7 @@ impl Views {
             return c;
         }
         classes.retain(|_, c| c.strong_count() > 0);
-        let class = Arc::new(Class {
-            viewer: viewer.clone(),
-            counts: self.counts.clone(),
-            decided: Mutex::default(),
-            open: Mutex::default(),
-            pending: Mutex::default(),
-            gate: tokio::sync::Mutex::new(()),
-        });
+        let class = Arc::new(Class::new(viewer.clone(), self.counts.clone()));
         classes.insert(viewer, Arc::downgrade(&class));
         class
     }
@@ -151,9 +144,12 @@ pub struct Class {
     counts: Arc<Counts>,
     /// seq → (when decided, what the class sees).
     decided: Mutex<BTreeMap<i64, (Instant, Seen)>>,
-    /// Tables the class may read whole (`schema.table`, quoted) → when
-    /// that was last said: their events pass without asking.
-    open: Mutex<HashMap<String, Instant>>,
+    /// Tables the class may read whole (schema → table → when that was
+    /// last said): their events pass without asking.
+    open: Mutex<HashMap<String, HashMap<String, Instant>>>,
+    /// When a statement as the viewer last succeeded: the role may be
+    /// taken (what [`Class::check`] asks).
+    answered: Mutex<Option<Instant>>,
     /// Events some subscriber of the class asked about, by seq, not yet
     /// decided: the next statement decides them all (while one statement
     /// runs, the events that come meanwhile gather into the next one).
@@ -192,7 +188,54 @@ struct Answer {
     open: bool,
 }
 
+/// The decisions a class holds, under their locks.
+struct Known<'a> {
+    decided: &'a BTreeMap<i64, (Instant, Seen)>,
+    open: &'a HashMap<String, HashMap<String, Instant>>,
+    now: Instant,
+}
+
+impl Known<'_> {
+    /// What the class sees of `s` if that is known within [`FRESH`]: every
+    /// event but a row change passes; a row change of a table open to the
+    /// class passes; else its decision.
+    fn of(&self, s: &Shared) -> Option<Seen> {
+        let Some((seq, c)) = needs(s) else { return Some(Seen::Same) };
+        let fresh = |at: &Instant| self.now - *at < FRESH;
+        if self.open.get(&c.schema).and_then(|t| t.get(&c.table)).is_some_and(fresh) {
+            return Some(Seen::Same);
+        }
+        self.decided.get(&seq).filter(|(at, _)| fresh(at)).map(|(_, seen)| seen.clone())
+    }
+}
+
 impl Class {
+    /// A class of its own, counting into `counts`.
+    fn new(viewer: Viewer, counts: Arc<Counts>) -> Class {
+        Class {
+            viewer,
+            counts,
+            decided: Mutex::default(),
+            open: Mutex::default(),
+            answered: Mutex::default(),
+            pending: Mutex::default(),
+            gate: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A class of the reading connection's own role (a listener's), apart
+    /// from any [`Views`].
+    pub(crate) fn itself() -> Class {
+        Class::new(Viewer::itself(), Arc::default())
+    }
+
+    /// Runs `f` over what the class knows now.
+    fn with_known<T>(&self, f: impl FnOnce(&Known<'_>) -> T) -> T {
+        let decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        f(&Known { decided: &decided, open: &open, now: Instant::now() })
+    }
+
     /// The viewer this class decides for.
     pub fn viewer(&self) -> &Viewer {
         &self.viewer
@@ -205,6 +248,11 @@ impl Class {
     /// [`Error::Db`] with SQLSTATE 42501 when it may not (the subscriber
     /// must be refused); another error when the database cannot answer.
     pub async fn check(&self, log: &LogConn) -> Result<()> {
+        let answered = *self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        if answered.is_some_and(|at| at.elapsed() < FRESH) {
+            // A crowd of one class resuming at once asks once.
+            return Ok(());
+        }
         self.ask(log, Vec::new(), Vec::new(), Vec::new()).await.map(drop)
     }
 
@@ -234,7 +282,6 @@ impl Class {
         if let Some(seen) = self.known(events) {
             return Ok(seen);
         }
-        let now = Instant::now();
         // This caller's events and what others asked meanwhile, in one
         // statement (at most BATCH_MAX of the others').
         let mut batch: BTreeMap<i64, Arc<Shared>> = {
@@ -247,90 +294,58 @@ impl Class {
                 }
             }
         };
+        // Ours again: a holder whose statement failed took them out.
         batch.extend(events.iter().filter_map(|s| Some((needs(s)?.0, s.clone()))));
-        let todo: Vec<(&Arc<Shared>, String)> = {
-            let decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
-            let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            batch
-                .values()
-                .filter_map(|s| {
-                    let (seq, table) = needs(s)?;
-                    let fresh = |at: &Instant| now - *at < FRESH;
-                    let known =
-                        open.get(&table).is_some_and(fresh) || decided.get(&seq).is_some_and(|(at, _)| fresh(at));
-                    (!known).then_some((s, table))
-                })
-                .collect()
-        };
+        let todo: Vec<Arc<Shared>> = self.with_known(|k| batch.into_values().filter(|s| k.of(s).is_none()).collect());
         let (mut tables, mut news, mut olds) = (Vec::new(), Vec::new(), Vec::new());
-        for (s, table) in &todo {
-            let c = s.event.change().expect("needs() keeps row changes");
-            tables.push(table.clone());
+        for s in &todo {
+            let c = s.event.change().expect("only row changes are pending");
+            tables.push(format!("{}.{}", quote_ident(&c.schema), quote_ident(&c.table)));
             news.push(c.new.as_ref().map(|r| r.get().to_string()));
             olds.push(c.old.as_ref().map(|r| r.get().to_string()));
         }
         let answers = self.ask(log, tables, news, olds).await?;
         self.counts.statements.fetch_add(1, Ordering::Relaxed);
         self.counts.decided.fetch_add(todo.len() as u64, Ordering::Relaxed);
-        let mut fresh: HashMap<i64, Seen> = HashMap::with_capacity(todo.len());
+        let now = Instant::now();
+        let mut decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            for ((s, table), answer) in todo.into_iter().zip(answers) {
+            for (s, answer) in todo.iter().zip(answers) {
+                let c = s.event.change().expect("only row changes are pending");
+                let tables = open.entry(c.schema.clone()).or_default();
                 if answer.open {
-                    open.insert(table, now);
+                    tables.insert(c.table.clone(), now);
                 } else {
-                    open.remove(&table);
+                    tables.remove(&c.table);
                 }
                 let seen = seen_as(s, &answer);
                 if matches!(seen, Seen::Hidden) {
                     self.counts.withheld.fetch_add(1, Ordering::Relaxed);
                 }
-                fresh.insert(s.event.seq.unwrap_or_default(), seen);
+                decided.insert(s.event.seq.unwrap_or_default(), (now, seen));
             }
+            // Every one of ours is known now; read before the oldest
+            // decisions go (a lagging subscriber's may be among them).
+            let known = Known { decided: &decided, open: &open, now };
+            let out = events.iter().filter_map(|s| known.of(s).unwrap_or(Seen::Hidden).of(s)).collect();
+            while decided.len() > KEPT {
+                decided.pop_first();
+            }
+            Ok(out)
         }
-        let mut decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::with_capacity(events.len());
-        for s in events {
-            let seen = match needs(s) {
-                None => Seen::Same,
-                Some((seq, _)) => match fresh.get(&seq) {
-                    Some(seen) => seen.clone(),
-                    // Decided a moment ago, or a table open to the class.
-                    None => decided.get(&seq).map_or(Seen::Same, |(_, seen)| seen.clone()),
-                },
-            };
-            out.extend(seen.of(s));
-        }
-        decided.extend(fresh.into_iter().map(|(q, seen)| (q, (now, seen))));
-        while decided.len() > KEPT {
-            decided.pop_first();
-        }
-        Ok(out)
     }
 
     /// What the class sees of `events`, if every row change among them was
     /// decided within [`FRESH`] or is of a table open to the class.
     fn known(&self, events: &[Arc<Shared>]) -> Option<Vec<Arc<Shared>>> {
-        let decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let mut out = Vec::with_capacity(events.len());
-        for s in events {
-            let Some((seq, table)) = needs(s) else {
-                out.push(s.clone());
-                continue;
-            };
-            if open.get(&table).is_some_and(|at| now - *at < FRESH) {
-                out.push(s.clone());
-                continue;
+        self.with_known(|k| {
+            let mut out = Vec::with_capacity(events.len());
+            for s in events {
+                out.extend(k.of(s)?.of(s));
             }
-            let (at, seen) = decided.get(&seq)?;
-            if now - *at >= FRESH {
-                return None;
-            }
-            out.extend(seen.clone().of(s));
-        }
-        Some(out)
+            Some(out)
+        })
     }
 
     /// One statement: `pubsub.row_views` as the viewer.
@@ -353,6 +368,7 @@ impl Class {
                 .await
             })
             .await?;
+        *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         if rows.len() != n {
             return Err(Error::ConnectionLost(format!(
                 "pubsub.row_views answered {} rows for {n} events (is the schema migrated?)",
@@ -372,11 +388,10 @@ impl Class {
     }
 }
 
-/// The seq and table (`schema.table`, quoted) of a row change from the
-/// log (what a class decides); `None` for anything else.
-fn needs(s: &Shared) -> Option<(i64, String)> {
-    let c = s.event.change()?;
-    Some((s.event.seq?, format!("{}.{}", quote_ident(&c.schema), quote_ident(&c.table))))
+/// The seq and change of a row change from the log (what a class
+/// decides); `None` for anything else.
+fn needs(s: &Shared) -> Option<(i64, &Change)> {
+    Some((s.event.seq?, s.event.change()?))
 }
 
 /// `s` as a role answered `a` sees it.

@@ -64,3 +64,27 @@ pub(super) async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     s.read_to_string(&mut out).await?;
     Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
+
+/// Subscribers the gateway at `addr` counts (`/healthz`).
+pub(super) async fn subscribers(addr: &str) -> u64 {
+    let body = http_get(addr, "/healthz").await.unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["subscribers"].as_u64()).unwrap_or(0)
+}
+
+/// A counter of the gateway's `/metrics` (NaN when it is not there).
+pub(super) async fn metric(addr: &str, name: &str) -> f64 {
+    let text = http_get(addr, "/metrics").await.unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// Waits until the gateway at `addr` counts `n` subscribers (at most 2 minutes).
+pub(super) async fn until_subscribed(addr: &str, n: usize) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while (subscribers(addr).await as usize) < n {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("only {} of {n} clients subscribed", subscribers(addr).await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::child::{self, Proc};
-use super::fanout_args::{http_get, FanoutArgs};
+use super::fanout_args::{metric, subscribers, until_subscribed, FanoutArgs};
 use super::probe::now_us;
 use super::proc;
 
@@ -109,16 +109,6 @@ fn token(secret: &str, claims: &Value) -> anyhow::Result<String> {
     Ok(jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), claims, &key)?)
 }
 
-async fn metric(addr: &str, name: &str) -> f64 {
-    let text = http_get(addr, "/metrics").await.unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
-}
-
-async fn subscribers(addr: &str) -> usize {
-    let body = http_get(addr, "/healthz").await.unwrap_or_default();
-    serde_json::from_str::<Value>(&body).ok().and_then(|v| v["subscribers"].as_u64()).unwrap_or(0) as usize
-}
-
 /// One phase: connect, write, count; its report.
 async fn phase(
     admin: &tokio_postgres::Client,
@@ -155,13 +145,7 @@ async fn phase(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while subscribers(addr).await < args.clients {
-        if Instant::now() > deadline {
-            bail!("only {} of {} clients subscribed", subscribers(addr).await, args.clients);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_subscribed(addr, args.clients).await?;
     let statements_before = metric(addr, "pgpubsub_rls_statements_total").await;
     let cpu_before = proc::usage(server.pid()).map(|u| u.cpu_ns).unwrap_or(0);
     let pad = "x".repeat(args.payload);

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::child::{self, Proc};
-use super::fanout_args::{http_get, FanoutArgs, CHANNEL};
+use super::fanout_args::{http_get, metric, until_subscribed, FanoutArgs, CHANNEL};
 use super::proc;
 
 /// What one client saw.
@@ -133,30 +133,8 @@ fn gateway(url: &str, addr: &str, args: &FanoutArgs) -> anyhow::Result<Proc> {
     Proc::spawn(c, None)
 }
 
-async fn subscribers(addr: &str) -> u64 {
-    let body = http_get(addr, "/healthz").await.unwrap_or_default();
-    serde_json::from_str::<Value>(&body).ok().and_then(|v| v["subscribers"].as_u64()).unwrap_or(0)
-}
-
-/// A counter of the gateway's `/metrics`.
-async fn metric(addr: &str, name: &str) -> f64 {
-    let text = http_get(addr, "/metrics").await.unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(f64::NAN)
-}
-
 fn connect_all(addr: &str, args: &FanoutArgs, want: u64, crowd: &Arc<Crowd>) -> Vec<tokio::task::JoinHandle<Seen>> {
     (0..args.clients).map(|_| tokio::spawn(client(addr.to_string(), want, crowd.clone()))).collect()
-}
-
-async fn until_subscribed(addr: &str, n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (subscribers(addr).await as usize) < n {
-        if Instant::now() > deadline {
-            bail!("only {} of {n} clients subscribed", subscribers(addr).await);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
 }
 
 fn print(report: &Value, as_json: bool) -> anyhow::Result<()> {

@@ -110,14 +110,25 @@ fn seen(v: &Value) -> (String, Value, Value, Value, Value) {
     (v["op"].as_str().unwrap().to_string(), v["view"].clone(), id, v["new"].clone(), v["old"].clone())
 }
 
+/// Waits until the gateway counts at least `n` subscribers.
 async fn subscribers(addr: &str, n: u64) {
+    until_subscribers(addr, |got| got >= n).await;
+}
+
+/// Waits until the gateway counts exactly `n` subscribers.
+async fn subscribers_exactly(addr: &str, n: u64) {
+    until_subscribers(addr, |got| got == n).await;
+}
+
+async fn until_subscribers(addr: &str, done: impl Fn(u64) -> bool) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let v: Value = serde_json::from_str(&curl_get(&format!("http://{addr}/healthz")).1).unwrap_or_default();
-        if v["subscribers"].as_u64().unwrap_or(0) >= n {
+        let got = v["subscribers"].as_u64().unwrap_or(0);
+        if done(got) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "{n} subscribers never came");
+        assert!(std::time::Instant::now() < deadline, "the subscribers stayed at {got}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
@@ -264,18 +275,6 @@ async fn each_tenant_sees_its_rows_enter_leave_and_deletes_without_the_columns_i
     w.batch_execute("INSERT INTO orders VALUES (5, 'a', 'not b', 's'), (6, 'b', 'b', 's')").await.unwrap();
     assert_eq!(seen(&change(&rx).0).2, key(6));
     let _ = plain.kill();
-}
-
-async fn subscribers_exactly(addr: &str, n: u64) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let v: Value = serde_json::from_str(&curl_get(&format!("http://{addr}/healthz")).1).unwrap_or_default();
-        if v["subscribers"].as_u64() == Some(n) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "subscribers never became {n}: {v}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }
 
 /// A counter of the gateway's /metrics.

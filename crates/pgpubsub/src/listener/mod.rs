@@ -156,9 +156,7 @@ impl Listener {
             progress,
             ready: VecDeque::new(),
             unseen: Vec::new(),
-            class: options
-                .row_views
-                .then(|| Arc::new(crate::views::Views::new()).class(crate::views::Viewer::itself())),
+            class: options.row_views.then(|| Arc::new(crate::views::Class::itself())),
             page_end: None,
             due: true,
             waiting: Waiting::No,
@@ -188,11 +186,8 @@ impl Listener {
             }
             if !self.unseen.is_empty() {
                 if let Err(e) = self.decide().await {
-                    let delay = self.retry.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?delay, "deciding what this role may see failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        e = self.foreign.recv() => return Some(Ok(e?)),
+                    if let Some(out) = self.back_off("deciding what this role may see", e).await {
+                        return out;
                     }
                     continue;
                 }
@@ -223,12 +218,9 @@ impl Listener {
                     Ok(()) => self.retry.reset(),
                     Err(e @ Error::ResyncNeeded { .. }) => return Some(Err(e)),
                     Err(e) => {
-                        let delay = self.retry.next_delay();
-                        tracing::warn!(error = %e, retry_in = ?delay, "reading the log failed; retrying");
                         self.waiting = Waiting::No;
-                        tokio::select! {
-                            () = tokio::time::sleep(delay) => {}
-                            e = self.foreign.recv() => return Some(Ok(e?)),
+                        if let Some(out) = self.back_off("reading the log", e).await {
+                            return out;
                         }
                     }
                 }
@@ -254,6 +246,18 @@ impl Listener {
                 }
             }
             self.due = true;
+        }
+    }
+
+    /// After `e` while `doing` something: waits the next retry delay; a
+    /// foreign notification that comes meanwhile is what `recv` returns
+    /// (`Some`), else `None` and `recv` tries again.
+    async fn back_off(&mut self, doing: &str, e: Error) -> Option<Option<Result<Event>>> {
+        let delay = self.retry.next_delay();
+        tracing::warn!(error = %e, retry_in = ?delay, "{doing} failed; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => None,
+            e = self.foreign.recv() => Some(e.map(Ok)),
         }
     }
 
