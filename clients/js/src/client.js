@@ -38,9 +38,13 @@ export class ConflictError extends PgPubSubError {}
 
 // --------------------------------------------------------------- cursors
 
-/** `"txid:seq"` as two BigInts, or null. */
+/**
+ * `"txid:seq"` as two BigInts, or null. After a shape's snapshot a position
+ * may carry its hand-over (`"txid:seq~xmin:xmax:xip~until"`): ordered by
+ * its `txid:seq`, sent back whole.
+ */
 function parseCursor(text) {
-  const m = typeof text === "string" ? /^(\d+):(\d+)$/.exec(text) : null;
+  const m = typeof text === "string" ? /^(\d+):(\d+)(?:~\d+:\d+:[\d,]*~\d+)?$/.exec(text) : null;
   return m ? [BigInt(m[1]), BigInt(m[2])] : null;
 }
 
@@ -128,6 +132,18 @@ export class Client {
     const type = typeof message === "string" ? "text/plain; charset=utf-8" : "application/json";
     const res = await this.request("POST", `/publish/${encodeURIComponent(channel)}`, { body: text, type });
     return expectOk(res);
+  }
+
+  /**
+   * A live collection of a table's rows: `shape.rows` (a Map of key → row)
+   * holds the rows that match `where` (a filter, text or JSON form), with
+   * `columns`, first from a snapshot, then kept in step by every change,
+   * with none missed or applied twice, across reconnects.
+   * @param {import("./client.js").ShapeRequest} request
+   * @param {import("./client.js").ShapeHandlers} [handlers]
+   */
+  shape(request, handlers = {}) {
+    return new Shape(this, request, handlers);
   }
 
   /** The event-sourced store's bucket `bucket`. */
@@ -268,6 +284,102 @@ export class Store {
 // ----------------------------------------------------------- subscription
 
 /** One subscription: its own connection, resumed from its position after every drop. */
+export class Shape {
+  /** The rows, by key (the JSON array of the key's values, in key order). */
+  rows = new Map();
+  /**
+   * Changes applied, and those that did not fit what was held (an INSERT or
+   * a row entering for a key held already; an UPDATE, a row leaving or a
+   * DELETE for a key not held). Always 0 when every change comes exactly
+   * once; a table captured from the WAL without REPLICA IDENTITY FULL can
+   * make some (its old rows are keys only).
+   */
+  stats = { changes: 0, inconsistent: 0 };
+  #key = null; // the key's columns
+  #sub;
+  #handlers;
+
+  constructor(client, request, handlers = {}) {
+    if (!request?.table) throw new TypeError("shape({ table, where, columns }): table is required");
+    const filter = request.filter ?? request.where;
+    this.#handlers = handlers ?? {};
+    let ready;
+    /** Resolves once the first snapshot is in (`rows` holds it). */
+    this.ready = new Promise((resolve, reject) => (ready = { resolve, reject }));
+    this.ready.catch(() => {});
+    const req = { table: request.table, snapshot: true };
+    if (filter != null) req.filter = filter;
+    if (request.columns != null) req.columns = request.columns;
+    this.#sub = client.subscribe(req, (event) => this.#apply(event), {
+      onSnapshotBegin: () => this.rows.clear(),
+      onSnapshot: (rows, key) => {
+        this.#key = key ?? this.#key;
+        for (const row of rows) this.rows.set(this.#keyOf(row), row);
+      },
+      onReady: async (info) => {
+        this.#key = info.key ?? this.#key;
+        ready.resolve(this);
+        if (this.#handlers.onReady) await this.#handlers.onReady(this, info);
+      },
+      onResync: async (info) => {
+        // With a snapshot to follow: what is held is replaced by it.
+        if (info.snapshot) this.rows.clear();
+        if (this.#handlers.onResync) await this.#handlers.onResync(info);
+      },
+      onError: (e) => this.#handlers.onError?.(e),
+      onState: (state, detail) => this.#handlers.onState?.(state, detail),
+    });
+    this.#sub.done.catch((e) => ready.reject(e));
+  }
+
+  /** The subscription underneath (state, position, stats). */
+  get subscription() {
+    return this.#sub;
+  }
+
+  /** Stops. */
+  close() {
+    this.#sub.close();
+  }
+
+  #keyOf(row) {
+    if (!this.#key || !row) return JSON.stringify(row ?? null);
+    return JSON.stringify(this.#key.map((c) => row[c] ?? null));
+  }
+
+  async #apply(event) {
+    if (event?.kind !== "change") return;
+    const rows = this.rows;
+    const fits = (ok) => ok || (this.stats.inconsistent += 1);
+    switch (event.op) {
+      case "TRUNCATE":
+        rows.clear();
+        break;
+      case "INSERT":
+        fits(!rows.has(this.#keyOf(event.new)));
+        rows.set(this.#keyOf(event.new), event.new);
+        break;
+      case "UPDATE":
+        if (event.view === "leave") {
+          fits(rows.delete(this.#keyOf(event.key)));
+          break;
+        }
+        if (event.view === "enter") fits(!rows.has(this.#keyOf(event.new)));
+        // The key may have changed: the row moves.
+        else if (event.old) fits(rows.delete(this.#keyOf(event.old)));
+        rows.set(this.#keyOf(event.new), event.new);
+        break;
+      case "DELETE":
+        fits(rows.delete(this.#keyOf(event.old ?? event.key)));
+        break;
+      default:
+        return;
+    }
+    this.stats.changes += 1;
+    if (this.#handlers.onChange) await this.#handlers.onChange(event, this);
+  }
+}
+
 export class Subscription {
   #client;
   #options;
@@ -490,7 +602,10 @@ export class Subscription {
       ws.onopen = () => {
         alive();
         const first = { ...this.#request, ack: true };
-        if (this.#position) first.since = this.#position;
+        if (this.#position) {
+          first.since = this.#position;
+          delete first.snapshot; // resuming: the rows are held already
+        } else if (first.snapshot) this.#enqueue({ reset: true });
         if (token) first.token = token;
         ws.send(JSON.stringify(first));
       };
@@ -526,7 +641,13 @@ export class Subscription {
             }
             break;
           case "resync":
-            this.#enqueue({ resync: { cursor: msg.cursor, pruned: msg.pruned } });
+            this.#enqueue({ resync: { cursor: msg.cursor, pruned: msg.pruned, snapshot: Boolean(msg.snapshot) } });
+            break;
+          case "snapshot":
+            this.#enqueue({ rows: { key: msg.key, rows: msg.rows } });
+            break;
+          case "ready":
+            this.#enqueue({ ready: { id: msg.id, rows: msg.rows, key: msg.key } });
             break;
           case "lagged":
             said = { kind: "lagged" };
@@ -568,7 +689,10 @@ export class Subscription {
     for (const op of r.ops ?? []) q.append("op", op);
     // The server reads the value as JSON when it parses as JSON: always send JSON.
     for (const [col, val] of Object.entries(r.where ?? {})) q.append("where", `${col}:${JSON.stringify(val)}`);
+    if (r.filter != null) q.set("filter", typeof r.filter === "string" ? r.filter : JSON.stringify(r.filter));
+    if (r.columns != null) q.set("columns", r.columns.join(","));
     if (this.#position) q.set("since", this.#position);
+    else if (r.snapshot) q.set("snapshot", "true");
     const headers = { accept: "text/event-stream" };
     if (token) headers.authorization = `Bearer ${token}`;
 
@@ -591,6 +715,7 @@ export class Subscription {
       return { kind: "error", error };
     }
     this.#opened(null);
+    if (!this.#position && r.snapshot) this.#enqueue({ reset: true });
     let said = null;
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
@@ -616,7 +741,13 @@ export class Subscription {
           this.#enqueue({ lagged: { missed: body.missed, resume: body.resume ?? id } });
           break;
         case "resync":
-          this.#enqueue({ resync: { cursor: body.cursor, pruned: body.pruned } });
+          this.#enqueue({ resync: { cursor: body.cursor, pruned: body.pruned, snapshot: Boolean(body.snapshot) } });
+          break;
+        case "snapshot":
+          this.#enqueue({ rows: { key: body.key, rows: body.rows } });
+          break;
+        case "ready":
+          this.#enqueue({ ready: { id: body.id ?? id, rows: body.rows, key: body.key } });
           break;
         case "expired":
           said = { kind: "expired", error: new AuthError(body.error ?? "the token expired", { status: 401 }) };
@@ -697,6 +828,12 @@ export class Subscription {
         const item = this.#queue.shift();
         if (item.event !== undefined) await this.#deliver(item.id, item.event);
         else if (item.resync) await this.#resync(item.resync);
+        else if (item.reset) await this.#call(this.#handlers.onSnapshotBegin);
+        else if (item.rows) await this.#call(this.#handlers.onSnapshot, item.rows.rows, item.rows.key);
+        else if (item.ready) {
+          this.#advance(item.ready.id);
+          await this.#call(this.#handlers.onReady, item.ready);
+        }
         else if (item.lagged) {
           this.stats.lags += 1;
           this.#advance(item.lagged.resume);
@@ -732,7 +869,7 @@ export class Subscription {
 
   async #resync(info) {
     this.stats.resyncs += 1;
-    this.#advance(info.pruned);
+    if (!info.snapshot) this.#advance(info.pruned);
     if (this.#handlers.onResync) {
       await this.#call(this.#handlers.onResync, info);
     } else {
@@ -781,6 +918,9 @@ function normalize(r) {
   const ops = r.ops ?? r.op;
   if (ops != null) out.ops = (Array.isArray(ops) ? ops : [ops]).map((o) => String(o).toUpperCase());
   if (r.where != null) out.where = { ...r.where };
+  if (r.filter != null) out.filter = r.filter;
+  if (r.columns != null) out.columns = (Array.isArray(r.columns) ? r.columns : [r.columns]).map(String);
+  if (r.snapshot) out.snapshot = true;
   return out;
 }
 

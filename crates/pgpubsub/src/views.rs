@@ -451,7 +451,7 @@ fn rewrite(s: &Arc<Shared>, a: &Answer) -> Option<Arc<Shared>> {
 
 /// The members of the JSON object `row` named in `columns`, in the row's
 /// order.
-fn only(row: &RawValue, columns: &[String]) -> serde_json::Result<Box<RawValue>> {
+pub(crate) fn only(row: &RawValue, columns: &[String]) -> serde_json::Result<Box<RawValue>> {
     struct Members<'a>(&'a [String]);
     impl<'de> Visitor<'de> for Members<'_> {
         type Value = Vec<(String, Box<RawValue>)>;

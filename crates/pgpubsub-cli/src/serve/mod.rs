@@ -28,6 +28,7 @@ mod nats;
 mod ops;
 mod request;
 mod server;
+mod shape;
 mod stream;
 mod writes;
 
@@ -145,6 +146,8 @@ pub struct AppState {
     pub replays: Arc<pgpubsub::SharedReplays>,
     /// Row-level authorization: one class per role and claims in use.
     pub views: Arc<pgpubsub::Views>,
+    /// Where shapes' snapshots are read.
+    pub snapshots: Arc<shape::Snapshots>,
     /// The channels served.
     pub served: Arc<access::Served>,
     /// Origins trusted with the cookie.
@@ -260,6 +263,7 @@ pub async fn run_until(
             .sharing(!args.replay_alone),
         ),
         views: Arc::new(pgpubsub::Views::new()),
+        snapshots: Arc::new(shape::Snapshots::new(config)),
         served: Arc::new(served.clone()),
         origins: Arc::new(origins),
         listening,

@@ -2,11 +2,13 @@
 //! query string or a WebSocket's first message, checked against what the
 //! server serves and what the token may read.
 
-use pgpubsub::{Channel, Cursor, Filter, Op};
+use pgpubsub::shape::Position;
+use pgpubsub::{Channel, Filter, Op};
 use serde_json::Value;
 
 use super::auth::Claims;
 use super::error::ApiError;
+use super::shape::Ask;
 use super::AppState;
 
 /// What a subscriber asks for: channels, filters, and where to resume.
@@ -20,7 +22,7 @@ pub struct Request {
     pub ops: Vec<String>,
     /// Column equality: `{"status": "done"}`.
     #[serde(default, rename = "where")]
-    pub columns: serde_json::Map<String, Value>,
+    pub columns_eq: serde_json::Map<String, Value>,
     pub since: Option<String>,
     /// WebSocket only: the token, when not sent as a header or cookie.
     pub token: Option<String>,
@@ -28,6 +30,22 @@ pub struct Request {
     /// once subscribed, so a client knows where it stands before any event.
     #[serde(default)]
     pub ack: bool,
+    /// A shape's filter: its text form, or (WebSocket) its JSON form.
+    pub filter: Option<Value>,
+    /// A shape's columns (the key's are always sent).
+    pub columns: Option<Vec<String>>,
+    /// A shape: send its rows first (unless resuming with `since`).
+    #[serde(default)]
+    pub snapshot: bool,
+}
+
+/// A request checked: the hub's filter, where to resume, and the shape
+/// asked for (its table and what of it), if any.
+#[derive(Debug)]
+pub struct Resolved {
+    pub filter: Filter,
+    pub since: Option<Position>,
+    pub shape: Option<(String, Ask)>,
 }
 
 impl Request {
@@ -45,9 +63,20 @@ impl Request {
                         .ok_or_else(|| ApiError::BadRequest(format!("where={v}: expected column:value")))?;
                     // A JSON value when it parses as one ("5", "true", "\"x\""), text otherwise.
                     let val = serde_json::from_str(val).unwrap_or_else(|_| Value::String(val.to_string()));
-                    r.columns.insert(col.to_string(), val);
+                    r.columns_eq.insert(col.to_string(), val);
                 }
                 "since" => r.since = Some(v.into_owned()),
+                "filter" => r.filter = Some(Value::String(v.into_owned())),
+                "columns" => {
+                    r.columns.get_or_insert_with(Vec::new).extend(v.split(',').filter(|c| !c.is_empty()).map(str::to_string))
+                }
+                "snapshot" => {
+                    r.snapshot = match &*v {
+                        "" | "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(ApiError::BadRequest(format!("snapshot={v}: expected true or false"))),
+                    }
+                }
                 "token" | "access_token" | "jwt" => {
                     return Err(ApiError::BadRequest(
                         "tokens never travel in the URL (it ends up in logs): use the Authorization header or the pgpubsub_token cookie".into(),
@@ -59,13 +88,27 @@ impl Request {
         Ok(r)
     }
 
-    /// The filter and resume point, checked against what this server serves.
-    pub fn resolve(
-        self,
-        state: &AppState,
-        claims: &Claims,
-        last_event_id: Option<&str>,
-    ) -> Result<(Filter, Option<Cursor>), ApiError> {
+    /// The filter and resume point, checked against what this server
+    /// serves; a shape's table is checked by `super::shape::resolve`.
+    pub fn resolve(self, state: &AppState, claims: &Claims, last_event_id: Option<&str>) -> Result<Resolved, ApiError> {
+        let since = self.since.as_deref().or(last_event_id).map(str::parse::<Position>).transpose();
+        let since = since.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if self.filter.is_some() || self.columns.is_some() || self.snapshot {
+            let table = self.table.clone().ok_or_else(|| {
+                ApiError::BadRequest("filter, columns and snapshot make a shape of a table: name it with table".into())
+            })?;
+            if !self.channels.is_empty() || !self.columns_eq.is_empty() || !self.ops.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "a shape is a table, a filter and columns: its channel is its table's, and filter replaces where and op"
+                        .into(),
+                ));
+            }
+            let filter = self.filter.as_ref().map(Ask::filter).transpose()?;
+            let ask = Ask { filter, columns: self.columns, snapshot: self.snapshot };
+            let mut filter = Filter::channels(Vec::<String>::new());
+            filter.table = Some(table.clone());
+            return Ok(Resolved { filter, since, shape: Some((table, ask)) });
+        }
         let mut channels = Vec::new();
         for name in self.channels {
             let c = Channel::new(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -100,12 +143,10 @@ impl Request {
                 .map_err(|_| ApiError::BadRequest(format!("op {op:?}: expected INSERT, UPDATE, DELETE or TRUNCATE")))?;
             ops.push(parsed);
         }
-        let since = self.since.as_deref().or(last_event_id).map(str::parse::<Cursor>).transpose();
-        let since = since.map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut filter = Filter::channels(channels);
         filter.table = self.table;
         filter.ops = ops;
-        filter.columns = self.columns.into_iter().collect();
-        Ok((filter, since))
+        filter.columns = self.columns_eq.into_iter().collect();
+        Ok(Resolved { filter, since, shape: None })
     }
 }

@@ -13,14 +13,13 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use pgpubsub::Cursor;
 use serde_json::{json, Value};
 
 use super::auth::{self, Claims};
 use super::error::{ApiError, ErrorBody};
-use super::feed::{Feed, Item};
-use super::request::Request;
-use super::AppState;
+use super::feed::{Feed, Item, ShapeAsk};
+use super::request::{Request, Resolved};
+use super::{shape, AppState};
 
 /// The gateway's renderings of an event, each kept in a frame slot of the
 /// event (`pgpubsub::hub::Shared::frame`) and shared by every subscriber.
@@ -62,19 +61,20 @@ pub async fn sse(
     let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let request = Request::from_query(query.as_deref())?;
     let claims = state.auth.check(auth::token_from(&headers, &state.origins)?.as_deref())?;
-    let (filter, since) = request.resolve(&state, &claims, last)?;
+    let resolved = request.resolve(&state, &claims, last)?;
     let expires = expiry(&claims);
     let keep_alive = state.heartbeat.every;
-    let feed = Feed::new(state, filter, since, viewer(&claims)).await?;
-    let start = feed.position();
-    let record = |event: &str, data: &str, id: Option<Cursor>| {
+    let feed = open_feed(state, resolved, &claims).await?;
+    let start = feed.position().map(|c| format!("id: {c}\n")).unwrap_or_default();
+    let record = |event: &str, data: &str, id: Option<&dyn std::fmt::Display>| {
         let id = id.map(|c| format!("id: {c}\n")).unwrap_or_default();
         Bytes::from(format!("{id}event: {event}\ndata: {data}\n\n"))
     };
     // First, how soon a browser should reconnect after a drop, and where
-    // this subscriber stands before any event (an id alone is no event).
+    // this subscriber stands before any event (an id alone is no event;
+    // none while a shape's snapshot comes: a drop reads it again).
     let hello = futures_util::stream::once(async move {
-        Ok::<_, Infallible>(Bytes::from(format!("retry: 1000\nid: {start}\n: pgpubsub\n\n")))
+        Ok::<_, Infallible>(Bytes::from(format!("retry: 1000\n{start}: pgpubsub\n\n")))
     });
     let events = futures_util::stream::unfold(Some(next_of(feed)), move |pending| async move {
         let mut pending = pending?;
@@ -93,20 +93,34 @@ pub async fn sse(
             }
         };
         let (bytes, go_on) = match next {
-            Ok(Some(Item::Event { shared, .. })) => {
-                let frame = shared.frame(Transport::EventStream as usize, |s| {
-                    record(s.event.kind(), s.event.json(), Some(s.position))
-                });
-                (frame, true)
-            }
-            Ok(Some(Item::Resync { cursor, pruned })) => {
-                let data = json!({"cursor": cursor.to_string(), "pruned": pruned.to_string()}).to_string();
-                // Its id: a browser that reconnects now resumes after the gap.
-                (record("resync", &data, Some(pruned)), true)
+            Ok(Some(Item::Event { position, shared })) => match feed.id_for(position, shared.position) {
+                // Inside a shape's hand-over: an id of this subscriber's own.
+                Some(id) => (record(shared.event.kind(), shared.event.json(), Some(&id)), true),
+                None => {
+                    let frame = shared.frame(Transport::EventStream as usize, |s| {
+                        record(s.event.kind(), s.event.json(), Some(&s.position))
+                    });
+                    (frame, true)
+                }
+            },
+            Ok(Some(Item::Resync { cursor, pruned, snapshot })) => {
+                let data = json!({"cursor": cursor.to_string(), "pruned": pruned.to_string(), "snapshot": snapshot});
+                // Its id: a browser that reconnects now resumes after the gap
+                // (with a shape's snapshot to come, none: a drop reads it again).
+                let id = (!snapshot).then_some(&pruned as &dyn std::fmt::Display);
+                (record("resync", &data.to_string(), id), true)
             }
             Ok(Some(Item::Lagged { missed, position })) => {
                 let data = json!({"missed": missed, "resume": position.to_string()}).to_string();
-                (record("lagged", &data, Some(position)), false)
+                (record("lagged", &data, Some(&position)), false)
+            }
+            Ok(Some(Item::Rows(rows))) => {
+                let data = format!(r#"{{"key":{},"rows":{}}}"#, json!(feed.key()), rows_json(&rows));
+                (record("snapshot", &data, None), true)
+            }
+            Ok(Some(Item::Ready { id, rows })) => {
+                let data = json!({"id": id, "rows": rows, "key": feed.key()}).to_string();
+                (record("ready", &data, Some(&id)), true)
             }
             Ok(None) => return None,
             Err(e) => (record("error", &json!({"error": format!("{e:#}")}).to_string(), None), false),
@@ -118,6 +132,36 @@ pub async fn sse(
         .header("cache-control", "no-cache")
         .body(axum::body::Body::from_stream(hello.chain(events)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// A shape's snapshot rows as one JSON array.
+fn rows_json(rows: &[String]) -> String {
+    let mut out = String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
+    out.push('[');
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(r);
+    }
+    out.push(']');
+    out
+}
+
+/// The feed a checked request asks for: a shape's table is read from the
+/// catalog and checked against the token first.
+async fn open_feed(state: AppState, resolved: Resolved, claims: &Claims) -> Result<Feed, ApiError> {
+    let Resolved { mut filter, since, shape } = resolved;
+    let ask = match shape {
+        Some((table, ask)) => {
+            let s = shape::resolve(&state, claims, &table, &ask).await?;
+            filter.channels = vec![s.channel.clone()];
+            filter.table = Some(format!("{}.{}", s.schema, s.table));
+            Some(ShapeAsk { shape: s, snapshot: ask.snapshot })
+        }
+        None => None,
+    };
+    Feed::new(state, filter, since, viewer(claims), ask).await
 }
 
 /// The viewer a token's `role` claim names (row-level authorization);
@@ -205,9 +249,7 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
         _ => Err(ApiError::BadRequest("expected the subscription request as the first message within 10 s".into())),
     };
     let (feed, expires, ack) = match request {
-        Ok(((filter, since), claims, ack)) => {
-            (Feed::new(state, filter, since, viewer(&claims)).await, expiry(&claims), ack)
-        }
+        Ok((resolved, claims, ack)) => (open_feed(state, resolved, &claims).await, expiry(&claims), ack),
         Err(e) => (Err(e), tokio::time::Instant::now(), false),
     };
     let mut feed = match feed {
@@ -221,7 +263,7 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
         }
     };
     if ack {
-        let subscribed = json!({"type": "subscribed", "id": feed.position().to_string()}).to_string();
+        let subscribed = json!({"type": "subscribed", "id": feed.position().map(|c| c.to_string())}).to_string();
         if tx.send(Message::Text(subscribed.into())).await.is_err() {
             return;
         }
@@ -291,7 +333,11 @@ async fn serve_socket(state: AppState, early: Option<Claims>, socket: WebSocket)
         let mut next = Some(item);
         let mut sent = 0;
         while let Some(item) = next.take() {
-            let (message, close) = ws_message(item);
+            let id = match &item {
+                Ok(Some(Item::Event { position, shared })) => feed.id_for(*position, shared.position),
+                _ => None,
+            };
+            let (message, close) = ws_message(item, id, feed.key());
             if tx.feed(message).await.is_err() {
                 return;
             }
@@ -351,9 +397,25 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// One feed item as a WebSocket message, and the close that must follow it.
-fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(u16, &'static str)>) {
+fn ws_message(
+    item: Result<Option<Item>, pgpubsub::Error>,
+    id: Option<String>,
+    key: &[String],
+) -> (Message, Option<(u16, &'static str)>) {
     let text = |v: Value| Message::Text(v.to_string().into());
     match item {
+        Ok(Some(Item::Event { shared, .. })) if id.is_some() => {
+            // Inside a shape's hand-over: an id of this subscriber's own.
+            let id = id.unwrap_or_default();
+            (Message::Text(format!(r#"{{"type":"event","id":"{id}","event":{}}}"#, shared.event.json()).into()), None)
+        }
+        Ok(Some(Item::Rows(rows))) => {
+            let text = format!(r#"{{"type":"snapshot","key":{},"rows":{}}}"#, json!(key), rows_json(&rows));
+            (Message::Text(text.into()), None)
+        }
+        Ok(Some(Item::Ready { id, rows })) => {
+            (text(json!({"type": "ready", "id": id, "rows": rows, "key": key})), None)
+        }
         Ok(Some(Item::Event { shared, .. })) => {
             // Rendered once per event and shared by every subscriber. Its id
             // is the event's own position, the same for all of them; where a
@@ -367,9 +429,12 @@ fn ws_message(item: Result<Option<Item>, pgpubsub::Error>) -> (Message, Option<(
                 Err(_) => (text(json!({"type": "error", "error": "frame is not UTF-8"})), None),
             }
         }
-        Ok(Some(Item::Resync { cursor, pruned })) => {
-            (text(json!({"type": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string()})), None)
-        }
+        Ok(Some(Item::Resync { cursor, pruned, snapshot })) => (
+            text(
+                json!({"type": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string(), "snapshot": snapshot}),
+            ),
+            None,
+        ),
         Ok(Some(Item::Lagged { missed, position })) => (
             text(json!({"type": "lagged", "missed": missed, "resume": position.to_string()})),
             Some((4000, "lagged: reconnect with since")),

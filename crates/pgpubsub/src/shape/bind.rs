@@ -32,6 +32,25 @@ pub struct BoundFilter {
     pub(crate) root: Node,
 }
 
+impl BoundFilter {
+    /// The columns the filter reads, each once, in the order it names them.
+    pub fn columns(&self) -> Vec<String> {
+        fn walk(node: &Node, out: &mut Vec<String>) {
+            let name = match node {
+                Node::And(parts) | Node::Or(parts) => return parts.iter().for_each(|p| walk(p, out)),
+                Node::Not(inner) => return walk(inner, out),
+                Node::Compare(c, ..) | Node::In(c, _) | Node::IsNull(c, _) | Node::Like(c, _) => &c.name,
+            };
+            if !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &mut out);
+        out
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Node {
     And(Vec<Node>),

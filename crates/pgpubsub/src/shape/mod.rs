@@ -1,6 +1,10 @@
-//! Shapes: a table's rows that a subscriber wants. For now, their filter: a
-//! predicate over a row's columns in a small grammar of pgpubsub's own (never
-//! SQL text from a client), with two evaluators that agree row for row.
+//! Shapes: a table's rows that a subscriber wants, then every change to
+//! them ([`Shape`]: a table, a filter, some columns; its snapshot and the
+//! exact hand-over to the log, [`handover`]).
+//!
+//! The filter is a predicate over a row's columns in a small grammar of
+//! pgpubsub's own (never SQL text from a client), with two evaluators that
+//! agree row for row.
 //!
 //! A [`Filter`] is read from the text form ([`Filter::parse`]):
 //!
@@ -47,8 +51,10 @@ mod eval;
 mod filter;
 #[cfg(test)]
 mod fuzz;
+pub mod handover;
 pub mod json;
 mod lex;
+mod live;
 pub mod parse;
 mod sql;
 #[cfg(test)]
@@ -59,6 +65,8 @@ mod words;
 
 pub use bind::BoundFilter;
 pub use filter::{CompareOp, Filter, FilterError, Literal, MAX_BYTES, MAX_DEPTH, MAX_TERMS, MAX_VALUES};
+pub use handover::{Handover, Position, Snapshot};
+pub use live::{Seen, Shape, ShapeError, SnapshotPart, Snapshotting, CAPTURE_WAIT, SNAPSHOT_BATCH};
 pub use sql::Param;
 pub use types::{ColumnType, TypeRef, SUPPORTED};
 
