@@ -602,10 +602,10 @@ export class Subscription {
       ws.onopen = () => {
         alive();
         const first = { ...this.#request, ack: true };
-        if (this.#position) {
-          first.since = this.#position;
-          delete first.snapshot; // resuming: the rows are held already
-        } else if (first.snapshot) this.#enqueue({ reset: true });
+        // Resuming, a shape's rows are not sent again (unless the log lost
+        // events: then a resync, and the rows again).
+        if (this.#position) first.since = this.#position;
+        else if (first.snapshot) this.#enqueue({ reset: true });
         if (token) first.token = token;
         ws.send(JSON.stringify(first));
       };
@@ -692,7 +692,7 @@ export class Subscription {
     if (r.filter != null) q.set("filter", typeof r.filter === "string" ? r.filter : JSON.stringify(r.filter));
     if (r.columns != null) q.set("columns", r.columns.join(","));
     if (this.#position) q.set("since", this.#position);
-    else if (r.snapshot) q.set("snapshot", "true");
+    if (r.snapshot) q.set("snapshot", "true");
     const headers = { accept: "text/event-stream" };
     if (token) headers.authorization = `Bearer ${token}`;
 

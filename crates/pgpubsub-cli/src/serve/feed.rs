@@ -144,7 +144,7 @@ impl Feed {
         };
         match &mut feed.shaped {
             Some(s) if s.snapshot && cursor.is_none() => {
-                s.reading = Some(state.snapshots.read(&s.shape, viewer).await?);
+                s.reading = Some(state.snapshots.read(&s.shape, viewer).await.map_err(super::shape::refused)?);
             }
             _ => feed.open(cursor).await?,
         }
@@ -307,10 +307,7 @@ impl Feed {
             }
             Some(Err(e)) => {
                 s.reading = None;
-                Err(match e {
-                    pgpubsub::shape::ShapeError::Db(e) => e,
-                    other => pgpubsub::Error::Config(other.to_string()),
-                })
+                Err(e.into())
             }
             None => {
                 s.reading = None;

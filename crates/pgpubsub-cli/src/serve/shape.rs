@@ -109,10 +109,14 @@ impl Snapshots {
     }
 
     /// Starts reading `shape`'s snapshot as `viewer`, once a place is free.
-    pub async fn read(&self, shape: &Arc<Shape>, viewer: Option<Viewer>) -> Result<Reading, pgpubsub::Error> {
+    ///
+    /// # Errors
+    /// [`ShapeError`] when it cannot begin: no connection, a role that
+    /// cannot be taken, a filter on a column the role may not read.
+    pub async fn read(&self, shape: &Arc<Shape>, viewer: Option<Viewer>) -> Result<Reading, ShapeError> {
         let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         let client = pgpubsub::db::connect(&self.config).await?;
-        Ok(Reading { parts: shape.snapshot(client, viewer), _permit: permit })
+        Ok(Reading { parts: shape.snapshot(client, viewer).await?, _permit: permit })
     }
 }
 

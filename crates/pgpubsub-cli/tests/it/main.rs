@@ -15,6 +15,7 @@ mod nats_outage;
 mod operable;
 mod rls;
 mod serve;
+mod shapes;
 mod tls;
 
 // Test support shared with the library's tests, included by path so there

@@ -53,7 +53,7 @@ pub enum ShapeError {
     #[error("unknown column {0:?}")]
     UnknownColumn(String),
     /// The filter does not fit the table.
-    #[error(transparent)]
+    #[error("filter: {0}")]
     Filter(#[from] FilterError),
     /// The subscriber may not read a column its filter uses.
     #[error("the filter reads column {0:?}, which this role may not read")]
@@ -61,6 +61,16 @@ pub enum ShapeError {
     /// The database said no, or is not there.
     #[error(transparent)]
     Db(#[from] Error),
+}
+
+impl From<ShapeError> for Error {
+    /// As the library's error: the database's own, or what was wrong.
+    fn from(e: ShapeError) -> Error {
+        match e {
+            ShapeError::Db(e) => e,
+            other => Error::Config(other.to_string()),
+        }
+    }
 }
 
 /// A table, a filter, and the columns to send; see the module docs.
@@ -258,24 +268,35 @@ impl Shape {
     /// table's policies and column privileges decide, as for its live
     /// events). The rows come in parts, then [`SnapshotPart::Done`] with the
     /// hand-over to the log.
-    pub fn snapshot(self: &Arc<Self>, client: Client, viewer: Option<Viewer>) -> Snapshotting {
+    ///
+    /// # Errors
+    /// Before any row: the viewer's role cannot be taken, the filter reads a
+    /// column it may not read ([`ShapeError::Unreadable`]), the table cannot
+    /// be read.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        client: Client,
+        viewer: Option<Viewer>,
+    ) -> std::result::Result<Snapshotting, ShapeError> {
+        let snapshot = match self.begin(&client, viewer.as_ref()).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
         let (tx, rx) = mpsc::channel(2);
         let shape = self.clone();
         let task = tokio::spawn(async move {
-            let res = shape.read(&client, viewer.as_ref(), &tx).await;
-            if let Err(e) = res {
+            if let Err(e) = shape.fetch(&client, snapshot, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
-        Snapshotting { rx, task }
+        Ok(Snapshotting { rx, task })
     }
 
-    async fn read(
-        &self,
-        client: &Client,
-        viewer: Option<&Viewer>,
-        tx: &mpsc::Sender<std::result::Result<SnapshotPart, ShapeError>>,
-    ) -> std::result::Result<(), ShapeError> {
+    /// Opens the snapshot's transaction as `viewer` and declares its cursor.
+    async fn begin(&self, client: &Client, viewer: Option<&Viewer>) -> std::result::Result<Snapshot, ShapeError> {
         let db = |e| ShapeError::Db(Error::db("reading a shape's snapshot", e));
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(db)?;
         let role = viewer.and_then(|v| v.role.clone());
@@ -322,6 +343,17 @@ impl Shape {
         );
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
         client.execute(sql.as_str(), &refs).await.map_err(db)?;
+        Ok(snapshot)
+    }
+
+    /// Fetches the declared cursor's rows to `tx`, then the hand-over.
+    async fn fetch(
+        &self,
+        client: &Client,
+        snapshot: Snapshot,
+        tx: &mpsc::Sender<std::result::Result<SnapshotPart, ShapeError>>,
+    ) -> std::result::Result<(), ShapeError> {
+        let db = |e| ShapeError::Db(Error::db("reading a shape's snapshot", e));
         let fetch = format!("FETCH {SNAPSHOT_BATCH} FROM pgpubsub_shape");
         let mut rows = 0u64;
         loop {
