@@ -71,6 +71,11 @@ pub fn write_event(
             match &event.body {
                 Body::Change(c) => {
                     write!(out, "{} {}.{}", c.op.as_str(), c.schema, c.table)?;
+                    match c.view {
+                        Some(pgpubsub::View::Enter) => write!(out, " entered")?,
+                        Some(pgpubsub::View::Leave) => write!(out, " left")?,
+                        _ => {}
+                    }
                     for (name, value) in [("key", &c.key), ("new", &c.new), ("old", &c.old)] {
                         if let Some(v) = value {
                             write!(out, " {name}={}", shorten(v.get()))?;
@@ -105,6 +110,45 @@ pub fn write_resync(
             serde_json::json!({"seq": null, "kind": "resync", "cursor": cursor.to_string(), "pruned": pruned.to_string()})
         ),
         Style::Line => writeln!(out, "RESYNC NEEDED: events after {cursor} up to {pruned} were pruned before delivery"),
+    }
+}
+
+/// Writes one row of a shape's snapshot (`listen --shape`): `row` is its
+/// JSON object.
+///
+/// # Errors
+/// When the output cannot be written.
+pub fn write_snapshot_row(out: &mut impl Write, table: &str, row: &str, style: Style) -> std::io::Result<()> {
+    match style {
+        Style::Json => writeln!(out, r#"{{"kind":"snapshot","table":{},"row":{row}}}"#, serde_json::json!(table)),
+        Style::Pretty => {
+            let row: serde_json::Value = serde_json::from_str(row).unwrap_or_default();
+            let v = serde_json::json!({"kind": "snapshot", "table": table, "row": row});
+            writeln!(out, "{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+        }
+        Style::Line => writeln!(out, "snapshot {table} {}", shorten(row)),
+    }
+}
+
+/// Writes the end of a shape's snapshot: how many rows, and where its
+/// changes begin.
+///
+/// # Errors
+/// When the output cannot be written.
+pub fn write_ready(
+    out: &mut impl Write,
+    table: &str,
+    rows: u64,
+    position: pgpubsub::Cursor,
+    style: Style,
+) -> std::io::Result<()> {
+    match style {
+        Style::Json | Style::Pretty => writeln!(
+            out,
+            "{}",
+            serde_json::json!({"kind": "ready", "table": table, "rows": rows, "position": position.to_string()})
+        ),
+        Style::Line => writeln!(out, "ready {table}: {rows} rows; changes from {position}"),
     }
 }
 

@@ -63,6 +63,23 @@ pub struct ListenArgs {
     /// wal_level = logical and a role with REPLICATION. See docs/delivery.md.
     #[arg(long)]
     pub capture: bool,
+
+    /// A live shape of this table: first its rows that match --where, with
+    /// --columns (one `snapshot` record each, then `ready`), then every
+    /// change to them, entering and leaving --where included, with none the
+    /// rows already showed. Listens on the table's channel. With --name, a
+    /// restart resumes without the rows.
+    #[arg(long, value_name = "TABLE")]
+    pub shape: Option<String>,
+
+    /// The shape's filter, in pgpubsub's grammar: `status = 'paid' and
+    /// (qty >= 2 or note is null)` (docs/protocol.md, "Shapes").
+    #[arg(long = "where", value_name = "FILTER", requires = "shape")]
+    pub filter: Option<String>,
+
+    /// The shape's columns (the key's are always printed).
+    #[arg(long, value_delimiter = ',', value_name = "COLUMNS", requires = "shape")]
+    pub columns: Option<Vec<String>>,
 }
 
 /// The channels a command works on: `--channel`, repeated or
@@ -108,14 +125,30 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         options.autosave = false;
     }
     let stop = shutdown::signal();
-    let mut listener =
-        Listener::connect(config, &args.channels.list, options).await.context("starting the listener")?;
+    let mut printer = Printer::new(args, style);
+    let mut shaping = match &args.shape {
+        Some(table) => Some(Shaping::new(config, table, args).await?),
+        None => None,
+    };
+    let channels = match &shaping {
+        Some(s) => vec![Channel::new(s.shape.channel.clone())?],
+        None => args.channels.list.clone(),
+    };
+    if let Some(s) = &mut shaping {
+        let resuming = match &args.name {
+            Some(name) => Listener::stored(config, name).await.context("reading the stored cursor")?.is_some(),
+            None => false,
+        };
+        if !resuming {
+            options = options.since(s.snapshot(&mut printer).await?);
+        }
+    }
+    let mut listener = Listener::connect(config, &channels, options).await.context("starting the listener")?;
     if args.retention.policy().is_set() {
         super::prune::spawn_periodic(config.clone(), args.retention.policy(), Duration::from_secs(60));
     }
     log_state_changes(listener.state());
     let stats = listener.stats();
-    let mut printer = Printer::new(args, style);
     let mut last_save = Instant::now();
     tokio::pin!(stop);
 
@@ -127,7 +160,25 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
             e = &mut capture => break e,
         };
         let Some(first) = first else { break Ok(()) };
-        match printer.burst(first, || listener.try_recv()) {
+        if let (Some(s), Err(pgpubsub::Error::ResyncNeeded { .. })) = (&mut shaping, &first) {
+            // Events the shape needed are gone: its rows again. The listener
+            // goes on from the gap's end; the new snapshot's hand-over skips
+            // every change it holds, wherever in the log it lies.
+            printer.write(first).context("writing to stdout")?;
+            s.snapshot(&mut printer).await?;
+            continue;
+        }
+        let shown = |item| match &shaping {
+            Some(s) => s.show(item),
+            None => Some(item),
+        };
+        let Some(first) = shown(first) else { continue };
+        match printer.burst(first, || loop {
+            match shown(listener.try_recv()?) {
+                Some(item) => break Some(item),
+                None => continue,
+            }
+        }) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
             Err(e) => break Err(e).context("writing to stdout"),
             Ok(()) => {}
@@ -154,6 +205,60 @@ pub async fn run(config: &Config, args: &ListenArgs, debug: bool) -> anyhow::Res
         resyncs = s.resyncs, malformed = s.malformed, not_json = s.not_json, corrupt = s.corrupt,
         expired = s.expired, evicted = s.evicted, oversize = s.oversize, "stopped");
     result
+}
+
+/// `listen --shape`: the shape, and the hand-over from its last snapshot.
+struct Shaping {
+    config: Config,
+    shape: std::sync::Arc<pgpubsub::shape::Shape>,
+    handover: Option<pgpubsub::shape::Handover>,
+}
+
+impl Shaping {
+    async fn new(config: &Config, table: &str, args: &ListenArgs) -> anyhow::Result<Shaping> {
+        let filter = args.filter.as_deref().map(pgpubsub::shape::Filter::parse).transpose().context("--where")?;
+        let client = pgpubsub::db::connect(config).await?;
+        let shape = pgpubsub::shape::Shape::resolve(&client, table, filter.as_ref(), args.columns.as_deref())
+            .await
+            .with_context(|| format!("--shape {table}"))?;
+        Ok(Shaping { config: config.clone(), shape: std::sync::Arc::new(shape), handover: None })
+    }
+
+    /// Prints the shape's rows, then `ready`; where its changes begin.
+    async fn snapshot(&mut self, printer: &mut Printer<'_>) -> anyhow::Result<pgpubsub::Cursor> {
+        use pgpubsub::shape::SnapshotPart;
+        let client = pgpubsub::db::connect(&self.config).await?;
+        let mut parts = self.shape.snapshot(client, None).await.context("reading the shape's rows")?;
+        let table = format!("{}.{}", self.shape.schema, self.shape.table);
+        while let Some(part) = parts.next().await {
+            match part.context("reading the shape's rows")? {
+                SnapshotPart::Rows(rows) => {
+                    for row in rows {
+                        output::write_snapshot_row(&mut printer.out, &table, &row, printer.style)?;
+                    }
+                    printer.out.flush()?;
+                }
+                SnapshotPart::Done { rows, handover } => {
+                    let start = handover.start();
+                    output::write_ready(&mut printer.out, &table, rows, start, printer.style)?;
+                    printer.out.flush()?;
+                    self.handover = Some(handover);
+                    return Ok(start);
+                }
+            }
+        }
+        anyhow::bail!("the shape's rows ended early")
+    }
+
+    /// An item as the shape shows it; `None` when it is not for it.
+    fn show(&self, item: pgpubsub::Result<pgpubsub::Event>) -> Option<pgpubsub::Result<pgpubsub::Event>> {
+        let Ok(event) = item else { return Some(item) };
+        match self.shape.after(self.handover.as_ref(), &event) {
+            pgpubsub::shape::Seen::Hidden => None,
+            pgpubsub::shape::Seen::Same => Some(Ok(event)),
+            pgpubsub::shape::Seen::As(e) => Some(Ok(*e)),
+        }
+    }
 }
 
 /// The output of `listen`.

@@ -499,3 +499,67 @@ async fn load_writer_tables_compares_four_tables_and_checks_every_row_arrived() 
     });
     assert!(!out.status.success() && text(&out.stderr).contains("writer-tables"), "{}", text(&out.stderr));
 }
+
+/// `listen --shape`: the rows that match `--where` (with `--columns`), a
+/// `ready` record, then the changes as the shape shows them; a durable
+/// listener restarted resumes without the rows.
+#[tokio::test]
+async fn listen_shape_prints_the_rows_then_their_changes() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("shape");
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, status text, note text); INSERT INTO t VALUES (1, 'paid', 'a'), (2, 'new', 'b')")
+        .await
+        .unwrap();
+    pgpubsub::watch(&client, "t", Some(&ch)).await.unwrap();
+    let listen = |count: &str| {
+        let mut c = pgpubsub(&db.url);
+        c.args(["listen", "--json", "--name", "shape_svc", "--count", count, "--shape", "t"]);
+        c.args(["--where", "status = 'paid'", "--columns", "status"]);
+        c
+    };
+    let lines = |child: Child, mut stdout: std::process::ChildStdout| {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        assert!(wait_output(child).status.success(), "{out}");
+        out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect::<Vec<_>>()
+    };
+    let (child, stdout, _) = spawn_listener(listen("2"));
+    client.batch_execute("UPDATE t SET status = 'paid' WHERE id = 2; UPDATE t SET note = 'x' WHERE id = 1; UPDATE t SET status = 'void' WHERE id = 1").await.unwrap();
+    let got = lines(child, stdout);
+    assert_eq!(
+        got[0],
+        serde_json::json!({"kind": "snapshot", "table": "public.t", "row": {"id": 1, "status": "paid"}})
+    );
+    assert_eq!((got[1]["kind"].as_str(), got[1]["rows"].as_u64()), (Some("ready"), Some(1)));
+    assert_eq!(
+        (got[2]["view"].as_str(), &got[2]["new"]),
+        (Some("enter"), &serde_json::json!({"id": 2, "status": "paid"}))
+    );
+    assert_eq!(
+        (got[3]["op"].as_str(), &got[3]["new"]),
+        (Some("UPDATE"), &serde_json::json!({"id": 1, "status": "paid"}))
+    );
+    assert_eq!(got.len(), 4, "{got:?}");
+
+    // Restarted: no rows again; changes from where it stood (at least
+    // once: the last printed may come again), up to the next.
+    let (child, stdout, _) = spawn_listener(listen("1000"));
+    client.batch_execute("INSERT INTO t VALUES (3, 'paid', 'c')").await.unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str::<Value>(&line).unwrap());
+        }
+    });
+    let mut got = Vec::new();
+    while got.last().map(|v: &Value| v["new"]["id"].clone()) != Some(serde_json::json!(3)) {
+        got.push(rx.recv_timeout(WAIT).unwrap_or_else(|_| panic!("the insert never came: {got:?}")));
+    }
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(wait_output(child).status.success());
+    assert!(got.iter().all(|v| v["kind"] == "change"), "no rows again: {got:?}");
+    let tail: Vec<Option<&str>> = got[got.len() - 2..].iter().map(|v| v["view"].as_str()).collect();
+    assert_eq!(tail, [Some("leave"), None], "{got:?}");
+}

@@ -125,7 +125,7 @@ impl Listener {
             None => None,
         };
         // Taken before LISTEN: "from now" starts here.
-        let tail = match stored {
+        let tail = match stored.or(options.since) {
             Some(from) => Tail::new(from, names, limits, stats.clone()),
             None => Tail::from_now(&log, names, limits, stats.clone()).await?,
         };
@@ -169,6 +169,15 @@ impl Listener {
             listener.save().await?;
         }
         Ok(listener)
+    }
+
+    /// The cursor stored under `name` (a durable listener's), if any:
+    /// whether a listener of that name would resume or begin.
+    ///
+    /// # Errors
+    /// When the database cannot be read.
+    pub async fn stored(config: &Config, name: &str) -> Result<Option<Cursor>> {
+        LogConn::new(crate::db::tuned(config), std::time::Duration::from_secs(10)).load_cursor(name).await
     }
 
     /// The next event; `None` once the listener has stopped.

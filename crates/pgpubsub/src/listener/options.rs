@@ -19,6 +19,10 @@ pub struct ListenerOptions {
     /// A name to store the cursor under (`pubsub.cursors`), so a restarted
     /// listener resumes where it stopped. `None`: start from now.
     pub name: Option<String>,
+    /// Where to start when no cursor is stored under `name`: after this
+    /// position (a shape's [`Handover::start`](crate::shape::Handover::start),
+    /// a position saved by the application). `None`: from now.
+    pub since: Option<crate::cursor::Cursor>,
     /// How often the listening connection is proved alive, and the longest a
     /// waiting listener sleeps without reading the log.
     pub heartbeat: Duration,
@@ -65,6 +69,7 @@ impl Default for ListenerOptions {
             limits: Limits::default(),
             buffer: 4096,
             name: None,
+            since: None,
             heartbeat: Duration::from_secs(1),
             deaf_after: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
@@ -91,6 +96,13 @@ impl ListenerOptions {
     /// Sets the foreign-notification buffer (at least 1).
     pub fn buffer(mut self, events: usize) -> Self {
         self.buffer = events.max(1);
+        self
+    }
+
+    /// Starts after `position` unless a cursor is stored under the name
+    /// ([`ListenerOptions::since`]).
+    pub fn since(mut self, position: crate::cursor::Cursor) -> Self {
+        self.since = Some(position);
         self
     }
 

@@ -253,6 +253,16 @@ impl Shape {
         }
     }
 
+    /// What this shape makes of `event` read from the log after the
+    /// snapshot that `handover` came with: [`Seen::Hidden`] for a change
+    /// the snapshot already holds, else as [`Shape::see`].
+    pub fn after(&self, handover: Option<&Handover>, event: &Event) -> Seen {
+        match handover {
+            Some(h) if h.covers(event) => Seen::Hidden,
+            _ => self.see(event),
+        }
+    }
+
     /// Whether `row` has every column the filter reads (a WAL-captured
     /// old row may hold only the key: then it cannot be decided on).
     fn whole(&self, row: &RawValue) -> bool {

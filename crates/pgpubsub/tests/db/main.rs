@@ -21,6 +21,7 @@ mod retention;
 mod row_views;
 mod security;
 mod shape_filter;
+mod shape_live;
 mod sizes;
 mod tls;
 mod tls_server;
