@@ -37,6 +37,9 @@ pub async fn run(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Resul
     if args.rls {
         return super::rls::rls(config, url, args).await;
     }
+    if args.shapes {
+        return super::shapes::shapes(config, url, args).await;
+    }
     let run = format!("{}_{}", std::process::id(), now_us() % 1_000_000);
     let (stream, prefix) = (format!("PGPUBSUB_FANOUT_{run}"), format!("pgpubsub_fanout_{run}"));
     let mut bridge = None;

@@ -52,6 +52,14 @@ pub struct FanoutArgs {
     /// Tenants (classes of subscribers) for `--rls`.
     #[arg(long, default_value_t = 100)]
     pub tenants: usize,
+    /// Shapes' snapshots instead (`shapes.rs`): a table of `--rows` rows
+    /// (`--payload` bytes of padding each), and `--clients` clients opening
+    /// a shape of it with its snapshot at once; then one live row to all.
+    #[arg(long, conflicts_with_all = ["storm", "idle", "nats", "rls"])]
+    pub shapes: bool,
+    /// Rows of the table for `--shapes`.
+    #[arg(long, default_value_t = 1000)]
+    pub rows: u64,
 }
 
 pub(super) const CHANNEL: &str = "pgpubsub_fanout";

@@ -18,6 +18,7 @@ pub mod proc;
 mod receiver;
 mod report;
 mod rls;
+mod shapes;
 mod storm;
 mod workload;
 mod writer_tables;
