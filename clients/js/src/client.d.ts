@@ -62,6 +62,43 @@ export interface SubscribeRequest {
   since?: Position | null;
 }
 
+/** A shape: a table's rows that match a filter, with some columns. */
+export interface ShapeRequest {
+  /** The table (`"orders"` or `"public.orders"`): watched, with a primary key. */
+  table: string;
+  /** The filter: text (`"status = 'paid' and qty >= 2"`) or its JSON form. */
+  where?: string | Record<string, unknown>;
+  /** The same as `where`. */
+  filter?: string | Record<string, unknown>;
+  /** Only these columns (the key's always). */
+  columns?: string | string[];
+}
+
+/** What a shape calls back. */
+export interface ShapeHandlers<Row = Record<string, unknown>> {
+  /** The snapshot is in (the first time, and after each resync). */
+  onReady?: (shape: Shape<Row>, info: { id: Position; rows: number; key: string[] }) => void | Promise<void>;
+  /** A change, once applied to `shape.rows`. */
+  onChange?: (event: ChangeEvent<Row>, shape: Shape<Row>) => void | Promise<void>;
+  /** The log lost events the shape needed; with `snapshot`, its rows come again. */
+  onResync?: (info: Resync & { snapshot: boolean }) => void | Promise<void>;
+  onState?: (state: State, detail: StateDetail) => void;
+  onError?: (error: PgPubSubError) => void;
+}
+
+/** A live collection of a table's rows (`client.shape()`). */
+export declare class Shape<Row = Record<string, unknown>> {
+  /** The rows, by the JSON array of their key's values (`"[42]"`). */
+  readonly rows: Map<string, Row>;
+  /** Changes applied, and those that did not fit what was held (0 when each came once). */
+  readonly stats: { changes: number; inconsistent: number };
+  /** Resolves with the shape once its first snapshot is in. */
+  readonly ready: Promise<Shape<Row>>;
+  /** The subscription underneath. */
+  readonly subscription: Subscription;
+  close(): void;
+}
+
 /** Where an event sits, handed with it. */
 export interface Delivery {
   /** The event's resume id as the server sent it. */
@@ -186,6 +223,8 @@ export declare class Client {
   /** A string as it is, anything else as JSON text. */
   publish(channel: string, message: unknown): Promise<{ seq: number }>;
   store<T = unknown>(bucket: string): Store<T>;
+  /** A live collection of a table's rows: its snapshot, then every change, kept in `rows`. */
+  shape<Row = Record<string, unknown>>(request: ShapeRequest, handlers?: ShapeHandlers<Row>): Shape<Row>;
   /** Closes every subscription. */
   close(): void;
 }

@@ -57,6 +57,15 @@ export async function example(): Promise<void> {
   void removed?.version;
   for (const h of await todos.history("1")) console.log(h.kind, h.val?.title, h.ts);
   client.onState((state, subscription) => console.log(state, subscription.stats.duplicates));
+  type Order = { id: number; item: string; qty: number };
+  const paid = client.shape<Order>(
+    { table: "orders", where: "status = 'paid'", columns: ["item", "qty"] },
+    { onChange: (event, shape) => console.log(event.op, event.view, shape.rows.size), onReady: (shape) => void shape },
+  );
+  const ready = await paid.ready;
+  for (const order of ready.rows.values()) console.log(order.item.length + order.qty);
+  console.log(paid.stats.inconsistent, paid.subscription.position);
+  paid.close();
   sub.close();
   await sub.done;
   client.close();

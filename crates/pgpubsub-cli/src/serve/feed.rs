@@ -227,7 +227,7 @@ impl Feed {
                     _ = self.shutdown.wait_for(|s| *s) => None,
                 };
                 let Some(item) = item else { return Ok(None) };
-                if let Some(item) = self.shape_item(item.into()).await? {
+                if let Some(item) = self.shape_item(item.into(), None).await? {
                     return Ok(Some(item));
                 }
                 continue;
@@ -267,14 +267,14 @@ impl Feed {
                         if let Some(s) =
                             seen.next_if(|s| s.event.seq == shared.event.seq && s.position == shared.position)
                         {
-                            decided.push(Item::Event { position, shared: s });
+                            decided.push((Item::Event { position, shared: s }, Some(shared)));
                         }
                     }
-                    other => decided.push(other),
+                    other => decided.push((other, None)),
                 }
             }
-            for item in decided {
-                if let Some(item) = self.shape_item(item).await? {
+            for (item, original) in decided {
+                if let Some(item) = self.shape_item(item, original.as_deref()).await? {
                     self.ready.push_back(item);
                 }
             }
@@ -317,9 +317,14 @@ impl Feed {
     }
 
     /// `item` as the shape shows it (the hand-over skips what its snapshot
-    /// held); `None` when it is not for the subscriber. A resync of a shape
+    /// held); `None` when it is not for the subscriber. `original`: the
+    /// event before row-level authorization rewrote it. A resync of a shape
     /// with a snapshot starts reading it again.
-    async fn shape_item(&mut self, item: Item) -> Result<Option<Item>, pgpubsub::Error> {
+    async fn shape_item(
+        &mut self,
+        item: Item,
+        original: Option<&pgpubsub::hub::Shared>,
+    ) -> Result<Option<Item>, pgpubsub::Error> {
         let Some(s) = self.shaped.as_mut() else { return Ok(Some(item)) };
         match item {
             Item::Event { position, shared } => {
@@ -331,7 +336,11 @@ impl Feed {
                         s.handover = None;
                     }
                 }
-                Ok(match s.shape.see(&shared.event) {
+                let seen = match original {
+                    Some(o) => s.shape.see_under(&o.event, &shared.event),
+                    None => s.shape.see(&shared.event),
+                };
+                Ok(match seen {
                     Seen::Hidden => None,
                     Seen::Same => Some(Item::Event { position, shared }),
                     Seen::As(event) => {

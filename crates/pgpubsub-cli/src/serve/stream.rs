@@ -42,11 +42,14 @@ enum Transport {
         ("table" = Option<String>, Query, description = "Only changes of this table"),
         ("op" = Option<Vec<String>>, Query, description = "Only these operations (INSERT, UPDATE, DELETE, TRUNCATE), repeated"),
         ("where" = Option<Vec<String>>, Query, description = "`column:value`: only rows whose column equals the value, repeated"),
+        ("filter" = Option<String>, Query, description = "A shape (with `table`): the rows that match this filter, in pgpubsub's grammar (`status = 'paid' and qty >= 2`) or its JSON form; changes that move a row in or out come as `view: enter`/`leave` (docs/protocol.md, \"Shapes\")"),
+        ("columns" = Option<Vec<String>>, Query, description = "A shape (with `table`): only these columns (the key's always), comma-separated"),
+        ("snapshot" = Option<bool>, Query, description = "A shape (with `table`): first the rows (`snapshot` records), then `ready` with the position its changes begin at; not sent again when resuming with a position, sent again after a resync"),
         ("since" = Option<String>, Query, description = "Resume after this position (an event's id)"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position (what EventSource sends when it reconnects)"),
     ),
     responses(
-        (status = 200, description = "The stream: `change`, `message` and `notify` events whose id is the position to resume from; `resync`, `lagged`, `expired`, `error`", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The stream: `change`, `message` and `notify` events whose id is the position to resume from; `resync`, `lagged`, `expired`, `error`; for a shape, first `snapshot` records (`{\"key\": [...], \"rows\": [...]}`) and `ready`", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad parameter or position", body = ErrorBody),
         (status = 401, description = "No valid token (authentication on)", body = ErrorBody),
         (status = 403, description = "A channel not served here or not readable with this token", body = ErrorBody),
@@ -191,9 +194,11 @@ fn next_of(mut feed: Feed) -> Pending {
 /// dropped.
 #[utoipa::path(get, path = "/ws", tag = "subscribe",
     description = "Upgrades to a WebSocket. The client's first message is the request as JSON: \
-`{\"channels\": [...], \"table\", \"ops\", \"where\": {\"col\": value}, \"since\", \"ack\", \"token\"}`. \
+`{\"channels\": [...], \"table\", \"ops\", \"where\": {\"col\": value}, \"since\", \"ack\", \"token\"}`, \
+or a shape: `{\"table\", \"filter\": \"<text>\" or {...}, \"columns\": [...], \"snapshot\": true, \"since\"}`. \
 Then each event comes as `{\"type\": \"event\", \"id\": \"<position>\", \"event\": {...}}`; also \
-`subscribed`, `resync`, `lagged` (close 4000), `expired` and `error` (close 4400, 4401). \
+`subscribed`, `resync`, `lagged` (close 4000), `expired` and `error` (close 4400, 4401); a shape's snapshot \
+first as `{\"type\": \"snapshot\", \"key\": [...], \"rows\": [...]}` messages, then `{\"type\": \"ready\", \"id\", \"rows\"}`. \
 Every `--heartbeat` (15 s) the server sends a ping and `{\"type\": \"heartbeat\"}`: a client that \
 hears nothing for three heartbeats may take the connection as dead and resume elsewhere. A client \
 that sends nothing, not even a pong, for `--heartbeat-timeout` (45 s) is dropped without a close frame.",

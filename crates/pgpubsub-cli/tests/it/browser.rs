@@ -27,10 +27,15 @@ impl Drop for Killed {
 }
 
 fn serve_on(db: &TestDb, port: u16, channel: &str) -> Killed {
+    serve_with(db, port, channel, &[])
+}
+
+fn serve_with(db: &TestDb, port: u16, channel: &str, extra: &[&str]) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_pgpubsub"))
         .env("DATABASE_URL", &db.url)
         .env("RUST_LOG", "warn")
         .args(["serve", "--bind", &format!("127.0.0.1:{port}"), "--channel", channel])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -83,15 +88,9 @@ impl Page {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Chromium (apt-get install chromium); .ci/run runs it"]
-async fn the_live_page_shows_events_and_reconnects_after_a_restart() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    let ch = common::channel("page");
-    let port = free_port();
-    let server = serve_on(&db, port, ch.as_str());
-
+/// Headless Chromium on `url`: the process, the page's DevTools
+/// connection, and the profile directory to remove.
+async fn open_page(url: &str) -> (Killed, Page, std::path::PathBuf) {
     let debug_port = free_port();
     let profile = std::env::temp_dir().join(common::unique("chromium"));
     let chromium = Killed(
@@ -107,7 +106,7 @@ async fn the_live_page_shows_events_and_reconnects_after_a_restart() {
                 "--disable-sync",
                 &format!("--user-data-dir={}", profile.display()),
                 &format!("--remote-debugging-port={debug_port}"),
-                &format!("http://127.0.0.1:{port}/?channel={ch}"),
+                url,
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -128,7 +127,19 @@ async fn the_live_page_shows_events_and_reconnects_after_a_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-    let mut page = Page { ws, id: 0 };
+    (chromium, Page { ws, id: 0 }, profile)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium (apt-get install chromium); .ci/run runs it"]
+async fn the_live_page_shows_events_and_reconnects_after_a_restart() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("page");
+    let port = free_port();
+    let server = serve_on(&db, port, ch.as_str());
+
+    let (chromium, mut page, profile) = open_page(&format!("http://127.0.0.1:{port}/?channel={ch}")).await;
 
     page.until("document.getElementById('status').textContent === 'live'", "connected").await;
     pgpubsub::publish(&client, &ch, "hello browser").await.unwrap();
@@ -155,4 +166,60 @@ async fn the_live_page_shows_events_and_reconnects_after_a_restart() {
     }
     drop(chromium);
     let _ = std::fs::remove_dir_all(profile);
+}
+
+/// The live page logged in with a token (typed into the page, never in the
+/// URL) holds a live shape of a table under row-level authorization: it
+/// shows the rows that user's role and claims may see, and keeps them in
+/// step as rows enter, change and leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium (apt-get install chromium); .ci/run runs it"]
+async fn the_live_page_logs_in_and_shows_the_rows_that_user_sees() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("pageshape");
+    let tenant = common::unique("page_tenant").to_lowercase();
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {tenant} NOLOGIN;
+             CREATE TABLE items (id int PRIMARY KEY, owner text NOT NULL, item text);
+             ALTER TABLE items ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY mine ON items FOR SELECT TO {tenant}
+                 USING (owner = current_setting('request.jwt.claims', true)::json ->> 'sub');
+             GRANT SELECT ON items TO {tenant};
+             INSERT INTO items VALUES (1, 'ann', 'pen'), (2, 'bob', 'ink'), (3, 'ann', 'cap');
+             SELECT pubsub.watch('items', '{ch}');"
+        ))
+        .await
+        .unwrap();
+    let secret = crate::serve::SECRET;
+    let port = free_port();
+    let _server = serve_with(&db, port, ch.as_str(), &["--jwt-secret", secret]);
+    let claims = json!({"exp": crate::serve::now_s() + 600, "read": [ch.as_str()], "role": tenant, "sub": "ann"});
+    let token = crate::serve::token(secret, claims);
+    let (chromium, mut page, profile) = open_page(&format!("http://127.0.0.1:{port}/")).await;
+    page.until("document.readyState === 'complete'", "the page loaded").await;
+    page.eval(&format!(
+        "document.getElementById('table').value = 'items'; document.getElementById('token').value = '{token}'; \
+         document.getElementById('connect').click(); true"
+    ))
+    .await;
+    let shown = "document.getElementById('shape').innerText";
+    page.until(&format!("{shown}.includes('pen') && {shown}.includes('cap')"), "ann's rows").await;
+    assert_eq!(
+        page.eval("document.getElementById('shape').rows.length").await,
+        json!(3),
+        "a header and ann's two rows"
+    );
+    client
+        .batch_execute("UPDATE items SET owner = 'ann' WHERE id = 2; UPDATE items SET owner = 'bob' WHERE id = 1; INSERT INTO items VALUES (9, 'ann', 'fence')")
+        .await
+        .unwrap();
+    page.until(&format!("{shown}.includes('fence')"), "the fence row").await;
+    let text = page.eval(shown).await.as_str().unwrap_or_default().to_string();
+    assert!(text.contains("ink") && text.contains("cap") && !text.contains("pen"), "entered, kept, left: {text}");
+    assert_eq!(page.eval("document.getElementById('shape').rows.length").await, json!(4), "{text}");
+    drop(chromium);
+    let _ = std::fs::remove_dir_all(profile);
+    let _ = client.batch_execute(&format!("DROP TABLE items; DROP ROLE {tenant}")).await;
 }

@@ -206,6 +206,19 @@ impl Shape {
 
     /// What this shape makes of `event`; see the module docs.
     pub fn see(&self, event: &Event) -> Seen {
+        self.judge(event, None)
+    }
+
+    /// What this shape makes of `seen`, which is how row-level
+    /// authorization ([`crate::views`]) shows `original` to the subscriber:
+    /// a row is in the subscriber's shape when it matches the filter *and*
+    /// the subscriber may see it, so a row leaving either leaves the shape
+    /// (and only a row that was in it leaves it).
+    pub fn see_under(&self, original: &Event, seen: &Event) -> Seen {
+        self.judge(seen, Some(original))
+    }
+
+    fn judge(&self, event: &Event, original: Option<&Event>) -> Seen {
         let Some(c) = event.change() else { return Seen::Hidden };
         if c.table != self.table || c.schema != self.schema {
             return Seen::Hidden;
@@ -215,15 +228,31 @@ impl Shape {
             (None, Some(_)) => Some(true),
             (Some(f), Some(r)) => self.whole(r).then(|| f.matches_json(r.get()).unwrap_or(false)),
         };
-        let (new_in, old_in) = (decides(c.new.as_deref()), decides(c.old.as_deref()));
-        let (new, old, view) = match (c.op, c.view, new_in, old_in) {
+        let o = original.and_then(Event::change);
+        let (new_in, old_in, view_in) = match o {
+            // The filter decides on the original rows (a row leaving the
+            // subscriber's view keeps no old row); what the subscriber may
+            // see narrows it.
+            Some(o) => {
+                let (may_new, may_old) = match c.view {
+                    Some(View::Enter) => (true, false),
+                    Some(View::Leave) => (false, true),
+                    None => (c.new.is_some() || o.new.is_none(), c.old.is_some() || o.old.is_none()),
+                };
+                let and = |d: Option<bool>, may: bool| if may { d } else { Some(false) };
+                (and(decides(o.new.as_deref()), may_new), and(decides(o.old.as_deref()), may_old), None)
+            }
+            None => (decides(c.new.as_deref()), decides(c.old.as_deref()), c.view),
+        };
+        let (new, old, view) = match (c.op, view_in, new_in, old_in) {
             (Op::Truncate, ..) => return Seen::Same,
             (Op::Insert, _, Some(true), _) => (c.new.as_deref(), None, None),
             (Op::Update, Some(View::Leave), ..) => (None, None, Some(View::Leave)),
             (Op::Update, Some(View::Enter), Some(true), _) => (c.new.as_deref(), None, Some(View::Enter)),
             (Op::Update, None, Some(true), Some(true) | None) => (c.new.as_deref(), c.old.as_deref(), None),
             (Op::Update, None, Some(true), Some(false)) => (c.new.as_deref(), None, Some(View::Enter)),
-            (Op::Update, None, Some(false), Some(true) | None) => (None, None, Some(View::Leave)),
+            (Op::Update, None, Some(false) | None, Some(true)) => (None, None, Some(View::Leave)),
+            (Op::Update, None, Some(false), None) => (None, None, Some(View::Leave)),
             (Op::Delete, _, _, Some(true) | None) => (None, c.old.as_deref(), None),
             _ => return Seen::Hidden,
         };
@@ -242,8 +271,9 @@ impl Shape {
         let (Ok(new), Ok(old)) = (keep(new), keep(old)) else { return Seen::Hidden };
         // Leaving: the key the subscriber holds the row under, the old
         // row's (an UPDATE may change the key).
-        let key = match (view, c.old.as_deref()) {
-            (Some(View::Leave), Some(o)) => crate::views::only(o, &self.key).ok().or_else(|| c.key.clone()),
+        let old_row = o.and_then(|o| o.old.as_deref()).or(c.old.as_deref());
+        let key = match (view, old_row) {
+            (Some(View::Leave), Some(row)) => crate::views::only(row, &self.key).ok().or_else(|| c.key.clone()),
             _ => c.key.clone(),
         };
         let change = Change { op: c.op, schema: c.schema.clone(), table: c.table.clone(), key, new, old, view };
