@@ -75,12 +75,12 @@ pub async fn shapes(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Re
              CREATE TABLE {TABLE} (id bigint PRIMARY KEY, status text NOT NULL, qty int NOT NULL, pad text);
              INSERT INTO {TABLE} SELECT g, (ARRAY['new','paid','void'])[1 + g % 3], g % 1000, repeat('x', {})
                  FROM generate_series(1, {}) g;
-             VACUUM ANALYZE {TABLE};
              SELECT pubsub.watch('{TABLE}');",
             args.payload, args.rows
         ))
         .await
         .context("creating the table")?;
+    admin.batch_execute(&format!("VACUUM ANALYZE {TABLE}")).await.context("vacuuming the table")?;
     eprintln!("{} rows written in {:.1}s", args.rows, made.elapsed().as_secs_f64());
     let max = (args.clients + 1000).to_string();
     let mut server = Proc::spawn(

@@ -82,7 +82,8 @@ impl Page {
         let deadline = Instant::now() + WAIT;
         while self.eval(expression).await != json!(true) {
             let body = self.eval("document.body.innerText").await;
-            assert!(Instant::now() < deadline, "{what}: not seen; the page shows: {body}");
+            let errors = self.eval("JSON.stringify(window.__errors ?? [])").await;
+            assert!(Instant::now() < deadline, "{what}: not seen; the page shows: {body}; errors: {errors}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -198,7 +199,14 @@ async fn the_live_page_logs_in_and_shows_the_rows_that_user_sees() {
     let claims = json!({"exp": crate::serve::now_s() + 600, "read": [ch.as_str()], "role": tenant, "sub": "ann"});
     let token = crate::serve::token(secret, claims);
     let (chromium, mut page, profile) = open_page(&format!("http://127.0.0.1:{port}/")).await;
-    page.until("document.readyState === 'complete'", "the page loaded").await;
+    // Until the page's script has run (the first document may be about:blank).
+    page.until("typeof document.getElementById('connect')?.onclick === 'function'", "the page loaded").await;
+    page.eval(
+        "window.__errors = []; \
+         addEventListener('error', (e) => __errors.push(String(e.message))); \
+         addEventListener('unhandledrejection', (e) => __errors.push(String(e.reason))); true",
+    )
+    .await;
     page.eval(&format!(
         "document.getElementById('table').value = 'items'; document.getElementById('token').value = '{token}'; \
          document.getElementById('connect').click(); true"

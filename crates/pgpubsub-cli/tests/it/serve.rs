@@ -329,7 +329,7 @@ async fn bad_requests_are_refused_clearly() {
         (format!("{base}/events?channel=bad-name"), 400, "invalid channel name"),
         (format!("{base}/events?channel={ch}&op=MERGE"), 400, "expected INSERT"),
         (format!("{base}/events?channel={ch}&bogus=1"), 400, "unknown parameter"),
-        (format!("{base}/events?channel={ch}&since=yesterday"), 400, "invalid cursor"),
+        (format!("{base}/events?channel={ch}&since=yesterday"), 400, "expected <txid>:<seq>"),
     ] {
         let (got, body) = curl_get(&url);
         assert_eq!(got, code, "{url}: {body}");

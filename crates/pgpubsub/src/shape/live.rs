@@ -474,3 +474,98 @@ impl Drop for Snapshotting {
         self.task.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(filter: &str, columns: Option<&[&str]>) -> Shape {
+        let typed = [("id", "integer"), ("status", "text"), ("qty", "integer")];
+        let all: Vec<String> = typed.iter().map(|(n, _)| n.to_string()).collect();
+        Shape {
+            schema: "public".into(),
+            table: "t".into(),
+            oid: 1,
+            channel: "t".into(),
+            wal: false,
+            filter: Some(Filter::parse(filter).unwrap().bind(&typed).unwrap()),
+            columns: columns.map(|c| all.iter().filter(|a| c.contains(&a.as_str()) || *a == "id").cloned().collect()),
+            key: vec!["id".into()],
+            all,
+        }
+    }
+
+    fn event(op: &str, view: Option<&str>, new: &str, old: &str) -> Event {
+        let view = view.map(|v| format!(r#","view":"{v}""#)).unwrap_or_default();
+        let text = format!(
+            r#"{{"seq":5,"txid":9,"kind":"change","channel":"t","time":"2026-01-01T00:00:00Z","op":"{op}"{view},"schema":"public","table":"t","key":{{"id":1}},"new":{new},"old":{old}}}"#
+        );
+        Event::decode("t", text).unwrap()
+    }
+
+    /// (view, new, old) of what the shape sends; `None` for nothing.
+    fn sent(seen: Seen, event: &Event) -> Option<(Option<View>, Option<String>, Option<String>)> {
+        let e = match seen {
+            Seen::Hidden => return None,
+            Seen::Same => event.clone(),
+            Seen::As(e) => *e,
+        };
+        let c = e.change().unwrap();
+        Some((c.view, c.new.as_ref().map(|r| r.get().to_string()), c.old.as_ref().map(|r| r.get().to_string())))
+    }
+
+    const PAID: &str = r#"{"id":1,"status":"paid","qty":2}"#;
+    const NEW: &str = r#"{"id":1,"status":"new","qty":3}"#;
+
+    #[test]
+    fn changes_enter_leave_stay_or_are_not_sent() {
+        let s = shape("status = 'paid'", None);
+        let cases = [
+            (event("INSERT", None, PAID, "null"), Some((None, Some(PAID), None))),
+            (event("INSERT", None, NEW, "null"), None),
+            (event("UPDATE", None, PAID, PAID), Some((None, Some(PAID), Some(PAID)))),
+            (event("UPDATE", None, PAID, NEW), Some((Some(View::Enter), Some(PAID), None))),
+            (event("UPDATE", None, NEW, PAID), Some((Some(View::Leave), None, None))),
+            (event("UPDATE", None, NEW, NEW), None),
+            (event("DELETE", None, "null", PAID), Some((None, None, Some(PAID)))),
+            (event("DELETE", None, "null", NEW), None),
+            // An old row that is a key only (WAL without REPLICA IDENTITY FULL): sent as a map applies it.
+            (event("DELETE", None, "null", r#"{"id":1}"#), Some((None, None, Some(r#"{"id":1}"#)))),
+            (event("UPDATE", None, NEW, r#"{"id":1}"#), Some((Some(View::Leave), None, None))),
+        ];
+        for (e, want) in cases {
+            let want = want.map(|(v, n, o): (Option<View>, Option<&str>, Option<&str>)| {
+                (v, n.map(str::to_string), o.map(str::to_string))
+            });
+            assert_eq!(sent(s.see(&e), &e), want, "{}", e.json());
+        }
+    }
+
+    #[test]
+    fn only_the_columns_asked_for_and_the_key() {
+        let s = shape("qty >= 2", Some(&["qty"]));
+        let e = event("UPDATE", None, NEW, PAID);
+        assert_eq!(
+            sent(s.see(&e), &e),
+            Some((None, Some(r#"{"id":1,"qty":3}"#.to_string()), Some(r#"{"id":1,"qty":2}"#.to_string())))
+        );
+    }
+
+    #[test]
+    fn under_row_level_authorization_a_row_leaves_only_a_shape_it_was_in() {
+        let s = shape("status = 'paid'", None);
+        // The role stops seeing a row that did not match: nothing to leave.
+        let original = event("UPDATE", None, NEW, NEW);
+        let seen = event("UPDATE", Some("leave"), "null", "null");
+        assert!(sent(s.see_under(&original, &seen), &seen).is_none());
+        // ... one that matched: it leaves.
+        let original = event("UPDATE", None, PAID, PAID);
+        assert_eq!(sent(s.see_under(&original, &seen), &seen), Some((Some(View::Leave), None, None)));
+        // The role starts seeing a row that matches: it enters.
+        let seen = event("UPDATE", Some("enter"), PAID, "null");
+        assert_eq!(sent(s.see_under(&original, &seen), &seen), Some((Some(View::Enter), Some(PAID.into()), None)));
+        // Seen whole, matching before only: it leaves the shape.
+        let original = event("UPDATE", None, NEW, PAID);
+        assert_eq!(sent(s.see_under(&original, &original), &original), Some((Some(View::Leave), None, None)));
+    }
+}
