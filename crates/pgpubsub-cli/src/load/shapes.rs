@@ -42,21 +42,33 @@ async fn client(addr: String, expected: u64, tally: Arc<Tally>) -> anyhow::Resul
     ws.send(Message::text(json!({"table": TABLE, "snapshot": true}).to_string())).await?;
     let mut rows = 0u64;
     let mut ready = false;
-    while let Some(m) = ws.next().await {
+    // A client that hears nothing for this long has stalled: said, not waited on.
+    const STALL: Duration = Duration::from_secs(120);
+    loop {
+        let m = tokio::time::timeout(STALL, ws.next())
+            .await
+            .with_context(|| format!("no message for {}s after {rows} rows", STALL.as_secs()))?;
+        let Some(m) = m else { bail!("the gateway closed the connection after {rows} rows") };
         let Message::Text(text) = m? else { continue };
-        if text.starts_with(r#"{"type":"snapshot""#) {
-            // Counted without parsing every row: the rows are objects in an array.
-            let v: Value = serde_json::from_str(&text)?;
-            let n = v["rows"].as_array().map_or(0, Vec::len) as u64;
-            rows += n;
-            tally.rows.fetch_add(n, Ordering::Relaxed);
-        } else if text.starts_with(r#"{"type":"ready""#) {
-            ready = true;
-            tally.ready.fetch_add(1, Ordering::Relaxed);
-            let _ = tally.to_ready.lock().unwrap_or_else(|e| e.into_inner()).record(began.elapsed().as_micros() as u64);
-        } else if ready && text.starts_with(r#"{"type":"event""#) {
-            tally.live.fetch_add(1, Ordering::Relaxed);
-            break;
+        let v: Value = serde_json::from_str(&text)?;
+        match v["type"].as_str() {
+            Some("snapshot") => {
+                let n = v["rows"].as_array().map_or(0, Vec::len) as u64;
+                rows += n;
+                tally.rows.fetch_add(n, Ordering::Relaxed);
+            }
+            Some("ready") => {
+                ready = true;
+                tally.ready.fetch_add(1, Ordering::Relaxed);
+                let _ =
+                    tally.to_ready.lock().unwrap_or_else(|e| e.into_inner()).record(began.elapsed().as_micros() as u64);
+            }
+            Some("event") if ready => {
+                tally.live.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            Some("error") => bail!("the gateway refused the shape: {}", v["error"]),
+            _ => {}
         }
     }
     if rows != expected {
@@ -82,6 +94,16 @@ pub async fn shapes(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Re
         .context("creating the table")?;
     admin.batch_execute(&format!("VACUUM ANALYZE {TABLE}")).await.context("vacuuming the table")?;
     eprintln!("{} rows written in {:.1}s", args.rows, made.elapsed().as_secs_f64());
+    // The baseline, in this process: the same rows as JSON by one plain
+    // SELECT on one connection (what a page would cost without pgpubsub).
+    let read = Instant::now();
+    let plain = admin
+        .query(&format!("SELECT row_to_json(t)::text FROM {TABLE} t"), &[])
+        .await
+        .context("the baseline SELECT")?
+        .len();
+    let baseline = read.elapsed();
+    eprintln!("baseline: one SELECT of the {plain} rows as JSON in {:.2}s", baseline.as_secs_f64());
     let max = (args.clients + 1000).to_string();
     let mut server = Proc::spawn(
         {
@@ -106,9 +128,19 @@ pub async fn shapes(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Re
         (0..args.clients).map(|_| tokio::spawn(client(addr.clone(), args.rows, tally.clone()))).collect();
     let mut peak = before.peak_rss;
     let deadline = start + Duration::from_secs(3600);
+    let mut said = Instant::now();
     while tally.ready.load(Ordering::Relaxed) < args.clients as u64 {
         if Instant::now() > deadline || clients.iter().all(|c| c.is_finished()) {
             break;
+        }
+        if said.elapsed() >= Duration::from_secs(5) {
+            said = Instant::now();
+            let (ready, rows) = (tally.ready.load(Ordering::Relaxed), tally.rows.load(Ordering::Relaxed));
+            eprintln!(
+                "{:.0}s: {ready} of {} clients ready, {rows} rows delivered",
+                start.elapsed().as_secs_f64(),
+                args.clients
+            );
         }
         peak = peak.max(proc::usage(server.pid()).map_or(0, |u| u.peak_rss));
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -137,6 +169,9 @@ pub async fn shapes(config: &Config, url: &str, args: &FanoutArgs) -> anyhow::Re
         "seconds_to_all_ready": all_ready.as_secs_f64(),
         "to_ready_ms": {"p50": ms(0.5), "p99": ms(0.99), "max": h.max() as f64 / 1000.0},
         "rows_per_s": rows as f64 / all_ready.as_secs_f64(),
+        "baseline_select_s": baseline.as_secs_f64(),
+        // All clients' snapshots against as many plain SELECTs one after another.
+        "vs_baseline": all_ready.as_secs_f64() / (baseline.as_secs_f64() * args.clients as f64),
         "gateway_cpu_s": cpu_ns as f64 / 1e9,
         "gateway_rss_before_mib": before.rss as f64 / (1 << 20) as f64,
         "gateway_peak_rss_mib": peak as f64 / (1 << 20) as f64,
