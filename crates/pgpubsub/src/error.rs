@@ -108,7 +108,9 @@ pub struct DbMessage {
     /// SQLSTATE, e.g. `42P01` for an unknown table.
     pub code: Option<String>,
     message: String,
-    inner: tokio_postgres::Error,
+    /// The driver's error; `None` for one a function caught and reported
+    /// as a value ([`DbMessage::reported`]).
+    inner: Option<tokio_postgres::Error>,
 }
 
 impl DbMessage {
@@ -127,7 +129,13 @@ impl DbMessage {
             }
             None => (None, inner.to_string()),
         };
-        DbMessage { code, message, inner }
+        DbMessage { code, message, inner: Some(inner) }
+    }
+
+    /// An error the database caught in a function and reported as values
+    /// (its SQLSTATE and message).
+    pub fn reported(code: Option<String>, message: String) -> Self {
+        DbMessage { code, message, inner: None }
     }
 }
 
@@ -139,7 +147,7 @@ impl fmt::Display for DbMessage {
 
 impl std::error::Error for DbMessage {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.inner)
+        self.inner.as_ref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

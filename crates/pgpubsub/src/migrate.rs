@@ -45,6 +45,7 @@ const FILES: &[(bool, &str, &str)] = &[
     embed!(false, "migrations", "20261130000200_pubsub_wal.sql"),
     embed!(false, "migrations", "20261207000100_pubsub_capture.sql"),
     embed!(false, "migrations", "20261207000200_pubsub_row_views.sql"),
+    embed!(false, "migrations", "20261207000300_pubsub_row_views_classes.sql"),
 ];
 
 /// Every embedded migration, core and examples, in version order.

@@ -5,11 +5,17 @@
 //! (PostgREST's convention: the JSON object of a token's claims, in the
 //! setting `request.jwt.claims`). Viewers with the same role and claims
 //! form one class and share every decision: [`Views`] keeps one [`Class`]
-//! per viewer in use. A class decides a batch of events with one statement
-//! (`pubsub.row_views`, run as the role with its claims): the table's
-//! policies on the old and the new row, and the columns the role may read.
-//! So the database work per event grows with the classes subscribed, not
-//! with the subscribers.
+//! per viewer in use. The classes of one role decide their batches of
+//! events together, one statement for all of them
+//! (`pubsub.row_views_classes`, run as the role with each class's claims):
+//! the table's policies on the old and the new row, and the columns the
+//! role may read. Where the policies read the claims only as
+//! `current_setting('request.jwt.claims', true)`, that statement joins the
+//! rows with the classes' claims (a hash join for an equality such as
+//! `tenant_id = claims ->> 'tenant'`); else it evaluates them class by
+//! class. So the database work per event grows with the classes subscribed
+//! (and often not even that), never with the subscribers, and the number
+//! of statements with the roles.
 //!
 //! What a subscriber receives of a row change (the same rules for live
 //! events and for a replay from the log):
@@ -39,7 +45,7 @@ use serde::Deserializer;
 use serde_json::value::RawValue;
 
 use crate::channel::quote_ident;
-use crate::error::{Error, Result};
+use crate::error::{DbMessage, Error, Result};
 use crate::event::{Change, Op, View};
 use crate::event_log::LogConn;
 use crate::hub::Shared;
@@ -82,7 +88,30 @@ impl Viewer {
 #[derive(Debug, Default)]
 pub struct Views {
     classes: Mutex<HashMap<Viewer, Weak<Class>>>,
+    /// The classes of each role, which decide together.
+    groups: Mutex<HashMap<Option<String>, Weak<Group>>>,
     counts: Arc<Counts>,
+}
+
+/// The classes of one role: one statement decides what all of them asked.
+#[derive(Debug, Default)]
+struct Group {
+    members: Mutex<Vec<Weak<Class>>>,
+    /// One statement at a time per group: the others wait for its answer.
+    gate: tokio::sync::Mutex<()>,
+}
+
+impl Group {
+    fn join(&self, class: &Arc<Class>) {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        members.retain(|c| c.strong_count() > 0);
+        members.push(Arc::downgrade(class));
+    }
+
+    fn members(&self) -> Vec<Arc<Class>> {
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        members.iter().filter_map(Weak::upgrade).collect()
+    }
 }
 
 /// What the classes have done.
@@ -110,7 +139,19 @@ impl Views {
             return c;
         }
         classes.retain(|_, c| c.strong_count() > 0);
-        let class = Arc::new(Class::new(viewer.clone(), self.counts.clone()));
+        let group = {
+            let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+            groups.retain(|_, g| g.strong_count() > 0);
+            match groups.get(&viewer.role).and_then(Weak::upgrade) {
+                Some(g) => g,
+                None => {
+                    let g = Arc::new(Group::default());
+                    groups.insert(viewer.role.clone(), Arc::downgrade(&g));
+                    g
+                }
+            }
+        };
+        let class = Class::new(viewer.clone(), self.counts.clone(), group);
         classes.insert(viewer, Arc::downgrade(&class));
         class
     }
@@ -121,7 +162,7 @@ impl Views {
         classes.values().filter(|c| c.strong_count() > 0).count()
     }
 
-    /// Statements run so far to decide events (one per class per batch).
+    /// Statements run so far to decide events (one per role per batch).
     pub fn statements(&self) -> u64 {
         self.counts.statements.load(Ordering::Relaxed)
     }
@@ -151,11 +192,12 @@ pub struct Class {
     /// taken (what [`Class::check`] asks).
     answered: Mutex<Option<Instant>>,
     /// Events some subscriber of the class asked about, by seq, not yet
-    /// decided: the next statement decides them all (while one statement
-    /// runs, the events that come meanwhile gather into the next one).
+    /// decided: the next statement of its group decides them all (while
+    /// one statement runs, the events that come meanwhile gather into the
+    /// next one).
     pending: Mutex<BTreeMap<i64, Arc<Shared>>>,
-    /// One statement at a time per class: the others wait for its answer.
-    gate: tokio::sync::Mutex<()>,
+    /// The classes of the same role.
+    group: Arc<Group>,
 }
 
 /// What a class sees of one event.
@@ -179,7 +221,8 @@ impl Seen {
     }
 }
 
-/// One event's answer from `pubsub.row_views`.
+/// One event's answer from `pubsub.row_views_classes`, for one class.
+#[derive(Debug, Clone)]
 struct Answer {
     readable: bool,
     new_seen: bool,
@@ -210,23 +253,25 @@ impl Known<'_> {
 }
 
 impl Class {
-    /// A class of its own, counting into `counts`.
-    fn new(viewer: Viewer, counts: Arc<Counts>) -> Class {
-        Class {
+    /// A class in `group`, counting into `counts`.
+    fn new(viewer: Viewer, counts: Arc<Counts>, group: Arc<Group>) -> Arc<Class> {
+        let class = Arc::new(Class {
             viewer,
             counts,
             decided: Mutex::default(),
             open: Mutex::default(),
             answered: Mutex::default(),
             pending: Mutex::default(),
-            gate: tokio::sync::Mutex::new(()),
-        }
+            group: group.clone(),
+        });
+        group.join(&class);
+        class
     }
 
     /// A class of the reading connection's own role (a listener's), apart
     /// from any [`Views`].
-    pub(crate) fn itself() -> Class {
-        Class::new(Viewer::itself(), Arc::default())
+    pub(crate) fn itself() -> Arc<Class> {
+        Class::new(Viewer::itself(), Arc::default(), Arc::default())
     }
 
     /// Runs `f` over what the class knows now.
@@ -253,7 +298,10 @@ impl Class {
             // A crowd of one class resuming at once asks once.
             return Ok(());
         }
-        self.ask(log, Vec::new(), Vec::new(), Vec::new()).await.map(drop)
+        ask(log, self.viewer.role.clone(), Vec::new(), Vec::new(), Vec::new(), vec![self.viewer.claims.clone()])
+            .await?;
+        *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        Ok(())
     }
 
     /// What the class sees of `events`, in order: each as it is, rewritten
@@ -270,21 +318,94 @@ impl Class {
         if let Some(seen) = self.known(events) {
             return Ok(seen);
         }
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            for s in events {
-                if let Some((seq, _)) = needs(s) {
-                    pending.entry(seq).or_insert_with(|| s.clone());
-                }
-            }
-        }
-        let _one = self.gate.lock().await;
+        self.hold(events.iter().cloned());
+        let _one = self.group.gate.lock().await;
         if let Some(seen) = self.known(events) {
             return Ok(seen);
         }
-        // This caller's events and what others asked meanwhile, in one
-        // statement (at most BATCH_MAX of the others').
-        let mut batch: BTreeMap<i64, Arc<Shared>> = {
+        // Ours again: a holder whose statement failed took them out.
+        self.hold(events.iter().cloned());
+        // This class first, then every other of the group with events
+        // waiting: what each asked, at most BATCH_MAX events of each, and
+        // about 2 * BATCH_MAX in all (the rest wait for the next statement).
+        let others = self.group.members();
+        let mut asking: Vec<(&Class, Vec<Arc<Shared>>)> = Vec::new();
+        let mut all: BTreeMap<i64, Arc<Shared>> = BTreeMap::new();
+        for class in std::iter::once(self).chain(others.iter().map(Arc::as_ref).filter(|c| !std::ptr::eq(*c, self))) {
+            let is_self = std::ptr::eq(class, self);
+            if !is_self && all.len() >= 2 * BATCH_MAX {
+                break;
+            }
+            let todo = class.take();
+            if !todo.is_empty() {
+                all.extend(todo.iter().map(|s| (s.event.seq.unwrap_or_default(), s.clone())));
+                asking.push((class, todo));
+            }
+        }
+        let all: Vec<Arc<Shared>> = all.into_values().collect();
+        let index: HashMap<i64, usize> =
+            all.iter().enumerate().map(|(i, s)| (s.event.seq.unwrap_or_default(), i)).collect();
+        let (mut tables, mut news, mut olds) = (Vec::new(), Vec::new(), Vec::new());
+        for s in &all {
+            let c = s.event.change().expect("only row changes are pending");
+            tables.push(format!("{}.{}", quote_ident(&c.schema), quote_ident(&c.table)));
+            news.push(c.new.as_ref().map(|r| r.get().to_string()));
+            olds.push(c.old.as_ref().map(|r| r.get().to_string()));
+        }
+        let claims: Vec<Option<String>> = asking.iter().map(|(c, _)| c.viewer.claims.clone()).collect();
+        let answers = match ask(log, self.viewer.role.clone(), tables, news, olds, claims).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                // The others ask again themselves (this class's events are
+                // theirs too when they do).
+                for (class, todo) in asking.into_iter().skip(1) {
+                    class.hold(todo);
+                }
+                return Err(e);
+            }
+        };
+        self.counts.statements.fetch_add(1, Ordering::Relaxed);
+        let mut mine = Ok(());
+        for (k, (class, todo)) in asking.into_iter().enumerate() {
+            let is_self = std::ptr::eq(class, self);
+            if let Some(e) = answers.failed.get(&k) {
+                if is_self {
+                    let (code, message) = e.clone();
+                    mine = Err(Error::Db {
+                        context: "deciding what a role may see",
+                        source: DbMessage::reported(code, message),
+                    });
+                } else {
+                    class.hold(todo);
+                }
+                continue;
+            }
+            *class.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            class.record(todo.into_iter().map(|s| {
+                let answer = answers.of(k, index[&s.event.seq.unwrap_or_default()]);
+                (s, answer)
+            }));
+        }
+        mine?;
+        // Every one of ours is known now (or, decided long ago, is decided
+        // as withheld: read before the oldest decisions go).
+        Ok(self.with_known(|k| events.iter().filter_map(|s| k.of(s).unwrap_or(Seen::Hidden).of(s)).collect()))
+    }
+
+    /// Adds `events`' row changes to what the class waits to have decided.
+    fn hold(&self, events: impl IntoIterator<Item = Arc<Shared>>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for s in events {
+            if let Some((seq, _)) = needs(&s) {
+                pending.entry(seq).or_insert(s);
+            }
+        }
+    }
+
+    /// Takes at most BATCH_MAX of the waiting events, those not decided
+    /// meanwhile.
+    fn take(&self) -> Vec<Arc<Shared>> {
+        let batch: BTreeMap<i64, Arc<Shared>> = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             match pending.keys().nth(BATCH_MAX).copied() {
                 None => std::mem::take(&mut *pending),
@@ -294,45 +415,31 @@ impl Class {
                 }
             }
         };
-        // Ours again: a holder whose statement failed took them out.
-        batch.extend(events.iter().filter_map(|s| Some((needs(s)?.0, s.clone()))));
-        let todo: Vec<Arc<Shared>> = self.with_known(|k| batch.into_values().filter(|s| k.of(s).is_none()).collect());
-        let (mut tables, mut news, mut olds) = (Vec::new(), Vec::new(), Vec::new());
-        for s in &todo {
-            let c = s.event.change().expect("only row changes are pending");
-            tables.push(format!("{}.{}", quote_ident(&c.schema), quote_ident(&c.table)));
-            news.push(c.new.as_ref().map(|r| r.get().to_string()));
-            olds.push(c.old.as_ref().map(|r| r.get().to_string()));
-        }
-        let answers = self.ask(log, tables, news, olds).await?;
-        self.counts.statements.fetch_add(1, Ordering::Relaxed);
-        self.counts.decided.fetch_add(todo.len() as u64, Ordering::Relaxed);
+        self.with_known(|k| batch.into_values().filter(|s| k.of(s).is_none()).collect())
+    }
+
+    /// Keeps the class's answers (and forgets the oldest past KEPT).
+    fn record(&self, answered: impl Iterator<Item = (Arc<Shared>, Answer)>) {
         let now = Instant::now();
         let mut decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
-        {
-            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            for (s, answer) in todo.iter().zip(answers) {
-                let c = s.event.change().expect("only row changes are pending");
-                let tables = open.entry(c.schema.clone()).or_default();
-                if answer.open {
-                    tables.insert(c.table.clone(), now);
-                } else {
-                    tables.remove(&c.table);
-                }
-                let seen = seen_as(s, &answer);
-                if matches!(seen, Seen::Hidden) {
-                    self.counts.withheld.fetch_add(1, Ordering::Relaxed);
-                }
-                decided.insert(s.event.seq.unwrap_or_default(), (now, seen));
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        for (s, answer) in answered {
+            let c = s.event.change().expect("only row changes are pending");
+            self.counts.decided.fetch_add(1, Ordering::Relaxed);
+            let tables = open.entry(c.schema.clone()).or_default();
+            if answer.open {
+                tables.insert(c.table.clone(), now);
+            } else {
+                tables.remove(&c.table);
             }
-            // Every one of ours is known now; read before the oldest
-            // decisions go (a lagging subscriber's may be among them).
-            let known = Known { decided: &decided, open: &open, now };
-            let out = events.iter().filter_map(|s| known.of(s).unwrap_or(Seen::Hidden).of(s)).collect();
-            while decided.len() > KEPT {
-                decided.pop_first();
+            let seen = seen_as(&s, &answer);
+            if matches!(seen, Seen::Hidden) {
+                self.counts.withheld.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(out)
+            decided.insert(s.event.seq.unwrap_or_default(), (now, seen));
+        }
+        while decided.len() > KEPT {
+            decided.pop_first();
         }
     }
 
@@ -347,45 +454,92 @@ impl Class {
             Some(out)
         })
     }
+}
 
-    /// One statement: `pubsub.row_views` as the viewer.
-    async fn ask(
-        &self,
-        log: &LogConn,
-        tables: Vec<String>,
-        news: Vec<Option<String>>,
-        olds: Vec<Option<String>>,
-    ) -> Result<Vec<Answer>> {
-        let n = tables.len();
-        let (role, claims) = (self.viewer.role.clone(), self.viewer.claims.clone());
-        let rows = log
-            .run_pg("deciding what a role may see", |c| async move {
-                c.query(
-                    "SELECT n, readable, new_seen, old_seen, columns, open
-                     FROM pubsub.row_views($1::text[], $2::text[]::jsonb[], $3::text[]::jsonb[], $4, $5) ORDER BY n",
-                    &[&tables, &news, &olds, &role, &claims],
-                )
-                .await
-            })
-            .await?;
-        *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        if rows.len() != n {
-            return Err(Error::ConnectionLost(format!(
-                "pubsub.row_views answered {} rows for {n} events (is the schema migrated?)",
-                rows.len()
-            )));
+/// What one statement answered for a group's classes.
+struct Answers {
+    /// Per event (by index): what every class of the role sees of it.
+    facts: Vec<Answer>,
+    /// (class, event) → the class also sees the new row, the old row.
+    seen: HashMap<(usize, usize), (bool, bool)>,
+    /// Classes that could not be decided: SQLSTATE and message.
+    failed: HashMap<usize, (Option<String>, String)>,
+}
+
+impl Answers {
+    /// Class `k`'s answer for event `n`.
+    fn of(&self, k: usize, n: usize) -> Answer {
+        let mut a = self.facts[n].clone();
+        if let Some((new, old)) = self.seen.get(&(k, n)) {
+            a.new_seen |= new;
+            a.old_seen |= old;
         }
-        Ok(rows
-            .iter()
-            .map(|r| Answer {
-                readable: r.get(1),
-                new_seen: r.get(2),
-                old_seen: r.get(3),
-                columns: r.get(4),
-                open: r.get(5),
-            })
-            .collect())
+        a
     }
+}
+
+/// One statement: `pubsub.row_views_classes` as `role`, for one class per
+/// element of `claims`.
+async fn ask(
+    log: &LogConn,
+    role: Option<String>,
+    tables: Vec<String>,
+    news: Vec<Option<String>>,
+    olds: Vec<Option<String>>,
+    claims: Vec<Option<String>>,
+) -> Result<Answers> {
+    let (events, classes) = (tables.len(), claims.len());
+    let rows = log
+        .run_pg("deciding what a role may see", |c| async move {
+            c.query(
+                "SELECT k, n, readable, new_seen, old_seen, columns, open
+                 FROM pubsub.row_views_classes($1::text[], $2::text[]::jsonb[], $3::text[]::jsonb[], $4, $5::text[])",
+                &[&tables, &news, &olds, &role, &claims],
+            )
+            .await
+        })
+        .await?;
+    let mut facts: Vec<Option<Answer>> = vec![None; events];
+    let mut answers = Answers { facts: Vec::new(), seen: HashMap::new(), failed: HashMap::new() };
+    let wrong = |what: String| Error::ConnectionLost(format!("pubsub.row_views_classes answered {what}"));
+    for r in &rows {
+        let (k, n): (Option<i64>, Option<i64>) = (r.get(0), r.get(1));
+        // 1-based, as SQL counts.
+        let index = |i: i64, len: usize| usize::try_from(i - 1).ok().filter(|&i| i < len);
+        match (k, n) {
+            (None, Some(n)) => {
+                let n = index(n, events).ok_or_else(|| wrong(format!("event {n} of {events}")))?;
+                facts[n] = Some(Answer {
+                    readable: r.get(2),
+                    new_seen: r.get(3),
+                    old_seen: r.get(4),
+                    columns: r.get(5),
+                    open: r.get(6),
+                });
+            }
+            (Some(k), Some(n)) => {
+                let k = index(k, classes).ok_or_else(|| wrong(format!("class {k} of {classes}")))?;
+                let n = index(n, events).ok_or_else(|| wrong(format!("event {n} of {events}")))?;
+                let seen = answers.seen.entry((k, n)).or_default();
+                seen.0 |= r.get::<_, bool>(3);
+                seen.1 |= r.get::<_, bool>(4);
+            }
+            (Some(k), None) => {
+                let k = index(k, classes).ok_or_else(|| wrong(format!("class {k} of {classes}")))?;
+                let said: Option<Vec<String>> = r.get(5);
+                let said = said.unwrap_or_default();
+                let code = said.first().cloned();
+                answers.failed.insert(k, (code, said.get(1).cloned().unwrap_or_default()));
+            }
+            (None, None) => return Err(wrong("a row for no event and no class".into())),
+        }
+    }
+    answers.facts = facts
+        .into_iter()
+        .enumerate()
+        .map(|(n, a)| a.ok_or_else(|| wrong(format!("nothing for event {} (is the schema migrated?)", n + 1))))
+        .collect::<Result<_>>()?;
+    Ok(answers)
 }
 
 /// The seq and change of a row change from the log (what a class

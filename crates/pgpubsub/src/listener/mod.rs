@@ -156,7 +156,7 @@ impl Listener {
             progress,
             ready: VecDeque::new(),
             unseen: Vec::new(),
-            class: options.row_views.then(|| Arc::new(crate::views::Class::itself())),
+            class: options.row_views.then(crate::views::Class::itself),
             page_end: None,
             due: true,
             waiting: Waiting::No,

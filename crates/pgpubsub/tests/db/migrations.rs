@@ -23,7 +23,7 @@ async fn up_down_up() {
     let mut client = db.client().await;
 
     let first = pgpubsub::migrate::up(&mut client, false).await.unwrap();
-    assert_eq!(first.len(), 8);
+    assert_eq!(first.len(), 9);
     assert!(pgpubsub::migrate::up(&mut client, false).await.unwrap().is_empty(), "second up changes nothing");
     // Only dbmate's own bookkeeping table appears outside the schema.
     assert_eq!(tables_outside_pubsub(&client).await, vec!["public.schema_migrations".to_string()]);
@@ -44,7 +44,8 @@ async fn up_down_up() {
             "20261130000100",
             "20261130000200",
             "20261207000100",
-            "20261207000200"
+            "20261207000200",
+            "20261207000300"
         ]
     );
 
@@ -61,6 +62,7 @@ async fn up_down_up() {
     assert_eq!(
         reverted,
         vec![
+            "pubsub_row_views_classes",
             "pubsub_row_views",
             "pubsub_capture",
             "pubsub_wal",
@@ -81,7 +83,7 @@ async fn up_down_up() {
     assert!(pgpubsub::migrate::status(&client).await.unwrap().iter().all(|s| !s.applied));
 
     // And up again, working as before.
-    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 8);
+    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 9);
     let ch = pgpubsub::Channel::new("again").unwrap();
     assert!(pgpubsub::publish(&client, &ch, "x").await.unwrap() > 0);
 }
