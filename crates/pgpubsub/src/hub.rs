@@ -51,6 +51,16 @@ pub struct Shared {
     /// The caller's renderings of this event (one per slot), each made by
     /// the first subscriber that needs it and shared by the rest.
     frames: [OnceLock<bytes::Bytes>; FRAME_SLOTS],
+    /// Which classes of subscribers were decided for it ahead, and which
+    /// of them see it ([`Views::decide_ahead`](crate::views::Views::decide_ahead)).
+    ahead: OnceLock<Ahead>,
+}
+
+/// The classes decided for an event ahead: ids, sorted.
+#[derive(Debug)]
+struct Ahead {
+    decided: Vec<u64>,
+    seen: Vec<u64>,
 }
 
 /// How many renderings of an event [`Shared::frame`] keeps: one per wire
@@ -60,7 +70,26 @@ pub const FRAME_SLOTS: usize = 2;
 impl Shared {
     /// Wraps an event for sharing.
     pub fn new(event: Event, position: Cursor) -> Self {
-        Shared { event, position, row: OnceLock::new(), frames: std::array::from_fn(|_| OnceLock::new()) }
+        Shared {
+            event,
+            position,
+            row: OnceLock::new(),
+            frames: std::array::from_fn(|_| OnceLock::new()),
+            ahead: OnceLock::new(),
+        }
+    }
+
+    /// Notes which classes (by id) were decided for this event ahead, and
+    /// which of them see it; the first note stands.
+    pub(crate) fn decided_ahead(&self, mut decided: Vec<u64>, mut seen: Vec<u64>) {
+        decided.sort_unstable();
+        seen.sort_unstable();
+        let _ = self.ahead.set(Ahead { decided, seen });
+    }
+
+    /// Whether class `id` was decided ahead not to see this event.
+    pub(crate) fn hidden_from(&self, id: u64) -> bool {
+        self.ahead.get().is_some_and(|a| a.seen.binary_search(&id).is_err() && a.decided.binary_search(&id).is_ok())
     }
 
     /// This event rendered by `make` into `slot` (below [`FRAME_SLOTS`]; the
@@ -98,6 +127,11 @@ pub struct Filter {
     pub ops: Vec<Op>,
     /// Only rows whose columns equal these values (all of them).
     pub columns: Vec<(String, Value)>,
+    /// Not the row changes this class of subscribers is known not to see
+    /// (decided ahead, [`Views::decide_ahead`](crate::views::Views::decide_ahead)):
+    /// a subscriber is not woken for the rows of other tenants. What is not
+    /// known passes, to be decided by the subscriber's own reader.
+    pub class: Option<Arc<crate::views::Class>>,
 }
 
 impl Filter {
@@ -114,6 +148,9 @@ impl Filter {
     pub fn matches(&self, shared: &Shared) -> bool {
         let e = &shared.event;
         if !self.channels.is_empty() && !self.channels.contains(&e.channel) {
+            return false;
+        }
+        if self.class.as_ref().is_some_and(|c| shared.hidden_from(c.id())) {
             return false;
         }
         if self.table.is_none() && self.ops.is_empty() && self.columns.is_empty() {
@@ -298,7 +335,12 @@ impl Hub {
     /// [`Hub::publish`], with the position a subscriber holding this event
     /// may resume from.
     pub fn publish_at(&self, event: Event, position: Cursor) -> usize {
-        let shared = Arc::new(Shared::new(event, position));
+        self.publish_shared(Arc::new(Shared::new(event, position)))
+    }
+
+    /// [`Hub::publish_at`] of an event already shared (its position inside).
+    pub fn publish_shared(&self, shared: Arc<Shared>) -> usize {
+        let position = shared.position;
         let stats = &self.inner.stats;
         stats.events.fetch_add(1, Ordering::Relaxed);
         let mut delivered = 0;

@@ -54,6 +54,9 @@ use crate::hub::Shared;
 /// revoked grant taking effect.
 pub const FRESH: Duration = Duration::from_secs(1);
 
+/// The next class's id.
+static NEXT_CLASS: AtomicU64 = AtomicU64::new(1);
+
 /// Decisions kept per class (the newest, by seq).
 const KEPT: usize = 50_000;
 
@@ -94,11 +97,33 @@ pub struct Views {
 }
 
 /// The classes of one role: one statement decides what all of them asked.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Group {
     members: Mutex<Vec<Weak<Class>>>,
-    /// One statement at a time per group: the others wait for its answer.
+    /// Held by the one call that runs the group's statement (a round).
     gate: tokio::sync::Mutex<()>,
+    /// Rounds ended: the calls that wait for a round wake at once (not one
+    /// by one through the gate: a class may have thousands of callers).
+    rounds: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Group {
+    fn default() -> Group {
+        Group {
+            members: Mutex::default(),
+            gate: tokio::sync::Mutex::new(()),
+            rounds: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+/// Ends a round when dropped, however its call ends.
+struct RoundEnds<'a>(&'a tokio::sync::watch::Sender<u64>);
+
+impl Drop for RoundEnds<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|r| *r += 1);
+    }
 }
 
 impl Group {
@@ -176,6 +201,64 @@ impl Views {
     pub fn withheld(&self) -> u64 {
         self.counts.withheld.load(Ordering::Relaxed)
     }
+
+    /// Decides `events` for every class in use before they are handed out,
+    /// one statement per role: then a subscriber whose filter has its
+    /// class ([`Filter::class`](crate::hub::Filter::class)) is not even
+    /// woken for the rows it may not see. Nothing to do (and no statement)
+    /// while no class is in use.
+    ///
+    /// # Errors
+    /// When the database cannot answer for some role (the events can still
+    /// be handed out: each subscriber's reader decides what is not known).
+    pub async fn decide_ahead(&self, log: &LogConn, events: &[Arc<Shared>]) -> Result<()> {
+        if !events.iter().any(|s| needs(s).is_some()) {
+            return Ok(());
+        }
+        let groups: Vec<Arc<Group>> = {
+            let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+            groups.values().filter_map(Weak::upgrade).collect()
+        };
+        // Noted on each event for the hub: which classes were decided and
+        // which see it (a check per subscriber without a lock).
+        let mut verdicts: Vec<(Vec<u64>, Vec<u64>)> = vec![Default::default(); events.len()];
+        for group in groups {
+            let members = group.members();
+            let Some(first) = members.first() else { continue };
+            for class in &members {
+                class.hold(events.iter().cloned());
+            }
+            // A round for the group decides what every member holds.
+            first.see(log, events).await?;
+            for class in &members {
+                class.with_known(|k| {
+                    for (s, (decided, seen)) in events.iter().zip(verdicts.iter_mut()) {
+                        match k.of(s) {
+                            None => {}
+                            Some(Seen::Hidden) => decided.push(class.id),
+                            Some(_) => {
+                                decided.push(class.id);
+                                seen.push(class.id);
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        for (s, (decided, seen)) in events.iter().zip(verdicts) {
+            if needs(s).is_some() {
+                s.decided_ahead(decided, seen);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for Class {
+    /// The same class (one per viewer in a [`Views`]).
+    fn eq(&self, other: &Class) -> bool {
+        std::ptr::eq(self, other)
+    }
 }
 
 /// What one class of subscribers sees; see the module docs.
@@ -198,6 +281,11 @@ pub struct Class {
     pending: Mutex<BTreeMap<i64, Arc<Shared>>>,
     /// The classes of the same role.
     group: Arc<Group>,
+    /// Unique in the process (what an event decided ahead names it by).
+    id: u64,
+    /// The last round that could not decide for this class: its number,
+    /// the SQLSTATE and the message (what its waiting subscribers get).
+    failed: Mutex<Option<(u64, Option<String>, String)>>,
 }
 
 /// What a class sees of one event.
@@ -216,7 +304,10 @@ impl Seen {
         match self {
             Seen::Same => Some(s.clone()),
             Seen::Hidden => None,
-            Seen::As(r) => Some(r),
+            Seen::As(r) if r.position == s.position => Some(r),
+            // Decided for another copy of the event (ahead, or for another
+            // subscriber, whose reader stood elsewhere): at `s`'s position.
+            Seen::As(r) => Some(Arc::new(Shared::new(r.event.clone(), s.position))),
         }
     }
 }
@@ -263,6 +354,8 @@ impl Class {
             answered: Mutex::default(),
             pending: Mutex::default(),
             group: group.clone(),
+            id: NEXT_CLASS.fetch_add(1, Ordering::Relaxed),
+            failed: Mutex::default(),
         });
         group.join(&class);
         class
@@ -279,6 +372,11 @@ impl Class {
         let decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         f(&Known { decided: &decided, open: &open, now: Instant::now() })
+    }
+
+    /// This class's number, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The viewer this class decides for.
@@ -308,32 +406,66 @@ impl Class {
     /// (an enter, a leave, columns removed), or left out. Events other than
     /// row changes pass as they are (channel authorization covers them).
     /// One statement decides every row change not decided in the last
-    /// [`FRESH`]; concurrent calls for the same events wait for it.
+    /// [`FRESH`], for every class of the role that waits; while it runs,
+    /// the others wait for its end (all woken at once) and look again.
     ///
     /// Cancel-safe: a dropped call only leaves decisions made for later.
     ///
     /// # Errors
-    /// When the database cannot answer (the events are not handed out).
+    /// When the database cannot answer, or the class's policies fail on its
+    /// claims (the events are not handed out).
     pub async fn see(&self, log: &LogConn, events: &[Arc<Shared>]) -> Result<Vec<Arc<Shared>>> {
-        if let Some(seen) = self.known(events) {
-            return Ok(seen);
+        let mut held = false;
+        loop {
+            if let Some(seen) = self.known(events) {
+                return Ok(seen);
+            }
+            if !held {
+                self.hold(events.iter().cloned());
+                held = true;
+            }
+            let mut rounds = self.group.rounds.subscribe();
+            let waited_from = *rounds.borrow_and_update();
+            if let Ok(_one) = self.group.gate.try_lock() {
+                // Whatever happens to this call, the round ends: the
+                // others look again.
+                let _round = RoundEnds(&self.group.rounds);
+                // Ours again: a round that failed or was dropped took them out.
+                self.hold(events.iter().cloned());
+                let round = *self.group.rounds.borrow() + 1;
+                self.decide(log, round).await?;
+                // Every one of ours is known now (or, decided long ago, is
+                // decided as withheld).
+                return Ok(
+                    self.with_known(|k| events.iter().filter_map(|s| k.of(s).unwrap_or(Seen::Hidden).of(s)).collect())
+                );
+            }
+            // A statement runs: its end wakes every waiter at once.
+            let _ = rounds.changed().await;
+            let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some((_, code, message)) = failed.filter(|(round, ..)| *round > waited_from) {
+                return Err(Error::Db {
+                    context: "deciding what a role may see",
+                    source: DbMessage::reported(code, message),
+                });
+            }
         }
-        self.hold(events.iter().cloned());
-        let _one = self.group.gate.lock().await;
-        if let Some(seen) = self.known(events) {
-            return Ok(seen);
-        }
-        // Ours again: a holder whose statement failed took them out.
-        self.hold(events.iter().cloned());
+    }
+
+    /// One round, by the holder of the group's gate: decides what this
+    /// class and every other of the group waits for, in one statement.
+    /// A class that fails has its events back in waiting and its error
+    /// noted for `round` (for its callers waiting on the round); this
+    /// class's own failure is also the error returned.
+    async fn decide(&self, log: &LogConn, round: u64) -> Result<()> {
         // This class first, then every other of the group with events
         // waiting: what each asked, at most BATCH_MAX events of each, and
-        // about 2 * BATCH_MAX in all (the rest wait for the next statement).
+        // about 2 * BATCH_MAX in all (the rest wait for the next round).
         let others = self.group.members();
         let mut asking: Vec<(&Class, Vec<Arc<Shared>>)> = Vec::new();
         let mut all: BTreeMap<i64, Arc<Shared>> = BTreeMap::new();
         for class in std::iter::once(self).chain(others.iter().map(Arc::as_ref).filter(|c| !std::ptr::eq(*c, self))) {
-            let is_self = std::ptr::eq(class, self);
-            if !is_self && all.len() >= 2 * BATCH_MAX {
+            if !std::ptr::eq(class, self) && all.len() >= 2 * BATCH_MAX {
                 break;
             }
             let todo = class.take();
@@ -341,6 +473,9 @@ impl Class {
                 all.extend(todo.iter().map(|s| (s.event.seq.unwrap_or_default(), s.clone())));
                 asking.push((class, todo));
             }
+        }
+        if asking.is_empty() {
+            return Ok(());
         }
         let all: Vec<Arc<Shared>> = all.into_values().collect();
         let index: HashMap<i64, usize> =
@@ -356,10 +491,12 @@ impl Class {
         let answers = match ask(log, self.viewer.role.clone(), tables, news, olds, claims).await {
             Ok(answers) => answers,
             Err(e) => {
-                // The others ask again themselves (this class's events are
-                // theirs too when they do).
-                for (class, todo) in asking.into_iter().skip(1) {
+                let (code, message) = (e.sqlstate().map(str::to_string), e.to_string());
+                // Every class asking gets the error, its subscribers that
+                // wait for this round too (and asks again next time).
+                for (class, todo) in asking {
                     class.hold(todo);
+                    class.fail(round, code.clone(), message.clone());
                 }
                 return Err(e);
             }
@@ -367,17 +504,13 @@ impl Class {
         self.counts.statements.fetch_add(1, Ordering::Relaxed);
         let mut mine = Ok(());
         for (k, (class, todo)) in asking.into_iter().enumerate() {
-            let is_self = std::ptr::eq(class, self);
-            if let Some(e) = answers.failed.get(&k) {
-                if is_self {
-                    let (code, message) = e.clone();
-                    mine = Err(Error::Db {
-                        context: "deciding what a role may see",
-                        source: DbMessage::reported(code, message),
-                    });
-                } else {
-                    class.hold(todo);
+            if let Some((code, message)) = answers.failed.get(&k) {
+                if std::ptr::eq(class, self) {
+                    let source = DbMessage::reported(code.clone(), message.clone());
+                    mine = Err(Error::Db { context: "deciding what a role may see", source });
                 }
+                class.hold(todo);
+                class.fail(round, code.clone(), message.clone());
                 continue;
             }
             *class.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
@@ -386,10 +519,12 @@ impl Class {
                 (s, answer)
             }));
         }
-        mine?;
-        // Every one of ours is known now (or, decided long ago, is decided
-        // as withheld: read before the oldest decisions go).
-        Ok(self.with_known(|k| events.iter().filter_map(|s| k.of(s).unwrap_or(Seen::Hidden).of(s)).collect()))
+        mine
+    }
+
+    /// Notes that the class could not be decided in `round`.
+    fn fail(&self, round: u64, code: Option<String>, message: String) {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((round, code, message));
     }
 
     /// Adds `events`' row changes to what the class waits to have decided.

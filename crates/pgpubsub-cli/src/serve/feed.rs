@@ -129,6 +129,9 @@ impl Feed {
             rows: 0,
             handover: handover.flatten(),
         });
+        // The hub skips the rows the class is known not to see.
+        let mut filter = filter;
+        filter.class = class.as_ref().map(|(c, _)| c.clone());
         let mut feed = Feed {
             inner: None,
             state: state.clone(),

@@ -231,13 +231,16 @@ pub async fn run_until(
     let listened = served.names().unwrap_or_default();
     let hub = Hub::new(args.queue);
     let (listening, changes) = listening::Listening::new(&listened);
+    let views = Arc::new(pgpubsub::Views::new());
     let (source, listener_stats, listener_state) = match source_of(args)? {
         None => {
             let listener = Listener::connect(config, &listened, ListenerOptions::default().row_views(false))
                 .await
                 .context("starting the listener")?;
             let (stats, state) = (listener.stats(), listener.state());
-            tokio::spawn(feed_hub(hub.clone(), listener, changes));
+            let ahead =
+                Ahead { views: views.clone(), log: LogConn::new(pgpubsub::db::tuned(config), Duration::from_secs(10)) };
+            tokio::spawn(feed_hub(hub.clone(), listener, changes, ahead));
             (None, stats, state)
         }
         Some(url) => {
@@ -262,7 +265,7 @@ pub async fn run_until(
             })
             .sharing(!args.replay_alone),
         ),
-        views: Arc::new(pgpubsub::Views::new()),
+        views,
         snapshots: Arc::new(shape::Snapshots::new(config)),
         served: Arc::new(served.clone()),
         origins: Arc::new(origins),
@@ -330,7 +333,30 @@ fn source_of(args: &ServeArgs) -> anyhow::Result<Option<String>> {
 /// subscribers ask for and UNLISTEN those they left (foreign `pg_notify`
 /// payloads are heard only on channels LISTENed to). Ends once every handle
 /// to the server is gone.
-async fn feed_hub(hub: Hub, mut listener: Listener, mut changes: mpsc::UnboundedReceiver<listening::Change>) {
+/// Row changes decided ahead for the classes of subscribers in use
+/// (row-level authorization), before the hub hands them out.
+struct Ahead {
+    views: Arc<pgpubsub::Views>,
+    /// A connection of its own: deciding ahead waits for no replay.
+    log: LogConn,
+}
+
+/// Events decided ahead at most this long: past it, they go out anyway
+/// and each subscriber's reader decides them.
+const AHEAD_WAIT: Duration = Duration::from_secs(1);
+
+/// Events taken from the listener at once (what is ready without waiting).
+const AHEAD_BATCH: usize = 512;
+
+/// Batches of events on their way from the listener to the hub, at most.
+const AHEAD_QUEUE: usize = 64;
+
+async fn feed_hub(
+    hub: Hub,
+    mut listener: Listener,
+    mut changes: mpsc::UnboundedReceiver<listening::Change>,
+    ahead: Ahead,
+) {
     // One lives on the stack per turn of the loop: boxing the event would
     // cost an allocation per event instead.
     #[allow(clippy::large_enum_variant)]
@@ -338,6 +364,11 @@ async fn feed_hub(hub: Hub, mut listener: Listener, mut changes: mpsc::Unbounded
         Change(Option<listening::Change>),
         Event(Option<pgpubsub::Result<pgpubsub::Event>>),
     }
+    // The listener's events go to the hub through a task that decides them
+    // ahead: the listener reads on meanwhile, and what comes while one
+    // statement runs goes into the next (the batches grow with the load).
+    let (to_hub, batches) = mpsc::channel::<Vec<Arc<pgpubsub::hub::Shared>>>(AHEAD_QUEUE);
+    let publisher = tokio::spawn(publish_decided(hub, batches, ahead));
     loop {
         // A change interrupts a `recv` that is waiting: nothing is lost (its
         // state moves only once a read is back), and `add_channel` has it
@@ -352,10 +383,46 @@ async fn feed_hub(hub: Hub, mut listener: Listener, mut changes: mpsc::Unbounded
             Step::Change(Some(listening::Change::Unlisten(channel))) => listener.remove_channel(&channel).await,
             Step::Change(None) | Step::Event(None) => break,
             Step::Event(Some(Ok(event))) => {
-                ops::observe_delivery(&event);
-                hub.publish_at(event, listener.cursor());
+                // With every event ready now, each with its position.
+                let mut batch = vec![Arc::new(pgpubsub::hub::Shared::new(event, listener.cursor()))];
+                while batch.len() < AHEAD_BATCH {
+                    match listener.try_recv() {
+                        Some(Ok(event)) => batch.push(Arc::new(pgpubsub::hub::Shared::new(event, listener.cursor()))),
+                        Some(Err(e)) => tracing::warn!(error = %e, "the listener reported an error"),
+                        None => break,
+                    }
+                }
+                if to_hub.send(batch).await.is_err() {
+                    break;
+                }
             }
             Step::Event(Some(Err(e))) => tracing::warn!(error = %e, "the listener reported an error"),
+        }
+    }
+    drop(to_hub);
+    let _ = publisher.await;
+}
+
+/// Hands the listener's batches to the hub in order, each decided ahead
+/// for the classes in use (all the batches waiting in one go).
+async fn publish_decided(hub: Hub, mut batches: mpsc::Receiver<Vec<Arc<pgpubsub::hub::Shared>>>, ahead: Ahead) {
+    while let Some(mut events) = batches.recv().await {
+        while events.len() < 8 * AHEAD_BATCH {
+            let Ok(more) = batches.try_recv() else { break };
+            events.extend(more);
+        }
+        if ahead.views.classes() > 0 {
+            match tokio::time::timeout(AHEAD_WAIT, ahead.views.decide_ahead(&ahead.log, &events)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "deciding row-level authorization ahead failed; subscribers decide")
+                }
+                Err(_) => tracing::warn!("deciding row-level authorization ahead took over 1 s; subscribers decide"),
+            }
+        }
+        for shared in events {
+            ops::observe_delivery(&shared.event);
+            hub.publish_shared(shared);
         }
     }
 }
