@@ -52,7 +52,7 @@ pub struct Shared {
     /// the first subscriber that needs it and shared by the rest.
     frames: [OnceLock<bytes::Bytes>; FRAME_SLOTS],
     /// Which classes of subscribers were decided for it ahead, and which
-    /// of them see it ([`Views::decide_ahead`](crate::views::Views::decide_ahead)).
+    /// of them see it (`views::Views::decide_ahead`).
     ahead: OnceLock<Ahead>,
 }
 
@@ -127,11 +127,12 @@ pub struct Filter {
     pub ops: Vec<Op>,
     /// Only rows whose columns equal these values (all of them).
     pub columns: Vec<(String, Value)>,
-    /// Not the row changes this class of subscribers is known not to see
-    /// (decided ahead, [`Views::decide_ahead`](crate::views::Views::decide_ahead)):
-    /// a subscriber is not woken for the rows of other tenants. What is not
-    /// known passes, to be decided by the subscriber's own reader.
-    pub class: Option<Arc<crate::views::Class>>,
+    /// Not the row changes that the class of subscribers with this id
+    /// (`views::Class::id`) was decided ahead not to see
+    /// (`views::Views::decide_ahead`): a subscriber is not woken for the
+    /// rows of other tenants. What was not decided passes, to be decided
+    /// by the subscriber's own reader.
+    pub class: Option<u64>,
 }
 
 impl Filter {
@@ -150,7 +151,7 @@ impl Filter {
         if !self.channels.is_empty() && !self.channels.contains(&e.channel) {
             return false;
         }
-        if self.class.as_ref().is_some_and(|c| shared.hidden_from(c.id())) {
+        if self.class.is_some_and(|id| shared.hidden_from(id)) {
             return false;
         }
         if self.table.is_none() && self.ops.is_empty() && self.columns.is_empty() {

@@ -254,13 +254,6 @@ impl Views {
     }
 }
 
-impl PartialEq for Class {
-    /// The same class (one per viewer in a [`Views`]).
-    fn eq(&self, other: &Class) -> bool {
-        std::ptr::eq(self, other)
-    }
-}
-
 /// What one class of subscribers sees; see the module docs.
 #[derive(Debug)]
 pub struct Class {

@@ -131,7 +131,7 @@ impl Feed {
         });
         // The hub skips the rows the class is known not to see.
         let mut filter = filter;
-        filter.class = class.as_ref().map(|(c, _)| c.clone());
+        filter.class = class.as_ref().map(|(c, _)| c.id());
         let mut feed = Feed {
             inner: None,
             state: state.clone(),
