@@ -56,10 +56,11 @@ pub struct Shared {
     ahead: OnceLock<Ahead>,
 }
 
-/// The classes decided for an event ahead: ids, sorted.
+/// The classes decided for an event ahead: ids, sorted (the decided ones
+/// shared by every event of a batch).
 #[derive(Debug)]
 struct Ahead {
-    decided: Vec<u64>,
+    decided: Arc<[u64]>,
     seen: Vec<u64>,
 }
 
@@ -81,8 +82,7 @@ impl Shared {
 
     /// Notes which classes (by id) were decided for this event ahead, and
     /// which of them see it; the first note stands.
-    pub(crate) fn decided_ahead(&self, mut decided: Vec<u64>, mut seen: Vec<u64>) {
-        decided.sort_unstable();
+    pub(crate) fn decided_ahead(&self, decided: Arc<[u64]>, mut seen: Vec<u64>) {
         seen.sort_unstable();
         let _ = self.ahead.set(Ahead { decided, seen });
     }

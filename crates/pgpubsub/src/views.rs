@@ -54,10 +54,19 @@ use crate::hub::Shared;
 /// revoked grant taking effect.
 pub const FRESH: Duration = Duration::from_secs(1);
 
+/// Per seq, the rounds that decided it lately: when, and for which
+/// classes (ids, sorted).
+type Verdicts = BTreeMap<i64, Vec<(Instant, Arc<[u64]>)>>;
+
+/// A failed round: its number, when, the SQLSTATE and the message.
+type Failure = (u64, Instant, Option<String>, String);
+
 /// The next class's id.
 static NEXT_CLASS: AtomicU64 = AtomicU64::new(1);
 
-/// Decisions kept per class (the newest, by seq).
+/// Decisions kept per class and per group before the stale ones (older
+/// than [`FRESH`]) are dropped; those of the last second stay, whatever
+/// their number (bounded by the rate of events).
 const KEPT: usize = 50_000;
 
 /// The most events one statement decides.
@@ -105,6 +114,14 @@ struct Group {
     /// Rounds ended: the calls that wait for a round wake at once (not one
     /// by one through the gate: a class may have thousands of callers).
     rounds: tokio::sync::watch::Sender<u64>,
+    /// seq → when, and the ids (sorted) of the classes decided for it
+    /// then. A class decided and without a decision of its own that is as
+    /// new does not see the event: so a round records one entry per event
+    /// for every class, and one per class only for the events it sees.
+    verdicts: Mutex<Verdicts>,
+    /// Tables the role may read whole (schema → table → when that was
+    /// last said): their events pass without asking.
+    open: Mutex<HashMap<String, HashMap<String, Instant>>>,
 }
 
 impl Default for Group {
@@ -113,16 +130,24 @@ impl Default for Group {
             members: Mutex::default(),
             gate: tokio::sync::Mutex::new(()),
             rounds: tokio::sync::watch::Sender::new(0),
+            verdicts: Mutex::default(),
+            open: Mutex::default(),
         }
     }
 }
 
-/// Ends a round when dropped, however its call ends.
-struct RoundEnds<'a>(&'a tokio::sync::watch::Sender<u64>);
+/// Ends a round when dropped, however its call ends: frees the gate, then
+/// wakes the waiters (in that order: one that wakes must be able to start
+/// the next round).
+struct RoundEnds<'a> {
+    gate: Option<tokio::sync::MutexGuard<'a, ()>>,
+    rounds: &'a tokio::sync::watch::Sender<u64>,
+}
 
 impl Drop for RoundEnds<'_> {
     fn drop(&mut self) {
-        self.0.send_modify(|r| *r += 1);
+        drop(self.gate.take());
+        self.rounds.send_modify(|r| *r += 1);
     }
 }
 
@@ -221,37 +246,47 @@ impl Views {
         };
         // Noted on each event for the hub: which classes were decided and
         // which see it (a check per subscriber without a lock).
-        let mut verdicts: Vec<(Vec<u64>, Vec<u64>)> = vec![Default::default(); events.len()];
+        let mut decided: Vec<u64> = Vec::new();
+        let mut seen: HashMap<i64, Vec<u64>> = HashMap::new();
+        let mut failure = None;
         for group in groups {
             let members = group.members();
-            let Some(first) = members.first() else { continue };
-            for class in &members {
-                class.hold(events.iter().cloned());
-            }
-            // A round for the group decides what every member holds.
-            first.see(log, events).await?;
-            for class in &members {
-                class.with_known(|k| {
-                    for (s, (decided, seen)) in events.iter().zip(verdicts.iter_mut()) {
-                        match k.of(s) {
-                            None => {}
-                            Some(Seen::Hidden) => decided.push(class.id),
-                            Some(_) => {
-                                decided.push(class.id);
-                                seen.push(class.id);
-                            }
-                        }
-                    }
-                });
+            // One that has not failed lately runs the round (one that has
+            // would run it alone).
+            let Some(first) = members.iter().find(|c| !c.failing()).or(members.first()) else { continue };
+            // A role that cannot be decided now leaves its events to its
+            // subscribers' readers; the other roles' go on.
+            let round = match first.round_for_all(log, events).await {
+                Ok(round) => round,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    continue;
+                }
+            };
+            decided.extend(round.decided.iter());
+            for (seq, ids) in round.seen {
+                seen.entry(seq).or_default().extend(ids);
             }
         }
-        for (s, (decided, seen)) in events.iter().zip(verdicts) {
-            if needs(s).is_some() {
-                s.decided_ahead(decided, seen);
+        let decided: Arc<[u64]> = {
+            decided.sort_unstable();
+            decided.into()
+        };
+        for s in events {
+            if let Some((seq, _)) = needs(s) {
+                s.decided_ahead(decided.clone(), seen.remove(&seq).unwrap_or_default());
             }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
+}
+
+/// What a round decided: the classes (ids, sorted) and, per event (seq),
+/// those of them that see it; and the failure of the class that ran it.
+struct Round {
+    decided: Arc<[u64]>,
+    seen: HashMap<i64, Vec<u64>>,
+    mine: Option<Error>,
 }
 
 /// What one class of subscribers sees; see the module docs.
@@ -259,11 +294,9 @@ impl Views {
 pub struct Class {
     viewer: Viewer,
     counts: Arc<Counts>,
-    /// seq → (when decided, what the class sees).
+    /// seq → (when decided, what the class sees), for the events it sees
+    /// (the group's verdicts say which it does not).
     decided: Mutex<BTreeMap<i64, (Instant, Seen)>>,
-    /// Tables the class may read whole (schema → table → when that was
-    /// last said): their events pass without asking.
-    open: Mutex<HashMap<String, HashMap<String, Instant>>>,
     /// When a statement as the viewer last succeeded: the role may be
     /// taken (what [`Class::check`] asks).
     answered: Mutex<Option<Instant>>,
@@ -278,7 +311,7 @@ pub struct Class {
     id: u64,
     /// The last round that could not decide for this class: its number,
     /// the SQLSTATE and the message (what its waiting subscribers get).
-    failed: Mutex<Option<(u64, Option<String>, String)>>,
+    failed: Mutex<Option<Failure>>,
 }
 
 /// What a class sees of one event.
@@ -315,9 +348,11 @@ struct Answer {
     open: bool,
 }
 
-/// The decisions a class holds, under their locks.
+/// The decisions a class holds, and its group's, under their locks.
 struct Known<'a> {
+    id: u64,
     decided: &'a BTreeMap<i64, (Instant, Seen)>,
+    verdicts: &'a Verdicts,
     open: &'a HashMap<String, HashMap<String, Instant>>,
     now: Instant,
 }
@@ -325,14 +360,29 @@ struct Known<'a> {
 impl Known<'_> {
     /// What the class sees of `s` if that is known within [`FRESH`]: every
     /// event but a row change passes; a row change of a table open to the
-    /// class passes; else its decision.
+    /// role passes; else the newest decision: the class's own (it sees
+    /// the event), or its group's that names it (it does not).
     fn of(&self, s: &Shared) -> Option<Seen> {
         let Some((seq, c)) = needs(s) else { return Some(Seen::Same) };
         let fresh = |at: &Instant| self.now - *at < FRESH;
         if self.open.get(&c.schema).and_then(|t| t.get(&c.table)).is_some_and(fresh) {
             return Some(Seen::Same);
         }
-        self.decided.get(&seq).filter(|(at, _)| fresh(at)).map(|(_, seen)| seen.clone())
+        let mine = self.decided.get(&seq).filter(|(at, _)| fresh(at));
+        let group = self
+            .verdicts
+            .get(&seq)
+            .into_iter()
+            .flatten()
+            .filter(|(at, ids)| fresh(at) && ids.binary_search(&self.id).is_ok())
+            .map(|(at, _)| *at)
+            .max();
+        match (mine, group) {
+            (Some((mine_at, _)), Some(group_at)) if group_at > *mine_at => Some(Seen::Hidden),
+            (Some((_, seen)), _) => Some(seen.clone()),
+            (None, Some(_)) => Some(Seen::Hidden),
+            (None, None) => None,
+        }
     }
 }
 
@@ -343,7 +393,6 @@ impl Class {
             viewer,
             counts,
             decided: Mutex::default(),
-            open: Mutex::default(),
             answered: Mutex::default(),
             pending: Mutex::default(),
             group: group.clone(),
@@ -363,8 +412,9 @@ impl Class {
     /// Runs `f` over what the class knows now.
     fn with_known<T>(&self, f: impl FnOnce(&Known<'_>) -> T) -> T {
         let decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        f(&Known { decided: &decided, open: &open, now: Instant::now() })
+        let open = self.group.open.lock().unwrap_or_else(|e| e.into_inner());
+        let verdicts = self.group.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        f(&Known { id: self.id, decided: &decided, verdicts: &verdicts, open: &open, now: Instant::now() })
     }
 
     /// This class's number, unique in the process.
@@ -419,24 +469,25 @@ impl Class {
             }
             let mut rounds = self.group.rounds.subscribe();
             let waited_from = *rounds.borrow_and_update();
-            if let Ok(_one) = self.group.gate.try_lock() {
-                // Whatever happens to this call, the round ends: the
-                // others look again.
-                let _round = RoundEnds(&self.group.rounds);
-                // Ours again: a round that failed or was dropped took them out.
-                self.hold(events.iter().cloned());
+            if let Ok(gate) = self.group.gate.try_lock() {
+                // Whatever happens to this call, the round ends (the gate
+                // free first): the others look again.
+                let _round = RoundEnds { gate: Some(gate), rounds: &self.group.rounds };
                 let round = *self.group.rounds.borrow() + 1;
-                self.decide(log, round).await?;
-                // Every one of ours is known now (or, decided long ago, is
-                // decided as withheld).
-                return Ok(
-                    self.with_known(|k| events.iter().filter_map(|s| k.of(s).unwrap_or(Seen::Hidden).of(s)).collect())
-                );
+                if let Some(e) = self.decide(log, round, events, &[]).await?.mine {
+                    return Err(e);
+                }
+                // Ours were all in the round: known now, unless some
+                // expired meanwhile (then another round).
+                continue;
             }
             // A statement runs: its end wakes every waiter at once.
             let _ = rounds.changed().await;
+            if let Some(seen) = self.known(events) {
+                return Ok(seen);
+            }
             let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some((_, code, message)) = failed.filter(|(round, ..)| *round > waited_from) {
+            if let Some((_, _, code, message)) = failed.filter(|(round, ..)| *round > waited_from) {
                 return Err(Error::Db {
                     context: "deciding what a role may see",
                     source: DbMessage::reported(code, message),
@@ -445,34 +496,58 @@ impl Class {
         }
     }
 
-    /// One round, by the holder of the group's gate: decides what this
-    /// class and every other of the group waits for, in one statement.
-    /// A class that fails has its events back in waiting and its error
-    /// noted for `round` (for its callers waiting on the round); this
-    /// class's own failure is also the error returned.
-    async fn decide(&self, log: &LogConn, round: u64) -> Result<()> {
-        // This class first, then every other of the group with events
-        // waiting: what each asked, at most BATCH_MAX events of each, and
-        // about 2 * BATCH_MAX in all (the rest wait for the next round).
-        let others = self.group.members();
+    /// A round that decides `events` for every class of the group (and
+    /// what they wait for), once the gate is free. A class that fails is
+    /// left out of the answer (its callers get the error).
+    async fn round_for_all(&self, log: &LogConn, events: &[Arc<Shared>]) -> Result<Round> {
+        loop {
+            let mut rounds = self.group.rounds.subscribe();
+            rounds.borrow_and_update();
+            if let Ok(gate) = self.group.gate.try_lock() {
+                let _round = RoundEnds { gate: Some(gate), rounds: &self.group.rounds };
+                let round = *self.group.rounds.borrow() + 1;
+                // This class's own failure is its callers' (noted).
+                return self.decide(log, round, &[], events).await;
+            }
+            let _ = rounds.changed().await;
+        }
+    }
+
+    /// One round, by the holder of the group's gate: decides, in one
+    /// statement, what this class and every other of the group waits for,
+    /// and `everyone` for every class of the group. A class that fails has
+    /// its events back in waiting and its error noted for `round` (for its
+    /// callers waiting on the round); this class's own failure is also in
+    /// the answer (`mine`). Errs when the statement fails (for every class).
+    async fn decide(&self, log: &LogConn, round: u64, own: &[Arc<Shared>], everyone: &[Arc<Shared>]) -> Result<Round> {
+        // This class first, with `own` whatever else it holds; then every
+        // other of the group: those with events waiting (at most BATCH_MAX
+        // each, about 2 * BATCH_MAX in all: the rest wait for the next
+        // round), or all with `everyone`. A class that failed a moment ago
+        // asks alone (a bad claim must not cost the others their join).
+        let mut all: BTreeMap<i64, Arc<Shared>> =
+            own.iter().chain(everyone).filter_map(|s| Some((needs(s)?.0, s.clone()))).collect();
         let mut asking: Vec<(&Class, Vec<Arc<Shared>>)> = Vec::new();
-        let mut all: BTreeMap<i64, Arc<Shared>> = BTreeMap::new();
-        for class in std::iter::once(self).chain(others.iter().map(Arc::as_ref).filter(|c| !std::ptr::eq(*c, self))) {
-            if !std::ptr::eq(class, self) && all.len() >= 2 * BATCH_MAX {
+        let mine = self.take();
+        all.extend(mine.iter().map(|s| (s.event.seq.unwrap_or_default(), s.clone())));
+        asking.push((self, mine));
+        let others = if self.failing() { Vec::new() } else { self.group.members() };
+        for class in others.iter().map(Arc::as_ref).filter(|c| !std::ptr::eq(*c, self) && !c.failing()) {
+            let full = all.len() >= 2 * BATCH_MAX;
+            if full && everyone.is_empty() {
                 break;
             }
-            let todo = class.take();
-            if !todo.is_empty() {
+            let todo = if full { Vec::new() } else { class.take() };
+            if !todo.is_empty() || !everyone.is_empty() {
                 all.extend(todo.iter().map(|s| (s.event.seq.unwrap_or_default(), s.clone())));
                 asking.push((class, todo));
             }
         }
-        if asking.is_empty() {
-            return Ok(());
+        let none = || Round { decided: Arc::from([]), seen: HashMap::new(), mine: None };
+        if all.is_empty() {
+            return Ok(none());
         }
         let all: Vec<Arc<Shared>> = all.into_values().collect();
-        let index: HashMap<i64, usize> =
-            all.iter().enumerate().map(|(i, s)| (s.event.seq.unwrap_or_default(), i)).collect();
         let (mut tables, mut news, mut olds) = (Vec::new(), Vec::new(), Vec::new());
         for s in &all {
             let c = s.event.change().expect("only row changes are pending");
@@ -495,29 +570,102 @@ impl Class {
             }
         };
         self.counts.statements.fetch_add(1, Ordering::Relaxed);
-        let mut mine = Ok(());
+        self.counts.decided.fetch_add((all.len() * asking.len()) as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        // What the role sees of each event before its classes differ (its
+        // policies aside): a table open to it, a TRUNCATE, a table without
+        // row security for it. Seen so by every class.
+        {
+            let mut open = self.group.open.lock().unwrap_or_else(|e| e.into_inner());
+            for (s, facts) in all.iter().zip(&answers.facts) {
+                let c = s.event.change().expect("only row changes are pending");
+                match (facts.open, open.get_mut(&c.schema)) {
+                    (true, _) => {
+                        open.entry(c.schema.clone()).or_default().insert(c.table.clone(), now);
+                    }
+                    (false, Some(tables)) => {
+                        tables.remove(&c.table);
+                    }
+                    (false, None) => {}
+                }
+            }
+        }
+        let common: Vec<(usize, Seen)> = all
+            .iter()
+            .zip(&answers.facts)
+            .enumerate()
+            .filter_map(|(n, (s, facts))| match seen_as(s, facts) {
+                Seen::Hidden => None,
+                seen => Some((n, seen)),
+            })
+            .collect();
+        // Each class's own: the events it sees (a few, with row security).
+        let mut by_class: HashMap<usize, Vec<usize>> = HashMap::new();
+        for &(k, n) in answers.seen.keys() {
+            by_class.entry(k).or_default().push(n);
+        }
+        let mut mine = None;
+        let mut decided = Vec::with_capacity(asking.len());
+        let mut seen: HashMap<i64, Vec<u64>> = HashMap::new();
         for (k, (class, todo)) in asking.into_iter().enumerate() {
             if let Some((code, message)) = answers.failed.get(&k) {
                 if std::ptr::eq(class, self) {
                     let source = DbMessage::reported(code.clone(), message.clone());
-                    mine = Err(Error::Db { context: "deciding what a role may see", source });
+                    mine = Some(Error::Db { context: "deciding what a role may see", source });
                 }
                 class.hold(todo);
                 class.fail(round, code.clone(), message.clone());
                 continue;
             }
-            *class.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-            class.record(todo.into_iter().map(|s| {
-                let answer = answers.of(k, index[&s.event.seq.unwrap_or_default()]);
-                (s, answer)
-            }));
+            decided.push(class.id);
+            *class.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+            let own = by_class.remove(&k).unwrap_or_default();
+            let mut sees: Vec<(i64, Seen)> = Vec::with_capacity(common.len() + own.len());
+            sees.extend(common.iter().map(|(n, seen)| (all[*n].event.seq.unwrap_or_default(), seen.clone())));
+            for n in own {
+                match seen_as(&all[n], &answers.of(k, n)) {
+                    Seen::Hidden => {}
+                    s => sees.push((all[n].event.seq.unwrap_or_default(), s)),
+                }
+            }
+            for (seq, _) in &sees {
+                seen.entry(*seq).or_default().push(class.id);
+            }
+            class.record(now, sees);
         }
-        mine
+        decided.sort_unstable();
+        let decided: Arc<[u64]> = decided.into();
+        // One verdict per event for every class decided.
+        {
+            let mut verdicts = self.group.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+            for s in &all {
+                // Decided for other classes a moment ago: each stands, with
+                // its own time.
+                let entries = verdicts.entry(s.event.seq.unwrap_or_default()).or_default();
+                entries.retain(|(at, _)| now - *at < FRESH);
+                entries.push((now, decided.clone()));
+            }
+            if verdicts.len() > KEPT {
+                verdicts.retain(|_, entries| {
+                    entries.retain(|(at, _)| now - *at < FRESH);
+                    !entries.is_empty()
+                });
+            }
+        }
+        let withheld = (all.len() * decided.len()).saturating_sub(seen.values().map(Vec::len).sum());
+        self.counts.withheld.fetch_add(withheld as u64, Ordering::Relaxed);
+        Ok(Round { decided, seen, mine })
     }
 
     /// Notes that the class could not be decided in `round`.
     fn fail(&self, round: u64, code: Option<String>, message: String) {
-        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((round, code, message));
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((round, Instant::now(), code, message));
+    }
+
+    /// Whether the class failed within [`FRESH`].
+    fn failing(&self) -> bool {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.as_ref().is_some_and(|(_, at, ..)| at.elapsed() < FRESH)
     }
 
     /// Adds `events`' row changes to what the class waits to have decided.
@@ -546,33 +694,8 @@ impl Class {
         self.with_known(|k| batch.into_values().filter(|s| k.of(s).is_none()).collect())
     }
 
-    /// Keeps the class's answers (and forgets the oldest past KEPT).
-    fn record(&self, answered: impl Iterator<Item = (Arc<Shared>, Answer)>) {
-        let now = Instant::now();
-        let mut decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        for (s, answer) in answered {
-            let c = s.event.change().expect("only row changes are pending");
-            self.counts.decided.fetch_add(1, Ordering::Relaxed);
-            let tables = open.entry(c.schema.clone()).or_default();
-            if answer.open {
-                tables.insert(c.table.clone(), now);
-            } else {
-                tables.remove(&c.table);
-            }
-            let seen = seen_as(&s, &answer);
-            if matches!(seen, Seen::Hidden) {
-                self.counts.withheld.fetch_add(1, Ordering::Relaxed);
-            }
-            decided.insert(s.event.seq.unwrap_or_default(), (now, seen));
-        }
-        while decided.len() > KEPT {
-            decided.pop_first();
-        }
-    }
-
     /// What the class sees of `events`, if every row change among them was
-    /// decided within [`FRESH`] or is of a table open to the class.
+    /// decided within [`FRESH`] or is of a table open to the role.
     fn known(&self, events: &[Arc<Shared>]) -> Option<Vec<Arc<Shared>>> {
         self.with_known(|k| {
             let mut out = Vec::with_capacity(events.len());
@@ -581,6 +704,20 @@ impl Class {
             }
             Some(out)
         })
+    }
+
+    /// Keeps what the class sees of the events it sees (and forgets the
+    /// oldest past KEPT).
+    fn record(&self, now: Instant, sees: Vec<(i64, Seen)>) {
+        let mut decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+        for (seq, seen) in sees {
+            decided.insert(seq, (now, seen));
+        }
+        if decided.len() > KEPT {
+            // Only what is still fresh is of use (never by count: a
+            // replay's old seqs would go before they were read).
+            decided.retain(|_, (at, _)| now - *at < FRESH);
+        }
     }
 }
 

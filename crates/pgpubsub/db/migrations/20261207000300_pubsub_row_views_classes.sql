@@ -11,8 +11,9 @@
 -- The answer is sparse, as the gateway reads it:
 --   k NULL, n          what every class of the role sees of event n:
 --                      readable, columns, open; and new_seen/old_seen when
---                      the table has no row security for the role (then
---                      the policies cannot tell the classes apart);
+--                      the table has no row security for the role, or its
+--                      policies read no claims (then they cannot tell the
+--                      classes apart: one answer per event for all);
 --   k, n               class k also sees the new row (new_seen) or the
 --                      old row (old_seen) of event n (only rows that show);
 --   k, n NULL          class k could not be decided (its policy failed on
@@ -50,6 +51,7 @@ DECLARE
     v_tree    text;
     v_joined  text;
     v_by_join boolean;
+    v_calls   bigint;
     v_k       bigint;
     v_ks      bigint[];
     v_ns      bigint[];
@@ -80,8 +82,6 @@ BEGIN
                 WHERE u.pgps_t = v_table;
             CONTINUE;
         END IF;
-        RETURN QUERY SELECT NULL::bigint, u.pgps_n, true, false, false, v_columns, false
-            FROM unnest(p_tables) WITH ORDINALITY u(pgps_t, pgps_n) WHERE u.pgps_t = v_table;
         -- The policies that apply to the role, as pubsub.row_views combines
         -- them. In a join's condition a NULL is not true, as in a policy, so
         -- "by join" needs no coalesce (an equality stays a hash key).
@@ -99,18 +99,47 @@ BEGIN
           INTO v_qual, v_tree;
         SELECT c.relname INTO v_name FROM pg_class c WHERE c.oid = v_rel;
         v_joined := replace(v_qual, c_call, c_claims);
+        v_calls := (SELECT count(*) FROM regexp_matches(v_tree, ':funcid 3294 ', 'g'));
+        -- Only PostgreSQL's own functions, IMMUTABLE (a function of ours,
+        -- even one declared IMMUTABLE, may read the claims inside).
         v_by_join := p_role IS NOT NULL
             AND position('current_setting(' IN v_joined) = 0
-            AND (length(v_qual) - length(v_joined)) / (length(c_call) - length(c_claims))
-                = (SELECT count(*) FROM regexp_matches(v_tree, ':funcid 3294 ', 'g'))
+            AND (length(v_qual) - length(v_joined)) / (length(c_call) - length(c_claims)) = v_calls
             AND v_tree !~ '\{(SUBLINK|ROWCOMPARE|COERCETODOMAIN|SUBPLAN) '
             AND NOT EXISTS (
                 SELECT 1 FROM regexp_matches(v_tree, ':(funcid|opfuncid|hashfuncid|negfuncid|aggfnoid|winfnoid) (\d+)', 'g') m
                 JOIN pg_proc f ON f.oid = m[2]::oid
-                WHERE f.provolatile <> 'i' AND f.oid <> 3294)
+                WHERE (f.provolatile <> 'i' AND f.oid <> 3294) OR f.oid >= 16384)
             -- The names this query gives its own columns, unused by the table.
             AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = v_rel AND a.attname LIKE 'pgps\_%');
-        IF v_by_join THEN
+        -- Whatever a class before left set: nothing may read it now.
+        PERFORM set_config('request.jwt.claims', '', true);
+        IF v_by_join AND v_calls = 0 THEN
+            -- The policies do not read the claims: one answer for every
+            -- class, per event (never rows times classes).
+            BEGIN
+                EXECUTE format(
+                    'SELECT array_agg(pgps_n), array_agg(pgps_new), array_agg(pgps_old) FROM (
+                        SELECT u.pgps_n,
+                               u.pgps_new IS NOT NULL AND (SELECT coalesce(%1$s, false)
+                                   FROM jsonb_populate_record(NULL::%2$s, u.pgps_new) AS %3$I) AS pgps_new,
+                               u.pgps_old IS NOT NULL AND (SELECT coalesce(%1$s, false)
+                                   FROM jsonb_populate_record(NULL::%2$s, u.pgps_old) AS %3$I) AS pgps_old
+                        FROM unnest($1, $2, $3) WITH ORDINALITY u(pgps_t, pgps_new, pgps_old, pgps_n)
+                        WHERE u.pgps_t = $4) pgps_seen',
+                    v_qual, v_rel, v_name)
+                  INTO v_ns, v_new, v_old
+                  USING p_tables, p_news, p_olds, v_table;
+                RETURN QUERY SELECT NULL::bigint, s.n, true, s.new_seen, s.old_seen, v_columns, false
+                    FROM unnest(v_ns, v_new, v_old) s(n, new_seen, old_seen);
+                CONTINUE;
+            EXCEPTION WHEN OTHERS THEN
+                NULL;   -- per class below, where each class fails alone
+            END;
+        END IF;
+        RETURN QUERY SELECT NULL::bigint, u.pgps_n, true, false, false, v_columns, false
+            FROM unnest(p_tables) WITH ORDINALITY u(pgps_t, pgps_n) WHERE u.pgps_t = v_table;
+        IF v_by_join AND v_calls > 0 THEN
             BEGIN
                 -- Into arrays first: a policy that fails on one class's
                 -- claims must leave no half answer behind.

@@ -51,9 +51,11 @@ fn qual() -> impl Strategy<Value = String> {
         // then an inequality).
         Just("tenant = (current_setting('request.jwt.claims', true)::json ->> 'tenant')::int".to_string()),
         Just("level <= (current_setting('request.jwt.claims', true)::json ->> 'tenant')::int".to_string()),
-        // Class by class: a function that reads the claims where the
-        // statement cannot see it, and a subquery (an InitPlan).
+        // Class by class: functions that read the claims where the
+        // statement cannot see them (one declared IMMUTABLE, wrongly), and
+        // a subquery (an InitPlan).
         Just("tenant = rv_tenant()".to_string()),
+        Just("tenant = rv_tenant_declared_immutable()".to_string()),
         Just("tenant = (SELECT (current_setting('request.jwt.claims', true)::json ->> 'tenant')::int)".to_string()),
         (0..4i32).prop_map(|k| format!("level < {k}")),
         Just("note IS DISTINCT FROM 'x'".to_string()),
@@ -138,7 +140,9 @@ fn a_class_receives_what_its_select_would_show() {
         "CREATE TABLE t (id int PRIMARY KEY, tenant int, level int, note text, secret text);
          CREATE ROLE {role} NOLOGIN;
          CREATE FUNCTION rv_tenant() RETURNS int STABLE LANGUAGE sql
-             AS $$ SELECT (current_setting('request.jwt.claims', true)::json ->> 'tenant')::int $$;"
+             AS $$ SELECT (current_setting('request.jwt.claims', true)::json ->> 'tenant')::int $$;
+         CREATE FUNCTION rv_tenant_declared_immutable() RETURNS int IMMUTABLE LANGUAGE plpgsql
+             AS $$ BEGIN RETURN (current_setting('request.jwt.claims', true)::json ->> 'tenant')::int; END $$;"
     )))
     .unwrap();
     let log = LogConn::new(db.config.clone(), Duration::from_secs(10));
