@@ -54,12 +54,23 @@ use crate::hub::Shared;
 /// revoked grant taking effect.
 pub const FRESH: Duration = Duration::from_secs(1);
 
-/// Per seq, the rounds that decided it lately: when, and for which
-/// classes (ids, sorted).
-type Verdicts = BTreeMap<i64, Vec<(Instant, Arc<[u64]>)>>;
+/// Per seq, the rounds that decided it lately.
+type Verdicts = BTreeMap<i64, Vec<Verdict>>;
 
-/// A failed round: its number, when, the SQLSTATE and the message.
-type Failure = (u64, Instant, Option<String>, String);
+/// One round's decision of one event for the classes it decided.
+#[derive(Debug)]
+struct Verdict {
+    at: Instant,
+    /// The classes decided (ids, sorted; shared by the round's events).
+    decided: Arc<[u64]>,
+    /// What every one of them sees, when the role alone decides it (a
+    /// table open to it, without row security for it, or whose policies
+    /// read no claims); `None`: only those with an entry of their own see it.
+    all: Option<Seen>,
+}
+
+/// A failed round: its number, the SQLSTATE and the message.
+type Failure = (u64, Option<String>, String);
 
 /// The next class's id.
 static NEXT_CLASS: AtomicU64 = AtomicU64::new(1);
@@ -122,7 +133,16 @@ struct Group {
     /// Tables the role may read whole (schema → table → when that was
     /// last said): their events pass without asking.
     open: Mutex<HashMap<String, HashMap<String, Instant>>>,
+    /// Claims whose policies failed lately, and when: their classes ask
+    /// alone for [`QUARANTINE`] (a bad token must not cost the others their
+    /// join, reconnecting or not).
+    failing: Mutex<HashMap<Option<String>, Instant>>,
+    /// Rounds begun: each round's number.
+    begun: AtomicU64,
 }
+
+/// How long claims whose policies failed are decided apart.
+const QUARANTINE: Duration = Duration::from_secs(30);
 
 impl Default for Group {
     fn default() -> Group {
@@ -132,6 +152,8 @@ impl Default for Group {
             rounds: tokio::sync::watch::Sender::new(0),
             verdicts: Mutex::default(),
             open: Mutex::default(),
+            failing: Mutex::default(),
+            begun: AtomicU64::new(0),
         }
     }
 }
@@ -142,12 +164,14 @@ impl Default for Group {
 struct RoundEnds<'a> {
     gate: Option<tokio::sync::MutexGuard<'a, ()>>,
     rounds: &'a tokio::sync::watch::Sender<u64>,
+    round: u64,
 }
 
 impl Drop for RoundEnds<'_> {
     fn drop(&mut self) {
         drop(self.gate.take());
-        self.rounds.send_modify(|r| *r += 1);
+        let round = self.round;
+        self.rounds.send_modify(|r| *r = (*r).max(round));
     }
 }
 
@@ -156,6 +180,27 @@ impl Group {
         let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         members.retain(|c| c.strong_count() > 0);
         members.push(Arc::downgrade(class));
+    }
+
+    /// Notes that `claims` made the policies fail.
+    fn quarantine(&self, claims: &Option<String>) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        failing.retain(|_, at| at.elapsed() < QUARANTINE);
+        if failing.len() < KEPT {
+            failing.insert(claims.clone(), Instant::now());
+        }
+    }
+
+    /// Whether `claims` made the policies fail lately.
+    fn quarantined(&self, claims: &Option<String>) -> bool {
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        failing.get(claims).is_some_and(|at| at.elapsed() < QUARANTINE)
+    }
+
+    /// Begins a round: its number, and the guard that ends it.
+    fn begin<'a>(&'a self, gate: tokio::sync::MutexGuard<'a, ()>) -> (u64, RoundEnds<'a>) {
+        let round = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        (round, RoundEnds { gate: Some(gate), rounds: &self.rounds, round })
     }
 
     fn members(&self) -> Vec<Arc<Class>> {
@@ -244,9 +289,11 @@ impl Views {
             let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
             groups.values().filter_map(Weak::upgrade).collect()
         };
-        // Noted on each event for the hub: which classes were decided and
-        // which see it (a check per subscriber without a lock).
-        let mut decided: Vec<u64> = Vec::new();
+        // Noted on each event for the hub: which classes were decided not
+        // knowing whether they see it, and which of them do (a check per
+        // subscriber without a lock). An event every decided class of a
+        // role sees names none of that role's (they pass).
+        let mut rounds: Vec<(Arc<[u64]>, std::collections::HashSet<i64>)> = Vec::new();
         let mut seen: HashMap<i64, Vec<u64>> = HashMap::new();
         let mut failure = None;
         for group in groups {
@@ -263,29 +310,37 @@ impl Views {
                     continue;
                 }
             };
-            decided.extend(round.decided.iter());
             for (seq, ids) in round.seen {
                 seen.entry(seq).or_default().extend(ids);
             }
+            rounds.push((round.decided, round.all_see.into_iter().collect()));
         }
-        let decided: Arc<[u64]> = {
-            decided.sort_unstable();
-            decided.into()
+        let union = |of: &mut dyn Iterator<Item = &Arc<[u64]>>| -> Arc<[u64]> {
+            let mut ids: Vec<u64> = of.flat_map(|d| d.iter().copied()).collect();
+            ids.sort_unstable();
+            ids.into()
         };
+        let every: Arc<[u64]> = union(&mut rounds.iter().map(|(d, _)| d));
         for s in events {
-            if let Some((seq, _)) = needs(s) {
-                s.decided_ahead(decided.clone(), seen.remove(&seq).unwrap_or_default());
-            }
+            let Some((seq, _)) = needs(s) else { continue };
+            let decided = if rounds.iter().all(|(_, all)| !all.contains(&seq)) {
+                every.clone()
+            } else {
+                union(&mut rounds.iter().filter(|(_, all)| !all.contains(&seq)).map(|(d, _)| d))
+            };
+            s.decided_ahead(decided, seen.get(&seq).cloned().unwrap_or_default());
         }
         failure.map_or(Ok(()), Err)
     }
 }
 
-/// What a round decided: the classes (ids, sorted) and, per event (seq),
-/// those of them that see it; and the failure of the class that ran it.
+/// What a round decided: the classes (ids, sorted); per event (seq), those
+/// of them that see it; the events all of them see; and the failure of the
+/// class that ran it.
 struct Round {
     decided: Arc<[u64]>,
     seen: HashMap<i64, Vec<u64>>,
+    all_see: Vec<i64>,
     mine: Option<Error>,
 }
 
@@ -361,7 +416,8 @@ impl Known<'_> {
     /// What the class sees of `s` if that is known within [`FRESH`]: every
     /// event but a row change passes; a row change of a table open to the
     /// role passes; else the newest decision: the class's own (it sees
-    /// the event), or its group's that names it (it does not).
+    /// the event), or its group's that names it (what every class decided
+    /// sees, or nothing).
     fn of(&self, s: &Shared) -> Option<Seen> {
         let Some((seq, c)) = needs(s) else { return Some(Seen::Same) };
         let fresh = |at: &Instant| self.now - *at < FRESH;
@@ -374,13 +430,12 @@ impl Known<'_> {
             .get(&seq)
             .into_iter()
             .flatten()
-            .filter(|(at, ids)| fresh(at) && ids.binary_search(&self.id).is_ok())
-            .map(|(at, _)| *at)
-            .max();
+            .filter(|v| fresh(&v.at) && v.decided.binary_search(&self.id).is_ok())
+            .max_by_key(|v| v.at);
         match (mine, group) {
-            (Some((mine_at, _)), Some(group_at)) if group_at > *mine_at => Some(Seen::Hidden),
-            (Some((_, seen)), _) => Some(seen.clone()),
-            (None, Some(_)) => Some(Seen::Hidden),
+            (Some((mine_at, seen)), Some(v)) if *mine_at >= v.at => Some(seen.clone()),
+            (_, Some(v)) => Some(v.all.clone().unwrap_or(Seen::Hidden)),
+            (Some((_, seen)), None) => Some(seen.clone()),
             (None, None) => None,
         }
     }
@@ -458,22 +513,18 @@ impl Class {
     /// When the database cannot answer, or the class's policies fail on its
     /// claims (the events are not handed out).
     pub async fn see(&self, log: &LogConn, events: &[Arc<Shared>]) -> Result<Vec<Arc<Shared>>> {
-        let mut held = false;
         loop {
             if let Some(seen) = self.known(events) {
                 return Ok(seen);
             }
-            if !held {
-                self.hold(events.iter().cloned());
-                held = true;
-            }
+            // Waiting (again: a round dropped or failed may have taken them).
+            self.hold(events.iter().cloned());
             let mut rounds = self.group.rounds.subscribe();
             let waited_from = *rounds.borrow_and_update();
             if let Ok(gate) = self.group.gate.try_lock() {
                 // Whatever happens to this call, the round ends (the gate
                 // free first): the others look again.
-                let _round = RoundEnds { gate: Some(gate), rounds: &self.group.rounds };
-                let round = *self.group.rounds.borrow() + 1;
+                let (round, _ends) = self.group.begin(gate);
                 if let Some(e) = self.decide(log, round, events, &[]).await?.mine {
                     return Err(e);
                 }
@@ -487,7 +538,7 @@ impl Class {
                 return Ok(seen);
             }
             let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some((_, _, code, message)) = failed.filter(|(round, ..)| *round > waited_from) {
+            if let Some((_, code, message)) = failed.filter(|(round, ..)| *round > waited_from) {
                 return Err(Error::Db {
                     context: "deciding what a role may see",
                     source: DbMessage::reported(code, message),
@@ -504,8 +555,7 @@ impl Class {
             let mut rounds = self.group.rounds.subscribe();
             rounds.borrow_and_update();
             if let Ok(gate) = self.group.gate.try_lock() {
-                let _round = RoundEnds { gate: Some(gate), rounds: &self.group.rounds };
-                let round = *self.group.rounds.borrow() + 1;
+                let (round, _ends) = self.group.begin(gate);
                 // This class's own failure is its callers' (noted).
                 return self.decide(log, round, &[], events).await;
             }
@@ -543,7 +593,7 @@ impl Class {
                 asking.push((class, todo));
             }
         }
-        let none = || Round { decided: Arc::from([]), seen: HashMap::new(), mine: None };
+        let none = || Round { decided: Arc::from([]), seen: HashMap::new(), all_see: Vec::new(), mine: None };
         if all.is_empty() {
             return Ok(none());
         }
@@ -558,30 +608,21 @@ impl Class {
         let claims: Vec<Option<String>> = asking.iter().map(|(c, _)| c.viewer.claims.clone()).collect();
         let answers = match ask(log, self.viewer.role.clone(), tables, news, olds, claims).await {
             Ok(answers) => answers,
-            Err(e) => {
-                let (code, message) = (e.sqlstate().map(str::to_string), e.to_string());
-                // Every class asking gets the error, its subscribers that
-                // wait for this round too (and asks again next time).
-                for (class, todo) in asking {
-                    class.hold(todo);
-                    class.fail(round, code.clone(), message.clone());
-                }
-                return Err(e);
-            }
+            // The callers waiting on this round ask again themselves, with
+            // their own events (a moment's failure is no class's fault).
+            Err(e) => return Err(e),
         };
         self.counts.statements.fetch_add(1, Ordering::Relaxed);
         self.counts.decided.fetch_add((all.len() * asking.len()) as u64, Ordering::Relaxed);
-        let now = Instant::now();
-        // What the role sees of each event before its classes differ (its
-        // policies aside): a table open to it, a TRUNCATE, a table without
-        // row security for it. Seen so by every class.
+        let said = Instant::now();
+        // Tables open to the role: their events pass without asking.
         {
             let mut open = self.group.open.lock().unwrap_or_else(|e| e.into_inner());
             for (s, facts) in all.iter().zip(&answers.facts) {
                 let c = s.event.change().expect("only row changes are pending");
                 match (facts.open, open.get_mut(&c.schema)) {
                     (true, _) => {
-                        open.entry(c.schema.clone()).or_default().insert(c.table.clone(), now);
+                        open.entry(c.schema.clone()).or_default().insert(c.table.clone(), said);
                     }
                     (false, Some(tables)) => {
                         tables.remove(&c.table);
@@ -590,13 +631,14 @@ impl Class {
                 }
             }
         }
-        let common: Vec<(usize, Seen)> = all
+        // What the role alone decides (the same for every class): kept
+        // once per event, never per class.
+        let common: Vec<Option<Seen>> = all
             .iter()
             .zip(&answers.facts)
-            .enumerate()
-            .filter_map(|(n, (s, facts))| match seen_as(s, facts) {
+            .map(|(s, facts)| match seen_as(s, facts) {
                 Seen::Hidden => None,
-                seen => Some((n, seen)),
+                seen => Some(seen),
             })
             .collect();
         // Each class's own: the events it sees (a few, with row security).
@@ -607,65 +649,78 @@ impl Class {
         let mut mine = None;
         let mut decided = Vec::with_capacity(asking.len());
         let mut seen: HashMap<i64, Vec<u64>> = HashMap::new();
-        for (k, (class, todo)) in asking.into_iter().enumerate() {
+        let mut records: Vec<(&Class, Vec<(i64, Seen)>)> = Vec::new();
+        for (k, (class, _)) in asking.into_iter().enumerate() {
             if let Some((code, message)) = answers.failed.get(&k) {
                 if std::ptr::eq(class, self) {
                     let source = DbMessage::reported(code.clone(), message.clone());
                     mine = Some(Error::Db { context: "deciding what a role may see", source });
                 }
-                class.hold(todo);
+                // Its callers waiting on this round get the error; later
+                // ones ask again with their own events.
                 class.fail(round, code.clone(), message.clone());
+                self.group.quarantine(&class.viewer.claims);
                 continue;
             }
             decided.push(class.id);
-            *class.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
-            let own = by_class.remove(&k).unwrap_or_default();
-            let mut sees: Vec<(i64, Seen)> = Vec::with_capacity(common.len() + own.len());
-            sees.extend(common.iter().map(|(n, seen)| (all[*n].event.seq.unwrap_or_default(), seen.clone())));
-            for n in own {
+            let mut sees: Vec<(i64, Seen)> = Vec::new();
+            for n in by_class.remove(&k).unwrap_or_default() {
+                if common[n].is_some() {
+                    continue;
+                }
                 match seen_as(&all[n], &answers.of(k, n)) {
                     Seen::Hidden => {}
-                    s => sees.push((all[n].event.seq.unwrap_or_default(), s)),
+                    s => {
+                        let seq = all[n].event.seq.unwrap_or_default();
+                        seen.entry(seq).or_default().push(class.id);
+                        sees.push((seq, s));
+                    }
                 }
             }
-            for (seq, _) in &sees {
-                seen.entry(*seq).or_default().push(class.id);
-            }
-            class.record(now, sees);
+            records.push((class, sees));
         }
         decided.sort_unstable();
         let decided: Arc<[u64]> = decided.into();
-        // One verdict per event for every class decided.
+        // Written at once, all with the same time (taken after the work,
+        // so that what was decided is fresh for a whole FRESH).
+        let now = Instant::now();
+        for (class, sees) in records {
+            *class.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+            class.record(now, sees);
+        }
         {
             let mut verdicts = self.group.verdicts.lock().unwrap_or_else(|e| e.into_inner());
-            for s in &all {
+            for (s, all) in all.iter().zip(common) {
                 // Decided for other classes a moment ago: each stands, with
                 // its own time.
                 let entries = verdicts.entry(s.event.seq.unwrap_or_default()).or_default();
-                entries.retain(|(at, _)| now - *at < FRESH);
-                entries.push((now, decided.clone()));
+                entries.retain(|v| now - v.at < FRESH);
+                entries.push(Verdict { at: now, decided: decided.clone(), all });
             }
-            if verdicts.len() > KEPT {
-                verdicts.retain(|_, entries| {
-                    entries.retain(|(at, _)| now - *at < FRESH);
-                    !entries.is_empty()
-                });
-            }
+            forget_stale(&mut verdicts, now, |entries| {
+                entries.retain(|v| now - v.at < FRESH);
+                entries.is_empty()
+            });
         }
-        let withheld = (all.len() * decided.len()).saturating_sub(seen.values().map(Vec::len).sum());
-        self.counts.withheld.fetch_add(withheld as u64, Ordering::Relaxed);
-        Ok(Round { decided, seen, mine })
+        let seen_by: usize = seen.values().map(Vec::len).sum();
+        self.counts.withheld.fetch_add((all.len() * decided.len()).saturating_sub(seen_by) as u64, Ordering::Relaxed);
+        let all_see: Vec<i64> = all
+            .iter()
+            .zip(&answers.facts)
+            .filter(|(s, f)| !matches!(seen_as(s, f), Seen::Hidden))
+            .map(|(s, _)| s.event.seq.unwrap_or_default())
+            .collect();
+        Ok(Round { decided, seen, all_see, mine })
     }
 
     /// Notes that the class could not be decided in `round`.
     fn fail(&self, round: u64, code: Option<String>, message: String) {
-        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((round, Instant::now(), code, message));
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((round, code, message));
     }
 
-    /// Whether the class failed within [`FRESH`].
+    /// Whether the class's claims made its policies fail lately.
     fn failing(&self) -> bool {
-        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        failed.as_ref().is_some_and(|(_, at, ..)| at.elapsed() < FRESH)
+        self.group.quarantined(&self.viewer.claims)
     }
 
     /// Adds `events`' row changes to what the class waits to have decided.
@@ -713,11 +768,7 @@ impl Class {
         for (seq, seen) in sees {
             decided.insert(seq, (now, seen));
         }
-        if decided.len() > KEPT {
-            // Only what is still fresh is of use (never by count: a
-            // replay's old seqs would go before they were read).
-            decided.retain(|_, (at, _)| now - *at < FRESH);
-        }
+        forget_stale(&mut decided, now, |(at, _)| now - *at >= FRESH);
     }
 }
 
@@ -805,6 +856,22 @@ async fn ask(
         .map(|(n, a)| a.ok_or_else(|| wrong(format!("nothing for event {} (is the schema migrated?)", n + 1))))
         .collect::<Result<_>>()?;
     Ok(answers)
+}
+
+/// Drops the decisions `stale` says are past [`FRESH`]: the oldest seqs
+/// while they are (new decisions are mostly of newer seqs), and all of
+/// them past [`KEPT`] entries. Never by count alone: a replay's old seqs,
+/// just decided, must stay until they are read.
+fn forget_stale<V>(map: &mut BTreeMap<i64, V>, _now: Instant, mut stale: impl FnMut(&mut V) -> bool) {
+    while let Some(mut first) = map.first_entry() {
+        if !stale(first.get_mut()) {
+            break;
+        }
+        first.remove();
+    }
+    if map.len() > KEPT {
+        map.retain(|_, v| !stale(v));
+    }
 }
 
 /// The seq and change of a row change from the log (what a class

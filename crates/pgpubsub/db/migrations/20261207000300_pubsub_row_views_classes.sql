@@ -112,8 +112,11 @@ BEGIN
                 WHERE (f.provolatile <> 'i' AND f.oid <> 3294) OR f.oid >= 16384)
             -- The names this query gives its own columns, unused by the table.
             AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = v_rel AND a.attname LIKE 'pgps\_%');
-        -- Whatever a class before left set: nothing may read it now.
-        PERFORM set_config('request.jwt.claims', '', true);
+        -- Whatever a class before left set: nothing may read it now (the
+        -- reading role's own class, p_role NULL, keeps the session's).
+        IF p_role IS NOT NULL THEN
+            PERFORM set_config('request.jwt.claims', '', true);
+        END IF;
         IF v_by_join AND v_calls = 0 THEN
             -- The policies do not read the claims: one answer for every
             -- class, per event (never rows times classes).
