@@ -324,3 +324,46 @@ async fn a_listener_sees_what_its_own_role_may() {
     drop(listener);
     admin.batch_execute(&format!("DROP TABLE docs; REVOKE ALL ON SCHEMA pubsub FROM {me}; REVOKE ALL ON ALL TABLES IN SCHEMA pubsub FROM {me}; DROP ROLE {me}, {them}")).await.unwrap();
 }
+
+/// Two subscribers of one class read the same event at different
+/// positions (one replaying, one live): the decision made for the first
+/// copy is handed to the second at the second's position, never lost
+/// (the feed matches what it asked by seq and position).
+#[tokio::test]
+async fn a_decision_reused_for_another_copy_keeps_that_copys_position() {
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    let role = common::unique("rv_pos");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} NOLOGIN;
+             CREATE TABLE t (id int PRIMARY KEY, tenant int, secret text);
+             ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY mine ON t FOR SELECT TO {role}
+                 USING (tenant = (current_setting('request.jwt.claims', true)::json ->> 'tenant')::int);
+             GRANT SELECT (id, tenant) ON t TO {role};"
+        ))
+        .await
+        .unwrap();
+    let log = LogConn::new(db.config.clone(), Duration::from_secs(10));
+    let text = json!({
+        "seq": 7, "txid": 3, "kind": "change", "channel": "t", "time": "2026-01-01T00:00:00Z",
+        "op": "INSERT", "schema": "public", "table": "t", "key": {"id": 1},
+        "new": {"id": 1, "tenant": 1, "secret": "s"}, "old": null,
+    })
+    .to_string();
+    let at = |seq| Cursor { txid: 3, seq };
+    let replayed = Arc::new(Shared::new(Event::decode("t", text.clone()).unwrap(), at(7)));
+    let live = Arc::new(Shared::new(Event::decode("t", text).unwrap(), at(9)));
+    let views = Views::new();
+    let class = views.class(Viewer::role(&role, Some(json!({"tenant": 1}).to_string())));
+    let first = class.see(&log, std::slice::from_ref(&replayed)).await.unwrap();
+    let second = class.see(&log, std::slice::from_ref(&live)).await.unwrap();
+    assert_eq!(views.statements(), 1, "the second copy reuses the decision");
+    for (got, want) in [(first, at(7)), (second, at(9))] {
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].position, want);
+        assert!(!got[0].event.json().contains("secret"), "{}", got[0].event.json());
+    }
+    admin.batch_execute(&format!("DROP TABLE t; DROP ROLE {role}")).await.unwrap();
+}
