@@ -289,6 +289,9 @@ impl Views {
             let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
             groups.values().filter_map(Weak::upgrade).collect()
         };
+        if groups.is_empty() {
+            return Ok(());
+        }
         // Noted on each event for the hub: which classes were decided not
         // knowing whether they see it, and which of them do (a check per
         // subscriber without a lock). An event every decided class of a
@@ -564,11 +567,12 @@ impl Class {
     }
 
     /// One round, by the holder of the group's gate: decides, in one
-    /// statement, what this class and every other of the group waits for,
-    /// and `everyone` for every class of the group. A class that fails has
-    /// its events back in waiting and its error noted for `round` (for its
-    /// callers waiting on the round); this class's own failure is also in
-    /// the answer (`mine`). Errs when the statement fails (for every class).
+    /// statement, `own`, what this class and every other of the group waits
+    /// for, and `everyone` for every class of the group. A class that fails
+    /// has its error noted for `round` (for its callers waiting on the
+    /// round, who ask again otherwise) and its claims quarantined; this
+    /// class's own failure is also in the answer (`mine`). Errs when the
+    /// statement fails (for every class).
     async fn decide(&self, log: &LogConn, round: u64, own: &[Arc<Shared>], everyone: &[Arc<Shared>]) -> Result<Round> {
         // This class first, with `own` whatever else it holds; then every
         // other of the group: those with events waiting (at most BATCH_MAX
@@ -606,12 +610,9 @@ impl Class {
             olds.push(c.old.as_ref().map(|r| r.get().to_string()));
         }
         let claims: Vec<Option<String>> = asking.iter().map(|(c, _)| c.viewer.claims.clone()).collect();
-        let answers = match ask(log, self.viewer.role.clone(), tables, news, olds, claims).await {
-            Ok(answers) => answers,
-            // The callers waiting on this round ask again themselves, with
-            // their own events (a moment's failure is no class's fault).
-            Err(e) => return Err(e),
-        };
+        // On failure, the callers waiting on this round ask again
+        // themselves, with their own events (no class is at fault).
+        let answers = ask(log, self.viewer.role.clone(), tables, news, olds, claims).await?;
         self.counts.statements.fetch_add(1, Ordering::Relaxed);
         self.counts.decided.fetch_add((all.len() * asking.len()) as u64, Ordering::Relaxed);
         let said = Instant::now();
@@ -688,6 +689,12 @@ impl Class {
             *class.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
             class.record(now, sees);
         }
+        let all_see: Vec<i64> = all
+            .iter()
+            .zip(&common)
+            .filter(|(_, c)| c.is_some())
+            .map(|(s, _)| s.event.seq.unwrap_or_default())
+            .collect();
         {
             let mut verdicts = self.group.verdicts.lock().unwrap_or_else(|e| e.into_inner());
             for (s, all) in all.iter().zip(common) {
@@ -697,19 +704,13 @@ impl Class {
                 entries.retain(|v| now - v.at < FRESH);
                 entries.push(Verdict { at: now, decided: decided.clone(), all });
             }
-            forget_stale(&mut verdicts, now, |entries| {
+            forget_stale(&mut verdicts, |entries| {
                 entries.retain(|v| now - v.at < FRESH);
                 entries.is_empty()
             });
         }
-        let seen_by: usize = seen.values().map(Vec::len).sum();
+        let seen_by = seen.values().map(Vec::len).sum::<usize>() + all_see.len() * decided.len();
         self.counts.withheld.fetch_add((all.len() * decided.len()).saturating_sub(seen_by) as u64, Ordering::Relaxed);
-        let all_see: Vec<i64> = all
-            .iter()
-            .zip(&answers.facts)
-            .filter(|(s, f)| !matches!(seen_as(s, f), Seen::Hidden))
-            .map(|(s, _)| s.event.seq.unwrap_or_default())
-            .collect();
         Ok(Round { decided, seen, all_see, mine })
     }
 
@@ -762,13 +763,13 @@ impl Class {
     }
 
     /// Keeps what the class sees of the events it sees (and forgets the
-    /// oldest past KEPT).
+    /// stale ones).
     fn record(&self, now: Instant, sees: Vec<(i64, Seen)>) {
         let mut decided = self.decided.lock().unwrap_or_else(|e| e.into_inner());
         for (seq, seen) in sees {
             decided.insert(seq, (now, seen));
         }
-        forget_stale(&mut decided, now, |(at, _)| now - *at >= FRESH);
+        forget_stale(&mut decided, |(at, _)| now - *at >= FRESH);
     }
 }
 
@@ -862,7 +863,7 @@ async fn ask(
 /// while they are (new decisions are mostly of newer seqs), and all of
 /// them past [`KEPT`] entries. Never by count alone: a replay's old seqs,
 /// just decided, must stay until they are read.
-fn forget_stale<V>(map: &mut BTreeMap<i64, V>, _now: Instant, mut stale: impl FnMut(&mut V) -> bool) {
+fn forget_stale<V>(map: &mut BTreeMap<i64, V>, mut stale: impl FnMut(&mut V) -> bool) {
     while let Some(mut first) = map.first_entry() {
         if !stale(first.get_mut()) {
             break;

@@ -329,10 +329,6 @@ fn source_of(args: &ServeArgs) -> anyhow::Result<Option<String>> {
     }
 }
 
-/// Feeds the hub from the listener, and has it LISTEN on the channels
-/// subscribers ask for and UNLISTEN those they left (foreign `pg_notify`
-/// payloads are heard only on channels LISTENed to). Ends once every handle
-/// to the server is gone.
 /// Row changes decided ahead for the classes of subscribers in use
 /// (row-level authorization), before the hub hands them out.
 struct Ahead {
@@ -351,6 +347,10 @@ const AHEAD_BATCH: usize = 512;
 /// Batches of events on their way from the listener to the hub, at most.
 const AHEAD_QUEUE: usize = 64;
 
+/// Feeds the hub from the listener, and has it LISTEN on the channels
+/// subscribers ask for and UNLISTEN those they left (foreign `pg_notify`
+/// payloads are heard only on channels LISTENed to). Ends once every handle
+/// to the server is gone.
 async fn feed_hub(
     hub: Hub,
     mut listener: Listener,
@@ -411,14 +411,13 @@ async fn publish_decided(hub: Hub, mut batches: mpsc::Receiver<Vec<Arc<pgpubsub:
             let Ok(more) = batches.try_recv() else { break };
             events.extend(more);
         }
-        if ahead.views.classes() > 0 {
-            match tokio::time::timeout(AHEAD_WAIT, ahead.views.decide_ahead(&ahead.log, &events)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "deciding row-level authorization ahead failed; subscribers decide")
-                }
-                Err(_) => tracing::warn!("deciding row-level authorization ahead took over 1 s; subscribers decide"),
+        // Nothing (and no statement) while no subscriber has a role.
+        match tokio::time::timeout(AHEAD_WAIT, ahead.views.decide_ahead(&ahead.log, &events)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "deciding row-level authorization ahead failed; subscribers decide")
             }
+            Err(_) => tracing::warn!("deciding row-level authorization ahead took over 1 s; subscribers decide"),
         }
         for shared in events {
             ops::observe_delivery(&shared.event);

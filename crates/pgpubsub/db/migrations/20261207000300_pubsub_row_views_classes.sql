@@ -52,6 +52,7 @@ DECLARE
     v_joined  text;
     v_by_join boolean;
     v_calls   bigint;
+    v_each    text;
     v_k       bigint;
     v_ks      bigint[];
     v_ns      bigint[];
@@ -117,21 +118,22 @@ BEGIN
         IF p_role IS NOT NULL THEN
             PERFORM set_config('request.jwt.claims', '', true);
         END IF;
+        -- The policies on each row, as the claims now set decide them.
+        v_each := format(
+            'SELECT array_agg(pgps_n), array_agg(pgps_new), array_agg(pgps_old) FROM (
+                SELECT u.pgps_n,
+                       u.pgps_new IS NOT NULL AND (SELECT coalesce(%1$s, false)
+                           FROM jsonb_populate_record(NULL::%2$s, u.pgps_new) AS %3$I) AS pgps_new,
+                       u.pgps_old IS NOT NULL AND (SELECT coalesce(%1$s, false)
+                           FROM jsonb_populate_record(NULL::%2$s, u.pgps_old) AS %3$I) AS pgps_old
+                FROM unnest($1, $2, $3) WITH ORDINALITY u(pgps_t, pgps_new, pgps_old, pgps_n)
+                WHERE u.pgps_t = $4) pgps_seen',
+            v_qual, v_rel, v_name);
         IF v_by_join AND v_calls = 0 THEN
             -- The policies do not read the claims: one answer for every
             -- class, per event (never rows times classes).
             BEGIN
-                EXECUTE format(
-                    'SELECT array_agg(pgps_n), array_agg(pgps_new), array_agg(pgps_old) FROM (
-                        SELECT u.pgps_n,
-                               u.pgps_new IS NOT NULL AND (SELECT coalesce(%1$s, false)
-                                   FROM jsonb_populate_record(NULL::%2$s, u.pgps_new) AS %3$I) AS pgps_new,
-                               u.pgps_old IS NOT NULL AND (SELECT coalesce(%1$s, false)
-                                   FROM jsonb_populate_record(NULL::%2$s, u.pgps_old) AS %3$I) AS pgps_old
-                        FROM unnest($1, $2, $3) WITH ORDINALITY u(pgps_t, pgps_new, pgps_old, pgps_n)
-                        WHERE u.pgps_t = $4) pgps_seen',
-                    v_qual, v_rel, v_name)
-                  INTO v_ns, v_new, v_old
+                EXECUTE v_each INTO v_ns, v_new, v_old
                   USING p_tables, p_news, p_olds, v_table;
                 RETURN QUERY SELECT NULL::bigint, s.n, true, s.new_seen, s.old_seen, v_columns, false
                     FROM unnest(v_ns, v_new, v_old) s(n, new_seen, old_seen);
@@ -175,18 +177,7 @@ BEGIN
                 IF p_role IS NOT NULL THEN
                     PERFORM set_config('request.jwt.claims', coalesce(p_claims[v_k], ''), true);
                 END IF;
-                EXECUTE format(
-                    'SELECT array_agg(pgps_n), array_agg(pgps_new), array_agg(pgps_old) FROM (
-                        SELECT u.pgps_n,
-                               u.pgps_new IS NOT NULL AND (SELECT coalesce(%1$s, false)
-                                   FROM jsonb_populate_record(NULL::%2$s, u.pgps_new) AS %3$I) AS pgps_new,
-                               u.pgps_old IS NOT NULL AND (SELECT coalesce(%1$s, false)
-                                   FROM jsonb_populate_record(NULL::%2$s, u.pgps_old) AS %3$I) AS pgps_old
-                        FROM unnest($1, $2, $3) WITH ORDINALITY u(pgps_t, pgps_new, pgps_old, pgps_n)
-                        WHERE u.pgps_t = $4) pgps_seen
-                     WHERE pgps_new OR pgps_old',
-                    v_qual, v_rel, v_name)
-                  INTO v_ns, v_new, v_old
+                EXECUTE v_each || ' WHERE pgps_new OR pgps_old' INTO v_ns, v_new, v_old
                   USING p_tables, p_news, p_olds, v_table;
                 RETURN QUERY SELECT v_k, s.n, true, s.new_seen, s.old_seen, NULL::text[], false
                     FROM unnest(v_ns, v_new, v_old) s(n, new_seen, old_seen);
