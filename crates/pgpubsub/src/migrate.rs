@@ -46,6 +46,7 @@ const FILES: &[(bool, &str, &str)] = &[
     embed!(false, "migrations", "20261207000100_pubsub_capture.sql"),
     embed!(false, "migrations", "20261207000200_pubsub_row_views.sql"),
     embed!(false, "migrations", "20261207000300_pubsub_row_views_classes.sql"),
+    embed!(false, "migrations", "20261207000400_pubsub_capture_wake.sql"),
 ];
 
 /// Every embedded migration, core and examples, in version order.

@@ -88,6 +88,10 @@ pub struct LoadArgs {
     /// pgpubsub ran on a host of its own (the server must be on this machine).
     #[arg(long)]
     pub pin: bool,
+    /// writer-tables: only these targets (each with the baseline it is
+    /// compared with), e.g. `--only wal,watched`.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "TARGET[,…]")]
+    pub only: Vec<writer_tables::Target>,
     /// Rows per transaction.
     #[arg(long, short = 'b')]
     pub batch: Option<u64>,
@@ -281,6 +285,7 @@ async fn writer_tables(config: &Config, url: &str, args: &LoadArgs) -> anyhow::R
         payload: args.payload.unwrap_or(100),
         rounds: args.rounds.unwrap_or(1).max(1),
         pin: args.pin,
+        only: args.only.clone(),
     };
     writer_tables::run(config, url, &opts, args.json).await
 }

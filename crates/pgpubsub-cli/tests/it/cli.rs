@@ -225,13 +225,13 @@ async fn migrate_watch_and_status_from_the_command_line() {
     assert!(text(&out.stdout).contains("channel w_events"), "{}", text(&out.stderr));
     assert!(text(&cmd(&["watch"]).stdout).contains("w -> w_events"));
     let status = text(&cmd(&["migrate", "status"]).stdout);
-    assert!(status.contains("applied  20261207000300 pubsub_row_views_classes"), "{status}");
+    assert!(status.contains("applied  20261207000400 pubsub_capture_wake"), "{status}");
     assert!(status.contains("pending  20261121000900 job_example (example)"), "{status}");
     assert!(status.contains("watched  w -> w_events"), "{status}");
     assert!(text(&cmd(&["unwatch", "w"]).stdout).contains("stopped watching w"));
 
     let down = cmd(&["migrate", "down"]);
-    assert!(text(&down.stdout).contains("reverted 20261207000300 pubsub_row_views_classes"), "{}", text(&down.stderr));
+    assert!(text(&down.stdout).contains("reverted 20261207000400 pubsub_capture_wake"), "{}", text(&down.stderr));
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::error::{Error, Result};
 use crate::event::WalPosition;
@@ -12,6 +12,12 @@ use crate::wal::{Captured, ChannelMap};
 
 const APPEND: &str = "SELECT pubsub.capture_append($1, $2::text[]::pg_lsn[], $3, $4, $5, $6, $7, $8, \
                       $9::text::jsonb, $10::text::pg_lsn, $11)";
+
+/// The append statement, prepared once per session (each append then
+/// costs the server a Bind/Execute only).
+pub(crate) async fn prepare(side: &Client) -> Result<Statement> {
+    side.prepare(APPEND).await.map_err(|e| Error::db("preparing the capturer's append", e))
+}
 
 /// Where a capturer has appended up to, as `pubsub.capture_state` keeps it.
 #[derive(Debug, Clone, Default)]
@@ -107,6 +113,7 @@ impl Batch {
     pub(crate) async fn append(
         &mut self,
         side: &Client,
+        statement: &Statement,
         slot: &str,
         map: Option<&ChannelMap>,
         timeout: Duration,
@@ -130,7 +137,7 @@ impl Batch {
             if map_at.is_some() { (map_json, map_lsn, map_idx) } else { (None, None, None) };
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] =
             [&slot, &lsns, &idx, &xids, &channels, &sources, &bodies, &payloads, &map_json, &map_lsn, &map_idx];
-        let call = side.query_one(APPEND, &params);
+        let call = side.query_one(statement, &params);
         match tokio::time::timeout(timeout, call).await {
             Ok(Ok(row)) => Ok(row.get::<_, i64>(0) as u64),
             Ok(Err(e)) => Err(Error::db("appending captured events to the log", e)),

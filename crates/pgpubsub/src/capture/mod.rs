@@ -161,6 +161,7 @@ impl Capturer {
         // Fails early (and clearly) without the schema (Error::NotMigrated)
         // or the grants. Nobody else changes it while the slot is missing.
         let before = within(t, batch::state(&side, &self.slot)).await?;
+        let append = within(t, batch::prepare(&side)).await?;
         let failed = |e| async {
             if matches!(e, Error::Config(_)) {
                 return Err(e);
@@ -203,7 +204,7 @@ impl Capturer {
                 Stats::bump(&self.stats.resets);
             }
             let map = within(t, batch::map_in_snapshot(&side, &created.snapshot, created.consistent_point)).await?;
-            Batch::default().append(&side, &self.slot, Some(&map), t).await?;
+            Batch::default().append(&side, &append, &self.slot, Some(&map), t).await?;
         }
         let stream = match wal::start(client).await {
             Ok(s) => s,
@@ -221,7 +222,8 @@ impl Capturer {
         };
         set(&self.stats.active, 1);
         tracing::info!(slot = %self.slot, appended = ?state.appended.map(|p| p.to_string()), "capturing: this capturer streams the slot");
-        let mut run = Session::new(o, &self.slot, &self.stats, side, stream, Decoder::new(map), state.appended);
+        let mut run =
+            Session::new(o, &self.slot, &self.stats, (side, append), stream, Decoder::new(map), state.appended);
         let ended = run.go(stop).await;
         run.close().await;
         ended

@@ -14,10 +14,12 @@ pub struct CaptureOptions {
     /// ...and most bytes (default 8 MiB): a capturer catching up confirms
     /// (and, killed, re-reads) at most this much at a time.
     pub batch_bytes: usize,
-    /// The longest a change read waits to be appended (default 5 ms): what
+    /// Appends begin at most this often (default 5 ms), and a change read
+    /// waits at most this long to be appended: a lone change after a quiet
+    /// spell is appended at once, and under a stream of commits what
     /// arrives meanwhile goes in the same append, so concurrent writers
-    /// share appends (and the database's work per event falls), at up to
-    /// this much latency.
+    /// share appends (and the database's work per event falls, readers' too:
+    /// they read once per append).
     pub linger: Duration,
     /// How often the confirmed position is sent to the server (default 250 ms).
     pub status_interval: Duration,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::batch::Batch;
 use super::{slots, CaptureOptions, CaptureStats, Ended};
@@ -20,6 +20,8 @@ pub(super) struct Session<'a> {
     slot: &'a str,
     stats: &'a CaptureStats,
     side: Client,
+    /// `side`'s prepared append.
+    append: Statement,
     stream: ReplicationClient,
     decoder: Decoder,
     batch: Batch,
@@ -35,6 +37,10 @@ pub(super) struct Session<'a> {
     /// Since when something read is owed to the log: it is appended once
     /// this is `linger` old (or the batch is full), whatever keeps coming.
     owed_since: Option<tokio::time::Instant>,
+    /// When the last append began: the next begins no sooner than `linger`
+    /// after it, so a lone change is appended at once, and a stream of
+    /// them in batches at most one `linger` apart.
+    last_flush: Option<tokio::time::Instant>,
     last_health: Option<Instant>,
     warned: bool,
 }
@@ -44,7 +50,7 @@ impl<'a> Session<'a> {
         o: &'a CaptureOptions,
         slot: &'a str,
         stats: &'a CaptureStats,
-        side: Client,
+        (side, append): (Client, Statement),
         stream: ReplicationClient,
         decoder: Decoder,
         appended: Option<WalPosition>,
@@ -54,6 +60,7 @@ impl<'a> Session<'a> {
             slot,
             stats,
             side,
+            append,
             stream,
             decoder,
             batch: Batch::default(),
@@ -62,6 +69,7 @@ impl<'a> Session<'a> {
             confirm: None,
             newest_commit_us: 0,
             owed_since: None,
+            last_flush: None,
             last_health: None,
             warned: false,
         }
@@ -123,10 +131,19 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// The next message, if one comes before what is owed is `linger` old.
+    /// The next message, if it comes before it is time to append: once what
+    /// is owed is `linger` old, or, between transactions, once `linger` has
+    /// passed since the last append began (at once after a quiet spell:
+    /// only the messages already here are taken first).
     async fn ready(&mut self) -> Option<pgwire_replication::Result<Option<ReplicationEvent>>> {
-        let since = *self.owed_since.get_or_insert_with(tokio::time::Instant::now);
-        tokio::time::timeout_at(since + self.o.linger, self.stream.recv()).await.ok()
+        let now = tokio::time::Instant::now();
+        let due = *self.owed_since.get_or_insert(now) + self.o.linger;
+        let at = match (self.txn, self.last_flush) {
+            (None, Some(last)) => due.min(last + self.o.linger),
+            (None, None) => now,
+            (Some(_), _) => due,
+        };
+        tokio::time::timeout_at(at, self.stream.recv()).await.ok()
     }
 
     async fn handle(&mut self, event: ReplicationEvent) -> Result<()> {
@@ -194,8 +211,10 @@ impl<'a> Session<'a> {
         self.owed_since = None;
         let map = self.decoder.take_map_change();
         if !self.batch.is_empty() || map.is_some() {
+            self.last_flush = Some(tokio::time::Instant::now());
             let last = self.batch.events.last().map(|e| e.at);
-            let new = self.batch.append(&self.side, self.slot, map.as_ref(), self.o.statement_timeout).await?;
+            let new =
+                self.batch.append(&self.side, &self.append, self.slot, map.as_ref(), self.o.statement_timeout).await?;
             Stats::bump(&self.stats.batches);
             self.stats.events.fetch_add(new, Ordering::Relaxed);
             if let Some(at) = last {

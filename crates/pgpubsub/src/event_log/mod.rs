@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::db::Config;
 use crate::error::{Error, Result};
@@ -22,7 +22,7 @@ mod page;
 mod wake;
 
 pub use logged::{Logged, Unreadable};
-pub(crate) use wake::{WaitLock, WAKE_CHANNEL};
+pub(crate) use wake::{WaitLock, CAPTURE_WAKE, WAKE_CHANNEL};
 
 /// A statement connection for reading the log: opened on first use,
 /// reopened after a failure, every statement bounded by a timeout.
@@ -35,6 +35,21 @@ pub struct LogConn {
     timeout: Duration,
     /// Connections opened so far (see [`LogConn::generation`]).
     generation: AtomicU64,
+    /// The statements prepared on one connection (kept with it, so a new
+    /// connection never finds another's), see [`LogConn::prepared`].
+    statements: std::sync::Mutex<Option<Prepared>>,
+    /// Plan prepared statements once, for any parameters (see
+    /// [`LogConn::for_reading`]).
+    generic_plans: bool,
+}
+
+/// Statements prepared on one connection: a reader's hot statements are
+/// parsed and sent for description once, not on every call (a read of the
+/// log then costs the server one Bind/Execute, not Parse and Describe too).
+#[derive(Debug)]
+struct Prepared {
+    client: Arc<Client>,
+    statements: std::collections::HashMap<&'static str, Statement>,
 }
 
 /// An error a statement run by [`LogConn::run`] can fail with: the
@@ -75,7 +90,26 @@ fn in_progress(snapshot: &str) -> Vec<u64> {
 impl LogConn {
     /// A connection to `config` whose statements give up after `timeout`.
     pub fn new(config: Config, timeout: Duration) -> Self {
-        LogConn { config, client: Mutex::new(None), timeout, generation: AtomicU64::new(0) }
+        LogConn {
+            config,
+            client: Mutex::new(None),
+            timeout,
+            generation: AtomicU64::new(0),
+            statements: std::sync::Mutex::new(None),
+            generic_plans: false,
+        }
+    }
+
+    /// A connection that reads the log page after page (a listener's): its
+    /// prepared statements are planned once for any parameters. PostgreSQL
+    /// otherwise plans a read of the log anew each time (its first plans,
+    /// on a small log, look cheaper than the generic one), which cost as
+    /// much as running it; the generic plan walks the (txid, seq) index
+    /// whatever the position. Not for connections that run the
+    /// application's own queries (a shape's filter may want its values).
+    pub fn for_reading(mut self) -> Self {
+        self.generic_plans = true;
+        self
     }
 
     /// The connection itself, for statements of the caller's own (it is
@@ -95,7 +129,12 @@ impl LogConn {
         };
         // A page read is a few index scans: JIT compiling it would cost more
         // (35 ms measured on a 200k-event log) than running it.
-        if let Err(e) = client.batch_execute("SET jit = off").await {
+        let setup = if self.generic_plans {
+            "SET jit = off; SET plan_cache_mode = force_generic_plan"
+        } else {
+            "SET jit = off"
+        };
+        if let Err(e) = client.batch_execute(setup).await {
             return Err(Error::db("setting up the log connection", e));
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -112,6 +151,48 @@ impl LogConn {
     /// Forgets the connection so the next call opens a new one.
     pub async fn reset(&self) {
         self.client.lock().await.take();
+        self.forget_statements();
+    }
+
+    /// `sql` prepared on `client` (the connection [`LogConn::run`] handed
+    /// over), once per connection.
+    pub(crate) async fn prepared(
+        &self,
+        client: &Arc<Client>,
+        sql: &'static str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let cached = |p: &Option<Prepared>| {
+            p.as_ref().filter(|p| Arc::ptr_eq(&p.client, client)).and_then(|p| p.statements.get(sql).cloned())
+        };
+        if let Some(statement) = cached(&self.lock_statements()) {
+            return Ok(statement);
+        }
+        let statement = client.prepare(sql).await?;
+        let mut p = self.lock_statements();
+        match p.as_mut() {
+            // The cache holds its connection, so the pointer compared is
+            // never a new connection's at an old one's address.
+            Some(p) if Arc::ptr_eq(&p.client, client) => {
+                p.statements.insert(sql, statement.clone());
+            }
+            _ => {
+                *p = Some(Prepared {
+                    client: client.clone(),
+                    statements: std::collections::HashMap::from([(sql, statement.clone())]),
+                })
+            }
+        }
+        Ok(statement)
+    }
+
+    fn lock_statements(&self) -> std::sync::MutexGuard<'_, Option<Prepared>> {
+        self.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops the prepared statements: after any failure (a statement a
+    /// migration invalidated is prepared again on the next call).
+    fn forget_statements(&self) {
+        self.lock_statements().take();
     }
 
     /// Runs `f` on the connection within the statement timeout; on failure
@@ -157,6 +238,7 @@ impl LogConn {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 let e = e.into_error(context);
+                self.forget_statements();
                 if e.sqlstate().is_none() {
                     self.reset().await;
                 }

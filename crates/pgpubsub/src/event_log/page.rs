@@ -32,6 +32,38 @@ pub(crate) struct Poll {
     pub pruned: Cursor,
 }
 
+/// One read of the log (see [`LogConn::poll`]): a first row with the
+/// snapshot and retention's mark, then the page in (txid, seq) order. Rows
+/// past the byte budget come back `past`, without their text: they say
+/// there is more. Lean on purpose (a reader runs it once per append under
+/// load): no sort or window over the texts, no join to the header row.
+const POLL: &str = "SELECT NULL::text AS txid, NULL::int8 AS seq, NULL::text AS channel, NULL::text AS body, NULL::text AS payload,
+                           NULL::int8 AS len, NULL::bool AS past, pg_current_snapshot()::text AS snap, r.pruned_txid::text, r.pruned_seq
+                    FROM pubsub.retention r
+                    UNION ALL
+                    SELECT p.txid::text, p.seq, p.channel,
+                           CASE WHEN p.len <= $8::int8 AND NOT p.past THEN p.body END, CASE WHEN p.len <= $8::int8 AND NOT p.past THEN p.payload END,
+                           p.len, p.past, NULL, NULL, NULL
+                    FROM (SELECT page.*, ((sum(page.len) OVER (ORDER BY page.txid, page.seq ROWS UNBOUNDED PRECEDING))::int8 - page.len >= $7::int8
+                                          AND row_number() OVER (ORDER BY page.txid, page.seq ROWS UNBOUNDED PRECEDING) > 1) AS past
+                          FROM ((SELECT e.txid, e.seq, e.channel, e.body, e.payload, e.len
+                                 FROM unnest($4::text[]::xid8[], $5::int8[]) o(t, s)
+                                 CROSS JOIN LATERAL (
+                                     SELECT x.txid, x.seq, x.channel, x.body, x.payload,
+                                            (octet_length(x.body) + coalesce(octet_length(x.payload), 0))::bigint AS len
+                                     FROM pubsub.events x
+                                     WHERE (x.txid, x.seq) > (o.t, o.s)
+                                       AND (x.txid, x.seq) <= (o.t, 9223372036854775807::bigint)
+                                       AND ($1::text[] IS NULL OR x.channel = ANY($1))
+                                     ORDER BY x.txid, x.seq LIMIT $6::int8) e)
+                                UNION ALL
+                                (SELECT e.txid, e.seq, e.channel, e.body, e.payload,
+                                        (octet_length(e.body) + coalesce(octet_length(e.payload), 0))::bigint
+                                 FROM pubsub.events e
+                                 WHERE (e.txid, e.seq) > ($2::text::xid8, $3::int8) AND ($1::text[] IS NULL OR e.channel = ANY($1))
+                                 ORDER BY e.txid, e.seq LIMIT $6::int8)
+                                ORDER BY txid, seq LIMIT $6::int8) page) p";
+
 impl LogConn {
     /// Reads the events on `channels` (all when `None`) that follow `after`
     /// in (txid, seq) order, and those of the `open` transactions (txid, and
@@ -60,36 +92,10 @@ impl LogConn {
         let open_txids: Vec<String> = open.iter().map(|(t, _)| t.to_string()).collect();
         let open_seqs: Vec<i64> = open.iter().map(|(_, s)| *s).collect();
         self.run_pg("reading the log", |c| async move {
+            let statement = self.prepared(&c, POLL).await?;
             let found = c
                 .query(
-                    "SELECT s.snap, s.pruned_txid, s.pruned_seq, p.txid::text, p.seq, p.channel,
-                            CASE WHEN p.len <= $8 THEN p.body END, CASE WHEN p.len <= $8 THEN p.payload END,
-                            p.len, p.page_rows
-                     FROM (SELECT pg_current_snapshot()::text AS snap, r.pruned_txid::text, r.pruned_seq
-                           FROM pubsub.retention r) s
-                     LEFT JOIN LATERAL (
-                         SELECT * FROM (
-                             SELECT *, (sum(len) OVER (ORDER BY txid, seq))::bigint - len AS before,
-                                    count(*) OVER () AS page_rows
-                             FROM ((SELECT e.txid, e.seq, e.channel, e.body, e.payload, e.len
-                                    FROM unnest($4::text[]::xid8[], $5::int8[]) o(t, s)
-                                    CROSS JOIN LATERAL (
-                                        SELECT x.txid, x.seq, x.channel, x.body, x.payload,
-                                               (octet_length(x.body) + coalesce(octet_length(x.payload), 0))::bigint AS len
-                                        FROM pubsub.events x
-                                        WHERE (x.txid, x.seq) > (o.t, o.s)
-                                          AND (x.txid, x.seq) <= (o.t, 9223372036854775807::bigint)
-                                          AND ($1::text[] IS NULL OR x.channel = ANY($1))
-                                        ORDER BY x.txid, x.seq LIMIT $6) e)
-                                   UNION ALL
-                                   (SELECT e.txid, e.seq, e.channel, e.body, e.payload,
-                                           (octet_length(e.body) + coalesce(octet_length(e.payload), 0))::bigint
-                                    FROM pubsub.events e
-                                    WHERE (e.txid, e.seq) > ($2::text::xid8, $3) AND ($1::text[] IS NULL OR e.channel = ANY($1))
-                                    ORDER BY e.txid, e.seq LIMIT $6)
-                                   ORDER BY txid, seq LIMIT $6) page) sized
-                         WHERE before < $7 OR before = 0) p ON true
-                     ORDER BY p.txid, p.seq",
+                    &statement,
                     &[
                         &channels,
                         &after.txid.to_string(),
@@ -102,26 +108,29 @@ impl LogConn {
                     ],
                 )
                 .await?;
-            let Some(first) = found.first() else {
-                // No retention row: not a schema of ours.
+            // The header row: no txid (not a schema of ours without one).
+            let Some(header) = found.iter().find(|r| r.get::<_, Option<&str>>(0).is_none()) else {
                 return Ok(None);
             };
-            let snap: &str = first.get(0);
-            let pruned = Cursor { txid: u64_of(first.get(1)), seq: first.get(2) };
-            let page_rows: Option<i64> = first.get(9);
-            let rows_out: Vec<LogRow> = found
-                .iter()
-                .filter_map(|r| {
-                    let txid: &str = r.get::<_, Option<&str>>(3)?;
-                    let channel: String = r.get(5);
-                    let event = match r.get::<_, Option<String>>(6) {
-                        Some(body) => Logged::new(body, r.get(7)).into_event(&channel, max_event_bytes as u64),
-                        None => Err(Unreadable::TooLarge(r.get::<_, i64>(8) as u64)),
-                    };
-                    Some(LogRow { cursor: Cursor { txid: u64_of(txid), seq: r.get(4) }, channel, event })
-                })
-                .collect();
-            let more = page_rows.is_some_and(|n| n >= rows || (rows_out.len() as i64) < n);
+            let snap: &str = header.get(7);
+            let pruned = Cursor { txid: u64_of(header.get(8)), seq: header.get(9) };
+            let mut page: Vec<_> = found.iter().filter(|r| r.get::<_, Option<&str>>(0).is_some()).collect();
+            let page_rows = page.len() as i64;
+            // In order whatever order the rows came in (UNION ALL promises none).
+            page.sort_by_key(|r| (u64_of(r.get(0)), r.get::<_, i64>(1)));
+            let mut rows_out = Vec::with_capacity(page.len());
+            for r in page {
+                if r.get::<_, bool>(6) {
+                    break;
+                }
+                let channel: String = r.get(2);
+                let event = match r.get::<_, Option<String>>(3) {
+                    Some(body) => Logged::new(body, r.get(4)).into_event(&channel, max_event_bytes as u64),
+                    None => Err(Unreadable::TooLarge(r.get::<_, i64>(5) as u64)),
+                };
+                rows_out.push(LogRow { cursor: Cursor { txid: u64_of(r.get(0)), seq: r.get(1) }, channel, event });
+            }
+            let more = page_rows >= rows || (rows_out.len() as i64) < page_rows;
             Ok(Some(Poll { rows: rows_out, more, in_progress: in_progress(snap), pruned }))
         })
         .await?

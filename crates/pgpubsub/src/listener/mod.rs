@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, Stream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use crate::channel::Channel;
 use crate::cursor::Cursor;
@@ -52,7 +52,7 @@ use foreign::Foreign;
 pub use options::{ConnectionState, ListenerOptions};
 use progress::Progress;
 use reader::{Command, Outputs, Reader};
-use waiting::Waiting;
+use waiting::{Waiting, Wake};
 
 /// A stream of events from one or more channels; see the module docs.
 pub struct Listener {
@@ -60,7 +60,7 @@ pub struct Listener {
     log: Arc<LogConn>,
     stats: Arc<Stats>,
     state: watch::Receiver<ConnectionState>,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     foreign: mpsc::Receiver<Event>,
     commands: mpsc::Sender<Command>,
     channels: Vec<Channel>,
@@ -110,12 +110,12 @@ impl Listener {
     /// the schema.
     pub async fn connect(config: &Config, channels: &[Channel], options: ListenerOptions) -> Result<Listener> {
         let config = crate::db::tuned(config);
-        let log = Arc::new(LogConn::new(config.clone(), options.deaf_after));
+        let log = Arc::new(LogConn::new(config.clone(), options.deaf_after).for_reading());
         let stats = Arc::new(Stats::default());
         let (foreign_tx, foreign) = mpsc::channel(options.buffer.max(1));
         let (state_tx, state) = watch::channel(ConnectionState::Listening);
         let (commands, commands_rx) = mpsc::channel(64);
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(Wake::default());
         let fence_channel = Channel::new(format!("pgpubsub_fence_{}", random_suffix()))?;
         let names = (!channels.is_empty()).then(|| channels.iter().map(|c| c.as_str().to_string()).collect());
         let limits = options.page_limits();
@@ -252,6 +252,7 @@ impl Listener {
                     if self.waiting == Waiting::No {
                         self.pause = (self.pause * 2).min(self.options.poll_max);
                     }
+                    self.wake.mark_others();
                 }
             }
             self.due = true;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use crate::db::Config;
@@ -32,7 +32,7 @@ use super::{ConnectionState, ListenerOptions};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::event_log::{LogConn, WAKE_CHANNEL};
+use crate::event_log::{LogConn, CAPTURE_WAKE, WAKE_CHANNEL};
 use crate::stats::Stats;
 use crate::wire::{self, Frame};
 
@@ -57,7 +57,7 @@ pub(crate) enum Command {
 /// What the reading task shares with the listener.
 pub(crate) struct Outputs {
     /// Raised on every wake-up (coalescing).
-    pub wake: Arc<Notify>,
+    pub wake: Arc<super::waiting::Wake>,
     /// Foreign notifications, decoded.
     pub foreign: Foreign,
     pub state: watch::Sender<ConnectionState>,
@@ -237,7 +237,7 @@ impl Reader {
             Stats::bump(&self.stats.reconnects);
             tracing::info!(attempt = backoff.attempt(), "reconnected");
             // Wake-ups sent while we were away are lost: read the log.
-            self.out.wake.notify_one();
+            self.out.wake.raise(false);
             backoff.reset();
         }
     }
@@ -361,7 +361,8 @@ impl Reader {
         }
         Stats::bump(&self.stats.notifications);
         if channel == WAKE_CHANNEL {
-            self.wake();
+            Stats::bump(&self.stats.wakeups);
+            self.out.wake.raise(n.payload().starts_with(CAPTURE_WAKE));
             return;
         }
         self.sort(channel, n.payload());
@@ -369,7 +370,7 @@ impl Reader {
 
     fn wake(&self) {
         Stats::bump(&self.stats.wakeups);
-        self.out.wake.notify_one();
+        self.out.wake.raise(false);
     }
 
     /// Hands a foreign notification on, wakes the listener, or counts bad

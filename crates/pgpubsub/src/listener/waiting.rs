@@ -2,8 +2,11 @@
 //! finds nothing (see the [listener](super) docs): the wake lock, taken on
 //! one generation of the log connection, and given back once woken.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use tokio::sync::Notify;
 
 use super::Listener;
 use crate::cursor::Cursor;
@@ -22,6 +25,41 @@ pub(super) enum Waiting {
     Mine(u64),
     /// Another listener holds it; wake-ups reach us too.
     Peer,
+}
+
+/// Wake-ups, from the reading task to the listener: raised on every one
+/// (coalescing), and whether any since the last read came from something
+/// other than the capturer (a writer, a reconnect, the heartbeat).
+#[derive(Debug, Default)]
+pub(crate) struct Wake {
+    notify: Notify,
+    others: AtomicBool,
+}
+
+impl Wake {
+    /// A wake-up; `capturer`: sent by the capturer's append, which sends
+    /// one after every append whether anyone waits or not.
+    pub(crate) fn raise(&self, capturer: bool) {
+        if !capturer {
+            self.others.store(true, Ordering::Release);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Marks the next read as not woken by the capturer alone.
+    pub(crate) fn mark_others(&self) {
+        self.others.store(true, Ordering::Release);
+    }
+
+    /// Until the next wake-up (or one raised since the last call).
+    pub(crate) async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Whether something other than the capturer woke us since the last call.
+    fn take_others(&self) -> bool {
+        self.others.swap(false, Ordering::AcqRel)
+    }
 }
 
 impl Listener {
@@ -48,7 +86,31 @@ impl Listener {
     }
 
     /// Reads one page; when it is empty, moves towards waiting.
+    ///
+    /// Woken by the capturer alone, a waiting listener stays the one
+    /// writers wake: the capturer wakes it after every append anyway, and
+    /// keeping the lock means no read to find nothing, no lock to take
+    /// again and no read after that, so a steady stream of captured events
+    /// costs the database one read per append per listener. Woken by a
+    /// writer (or the heartbeat, or a reconnect), it gives the lock back, so
+    /// busy writers stop sending wake-ups, as before.
     pub(super) async fn read(&mut self) -> Result<()> {
+        let others = self.wake.take_others();
+        let keep = !others
+            && match self.waiting {
+                Waiting::Mine(generation) => generation == self.log.generation(),
+                Waiting::Peer => true,
+                Waiting::No => false,
+            };
+        if keep {
+            self.due = false;
+            Stats::bump(&self.stats.polls);
+            let page = self.tail.next_page(&self.log).await?;
+            self.page_end = Some(page.position);
+            self.due = page.more;
+            self.take(page.events);
+            return Ok(());
+        }
         if let Waiting::Mine(generation) = self.waiting {
             if generation == self.log.generation() {
                 // Woken (or the heartbeat): writers may stop sending wake-ups.

@@ -327,3 +327,95 @@ async fn the_listeners_own_channels_cannot_be_removed() {
         assert!(waited < std::time::Duration::from_secs(2), "woken after {waited:?}");
     }
 }
+
+/// Appends one event on `ch` as the capturer does (`pubsub.capture_append`,
+/// which wakes listeners after every append), at WAL place `n`.
+async fn capture_append(client: &tokio_postgres::Client, ch: &Channel, n: i32) {
+    let body = format!(r#","kind":"message","channel":"{ch}","time":"2026-12-07T00:00:00Z","payload":"{n}"}}"#);
+    client
+        .execute(
+            "SELECT pubsub.capture_append('test', ARRAY[$1::text::pg_lsn], ARRAY[0], \
+             ARRAY[pg_current_xact_id()::text::bigint & 4294967295], ARRAY[$2], ARRAY[NULL::oid], ARRAY[$3], ARRAY[NULL])",
+            &[&format!("0/{:X}", n * 16), &ch.as_str(), &body],
+        )
+        .await
+        .unwrap();
+}
+
+/// Whether a listener holds the wake lock (is the one writers wake).
+async fn wake_lock_held(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND classid::bigint = (8099566096075549541 >> 32) AND objid::bigint = (8099566096075549541 & 4294967295))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Hands a listener's events over a channel, so it reads (and goes back to
+/// waiting) whether the test is receiving or not.
+fn drain(mut l: pgpubsub::Listener) -> tokio::sync::mpsc::UnboundedReceiver<pgpubsub::Event> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(e)) = l.recv().await {
+            if tx.send(e).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn payload_of(rx: &mut tokio::sync::mpsc::UnboundedReceiver<pgpubsub::Event>) -> String {
+    let e = tokio::time::timeout(common::WAIT, rx.recv()).await.expect("no event in time").expect("listener ended");
+    e.message().unwrap().payload.to_string()
+}
+
+/// A listener the capturer alone wakes keeps the wake lock and reads the
+/// log once per append. Before, each wake-up gave the lock back: a read
+/// that found the append, one that found nothing, the lock taken again and
+/// a read once more, three reads per append. A second listener (sleeping
+/// on the first one's behalf) reads once per append too, and a writer's
+/// event still reaches both after them.
+#[tokio::test]
+async fn listeners_the_capturer_wakes_read_once_per_append() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ch = common::channel("captured");
+    let (a, b) = (db.listen(&[ch.clone()]).await, db.listen(&[ch.clone()]).await);
+    let (a_stats, b_stats) = (a.stats(), b.stats());
+    let (mut a, mut b) = (drain(a), drain(b));
+    let appends = 20;
+    let mut before = (0, 0);
+    let mut started = std::time::Instant::now();
+    for n in 1..=2 + appends {
+        if n == 3 {
+            // Warmed up: both have read, found nothing and wait.
+            before = (a_stats.snapshot().polls, b_stats.snapshot().polls);
+            started = std::time::Instant::now();
+        }
+        // Appended only once a listener waits for it (holds the lock), so
+        // each append finds them asleep, as a trickle of commits does.
+        let deadline = tokio::time::Instant::now() + common::WAIT;
+        while !wake_lock_held(&client).await {
+            assert!(tokio::time::Instant::now() < deadline, "no listener took the wake lock");
+            tokio::task::yield_now().await;
+        }
+        capture_append(&client, &ch, n).await;
+        assert_eq!(payload_of(&mut a).await, n.to_string());
+        assert_eq!(payload_of(&mut b).await, n.to_string());
+    }
+    // One read per append, plus what the heartbeat (each second) reads.
+    let allowed = appends as u64 + 3 * (started.elapsed().as_secs() + 1);
+    for (name, polls) in [("a", a_stats.snapshot().polls - before.0), ("b", b_stats.snapshot().polls - before.1)] {
+        assert!(polls <= allowed, "listener {name}: {polls} reads for {appends} appends (at most {allowed})");
+    }
+    // A writer's event (a trigger tests the lock: it is held) reaches both.
+    pgpubsub::publish(&client, &ch, "written").await.unwrap();
+    assert_eq!(payload_of(&mut a).await, "written");
+    assert_eq!(payload_of(&mut b).await, "written");
+}

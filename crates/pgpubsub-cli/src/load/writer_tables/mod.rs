@@ -72,6 +72,21 @@ pub struct Options {
     /// PostgreSQL and the writers on CPU 0, pgpubsub's processes on CPU 1
     /// (`taskset`), as if pgpubsub ran on a host of its own.
     pub pin: bool,
+    /// Only these targets (with the baselines they are compared with);
+    /// empty: all of them.
+    pub only: Vec<Target>,
+}
+
+impl Options {
+    /// The targets of one writer count (`publishing`: the publish
+    /// comparison), as `only` narrows them.
+    fn targets(&self, wal: bool, publishing: bool) -> Vec<Target> {
+        let all = if publishing { Target::publishing(wal) } else { Target::tables(wal) };
+        if !self.only.is_empty() && !all.iter().any(|t| self.only.contains(t)) {
+            return Vec::new();
+        }
+        all.into_iter().filter(|t| self.only.is_empty() || self.only.contains(t) || t.baseline() == *t).collect()
+    }
 }
 
 /// The figures of one writer count and target, over every round.
@@ -201,14 +216,14 @@ async fn run_all(
     let mut plan: Vec<(usize, usize, Target)> = Vec::new();
     for round in 0..opts.rounds.max(1) {
         for &w in &opts.writers {
-            let mut tables = Target::tables(wal);
-            let n = tables.len();
+            let mut tables = opts.targets(wal, false);
+            let n = tables.len().max(1);
             tables.rotate_left(round % n);
             plan.extend(tables.into_iter().map(|t| (round, w, t)));
         }
         if opts.publishers > 0 {
-            let mut pair = Target::publishing(wal);
-            let n = pair.len();
+            let mut pair = opts.targets(wal, true);
+            let n = pair.len().max(1);
             pair.rotate_left(round % n);
             plan.extend(pair.into_iter().map(|t| (round, opts.publishers, t)));
         }
@@ -267,9 +282,9 @@ async fn run_all(
 /// round without rotation: the tables for each count, then publishing.
 fn summarize(opts: &Options, raws: &[Raw], probes: Vec<Probe>, sse: Vec<Probe>, wal: bool) -> Vec<RunReport> {
     let mut keys: Vec<(usize, Target)> =
-        opts.writers.iter().flat_map(|&w| Target::tables(wal).into_iter().map(move |t| (w, t))).collect();
+        opts.writers.iter().flat_map(|&w| opts.targets(wal, false).into_iter().map(move |t| (w, t))).collect();
     if opts.publishers > 0 {
-        keys.extend(Target::publishing(wal).into_iter().map(|t| (opts.publishers, t)));
+        keys.extend(opts.targets(wal, true).into_iter().map(|t| (opts.publishers, t)));
     }
     let mut probes: Vec<Option<Probe>> = probes.into_iter().map(Some).collect();
     let mut reports = Vec::new();

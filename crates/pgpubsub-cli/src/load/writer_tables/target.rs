@@ -3,8 +3,9 @@
 use serde::Serialize;
 
 /// What one run writes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "snake_case")]
 pub enum Target {
     /// A table with no trigger.
     Plain,
