@@ -19,10 +19,12 @@ pub struct CaptureArgs {
     /// Most events appended in one transaction.
     #[arg(long, default_value_t = 2000, value_name = "N")]
     pub batch_rows: usize,
-    /// The longest a change waits to be appended: what arrives meanwhile
-    /// goes in the same append (more concurrent writers per append, less
-    /// database work per event), at up to this much latency.
-    #[arg(long, env = "PGPUBSUB_CAPTURE_LINGER", default_value = "5ms", value_name = "DURATION", value_parser = parse_duration)]
+    /// Appends begin at most this often: a lone change after a quiet spell
+    /// is appended at once; under a stream of commits what arrives
+    /// meanwhile goes in the same append (more concurrent writers per
+    /// append, less database work per event, one read per listener), at up
+    /// to this much latency.
+    #[arg(long, env = "PGPUBSUB_CAPTURE_LINGER", default_value = "2ms", value_name = "DURATION", value_parser = parse_duration)]
     pub linger: Duration,
     /// Warn when the slot keeps more WAL than this many bytes (a capturer
     /// that stopped keeping up). See docs/deploying.md on

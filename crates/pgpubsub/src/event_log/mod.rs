@@ -168,6 +168,11 @@ impl LogConn {
             return Ok(statement);
         }
         let statement = client.prepare(sql).await?;
+        // Kept only while `client` is still the connection (a reset while
+        // preparing must not keep the old one alive in the cache).
+        if !self.client.lock().await.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
+            return Ok(statement);
+        }
         let mut p = self.lock_statements();
         match p.as_mut() {
             // The cache holds its connection, so the pointer compared is

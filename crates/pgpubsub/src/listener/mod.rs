@@ -227,7 +227,14 @@ impl Listener {
                     Ok(()) => self.retry.reset(),
                     Err(e @ Error::ResyncNeeded { .. }) => return Some(Err(e)),
                     Err(e) => {
-                        self.waiting = Waiting::No;
+                        // Still holding the lock on a connection that lives
+                        // on (a statement failed, the session did not): the
+                        // next read gives it back. Taking it again would
+                        // count it twice, and one unlock would leave it held.
+                        if !matches!(self.waiting, Waiting::Mine(g) if g == self.log.generation()) {
+                            self.waiting = Waiting::No;
+                        }
+                        self.wake.mark_others();
                         if let Some(out) = self.back_off("reading the log", e).await {
                             return out;
                         }

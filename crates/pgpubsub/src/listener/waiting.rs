@@ -56,9 +56,15 @@ impl Wake {
         self.notify.notified().await;
     }
 
-    /// Whether something other than the capturer woke us since the last call.
-    fn take_others(&self) -> bool {
-        self.others.swap(false, Ordering::AcqRel)
+    /// Whether something other than the capturer woke us since the lock
+    /// was last given back.
+    fn others(&self) -> bool {
+        self.others.load(Ordering::Acquire)
+    }
+
+    /// The lock was given back (or was not held): what asked for it is done.
+    fn clear_others(&self) {
+        self.others.store(false, Ordering::Release);
     }
 }
 
@@ -94,16 +100,18 @@ impl Listener {
     /// costs the database one read per append per listener. Woken by a
     /// writer (or the heartbeat, or a reconnect), it gives the lock back, so
     /// busy writers stop sending wake-ups, as before.
+    ///
+    /// Cancel-safe: a read dropped midway leaves `due` set and the reason
+    /// to give the lock back standing, so the next read does what this one
+    /// was to do.
     pub(super) async fn read(&mut self) -> Result<()> {
-        let others = self.wake.take_others();
-        let keep = !others
+        let keep = !self.wake.others()
             && match self.waiting {
                 Waiting::Mine(generation) => generation == self.log.generation(),
                 Waiting::Peer => true,
                 Waiting::No => false,
             };
         if keep {
-            self.due = false;
             Stats::bump(&self.stats.polls);
             let page = self.tail.next_page(&self.log).await?;
             self.page_end = Some(page.position);
@@ -120,6 +128,8 @@ impl Listener {
         } else if self.waiting == Waiting::Peer {
             self.waiting = Waiting::No;
         }
+        // Given back (or never held): what asked for it is done.
+        self.wake.clear_others();
         self.due = false;
         Stats::bump(&self.stats.polls);
         let started = Instant::now();
