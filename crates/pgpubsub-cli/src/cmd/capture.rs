@@ -24,7 +24,7 @@ pub struct CaptureArgs {
     /// meanwhile goes in the same append (more concurrent writers per
     /// append, less database work per event, one read per listener), at up
     /// to this much latency.
-    #[arg(long, env = "PGPUBSUB_CAPTURE_LINGER", default_value = "2ms", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "PGPUBSUB_CAPTURE_LINGER", default_value = "5ms", value_name = "DURATION", value_parser = parse_duration)]
     pub linger: Duration,
     /// Warn when the slot keeps more WAL than this many bytes (a capturer
     /// that stopped keeping up). See docs/deploying.md on

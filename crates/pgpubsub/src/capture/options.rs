@@ -14,7 +14,7 @@ pub struct CaptureOptions {
     /// ...and most bytes (default 8 MiB): a capturer catching up confirms
     /// (and, killed, re-reads) at most this much at a time.
     pub batch_bytes: usize,
-    /// Appends begin at most this often (default 2 ms), and a change read
+    /// Appends begin at most this often (default 5 ms), and a change read
     /// waits at most this long to be appended: a lone change after a quiet
     /// spell is appended at once, and under a stream of commits what
     /// arrives meanwhile goes in the same append, so concurrent writers
@@ -43,7 +43,7 @@ impl Default for CaptureOptions {
             name: None,
             batch_rows: 2000,
             batch_bytes: 8 << 20,
-            linger: Duration::from_millis(2),
+            linger: Duration::from_millis(5),
             status_interval: Duration::from_millis(250),
             standby_poll: Duration::from_secs(1),
             health_interval: Duration::from_secs(5),
