@@ -29,25 +29,23 @@ pub(crate) use wake::{WaitLock, CAPTURE_WAKE, WAKE_CHANNEL};
 #[derive(Debug)]
 pub struct LogConn {
     config: Config,
-    client: Mutex<Option<Arc<Client>>>,
+    client: Mutex<Option<Open>>,
     /// Longest any one statement may take before the connection is presumed
     /// dead (a silently cut network never answers).
     timeout: Duration,
     /// Connections opened so far (see [`LogConn::generation`]).
     generation: AtomicU64,
-    /// The statements prepared on one connection (kept with it, so a new
-    /// connection never finds another's), see [`LogConn::prepared`].
-    statements: std::sync::Mutex<Option<Prepared>>,
     /// Plan prepared statements once, for any parameters (see
     /// [`LogConn::for_reading`]).
     generic_plans: bool,
 }
 
-/// Statements prepared on one connection: a reader's hot statements are
-/// parsed and sent for description once, not on every call (a read of the
-/// log then costs the server one Bind/Execute, not Parse and Describe too).
+/// The open connection, and the statements prepared on it (see
+/// [`LogConn::prepared`]): a reader's hot statements are parsed and sent for
+/// description once, not on every call. Kept together, so a new connection
+/// starts with none.
 #[derive(Debug)]
-struct Prepared {
+struct Open {
     client: Arc<Client>,
     statements: std::collections::HashMap<&'static str, Statement>,
 }
@@ -90,14 +88,7 @@ fn in_progress(snapshot: &str) -> Vec<u64> {
 impl LogConn {
     /// A connection to `config` whose statements give up after `timeout`.
     pub fn new(config: Config, timeout: Duration) -> Self {
-        LogConn {
-            config,
-            client: Mutex::new(None),
-            timeout,
-            generation: AtomicU64::new(0),
-            statements: std::sync::Mutex::new(None),
-            generic_plans: false,
-        }
+        LogConn { config, client: Mutex::new(None), timeout, generation: AtomicU64::new(0), generic_plans: false }
     }
 
     /// A connection that reads the log page after page (a listener's): its
@@ -119,8 +110,8 @@ impl LogConn {
     /// When the database cannot be reached in time.
     pub async fn client(&self) -> Result<Arc<Client>> {
         let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
+        if let Some(open) = slot.as_ref().filter(|o| !o.client.is_closed()) {
+            return Ok(open.client.clone());
         }
         let connect = crate::db::connect(&self.config);
         let client = match tokio::time::timeout(self.timeout, connect).await {
@@ -138,7 +129,7 @@ impl LogConn {
             return Err(Error::db("setting up the log connection", e));
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
-        *slot = Some(client.clone());
+        *slot = Some(Open { client: client.clone(), statements: std::collections::HashMap::new() });
         Ok(client)
     }
 
@@ -151,53 +142,38 @@ impl LogConn {
     /// Forgets the connection so the next call opens a new one.
     pub async fn reset(&self) {
         self.client.lock().await.take();
-        self.forget_statements();
     }
 
     /// `sql` prepared on `client` (the connection [`LogConn::run`] handed
-    /// over), once per connection.
+    /// over), once per connection: kept while `client` is the open one.
     pub(crate) async fn prepared(
         &self,
         client: &Arc<Client>,
         sql: &'static str,
     ) -> Result<Statement, tokio_postgres::Error> {
-        let cached = |p: &Option<Prepared>| {
-            p.as_ref().filter(|p| Arc::ptr_eq(&p.client, client)).and_then(|p| p.statements.get(sql).cloned())
-        };
-        if let Some(statement) = cached(&self.lock_statements()) {
+        let cached = self.current(client).await.and_then(|open| open.statements.get(sql).cloned());
+        if let Some(statement) = cached {
             return Ok(statement);
         }
         let statement = client.prepare(sql).await?;
-        // Kept only while `client` is still the connection (a reset while
-        // preparing must not keep the old one alive in the cache).
-        if !self.client.lock().await.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
-            return Ok(statement);
-        }
-        let mut p = self.lock_statements();
-        match p.as_mut() {
-            // The cache holds its connection, so the pointer compared is
-            // never a new connection's at an old one's address.
-            Some(p) if Arc::ptr_eq(&p.client, client) => {
-                p.statements.insert(sql, statement.clone());
-            }
-            _ => {
-                *p = Some(Prepared {
-                    client: client.clone(),
-                    statements: std::collections::HashMap::from([(sql, statement.clone())]),
-                })
-            }
+        if let Some(mut open) = self.current(client).await {
+            open.statements.insert(sql, statement.clone());
         }
         Ok(statement)
     }
 
-    fn lock_statements(&self) -> std::sync::MutexGuard<'_, Option<Prepared>> {
-        self.statements.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The open connection, if it is `client` (a reset may have replaced it).
+    async fn current(&self, client: &Arc<Client>) -> Option<tokio::sync::MappedMutexGuard<'_, Open>> {
+        let slot = self.client.lock().await;
+        tokio::sync::MutexGuard::try_map(slot, |s| s.as_mut().filter(|o| Arc::ptr_eq(&o.client, client))).ok()
     }
 
     /// Drops the prepared statements: after any failure (a statement a
     /// migration invalidated is prepared again on the next call).
-    fn forget_statements(&self) {
-        self.lock_statements().take();
+    async fn forget_statements(&self) {
+        if let Some(open) = self.client.lock().await.as_mut() {
+            open.statements.clear();
+        }
     }
 
     /// Runs `f` on the connection within the statement timeout; on failure
@@ -243,7 +219,7 @@ impl LogConn {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 let e = e.into_error(context);
-                self.forget_statements();
+                self.forget_statements().await;
                 if e.sqlstate().is_none() {
                     self.reset().await;
                 }

@@ -361,16 +361,16 @@ impl Reader {
         }
         Stats::bump(&self.stats.notifications);
         if channel == WAKE_CHANNEL {
-            Stats::bump(&self.stats.wakeups);
-            self.out.wake.raise(n.payload().starts_with(CAPTURE_WAKE));
+            self.wake(n.payload().starts_with(CAPTURE_WAKE));
             return;
         }
         self.sort(channel, n.payload());
     }
 
-    fn wake(&self) {
+    /// A wake-up; `capturer`: the capturer's, after an append.
+    fn wake(&self, capturer: bool) {
         Stats::bump(&self.stats.wakeups);
-        self.out.wake.raise(false);
+        self.out.wake.raise(capturer);
     }
 
     /// Hands a foreign notification on, wakes the listener, or counts bad
@@ -381,12 +381,12 @@ impl Reader {
                 if text.is_empty() || Event::is_ours(channel, text) {
                     // An inline watch's event (or one shaped like it): the
                     // log has the real one.
-                    self.wake();
+                    self.wake(false);
                 } else {
                     self.out.foreign.text(channel, text);
                 }
             }
-            Ok(Frame::Chunk(_) | Frame::Ref { .. }) => self.wake(),
+            Ok(Frame::Chunk(_) | Frame::Ref { .. }) => self.wake(false),
             Ok(Frame::SeedPart { id, offset, data }) => self.out.foreign.seed_part(channel, id, offset, data),
             Ok(Frame::SeedEof { id }) => self.out.foreign.seed_eof(channel, id),
             Err(e) => {
