@@ -54,8 +54,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = pgpubsub::db::parse_config(&cli.database_url)
+    let mut config = pgpubsub::db::parse_config(&cli.database_url)
         .map_err(|e| anyhow::anyhow!("DATABASE_URL is not usable: {e}"))?;
+    if config.pg().get_application_name() == Some("pgpubsub") {
+        // The library's default: name the command, so pg_stat_activity
+        // tells a gateway's sessions from a listener's (a name given in
+        // DATABASE_URL is kept).
+        config.pg_mut().application_name(format!("pgpubsub {}", command_name(cli.command.as_ref())));
+    }
     let debug = cli.debug;
     match cli.command {
         None => cmd::listen::run(&config, &cli.listen, debug).await,
@@ -79,6 +85,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "load")]
         Some(Command::LoadBaseline(args)) => load::baseline::run(&config, &args).await,
         Some(Command::Demo) => cmd::demo::run(&config, debug).await,
+    }
+}
+
+/// The command's name as typed (`listen` when none is).
+fn command_name(command: Option<&Command>) -> &'static str {
+    match command {
+        None | Some(Command::Listen(_)) => "listen",
+        Some(Command::Migrate(_)) => "migrate",
+        Some(Command::Watch(_)) => "watch",
+        Some(Command::Unwatch { .. }) => "unwatch",
+        Some(Command::Publish(_)) => "publish",
+        Some(Command::Prune(_)) => "prune",
+        Some(Command::Serve(_)) => "serve",
+        Some(Command::Capture(_)) => "capture",
+        Some(Command::Bridge(_)) => "bridge",
+        #[cfg(feature = "load")]
+        Some(Command::Load(_)) => "load",
+        #[cfg(feature = "load")]
+        Some(Command::LoadFanout(_)) => "load-fanout",
+        #[cfg(feature = "load")]
+        Some(Command::LoadBaseline(_)) => "load-baseline",
+        #[cfg(feature = "load")]
+        Some(Command::LoadBridge(_)) => "load-bridge",
+        Some(Command::Demo) => "demo",
     }
 }
 

@@ -178,6 +178,48 @@ async fn ctrl_c_stops_cleanly() {
 }
 
 #[tokio::test]
+async fn sessions_carry_the_command_name_unless_the_url_gives_one() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    for (url, want) in [(db.url.clone(), "pgpubsub listen"), (format!("{}{sep}application_name=mine", db.url), "mine")]
+    {
+        let mut cmd = pgpubsub(&url);
+        cmd.args(["listen", "--channel", "named"]);
+        let (mut child, _stdout, _) = spawn_listener(cmd);
+        let names: Vec<String> = client
+            .query(
+                "SELECT DISTINCT application_name FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(names, [want], "the listening process's sessions");
+        // Its sessions end before the next process is looked at.
+        let deadline = Instant::now() + WAIT;
+        while client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            assert!(Instant::now() < deadline, "the killed listener's sessions did not end");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
 async fn publish_reads_stdin_and_arrives_identical() {
     let db = TestDb::new().await;
     let ch = common::channel("clipub");

@@ -160,7 +160,6 @@ pub(super) async fn one_run(
         bar.finish_with_message(format!("{written} rows, {:.0}/s", written as f64 / elapsed.as_secs_f64()));
     }
     let after = Snapshot::take(admin, listener.pid).await?;
-    drop(open);
 
     let db_ns: u64 = after.db.iter().map(|(pid, &ns)| ns.saturating_sub(*before.db.get(pid).unwrap_or(&0))).sum();
     if std::env::var_os("PGPUBSUB_LOAD_DB_PROCESSES").is_some() {
@@ -181,6 +180,9 @@ pub(super) async fn one_run(
             .collect();
         eprintln!("[db cpu] {writers} writers → {}: {}", target.name(), per.join(", "));
     }
+    // Closed only now: the breakdown above finds the writers' backends by
+    // their sessions, which end with their connections.
+    drop(open);
     Ok(Raw {
         round: 0,
         writers,
