@@ -96,7 +96,14 @@ impl LogConn {
     /// otherwise plans a read of the log anew each time (its first plans,
     /// on a small log, look cheaper than the generic one), which cost as
     /// much as running it; the generic plan walks the (txid, seq) index
-    /// whatever the position. Not for connections that run the
+    /// whatever the position.
+    ///
+    /// A plan made once must hold while the log grows: planned when the log
+    /// was empty (pruned, then truncated by VACUUM), the cheapest plan was a
+    /// scan of the whole table, kept until an ANALYZE, each read costing
+    /// more than the last. So this connection plans no sequential or bitmap
+    /// scan where an index serves: a page read walks the index in order and
+    /// stops at the page's end. Not for connections that run the
     /// application's own queries (a shape's filter may want its values).
     pub fn for_reading(mut self) -> Self {
         self.generic_plans = true;
@@ -121,7 +128,7 @@ impl LogConn {
         // A page read is a few index scans: JIT compiling it would cost more
         // (35 ms measured on a 200k-event log) than running it.
         let setup = if self.generic_plans {
-            "SET jit = off; SET plan_cache_mode = force_generic_plan"
+            "SET jit = off; SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET enable_bitmapscan = off"
         } else {
             "SET jit = off"
         };
