@@ -47,6 +47,7 @@ const FILES: &[(bool, &str, &str)] = &[
     embed!(false, "migrations", "20261207000200_pubsub_row_views.sql"),
     embed!(false, "migrations", "20261207000300_pubsub_row_views_classes.sql"),
     embed!(false, "migrations", "20261207000400_pubsub_capture_wake.sql"),
+    embed!(false, "migrations", "20261207000500_pubsub_row_views_plans.sql"),
 ];
 
 /// Every embedded migration, core and examples, in version order.

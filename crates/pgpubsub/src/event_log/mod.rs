@@ -103,8 +103,11 @@ impl LogConn {
     /// scan of the whole table, kept until an ANALYZE, each read costing
     /// more than the last. So this connection plans no sequential or bitmap
     /// scan where an index serves: a page read walks the index in order and
-    /// stops at the page's end. Not for connections that run the
-    /// application's own queries (a shape's filter may want its values).
+    /// stops at the page's end. The one statement of the application's it
+    /// runs, deciding what a role may see under the tables' policies,
+    /// plans with the usual settings (`pubsub.row_views_classes` sets them
+    /// for itself). Not for other connections that run the application's
+    /// own queries (a shape's filter may want its values).
     pub fn for_reading(mut self) -> Self {
         self.generic_plans = true;
         self

@@ -23,7 +23,7 @@ async fn up_down_up() {
     let mut client = db.client().await;
 
     let first = pgpubsub::migrate::up(&mut client, false).await.unwrap();
-    assert_eq!(first.len(), 10);
+    assert_eq!(first.len(), 11);
     assert!(pgpubsub::migrate::up(&mut client, false).await.unwrap().is_empty(), "second up changes nothing");
     // Only dbmate's own bookkeeping table appears outside the schema.
     assert_eq!(tables_outside_pubsub(&client).await, vec!["public.schema_migrations".to_string()]);
@@ -46,7 +46,8 @@ async fn up_down_up() {
             "20261207000100",
             "20261207000200",
             "20261207000300",
-            "20261207000400"
+            "20261207000400",
+            "20261207000500"
         ]
     );
 
@@ -63,6 +64,7 @@ async fn up_down_up() {
     assert_eq!(
         reverted,
         vec![
+            "pubsub_row_views_plans",
             "pubsub_capture_wake",
             "pubsub_row_views_classes",
             "pubsub_row_views",
@@ -85,7 +87,7 @@ async fn up_down_up() {
     assert!(pgpubsub::migrate::status(&client).await.unwrap().iter().all(|s| !s.applied));
 
     // And up again, working as before.
-    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 10);
+    assert_eq!(pgpubsub::migrate::up(&mut client, false).await.unwrap().len(), 11);
     let ch = pgpubsub::Channel::new("again").unwrap();
     assert!(pgpubsub::publish(&client, &ch, "x").await.unwrap() > 0);
 }

@@ -325,6 +325,46 @@ async fn a_listener_sees_what_its_own_role_may() {
     admin.batch_execute(&format!("DROP TABLE docs; REVOKE ALL ON SCHEMA pubsub FROM {me}; REVOKE ALL ON ALL TABLES IN SCHEMA pubsub FROM {me}; DROP ROLE {me}, {them}")).await.unwrap();
 }
 
+/// A listener's connection plans no sequential or bitmap scan (its page
+/// read, planned once, must walk the log's index), but the policies it
+/// evaluates to decide what its role may see are the application's: they
+/// run with the server's usual planner settings. A policy that shows a row
+/// only under those settings is the witness; row 2, shown always, the fence.
+#[tokio::test]
+async fn a_listeners_decisions_plan_as_the_applications_queries_do() {
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    let me = common::unique("rv_plan");
+    let ch = common::channel("plans");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {me} LOGIN;
+             CREATE TABLE planned (id int PRIMARY KEY);
+             ALTER TABLE planned ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY usual ON planned FOR SELECT USING (
+                 id = 2 OR (current_setting('enable_seqscan') = 'on' AND current_setting('enable_bitmapscan') = 'on'));
+             GRANT SELECT ON planned TO {me};
+             GRANT USAGE ON SCHEMA pubsub TO {me};
+             GRANT SELECT ON pubsub.events, pubsub.retention TO {me};
+             SELECT pubsub.watch('planned', '{ch}');"
+        ))
+        .await
+        .unwrap();
+    let mut config = db.config.clone();
+    config.pg_mut().user(&me);
+    let mut listener = pgpubsub::Listener::connect(&config, &[ch.clone()], ListenerOptions::default()).await.unwrap();
+    admin.batch_execute("INSERT INTO planned VALUES (1); INSERT INTO planned VALUES (2);").await.unwrap();
+    let mut ids = Vec::new();
+    while ids.last() != Some(&2) {
+        let e = common::next(&mut listener).await;
+        let key: Value = serde_json::from_str(e.change().unwrap().key.as_ref().unwrap().get()).unwrap();
+        ids.push(key["id"].as_i64().unwrap());
+    }
+    assert_eq!(ids, [1, 2], "row 1 is visible to a SELECT by the role, so to its listener");
+    drop(listener);
+    admin.batch_execute(&format!("DROP TABLE planned; REVOKE ALL ON SCHEMA pubsub FROM {me}; REVOKE ALL ON ALL TABLES IN SCHEMA pubsub FROM {me}; DROP ROLE {me}")).await.unwrap();
+}
+
 /// Two subscribers of one class read the same event at different
 /// positions (one replaying, one live): the decision made for the first
 /// copy is handed to the second at the second's position, never lost
