@@ -113,6 +113,12 @@ impl LogConn {
         self
     }
 
+    /// Whether this is a reading connection ([`LogConn::for_reading`]),
+    /// whose statements may be planned once.
+    pub(crate) fn plans_once(&self) -> bool {
+        self.generic_plans
+    }
+
     /// The connection itself, for statements of the caller's own (it is
     /// opened if need be; after a failure call [`LogConn::reset`]).
     ///
