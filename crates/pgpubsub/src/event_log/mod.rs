@@ -113,12 +113,6 @@ impl LogConn {
         self
     }
 
-    /// Whether this is a reading connection ([`LogConn::for_reading`]),
-    /// whose statements may be planned once.
-    pub(crate) fn plans_once(&self) -> bool {
-        self.generic_plans
-    }
-
     /// The connection itself, for statements of the caller's own (it is
     /// opened if need be; after a failure call [`LogConn::reset`]).
     ///
@@ -161,12 +155,20 @@ impl LogConn {
     }
 
     /// `sql` prepared on `client` (the connection [`LogConn::run`] handed
-    /// over), once per connection: kept while `client` is the open one.
+    /// over). On a reading connection ([`LogConn::for_reading`]) once per
+    /// connection, kept while `client` is the open one. Elsewhere (the
+    /// gateway's pool) anew for each call: PostgreSQL switches a statement
+    /// run again and again to a generic plan after five runs, and one made
+    /// while the log looked empty scans the whole log, kept as it grows;
+    /// only a reading connection plans no such scan.
     pub(crate) async fn prepared(
         &self,
         client: &Arc<Client>,
         sql: &'static str,
     ) -> Result<Statement, tokio_postgres::Error> {
+        if !self.generic_plans {
+            return client.prepare(sql).await;
+        }
         let cached = self.current(client).await.and_then(|open| open.statements.get(sql).cloned());
         if let Some(statement) = cached {
             return Ok(statement);

@@ -92,12 +92,7 @@ impl LogConn {
         let open_txids: Vec<String> = open.iter().map(|(t, _)| t.to_string()).collect();
         let open_seqs: Vec<i64> = open.iter().map(|(_, s)| *s).collect();
         self.run_pg("reading the log", |c| async move {
-            // Planned once only where no plan can scan the whole log
-            // (`for_reading`). Elsewhere (the gateway's pool) PostgreSQL
-            // would switch a statement run again and again to a generic
-            // plan after five runs: a sequential scan, kept as the log grows,
-            // if the log looked empty then. There each read is planned anew.
-            let statement = if self.plans_once() { self.prepared(&c, POLL).await? } else { c.prepare(POLL).await? };
+            let statement = self.prepared(&c, POLL).await?;
             let found = c
                 .query(
                     &statement,

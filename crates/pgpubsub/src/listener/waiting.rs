@@ -41,7 +41,7 @@ impl Wake {
     /// one after every append whether anyone waits or not.
     pub(crate) fn raise(&self, capturer: bool) {
         if !capturer {
-            self.others.store(true, Ordering::Release);
+            self.mark_others();
         }
         self.notify.notify_one();
     }

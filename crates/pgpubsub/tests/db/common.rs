@@ -229,3 +229,60 @@ pub async fn captured_once_in_order(client: &Client, channel: &Channel) -> (i64,
         .unwrap();
     (row.get(0), row.get(1), row.get(2))
 }
+
+/// Fills the log, empties it and lets VACUUM truncate it: the state in
+/// which a plan made of a read of the log was a scan of the whole table.
+#[allow(dead_code)]
+pub async fn emptied_log(client: &Client, channel: &Channel) {
+    let sql = "SELECT count(pubsub.publish($1, 'old ' || i || repeat('x', 200))) FROM generate_series(1, 200) i";
+    client.execute(sql, &[&channel.as_str()]).await.unwrap();
+    client.batch_execute("DELETE FROM pubsub.events").await.unwrap();
+    client.batch_execute("VACUUM pubsub.events").await.unwrap();
+    let pages: i32 = client
+        .query_one("SELECT relpages FROM pg_class WHERE oid = 'pubsub.events'::regclass", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pages, 0, "VACUUM truncated the emptied log (what the planner then sees)");
+}
+
+/// Whole-table scans of the log and of `pubsub.retention`, as the
+/// statistics count them. Every read of the log scans `pubsub.retention`
+/// (one row) whatever its plan, and a backend reports a statement's scans
+/// of both tables at once: so once `n` more retention scans are counted,
+/// the log's scans by those reads are too.
+#[allow(dead_code)]
+pub struct LogScans {
+    events: i64,
+    retention: i64,
+}
+
+#[allow(dead_code)]
+impl LogScans {
+    /// The counts now, this session's own scans included.
+    pub async fn take(client: &Client) -> LogScans {
+        client.batch_execute("SELECT pg_stat_force_next_flush()").await.unwrap();
+        client.batch_execute("SELECT 1").await.unwrap();
+        LogScans { events: seq_scans(client, "events").await, retention: seq_scans(client, "retention").await }
+    }
+
+    /// Waits until `reads` more reads of the log are counted; returns how
+    /// many whole-log scans were counted since `self`.
+    pub async fn whole_log_scans_after(&self, client: &Client, reads: i64) -> i64 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while seq_scans(client, "retention").await - self.retention < reads {
+            assert!(tokio::time::Instant::now() < deadline, "the reads never reached the statistics");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seq_scans(client, "events").await - self.events
+    }
+}
+
+#[allow(dead_code)]
+async fn seq_scans(client: &Client, table: &str) -> i64 {
+    client
+        .query_one("SELECT seq_scan FROM pg_stat_user_tables WHERE schemaname = 'pubsub' AND relname = $1", &[&table])
+        .await
+        .unwrap()
+        .get(0)
+}

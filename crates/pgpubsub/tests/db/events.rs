@@ -420,18 +420,6 @@ async fn listeners_the_capturer_wakes_read_once_per_append() {
     assert_eq!(payload_of(&mut b).await, "written");
 }
 
-/// `(seq_scan, idx_scan)` of a `pubsub` table, as the statistics show them.
-async fn scans(client: &tokio_postgres::Client, table: &str) -> (i64, i64) {
-    let row = client
-        .query_one(
-            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE schemaname = 'pubsub' AND relname = $1",
-            &[&table],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
 /// A listener plans its page read once (generic plans). Planned while the
 /// log was empty and truncated by VACUUM, that plan was a scan of the whole
 /// log, kept as the log grew: every read cost more than the last, until an
@@ -442,22 +430,9 @@ async fn a_listener_started_on_an_emptied_log_reads_it_through_its_index() {
     let db = TestDb::new().await;
     let client = db.client().await;
     let ch = common::channel("emptied");
-    for n in 0..200 {
-        pgpubsub::publish(&client, &ch, &format!("old {n} {}", "x".repeat(200))).await.unwrap();
-    }
-    client.batch_execute("DELETE FROM pubsub.events").await.unwrap();
-    client.batch_execute("VACUUM pubsub.events").await.unwrap();
-    let pages: i32 = client
-        .query_one("SELECT relpages FROM pg_class WHERE oid = 'pubsub.events'::regclass", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(pages, 0, "VACUUM truncated the emptied log (what the planner then sees)");
-    // This session's own scans (the DELETE's) counted before the baseline.
-    client.batch_execute("SELECT pg_stat_force_next_flush()").await.unwrap();
-    client.batch_execute("SELECT 1").await.unwrap();
-    let (events_seq, _) = scans(&client, "events").await;
-    let (retention_seq, _) = scans(&client, "retention").await;
+    common::emptied_log(&client, &ch).await;
+    // Counted before the listener's first read.
+    let before = common::LogScans::take(&client).await;
 
     let listener = db.listen(&[ch.clone()]).await;
     let stats = listener.stats();
@@ -472,16 +447,7 @@ async fn a_listener_started_on_an_emptied_log_reads_it_through_its_index() {
         pgpubsub::publish(&client, &ch, &format!("new {n}")).await.unwrap();
         assert_eq!(payload_of(&mut rx).await, format!("new {n}"));
     }
-    // Fence: every page read also reads `pubsub.retention` (a one-row
-    // table, scanned whatever the plan); once the statistics count those
-    // scans, they count the same reads' scans of the log too (a backend
-    // reports both at once).
+    // Fence: the statistics count every read (see `LogScans`).
     let polls = stats.snapshot().polls as i64;
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while scans(&client, "retention").await.0 - retention_seq < polls {
-        assert!(tokio::time::Instant::now() < deadline, "the listener's reads never reached the statistics");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let (events_seq_after, _) = scans(&client, "events").await;
-    assert_eq!(events_seq_after - events_seq, 0, "{polls} reads scanned the whole log");
+    assert_eq!(before.whole_log_scans_after(&client, polls).await, 0, "{polls} reads scanned the whole log");
 }

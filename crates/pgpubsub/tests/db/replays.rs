@@ -116,26 +116,6 @@ async fn past_the_shelf_a_fast_member_goes_on_alone() {
     assert!(replays.reads() >= 5, "{}", replays.reads());
 }
 
-/// `seq_scan` of a `pubsub` table, as the statistics show it.
-async fn seq_scans(client: &tokio_postgres::Client, table: &str) -> i64 {
-    client
-        .query_one("SELECT seq_scan FROM pg_stat_user_tables WHERE schemaname = 'pubsub' AND relname = $1", &[&table])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// Waits until the statistics count `n` more scans of `pubsub.retention`
-/// than `from`: every read of the log scans that one-row table, and a
-/// backend reports a read's scans of both tables at once.
-async fn reads_counted(client: &tokio_postgres::Client, from: i64, n: i64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while seq_scans(client, "retention").await - from < n {
-        assert!(tokio::time::Instant::now() < deadline, "the reads never reached the statistics");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The gateway's pool resumes subscribers with the same read again and
 /// again on one connection. PostgreSQL switches such a statement to a
 /// generic plan after five runs; made while the log was empty (pruned,
@@ -147,17 +127,12 @@ async fn resumes_on_a_log_that_was_empty_read_it_through_its_index() {
     let db = TestDb::new().await;
     let client = db.client().await;
     let ch = common::channel("regrown");
-    client
-        .execute("SELECT count(pubsub.publish($1, 'old ' || i)) FROM generate_series(1, 200) i", &[&ch.as_str()])
-        .await
-        .unwrap();
-    client.batch_execute("DELETE FROM pubsub.events").await.unwrap();
-    client.batch_execute("VACUUM pubsub.events").await.unwrap();
+    common::emptied_log(&client, &ch).await;
     let log = Arc::new(LogConn::new(db.config.clone(), Duration::from_secs(10)));
     let hub = Hub::new(64);
     let replays = Arc::new(SharedReplays::new(&Limits::default()).sharing(false));
     let channels = [ch.as_str().to_string()];
-    let retention = seq_scans(&client, "retention").await;
+    let start = common::LogScans::take(&client).await;
     // Seven resumes while the log is empty: each reads it once, finds
     // nothing and waits for live events.
     for i in 1..=7 {
@@ -186,15 +161,13 @@ async fn resumes_on_a_log_that_was_empty_read_it_through_its_index() {
         pgpubsub::publish(&client, &ch, &format!("last {i}")).await.unwrap();
     }
     // Every read so far is counted before the baseline.
-    reads_counted(&client, retention, replays.reads() as i64).await;
-    client.batch_execute("SELECT pg_stat_force_next_flush()").await.unwrap();
-    client.batch_execute("SELECT 1").await.unwrap();
-    let (events, retention) = (seq_scans(&client, "events").await, seq_scans(&client, "retention").await);
+    start.whole_log_scans_after(&client, replays.reads() as i64).await;
+    let counted = common::LogScans::take(&client).await;
     let before = replays.reads();
     let replay = replays.replay(log.clone(), since, &channels);
     let mut feed = Feed::with_replay(&hub, Filter::channels([ch.as_str()]), Some((since, replay)));
     let want: Vec<String> = (0..10).map(|i| format!("last {i}")).collect();
     assert_eq!(payloads(&mut feed, 10).await, want);
-    reads_counted(&client, retention, (replays.reads() - before) as i64).await;
-    assert_eq!(seq_scans(&client, "events").await - events, 0, "a resume of 10 events scanned the whole log");
+    let whole = counted.whole_log_scans_after(&client, (replays.reads() - before) as i64).await;
+    assert_eq!(whole, 0, "a resume of 10 events scanned the whole log");
 }
